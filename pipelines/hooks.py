@@ -1,0 +1,86 @@
+"""Observers as context managers: they install hooks on enter and always remove them on exit."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import torch
+
+from ..convert.arch import ArchSpec, get_module
+from ..convert.quant import kv_dequantize, kv_quantize
+from .stats import ChannelStats, head_minmax, merge_minmax
+
+_ids = itertools.count()
+
+
+@contextlib.contextmanager
+def attention_function(model, fn):
+    """Route every attention call of ``model`` through ``fn(base, module, q, k, v, mask, **kw)``.
+
+    This uses transformers' own extension point (AttentionInterface): q and k arrive after rotary
+    embedding, k and v before GQA repetition, exactly what a KV cache holds. ``base`` is the
+    attention the model was loaded with (sdpa).
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    cfg = model.config
+    previous = cfg._attn_implementation
+    base = ALL_ATTENTION_FUNCTIONS.get(previous) or ALL_ATTENTION_FUNCTIONS["sdpa"]
+    name = f"qconv_{next(_ids)}"
+    ALL_ATTENTION_FUNCTIONS[name] = lambda module, q, k, v, mask, **kw: fn(base, module, q, k, v, mask, **kw)
+    cfg._attn_implementation = name
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = previous
+        del ALL_ATTENTION_FUNCTIONS[name]
+
+
+class KVObserver:
+    """Per-layer min/max of K (post-rotary) and V per (kv_head, head_dim). Use with ``attention_function``."""
+
+    def __init__(self):
+        self.key: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.value: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, base, module, q, k, v, mask, **kw):
+        # k, v: [B, H_kv, S, D]
+        i = module.layer_idx
+        self.key[i] = merge_minmax(self.key.get(i), head_minmax(k))
+        self.value[i] = merge_minmax(self.value.get(i), head_minmax(v))
+        return base(module, q, k, v, mask, **kw)
+
+
+class KVFakeQuant:
+    """Quantize K and V to int8 and back as they would enter the cache, with per-layer params.
+
+    ``params[layer] = (k_scale, k_zp, v_scale, v_zp)``, each [H_kv] (one value per head).
+    """
+
+    def __init__(self, params: dict[int, tuple[torch.Tensor, ...]]):
+        self.params = params
+
+    def __call__(self, base, module, q, k, v, mask, **kw):
+        ks, kz, vs, vz = (p.to(k.device)[None, :, None, None] for p in self.params[module.layer_idx])
+        k = kv_dequantize(kv_quantize(k, ks, kz), ks, kz, k.dtype)
+        v = kv_dequantize(kv_quantize(v, vs, vz), vs, vz, v.dtype)
+        return base(module, q, k, v, mask, **kw)
+
+
+@contextlib.contextmanager
+def observe_linear_inputs(layer: torch.nn.Module, spec: ArchSpec, store: dict[str, ChannelStats]):
+    """Accumulate ChannelStats of every linear input of one block into ``store``, keyed by input group.
+
+    Linears that read the same tensor (q/k/v, gate/up) are observed once, on the group's first linear.
+    """
+    handles = []
+    for group in spec.input_groups:
+        def hook(_mod, args, key=group[0]):
+            s = ChannelStats.of(args[0])
+            store[key] = store[key].merge(s) if key in store else s
+        handles.append(get_module(layer, group[0]).register_forward_pre_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
