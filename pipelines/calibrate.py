@@ -20,7 +20,7 @@ from ..convert.fileio import load_json, save_json, save_tensors
 from ..convert.model_io import fingerprint, load_model, model_shape, resolve_device
 from .data import calib_windows, load_texts
 from .hooks import KVObserver, attention_function, observe_linear_inputs
-from .layerwise import Layerwise, on_device
+from .layerwise import Layerwise, iter_blocks
 from .stats import kv_stats
 
 OUTPUTS = ("inputs_stats.safetensors", "key_stats.safetensors", "value_stats.safetensors", "calibrate.json")
@@ -84,10 +84,10 @@ def calibrate(model: str, work_dir: str, req: CalibRequest = CalibRequest(), bat
     layers = lm.layers
     bar = tqdm(total=run.tokens * len(layers), unit="tok", unit_scale=True, desc="calibrate", dynamic_ncols=True)
     with attention_function(lm.model, kv):
-        for i, layer in enumerate(layers):
+        for i, layer in iter_blocks(layers, dev):
             bar.set_description(f"calibrate layer {i + 1}/{len(layers)}")
             store: dict = {}
-            with on_device(layer, dev), observe_linear_inputs(layer, lm.spec, store):
+            with observe_linear_inputs(layer, lm.spec, store):
                 run.run_block(layer, on_batch=bar.update)
             for group in lm.spec.input_groups:
                 stats = store[group[0]].finalize()

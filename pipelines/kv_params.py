@@ -67,6 +67,10 @@ def params_by_layer(params: dict[str, torch.Tensor]) -> dict[int, tuple[torch.Te
 def load_kv_params(path, num_layers: int, num_kv_heads: int) -> dict[int, tuple[torch.Tensor, ...]]:
     """Read kv_qparams.safetensors and check it fits a model of this shape."""
     params = load_tensors(path, "KV params")
+    layers = {int(k.split(".")[1]) for k in params if k.startswith("layers.")}
+    if layers != set(range(num_layers)):
+        raise QconvError(f"KV params {path} do not fit this model: they hold {len(layers)} layers, "
+                         f"the model has {num_layers}; compute them for this model with qconv kv-params")
     for i in range(num_layers):
         for n in PARAM_NAMES:
             t = params.get(f"layers.{i}.{n}")

