@@ -107,6 +107,46 @@ def kv_params(work_dir, kv_sym, granularity, num_tp, workspace):
     run(work_dir, sym=kv_sym, granularity=granularity, num_tp=num_tp, workspace=workspace)
 
 
+@cli.command()
+@model_option()
+@work_dir_option
+@click.option("--w-bits", type=int, default=4, show_default=True, help="4 (AWQ GEMM checkpoint) or 8 (int8 weight-only, symmetric).")
+@click.option("--w-group-size", type=int, default=128, show_default=True,
+              help="Input channels per quantization group; -1 = per output channel (8-bit only).")
+@click.option("--w-sym", is_flag=True, help="Symmetric weights (zero point 8 in the 4-bit format) [default: asymmetric].")
+@calib_options(seqlen_default=512)
+@click.option("--search-scale/--no-search-scale", default=True, show_default=True, help="AWQ per-channel scale search.")
+@click.option("--clip/--no-clip", default=True, show_default=True, help="Per-group clipping search (not q/k).")
+@click.option("--method", type=click.Choice(["awq", "rtn"]), default="awq", show_default=True,
+              help="rtn: plain round-to-nearest on the same grid, the baseline.")
+@click.option("--backend", type=click.Choice(["native", "autoawq"]), default="native", show_default=True,
+              help="autoawq runs AutoAWQ 0.2.9's quantizer instead (pip install --no-deps autoawq==0.2.9).")
+@click.option("--out", default=None, metavar="DIR", help="Checkpoint folder [default: WORK_DIR/awq_checkpoint].")
+@batch_option
+@device_option
+@dtype_option
+@force_option
+@trust_option
+def awq(model, work_dir, w_bits, w_group_size, w_sym, calib_dataset, calib_samples, calib_seqlen, seed,
+        search_scale, clip, method, backend, out, batch_size, device, dtype, force, trust_remote_code):
+    """Activation-aware weight quantization into an HF AWQ (GEMM) checkpoint.
+
+    Block by block (only one decoder block on the accelerator): grid-search per-channel scales
+    s = mean|x|^a / mean|w|^(1-a) for each group of linears sharing an input, fold them into the
+    previous op, search per-group clipping, then quantize q = clamp(round(w/s) + z, 0, 15).
+    Finished blocks are cached in WORK_DIR/awq_state, so a killed run resumes on rerun.
+    transformers and vLLM load the 4-bit checkpoint; `qconv eval --model OUT` measures it.
+    """
+    from .pipelines.awq import AwqRequest, awq as run
+    from .pipelines.calibrate import CalibRequest
+
+    req = AwqRequest(bits=w_bits, group_size=w_group_size, sym=w_sym, method=method, search_scale=search_scale,
+                     clip=clip)
+    run(model, work_dir, req, CalibRequest(calib_dataset, calib_samples, calib_seqlen, seed), out=out,
+        batch_size=batch_size, device=device, dtype=dtype, force=force, trust_remote_code=trust_remote_code,
+        backend=backend)
+
+
 @cli.command("eval")
 @model_option()
 @click.option("--dataset", required=True, metavar="FILE",
@@ -152,6 +192,86 @@ def fetch(name):
     from .pipelines.fetch import fetch as run
 
     click.echo(run(name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployment: a workspace for the bundled runtime, and chatting with it
+# ---------------------------------------------------------------------------------------------
+from .runtime.generation import GENERATION_DEFAULTS  # noqa: E402  (torch-free; chat's defaults)
+
+
+@cli.command()
+@model_option()
+@click.option("--dst-path", required=True, metavar="DIR", help="Workspace folder to create.")
+@click.option("--model-format", type=click.Choice(["hf", "awq", "gptq", "w8"]), default=None,
+              help="hf (fp16/bf16/fp32), awq (AutoAWQ GEMM), gptq (int4), w8 (qconv awq --w-bits 8) "
+                   "[default: from config.json's quantization_config].")
+@click.option("--weight-type", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8", "int4"]), default="auto",
+              show_default=True, help="auto keeps the source's type; int4/int8 from float weights round to nearest.")
+@click.option("--group-size", type=int, default=None,
+              help="int4/int8 from float weights: input channels per scale [default: 128 for int4, per output "
+                   "channel for int8]. A quantized checkpoint keeps its own.")
+@click.option("--kv-params", default=None, metavar="FILE", help="kv_qparams.safetensors from qconv kv-params.")
+@click.option("--quant-policy", type=click.Choice(["0", "4"]), default=None,
+              help="0: fp KV cache, 4: int8 KV cache (needs --kv-params) [default: 4 with --kv-params, else 0].")
+@click.option("--session-len", type=int, default=None,
+              help="Most tokens per sequence, prompt plus answer [default: max_position_embeddings].")
+@click.option("--max-batch-size", type=int, default=1, show_default=True, help="Most sequences the runtime holds.")
+@force_option
+@trust_option
+def convert(model, dst_path, model_format, weight_type, group_size, kv_params, quant_policy, session_len,
+            max_batch_size, force, trust_remote_code):
+    """Write a deployment workspace for the bundled runtime (`qconv chat`, `qconv eval --model DIR`).
+
+    \b
+    DIR/config.ini              [llama] section: shapes, weight_type, quant_policy, session_len, stop ids
+    DIR/weights/                safetensors in the runtime layout (q/k/v and gate/up fused)
+    DIR/tokenizer/              tokenizer, chat template, generation config
+    DIR/kv_qparams.safetensors  int8 KV params (with --kv-params)
+    DIR/manifest.json           size and sha256 of every file, checked at load
+    """
+    from .convert.workspace import ConvertRequest, convert_workspace
+
+    convert_workspace(ConvertRequest(
+        model, dst_path, model_format, weight_type, group_size, kv_params,
+        None if quant_policy is None else int(quant_policy), session_len, max_batch_size, force, trust_remote_code))
+
+
+@cli.command()
+@click.argument("workspace", metavar="WORKSPACE")
+@click.option("--prompt", default=None, metavar="TEXT", help="Answer this one message and exit.")
+@click.option("--system", default=None, metavar="TEXT", help="System message for the conversation.")
+@click.option("--max-new-tokens", type=int, default=GENERATION_DEFAULTS["max_new_tokens"], show_default=True)
+@click.option("--temperature", type=float, default=GENERATION_DEFAULTS["temperature"], show_default=True,
+              help="0: greedy.")
+@click.option("--top-p", type=float, default=GENERATION_DEFAULTS["top_p"], show_default=True)
+@click.option("--top-k", type=int, default=GENERATION_DEFAULTS["top_k"], show_default=True, help="0: off.")
+@click.option("--repetition-penalty", type=float, default=GENERATION_DEFAULTS["repetition_penalty"],
+              show_default=True)
+@click.option("--seed", type=int, default=None, help="Sampling seed [default: random].")
+@device_option
+@dtype_option
+@click.option("--no-verify", is_flag=True, help="Skip checking the files against manifest.json.")
+def chat(workspace, prompt, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, device,
+         dtype, no_verify):
+    """Chat with a workspace through the bundled runtime (streamed, with history).
+
+    \b
+    Commands: exit (or Ctrl+D), clear (forget the history), stream (toggle streaming).
+    Several lines: end a line with a backslash, or wrap them in lines of three double quotes.
+    Ctrl+C stops the current answer, not the session. Without a terminal on stdin each line is
+    one message; --prompt answers one message and exits.
+    """
+    import time
+
+    from .runtime.chat import run_chat
+    from .runtime.engine import Engine
+    from .runtime.generation import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+    t0 = time.perf_counter()
+    engine = Engine.from_workspace(workspace, device=device, dtype=dtype, verify=not no_verify)
+    run_chat(engine, gen, system=system, prompt=prompt, load_s=time.perf_counter() - t0)
 
 
 def main(argv=None) -> int:

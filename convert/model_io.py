@@ -15,6 +15,7 @@ import torch
 
 from .. import QconvError
 from .arch import ArchSpec, get_arch, get_module
+from .awq_export import is_quantized_checkpoint, load_dequantized
 from .fileio import atomic_dir
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -134,6 +135,9 @@ def load_model(path, dtype: str = "auto", device: str = "cpu", trust_remote_code
     folder, config, spec = read_config(path, trust_remote_code)
     torch_dtype = resolve_dtype(dtype, resolve_device(device), getattr(config, "dtype", None))
     quiet_transformers()
+    if is_quantized_checkpoint(folder):  # AWQ / int8: dequantize into a float model
+        model = load_dequantized(folder, config, spec, torch_dtype)
+        return LoadedModel(model, load_tokenizer(folder, trust_remote_code), spec, folder, str(path))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=torch_dtype, trust_remote_code=trust_remote_code,

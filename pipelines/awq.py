@@ -1,0 +1,172 @@
+"""`qconv awq`: activation-aware weight quantization (W4A16 g128 by default) into an HF AWQ checkpoint.
+
+Work dir layout:
+  W/awq_state/state.json            the request and model fingerprint the cached blocks belong to
+  W/awq_state/block_NNN.safetensors  each finished block's scales and clips (resume point)
+  W/awq_checkpoint/ (or --out)       the checkpoint: config.json, model.safetensors, tokenizer, awq.json
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .. import QconvError, __version__
+from ..convert.arch import get_module
+from ..convert.awq_export import quantization_config, write_checkpoint
+from ..convert.fileio import atomic_dir, load_json, load_tensors, save_json, save_tensors
+from ..convert.model_io import LoadedModel, fingerprint, load_model, resolve_device
+from .awq_block import capture_inputs, pack_block, replay_block, search_block
+from .awq_search import QuantCfg
+from .calibrate import CalibRequest, default_batch_size
+from .data import calib_windows, load_texts
+from .layerwise import Layerwise, iter_blocks
+
+@dataclass(slots=True)
+class AwqRequest:
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    method: str = "awq"  # awq | rtn
+    search_scale: bool = True
+    clip: bool = True
+    n_grid: int = 20
+    clip_samples: int = 512
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise QconvError(f"--w-bits must be 4 or 8, got {self.bits}")
+        if self.bits == 8 and not self.sym:
+            self.sym = True  # int8 weight-only is symmetric
+        if self.group_size == 0 or self.group_size < -1:
+            raise QconvError(f"--w-group-size must be positive (or -1 for per-channel int8), got {self.group_size}")
+        if self.group_size == -1 and self.bits == 4:
+            raise QconvError("--w-group-size -1 (per-channel) is only for --w-bits 8; 4-bit needs a group size")
+        if self.method not in ("awq", "rtn"):
+            raise QconvError(f"--method must be awq or rtn, got {self.method!r}")
+
+    @property
+    def q(self) -> QuantCfg:
+        return QuantCfg(self.bits, self.group_size, self.sym)
+
+
+def check_group_size(lm: LoadedModel, group_size: int) -> None:
+    if group_size <= 0:
+        return
+    block = lm.layers[0]
+    for name in lm.spec.linears:
+        in_f = get_module(block, name).in_features
+        if in_f % group_size:
+            valid = [g for g in (32, 64, 128, 256) if all(get_module(block, n).in_features % g == 0
+                                                          for n in lm.spec.linears)]
+            raise QconvError(f"--w-group-size {group_size} does not divide {name}.in_features={in_f}; "
+                             f"valid group sizes for this model: {', '.join(map(str, valid)) or 'none of 32/64/128/256'}")
+
+
+def check_group_size(lm: LoadedModel, group_size: int) -> None:
+    if group_size <= 0:
+        return
+    block = lm.layers[0]
+    in_features = {name: get_module(block, name).in_features for name in lm.spec.linears}
+    for name, in_f in in_features.items():
+        if in_f % group_size:
+            valid = [g for g in (32, 64, 128, 256) if all(f % g == 0 for f in in_features.values())]
+            raise QconvError(f"--w-group-size {group_size} does not divide {name}.in_features={in_f}; valid "
+                             f"group sizes for this model: {', '.join(map(str, valid)) or 'none of 32/64/128/256'}")
+
+
+def _state_dir(work: Path, lm: LoadedModel, req: AwqRequest, calib: CalibRequest, force: bool) -> Path:
+    """The resume cache; one that belongs to other settings is refused (or wiped with --force)."""
+    state = work / "awq_state"
+    want = {"fingerprint": fingerprint(lm), "awq": asdict(req), "calib": asdict(calib)}
+    if (state / "state.json").is_file():
+        have = load_json(state / "state.json", "AWQ resume state")
+        if have != want:
+            if not force:
+                raise QconvError(f"{state} holds a run with other settings or another model; pass --force to "
+                                 f"discard it, or use another --work-dir")
+            shutil.rmtree(state)
+    elif state.exists() and force:
+        shutil.rmtree(state)
+    state.mkdir(parents=True, exist_ok=True)
+    save_json(want, state / "state.json")
+    return state
+
+
+def awq(model: str, work_dir: str, req: AwqRequest = AwqRequest(), calib: CalibRequest = CalibRequest(seqlen=512),
+        out: str | None = None, batch_size: int | None = None, device: str = "auto", dtype: str = "auto",
+        force: bool = False, trust_remote_code: bool = False, backend: str = "native", log=print) -> Path:
+    work = Path(work_dir)
+    dst = Path(out) if out else work / "awq_checkpoint"
+    if dst.exists() and not force:
+        raise QconvError(f"{dst} already exists; pass --force to overwrite it or choose another --out")
+    if backend == "autoawq":
+        from .awq_autoawq import run_autoawq
+
+        return run_autoawq(model, dst, req.bits, req.group_size, req.sym, load_texts(calib.dataset),
+                           calib.samples, calib.seqlen, force, log=log)
+    dev = resolve_device(device)
+    lm = load_model(model, dtype=dtype, device=str(dev), trust_remote_code=trust_remote_code)
+    check_group_size(lm, req.group_size)
+    state = _state_dir(work, lm, req, calib, force)
+    t0 = time.perf_counter()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    layers = lm.layers
+    prefix = lm.spec.layers
+    tensors, reports = {}, []
+    run = None
+    if req.method == "awq":
+        ids = calib_windows(load_texts(calib.dataset), lm.tokenizer, calib.samples, calib.seqlen, calib.seed, log=log)
+        run = Layerwise(lm, ids, dev, batch_size or default_batch_size(dev, calib.seqlen))
+    bar = tqdm(total=len(layers), desc="awq", unit="block", dynamic_ncols=True)
+    for i, block in iter_blocks(layers, dev):
+        cached = state / f"block_{i:03d}.safetensors"
+        if run is None:  # rtn: nothing to search
+            report = {"layer": i}
+        elif cached.is_file():  # resume: replay the fp forward for the next block, re-apply saved results
+            run.run_block(block)
+            found = load_tensors(cached, "AWQ block state")
+            replay_block(block, found, lm.spec)
+            report = load_json(state / f"block_{i:03d}.json", "AWQ block report")
+        else:
+            store, remove = capture_inputs(block, lm.spec)
+            try:
+                run.run_block(block)  # [STEP 1]
+            finally:
+                remove()
+            found, report = search_block(block, lm.spec, store, run.position_embeddings, req)  # [STEP 2-3]
+            del store
+            report = {"layer": i, **report}
+            save_tensors(found, cached)
+            save_json(report, state / f"block_{i:03d}.json")
+        tensors.update(pack_block(block, f"{prefix}.{i}", lm.spec, req))  # [STEP 4]
+        reports.append(report)
+        bar.update(1)
+    bar.close()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    wall = time.perf_counter() - t0
+    for name, mod in lm.model.named_modules():  # embeddings, final norm, lm_head: fp16
+        if name.startswith(prefix) or not (list(mod.parameters(recurse=False))):
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            tensors[f"{name}.{pname}"] = p.detach().half().cpu()
+    if getattr(lm.config, "tie_word_embeddings", False):
+        tensors.pop(f"{lm.spec.lm_head}.weight", None)
+    report = {
+        "qconv_version": __version__, "model": lm.source, "request": asdict(req), "calib": asdict(calib),
+        "device": str(dev), "wall_s": round(wall, 3),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+        "layers": reports,
+    }
+    with atomic_dir(dst, force=force) as tmp:
+        write_checkpoint(tmp, lm.config, tensors, quantization_config(req.bits, req.group_size, req.sym),
+                         lm.tokenizer, report)
+    log(f"qconv: {req.method} w{req.bits} g{req.group_size} done in {wall:.1f}s; checkpoint in {dst}. "
+        f"Next: qconv eval --model {dst} --dataset FILE")
+    return dst
