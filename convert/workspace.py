@@ -1,13 +1,230 @@
-"""Deployment workspace: config.ini + weights/ + tokenizer/ + kv_qparams.safetensors + manifest.json."""
+"""`qconv convert`: a deployment workspace for the bundled runtime.
+
+  DST/config.ini               the [llama] schema of convert/workspace_config.py (the only source of truth)
+  DST/weights/*.safetensors    the runtime layout of convert/layout.py (q/k/v and gate/up fused)
+  DST/tokenizer/               tokenizer, chat template, generation_config.json
+  DST/kv_qparams.safetensors   int8 KV params (only with --kv-params / qconv kv-params --workspace)
+  DST/manifest.json            size and sha256 of every file
+"""
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .. import QconvError
+from ..pipelines.kv_params import load_kv_params
+from .checkpoint import FORMATS, Checkpoint, detect_format, quant_group_size
+from .fileio import atomic_dir, atomic_path, save_tensors
+from .layout import (ATTN_NORM, EMBED, FFN_NORM, FINAL_NORM, FLOAT_DTYPES, FUSED_LINEARS, GLOBAL_FILE, K_NORM,
+                     OUTPUT, Q_NORM, WEIGHT_TYPES, QuantLinear, fuse, layer_file, linear_tensors)
+from .manifest import update_manifest, write_manifest
+from .model_io import load_tokenizer, model_shape, read_config
+from .quant import group_qparams, quantize
+from .workspace_config import WorkspaceConfig
+from .rope import rope_fields
+
+KV_FILE = "kv_qparams.safetensors"
+CONFIG_FILE = "config.ini"
+DEFAULT_GROUP_SIZE = 128
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(slots=True)
+class ConvertRequest:
+    model: str
+    dst: str
+    model_format: str | None = None  # None: from config.json's quantization_config
+    weight_type: str = "auto"        # auto: the source's float dtype (hf), int4 (awq, gptq), int8 (w8)
+    group_size: int | None = None    # int4/int8 from float weights (round-to-nearest); None: 128 / per channel
+    kv_params: str | None = None     # a kv_qparams.safetensors to install
+    quant_policy: int | None = None  # None: 4 with kv_params, else 0
+    session_len: int | None = None   # None: max_position_embeddings
+    max_batch_size: int = 1
+    force: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.model_format is not None and self.model_format not in FORMATS:
+            raise QconvError(f"--model-format must be one of {', '.join(FORMATS)}, got {self.model_format!r}")
+        if self.weight_type not in ("auto",) + WEIGHT_TYPES:
+            raise QconvError(f"--weight-type must be auto or one of {', '.join(WEIGHT_TYPES)}")
+        if self.quant_policy not in (None, 0, 4):
+            raise QconvError(f"--quant-policy must be 0 (fp KV) or 4 (int8 KV), got {self.quant_policy}")
+        if self.quant_policy == 4 and self.kv_params is None:
+            raise QconvError("--quant-policy 4 (int8 KV cache) needs --kv-params W/kv_qparams.safetensors; "
+                             "compute them with qconv calibrate and qconv kv-params")
+        if self.group_size is not None and self.group_size <= 0:
+            raise QconvError(f"--group-size must be positive, got {self.group_size}")
+        if self.session_len is not None and self.session_len < 2:
+            raise QconvError(f"--session-len must be at least 2, got {self.session_len}")
+        if self.max_batch_size < 1:
+            raise QconvError(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
+
+
+def convert_workspace(req: ConvertRequest, log=print) -> Path:
+    # [STEP 1]: the source checkpoint and its format
+    folder, config, spec = read_config(req.model, req.trust_remote_code)
+    raw = json.loads((folder / "config.json").read_text())
+    fmt = req.model_format or detect_format(raw)
+    src_group = None if fmt == "hf" else quant_group_size(raw, fmt)
+    weight_type, group = _weight_type(req, fmt, src_group, config)
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise QconvError(f"hidden_act {config.hidden_act!r} is not supported by the bundled runtime (silu only)")
+    float_dtype = _float_dtype(weight_type, config)
+
+    # [STEP 2]: the config.ini schema
+    shape = model_shape(config)
+    tok = load_tokenizer(folder, req.trust_remote_code)
+    kv = load_kv_params(req.kv_params, shape["num_layers"], shape["num_kv_heads"]) if req.kv_params else None
+    cfg = WorkspaceConfig(
+        model_name=Path(req.model).stem if Path(req.model).is_file() else Path(req.model).resolve().name,
+        model_arch=spec.model_type, head_num=shape["num_heads"], kv_head_num=shape["num_kv_heads"],
+        size_per_head=shape["head_dim"], hidden_units=shape["hidden_size"], inter_size=shape["intermediate_size"],
+        num_layer=shape["num_layers"], vocab_size=shape["vocab_size"], norm_eps=float(config.rms_norm_eps),
+        **rope_fields(config), max_position_embeddings=int(config.max_position_embeddings),
+        attn_bias=bool(getattr(config, "attention_bias", spec.qkv_bias)),
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        weight_type=weight_type, group_size=group,
+        quant_policy=req.quant_policy if req.quant_policy is not None else (4 if kv else 0),
+        kv_sym=bool(kv) and all(not p[1].any() and not p[3].any() for p in kv.values()),
+        session_len=req.session_len or int(config.max_position_embeddings), max_batch_size=req.max_batch_size,
+        start_id=_first_id(raw.get("bos_token_id"), tok.bos_token_id), end_id=_stop_ids(raw, folder, tok),
+        cache_max_entry_count=0.8, tensor_para_size=1)
+
+    ckpt = Checkpoint(folder, fmt)
+    H, I, D = cfg.hidden_units, cfg.inter_size, cfg.size_per_head
+    out_in = {"q_proj": (cfg.head_num * D, H), "k_proj": (cfg.kv_head_num * D, H), "v_proj": (cfg.kv_head_num * D, H),
+              "o_proj": (H, cfg.head_num * D), "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    with atomic_dir(req.dst, force=req.force) as tmp:
+        # [STEP 3]: weights, one layer file at a time
+        for i in range(cfg.num_layer):
+            pre = f"{spec.layers}.{i}."
+            t = {ATTN_NORM: ckpt.get(pre + spec.input_norm + ".weight"),
+                 FFN_NORM: ckpt.get(pre + spec.post_attn_norm + ".weight")}
+            if spec.q_norm:
+                t[Q_NORM], t[K_NORM] = ckpt.get(pre + spec.q_norm + ".weight"), ckpt.get(pre + spec.k_norm + ".weight")
+            for name, attrs in FUSED_LINEARS.items():
+                parts = [_as_weight_type(ckpt.linear(pre + getattr(spec, a), *out_in[a]), weight_type, group,
+                                         float_dtype) for a in attrs]
+                for suffix, tensor in linear_tensors(fuse(parts, float_dtype), weight_type).items():
+                    t[f"{name}.{suffix}"] = tensor
+                biases = [ckpt.bias(pre + getattr(spec, a)) for a in attrs]
+                if any(b is not None for b in biases):  # [out] each; a missing one is zero
+                    t[f"{name}.bias"] = torch.cat([torch.zeros(out_in[a][0]) if b is None else b.float()
+                                                   for a, b in zip(attrs, biases)])
+            if cfg.attn_bias != ("attention.wqkv.bias" in t):
+                raise QconvError(f"config.json says attention_bias={cfg.attn_bias} but layer {i}'s q/k/v "
+                                 f"{'have no' if cfg.attn_bias else 'have'} bias tensors")
+            save_tensors(_floats_to(t, float_dtype), tmp / "weights" / layer_file(i))
+        log(f"qconv: wrote {cfg.num_layer} layers ({weight_type}{f', group {group}' if group else ''})")
+        g = {EMBED: ckpt.get(spec.embed + ".weight"), FINAL_NORM: ckpt.get(spec.final_norm + ".weight")}
+        if not cfg.tie_word_embeddings:
+            head = ckpt.linear(spec.lm_head, cfg.vocab_size, H)
+            g[OUTPUT] = head.dequantize() if isinstance(head, QuantLinear) else head
+        save_tensors(_floats_to(g, float_dtype), tmp / "weights" / GLOBAL_FILE)
+
+        # [STEP 4]: tokenizer, chat template, generation config
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        if (folder / "generation_config.json").is_file():
+            shutil.copyfile(folder / "generation_config.json", tmp / "tokenizer" / "generation_config.json")
+
+        # [STEP 5]: KV params, config.ini, manifest
+        if kv is not None:
+            shutil.copyfile(req.kv_params, tmp / KV_FILE)
+        cfg.write(tmp / CONFIG_FILE)
+        write_manifest(tmp)
+    log(f"qconv: wrote workspace {req.dst} (quant_policy={cfg.quant_policy}, session_len={cfg.session_len})")
+    return Path(req.dst)
 
 
 def install_kv_params(workspace, params_path) -> None:
+    """Copy int8 KV params into a workspace (checking they fit), set quant_policy=4, update the manifest."""
     ws = Path(workspace)
-    if not (ws / "config.ini").is_file():
+    if not (ws / CONFIG_FILE).is_file():
         raise QconvError(f"workspace {ws} not found (no config.ini); create one with qconv convert first")
-    raise QconvError("installing KV params into a workspace arrives with qconv convert")
+    cfg = WorkspaceConfig.read(ws / CONFIG_FILE)
+    params = load_kv_params(params_path, cfg.num_layer, cfg.kv_head_num)
+    sym = all(not p[1].any() and not p[3].any() for p in params.values())  # zp = 0 everywhere
+    with atomic_path(ws / KV_FILE) as tmp:
+        shutil.copyfile(params_path, tmp)
+    cfg.replace(quant_policy=4, kv_sym=sym).write(ws / CONFIG_FILE)
+    update_manifest(ws, KV_FILE, CONFIG_FILE)
+
+
+# ----------------------------------------------------------------------------------------------
+def _weight_type(req: ConvertRequest, fmt: str, src_group: int | None, config) -> tuple[str, int]:
+    """(weight_type, group_size). Float sources may become any type (int4/int8 by round-to-nearest);
+    a quantized source keeps its type and group size, or is dequantized to a float type."""
+    if fmt == "hf":
+        wt = _DTYPE_NAMES.get(_source_dtype(config), "fp16") if req.weight_type == "auto" else req.weight_type
+        default = DEFAULT_GROUP_SIZE if wt == "int4" else 0  # int8: per output channel unless asked
+        return wt, (req.group_size or default) if wt in ("int4", "int8") else 0
+    native = "int8" if fmt == "w8" else "int4"
+    wt = native if req.weight_type == "auto" else req.weight_type
+    if wt in ("int4", "int8") and wt != native:
+        raise QconvError(f"--weight-type {wt} from an {native} {fmt.upper()} checkpoint is not supported; "
+                         f"keep {native} or dequantize to fp16/bf16/fp32")
+    if req.group_size is not None and req.group_size != src_group:
+        raise QconvError(f"--group-size {req.group_size} differs from the checkpoint's group size {src_group}; "
+                         f"an {fmt.upper()} checkpoint keeps its own")
+    return wt, src_group if wt == native else 0
+
+
+def _source_dtype(config) -> torch.dtype:
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+        str(d).replace("torch.", ""), torch.float16)
+
+
+def _float_dtype(weight_type: str, config) -> torch.dtype:
+    """Dtype of every float tensor: the weight type's, or for int4/int8 the source's fp16/bf16 (else fp16)."""
+    if weight_type in FLOAT_DTYPES:
+        return FLOAT_DTYPES[weight_type]
+    src = _source_dtype(config)
+    return src if src in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def _as_weight_type(w, weight_type: str, group: int, float_dtype: torch.dtype):
+    """A source linear (float or int4 codes) in the workspace's weight type."""
+    if isinstance(w, QuantLinear):
+        return w if weight_type in ("int4", "int8") else w.dequantize().to(float_dtype)
+    if weight_type not in ("int4", "int8"):
+        return w.to(float_dtype)
+    bits, sym = (4, False) if weight_type == "int4" else (8, True)  # group 0: one scale per output channel
+    scale, zero = group_qparams(w, bits, group, sym)
+    scale = scale.to(torch.float16).float()  # the stored precision, so codes and scales agree
+    return QuantLinear(quantize(w, scale, zero, bits, sym), scale, zero)
+
+
+def _floats_to(t: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Norms, embeddings and biases in the workspace float dtype; quantized tensors untouched."""
+    return {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v for k, v in t.items()}
+
+
+def _first_id(*candidates) -> int:
+    for c in candidates:
+        if isinstance(c, list):
+            c = c[0] if c else None
+        if c is not None:
+            return int(c)
+    return -1
+
+
+def _stop_ids(raw: dict, folder: Path, tok) -> tuple[int, ...]:
+    """Every eos id of config.json, generation_config.json and the tokenizer, in that order."""
+    gen = folder / "generation_config.json"
+    sources = [raw.get("eos_token_id"), json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None,
+               tok.eos_token_id]
+    ids: list[int] = []
+    for s in sources:
+        for x in s if isinstance(s, list) else [s]:
+            if x is not None and int(x) not in ids:
+                ids.append(int(x))
+    if not ids:
+        raise QconvError(f"{folder} names no eos token (config.json, generation_config.json, tokenizer); "
+                         f"the runtime needs at least one stop id")
+    return tuple(ids)

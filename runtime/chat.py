@@ -1,0 +1,143 @@
+"""`qconv chat`: a terminal REPL over ``Engine.chat``.
+
+Commands: ``exit`` (or Ctrl+D), ``clear`` (forget the history), ``stream`` (toggle streaming).
+Multi-line input: end a line with ``\\`` to continue it, or wrap a block in lines of ``\"\"\"``.
+Ctrl+C stops the current answer (that turn is dropped) and keeps the session. After each answer one
+dim line on stderr gives the answer's tokens, tok/s and KV-cache use.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import QconvError
+from .engine import Engine
+from .generation import GenerationConfig
+
+COMMANDS = ("exit", "quit", "clear", "stream")
+
+
+class ChatSession:
+    def __init__(self, engine: Engine, gen: GenerationConfig, system: str | None = None,
+                 stream: bool = True, interactive: bool = True):
+        self.engine, self.gen, self.system = engine, gen, system
+        self.stream, self.interactive = stream, interactive
+        self.history: list[dict] = []
+
+    def messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def ask(self, text: str) -> str | None:
+        """Answer ``text`` with the history, printing as it goes; None when Ctrl+C (or an error) stopped it."""
+        self.history.append({"role": "user", "content": text})
+        if self.interactive:
+            click.echo(click.style("assistant> ", fg="cyan", bold=True), nl=False)
+        pieces: list[str] = []
+        try:
+            for piece in self.engine.chat(self.messages(), self.gen, stream=True):
+                pieces.append(piece)
+                if self.stream:
+                    click.echo(piece, nl=False)
+        except QconvError as e:  # e.g. longer than session_len: in a REPL the session goes on
+            self.history.pop()
+            if not self.interactive:
+                raise
+            click.echo("")
+            click.echo(click.style(f"qconv: error: {e}", fg="red"), err=True)
+            return None
+        except KeyboardInterrupt:
+            self.history.pop()
+            click.echo("")
+            click.echo(click.style("[interrupted; this turn is dropped]", dim=True), err=True)
+            return None
+        text = "".join(pieces)
+        click.echo(text if not self.stream else "")
+        self.history.append({"role": "assistant", "content": text})
+        self._stats()
+        return text
+
+    def _stats(self) -> None:
+        s = self.engine.last_stats
+        if s is None:
+            return
+        pct = 100.0 * s.kv_used / max(s.kv_capacity, 1)
+        click.echo(click.style(f"[{s.new_tokens} tokens, {s.tok_per_s:.1f} tok/s, KV cache {s.kv_used}/"
+                               f"{s.kv_capacity} tokens ({pct:.0f}%), {s.finish}]", dim=True), err=True)
+
+    def clear(self) -> None:
+        self.history = []
+        self.engine.reset()
+        click.echo(click.style("[history cleared]", dim=True), err=True)
+
+    # ------------------------------------------------------------------------------------------
+    def read_message(self) -> str | None:
+        """One message from stdin (None at EOF); continuation lines and \"\"\" blocks are joined."""
+        lines: list[str] = []
+        block = False
+        while True:
+            prompt = "user> " if not lines else "...> "
+            if self.interactive:
+                click.echo(click.style(prompt, fg="green", bold=True), nl=False)
+            try:
+                line = input()
+            except EOFError:
+                if lines:
+                    return "\n".join(lines)
+                return None
+            if line.strip() == '"""':
+                if block or lines:
+                    return "\n".join(lines)
+                block = True
+                continue
+            if block:
+                lines.append(line)
+            elif line.endswith("\\"):
+                lines.append(line[:-1])
+            else:
+                lines.append(line)
+                return "\n".join(lines)
+
+    def loop(self) -> None:
+        if self.interactive:
+            click.echo(click.style("commands: exit, clear, stream; end a line with \\ or wrap a block in \"\"\" "
+                                   "for several lines; Ctrl+C stops an answer", dim=True), err=True)
+        while True:
+            try:
+                text = self.read_message()
+            except KeyboardInterrupt:  # at the prompt: drop what was typed, keep the session
+                click.echo("")
+                continue
+            if text is None:  # EOF
+                if self.interactive:
+                    click.echo("")
+                return
+            cmd = text.strip()
+            if not cmd:
+                continue
+            if cmd in ("exit", "quit"):
+                return
+            if cmd == "clear":
+                self.clear()
+            elif cmd == "stream":
+                self.stream = not self.stream
+                click.echo(click.style(f"[streaming {'on' if self.stream else 'off'}]", dim=True), err=True)
+            else:
+                self.ask(text)
+
+
+def run_chat(engine: Engine, gen: GenerationConfig, system: str | None = None, prompt: str | None = None,
+             load_s: float = 0.0) -> None:
+    """``prompt``: answer it and return; otherwise a REPL (prompts and colours only on a terminal)."""
+    interactive = prompt is None and sys.stdin.isatty()
+    session = ChatSession(engine, gen, system, stream=True, interactive=interactive)
+    if interactive:
+        c = engine.cfg
+        click.echo(click.style(f"qconv: {c.model_name}: {c.weight_type} weights, "
+                               f"{'int8' if c.quant_policy == 4 else 'fp'} KV cache, session_len {c.session_len}, "
+                               f"on {engine.device}, loaded in {load_s:.1f}s", dim=True), err=True)
+    if prompt is not None:
+        if session.ask(prompt) is None:
+            raise click.exceptions.Abort()  # Ctrl+C: exit 130 like any interrupted command
+    else:
+        session.loop()

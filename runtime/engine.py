@@ -1,0 +1,204 @@
+"""The runtime's Python API: one loaded workspace plus its static KV cache.
+
+    engine = Engine.from_workspace("./workspace", device="cpu")
+    for piece in engine.chat([{"role": "user", "content": "Hi"}]):   # streamed text
+        print(piece, end="", flush=True)
+    engine.last_stats            # tokens, tok/s, KV-cache use of the last answer
+    engine.generate(ids, gen)    # streamed token ids; engine.logits(ids) for evaluation
+
+The cache keeps a batch dimension (``batch_size`` rows, each its own sequence) so a server can batch
+later; ``generate`` and ``chat`` drive row 0 and reuse the longest prefix already in the cache.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .. import QconvError
+from .kv_cache import KVCache
+from .loader import LoadedWorkspace, load_workspace
+from .generation import GenerationConfig
+from .sampling import sample
+
+
+@dataclass(slots=True)
+class GenerationStats:
+    prompt_tokens: int
+    reused_tokens: int          # prompt tokens whose K/V were already cached
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    kv_used: int = 0            # tokens now held by the cache row
+    kv_capacity: int = 0        # session_len
+    finish: str = "interrupted"  # stop | length | interrupted
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
+
+
+class Engine:
+    def __init__(self, ws: LoadedWorkspace, batch_size: int = 1):
+        cfg = ws.cfg
+        if not 1 <= batch_size <= cfg.max_batch_size:
+            raise QconvError(f"batch size {batch_size} is outside 1..max_batch_size ({cfg.max_batch_size})")
+        self.ws, self.cfg, self.model, self.tokenizer = ws, cfg, ws.model, ws.tokenizer
+        self.device = ws.device
+        store = 1 if cfg.quant_policy == 4 else torch.tensor([], dtype=ws.dtype).element_size()
+        need = 2 * cfg.num_layer * batch_size * cfg.kv_head_num * cfg.session_len * cfg.size_per_head * store
+        free = _free_memory(self.device)
+        if need > cfg.cache_max_entry_count * free:
+            raise QconvError(f"the KV cache for session_len {cfg.session_len} x batch {batch_size} needs "
+                             f"{need / 2**30:.2f} GiB, more than cache_max_entry_count {cfg.cache_max_entry_count} "
+                             f"of the {free / 2**30:.2f} GiB free; convert with a smaller --session-len")
+        self.cache = KVCache(cfg.num_layer, batch_size, cfg.kv_head_num, cfg.session_len, cfg.size_per_head,
+                             ws.dtype, self.device, ws.kv_qparams)
+        self._cached: list[int] = []  # the tokens whose K/V cache row 0 holds, in order
+        self.last_stats: GenerationStats | None = None
+
+    @classmethod
+    def from_workspace(cls, path, device: str = "auto", dtype: str = "auto", verify: bool = True,
+                       batch_size: int = 1) -> Engine:
+        """Load ``path`` (checking manifest.json unless ``verify=False``) and allocate the KV cache."""
+        return cls(load_workspace(path, device, dtype, verify), batch_size)
+
+    def reset(self) -> None:
+        """Forget the cached conversation (the next prompt is prefilled from scratch)."""
+        self._cached = []
+
+    # ------------------------------------------------------------------------------------------
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, S], each row a fresh sequence from position 0 -> logits [B, S, V] float32."""
+        B, S = ids.shape
+        if S > self.cfg.session_len:
+            raise QconvError(f"a window of {S} tokens is longer than the workspace's session_len "
+                             f"{self.cfg.session_len}; use a shorter --seqlen or convert with a larger --session-len")
+        if B > self.cache.batch:
+            raise QconvError(f"{B} sequences at once, but the engine holds {self.cache.batch}")
+        self._cached = []
+        pos = torch.arange(S, device=self.device).expand(B, S)
+        return self.model(ids.to(self.device), pos, self.cache).float()
+
+    def generate(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Iterator[int]:
+        """Stream the answer's token ids (stop ids excluded) as they are produced.
+
+        The prompt plus answer never exceed session_len: a prompt of session_len tokens or more is an
+        error, and the answer is cut at session_len.
+        """
+        gen = gen or GenerationConfig()
+        n, limit = len(prompt_ids), self.cfg.session_len
+        if n == 0:
+            raise QconvError("the prompt is empty")
+        if n >= limit:
+            raise QconvError(f"the prompt has {n} tokens but session_len is {limit}; shorten it or convert "
+                             f"with a larger --session-len")
+        reuse = 0
+        for a, b in zip(self._cached, prompt_ids):
+            if a != b:
+                break
+            reuse += 1
+        reuse = min(reuse, n - 1)  # at least one token is fed to get the next logits
+        stops = set(gen.stop_ids if gen.stop_ids is not None else self.cfg.end_id)
+        return self._run(list(prompt_ids), reuse, gen, stops, min(gen.max_new_tokens, limit - n))
+
+    def _run(self, prompt: list[int], reuse: int, gen: GenerationConfig, stops: set[int], budget: int):
+        stats = self.last_stats = GenerationStats(len(prompt), reuse, kv_capacity=self.cfg.session_len)
+        generator = None
+        if gen.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(gen.seed)
+        t0 = time.perf_counter()
+        try:
+            # [STEP 1]: prefill what the cache does not hold yet
+            self._cached = self._cached[:reuse]
+            ids = torch.tensor(prompt[reuse:], device=self.device)[None]  # [1, S]
+            pos = torch.arange(reuse, len(prompt), device=self.device)[None]
+            logits = self.model(ids, pos, self.cache, last_only=True)[:, -1].float()  # [1, V]
+            self._cached = prompt
+            stats.prefill_s = time.perf_counter() - t0
+            seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
+            seen[0, torch.tensor(prompt, device=self.device)] = True
+            # [STEP 2]: decode one token at a time
+            for step in range(budget):
+                tok = int(sample(logits, gen, seen, generator)[0])
+                if tok in stops:
+                    stats.finish = "stop"
+                    return
+                stats.new_tokens += 1
+                yield tok
+                if step + 1 == budget:
+                    stats.finish = "length"
+                    return
+                seen[0, tok] = True
+                pos = torch.tensor([[len(self._cached)]], device=self.device)
+                logits = self.model(torch.tensor([[tok]], device=self.device), pos, self.cache,
+                                    last_only=True)[:, -1].float()
+                self._cached.append(tok)
+        finally:
+            stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
+            stats.kv_used = len(self._cached)
+
+    # ------------------------------------------------------------------------------------------
+    def render(self, messages: list[dict]) -> list[int]:
+        """The chat template applied to ``messages`` (with the assistant prompt), as token ids."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise QconvError(f"the tokenizer in {self.ws.path / 'tokenizer'} has no chat template; "
+                             f"use engine.generate with your own prompt")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def chat_prompt(self, messages: list[dict], max_new_tokens: int) -> list[int]:
+        """Token ids of ``messages``, dropping the oldest rounds (as Baichuan2's demo does) until the prompt
+        fits max(session_len / 2, session_len - max_new_tokens); a leading system message is always kept."""
+        limit = self.cfg.session_len
+        budget = max(limit // 2, limit - max_new_tokens)
+        head = messages[:1] if messages and messages[0]["role"] == "system" else []
+        rest = messages[len(head):]
+        starts = [i for i, m in enumerate(rest) if m["role"] == "user"] or [0]
+        for s in starts:  # oldest round first
+            ids = self.render(head + rest[s:])
+            if len(ids) <= budget:
+                return ids
+        if len(ids) < limit:  # the newest round alone: it fits, with less room for the answer
+            return ids
+        raise QconvError(f"the prompt has {len(ids)} tokens but session_len is {limit}; shorten it or convert "
+                         f"with a larger --session-len")
+
+    def chat(self, messages: list[dict], gen: GenerationConfig | None = None, stream: bool = True):
+        """Answer the conversation ``messages`` ([{"role", "content"}]): an iterator of text pieces as they
+        are produced (``stream=True``) or the whole answer as one string."""
+        gen = gen or GenerationConfig()
+        pieces = stream_text(self.tokenizer, self.generate(self.chat_prompt(messages, gen.max_new_tokens), gen))
+        return pieces if stream else "".join(pieces)
+
+
+def stream_text(tokenizer, token_ids: Iterator[int]) -> Iterator[str]:
+    """Turn streamed ids into streamed text; a piece ending in an incomplete UTF-8 character waits."""
+    ids: list[int] = []
+    done = ""
+    for t in token_ids:
+        ids.append(t)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or len(text) <= len(done):
+            continue
+        yield text[len(done):]
+        done = text
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # MemAvailable counts reclaimable page cache, unlike the free pages of sysconf
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: do not refuse

@@ -1,0 +1,24 @@
+"""Perplexity of a workspace through the bundled runtime, by the same protocol as `qconv eval --model`."""
+from __future__ import annotations
+
+from .. import QconvError
+from ..pipelines.data import eval_text
+from ..pipelines.eval import PplResult, eval_windows, perplexity
+from .engine import Engine
+
+
+def eval_workspace(workspace: str, dataset: str, seqlen: int = 2048, windows: int | None = None,
+                   kv_params: str | None = None, device: str = "auto", dtype: str = "auto",
+                   verify: bool = True) -> PplResult:
+    """Windows are prefilled from position 0 through the engine's KV cache, so an int8 KV workspace
+    (quant_policy=4) is measured with K and V read back from the int8 cache."""
+    if kv_params is not None:
+        raise QconvError(f"--kv-params does not apply to a workspace: its config.ini quant_policy decides; "
+                         f"install params with qconv kv-params --work-dir W --workspace {workspace}")
+    text = eval_text(dataset)
+    engine = Engine.from_workspace(workspace, device=device, dtype=dtype, verify=verify)
+    ids = eval_windows(text, engine.tokenizer, seqlen, windows)
+    if seqlen > engine.cfg.session_len:
+        raise QconvError(f"--seqlen {seqlen} is longer than the workspace's session_len {engine.cfg.session_len}")
+    desc = "eval workspace" + (" kv-int8" if engine.cfg.quant_policy == 4 else "")
+    return perplexity(engine.logits, ids, engine.device, desc=desc)

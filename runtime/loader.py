@@ -1,0 +1,136 @@
+"""Load a workspace: config.ini, manifest check, weights (int4/int8 dequantized once), tokenizer, KV params."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import QconvError
+from ..convert.arch import get_arch
+from ..convert.fileio import load_tensors
+from ..convert.layout import (ATTN_NORM, EMBED, FFN_NORM, FINAL_NORM, FUSED_LINEARS, GLOBAL_FILE, K_NORM, OUTPUT,
+                              Q_NORM, QuantLinear, layer_file, read_linear)
+from ..convert.manifest import verify_manifest
+from ..convert.model_io import load_tokenizer, quiet_transformers, resolve_device, resolve_dtype
+from ..convert.workspace import CONFIG_FILE, KV_FILE
+from ..convert.workspace_config import WorkspaceConfig
+from ..pipelines.kv_params import load_kv_params
+from .linear import make_linear
+from .model import Transformer
+
+
+@dataclass(slots=True)
+class LoadedWorkspace:
+    path: Path
+    cfg: WorkspaceConfig
+    model: Transformer
+    tokenizer: object
+    kv_qparams: dict[int, tuple[torch.Tensor, ...]] | None  # {layer: (k_scale, k_zp, v_scale, v_zp)} with policy 4
+    device: torch.device
+    dtype: torch.dtype
+
+
+def is_workspace(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_workspace_config(path) -> WorkspaceConfig:
+    ws = Path(path)
+    if not ws.is_dir():
+        raise QconvError(f"workspace {ws} does not exist; create one with qconv convert --model M --dst-path {ws}")
+    if not (ws / CONFIG_FILE).is_file():
+        raise QconvError(f"{ws} is not a qconv workspace (no config.ini); create one with "
+                         f"qconv convert --model M --dst-path {ws}")
+    return WorkspaceConfig.read(ws / CONFIG_FILE)
+
+
+def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool = True,
+                   max_len: int | None = None) -> LoadedWorkspace:
+    """``max_len``: rotary table length (default session_len)."""
+    ws = Path(path)
+    cfg = read_workspace_config(ws)
+    if verify:
+        verify_manifest(ws)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, "bfloat16" if cfg.weight_type == "bf16" else None)
+    kv = None
+    if cfg.quant_policy == 4:
+        if not (ws / KV_FILE).is_file():
+            raise QconvError(f"{ws / CONFIG_FILE} has quant_policy=4 but there is no {KV_FILE}; install params "
+                             f"with qconv kv-params --work-dir W --workspace {ws}")
+        kv = load_kv_params(ws / KV_FILE, cfg.num_layer, cfg.kv_head_num)
+
+    # [STEP 1]: embeddings, final norm, output head
+    name = f"weights/{GLOBAL_FILE}"
+    t = load_tensors(ws / name, "workspace weights")
+    V, H = cfg.vocab_size, cfg.hidden_units
+    glob = {EMBED: _tensor(t, EMBED, (V, H), name), FINAL_NORM: _tensor(t, FINAL_NORM, (H,), name)}
+    if not cfg.tie_word_embeddings:
+        glob[OUTPUT] = _tensor(t, OUTPUT, (V, H), name)
+    glob = {k: v.to(dev, dt) for k, v in glob.items()}
+
+    # [STEP 2]: decoder layers, one file each; int4 runs through torch's kernel (bf16 on CPU) or is dequantized
+    layers = []
+    for i in range(cfg.num_layer):
+        name = f"weights/{layer_file(i)}"
+        layers.append(_layer_params(cfg, load_tensors(ws / name, "workspace weights"), name, dev, dt))
+    model = Transformer(cfg, glob, layers, max_len or cfg.session_len).eval()
+
+    # [STEP 3]: tokenizer and chat template
+    quiet_transformers()
+    try:
+        tok = load_tokenizer(ws / "tokenizer")
+    except (OSError, ValueError) as e:
+        raise QconvError(f"the tokenizer in {ws / 'tokenizer'} cannot be loaded ({str(e).splitlines()[0]})") from None
+    return LoadedWorkspace(ws, cfg, model, tok, kv, dev, dt)
+
+
+def _linear_shapes(cfg: WorkspaceConfig) -> dict[str, tuple[int, int]]:
+    H, I, D = cfg.hidden_units, cfg.inter_size, cfg.size_per_head
+    return {"attention.wqkv": ((cfg.head_num + 2 * cfg.kv_head_num) * D, H), "attention.wo": (H, cfg.head_num * D),
+            "feed_forward.w13": (2 * I, H), "feed_forward.w2": (H, I)}
+
+
+def _layer_params(cfg: WorkspaceConfig, t: dict, name: str, dev, dt) -> dict:
+    """Norm weights on the device, and the four linears built (runtime/linear.py)."""
+    H, D = cfg.hidden_units, cfg.size_per_head
+    p = {ATTN_NORM: _tensor(t, ATTN_NORM, (H,), name), FFN_NORM: _tensor(t, FFN_NORM, (H,), name)}
+    if get_arch(cfg.model_arch).q_norm is not None:
+        p[Q_NORM], p[K_NORM] = _tensor(t, Q_NORM, (D,), name), _tensor(t, K_NORM, (D,), name)
+    p = {k: v.to(dev, dt) for k, v in p.items()}
+    if cfg.attn_bias != ("attention.wqkv.bias" in t):
+        raise QconvError(f"{name}: config.ini says attn_bias={str(cfg.attn_bias).lower()} but the q/k/v bias is "
+                         f"{'missing' if cfg.attn_bias else 'present'}")
+    for lin, (out_f, in_f) in _linear_shapes(cfg).items():
+        assert lin in FUSED_LINEARS
+        parts = {k[len(lin) + 1:]: v for k, v in t.items() if k.startswith(lin + ".") and not k.endswith(".bias")}
+        try:
+            w = read_linear(parts, cfg.weight_type)
+            if isinstance(w, QuantLinear):
+                _check_quant(w, cfg, lin, name)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise QconvError(f"{name}: the tensors of {lin} ({', '.join(sorted(parts)) or 'none'}) do not form a "
+                             f"{cfg.weight_type} linear ({e}); recreate the workspace") from None
+        shape = tuple(w.codes.shape if isinstance(w, QuantLinear) else w.shape)
+        if shape != (out_f, in_f):
+            raise QconvError(f"{name}: {lin} is {list(shape)}, config.ini implies [{out_f}, {in_f}]")
+        bias = _tensor(t, f"{lin}.bias", (out_f,), name) if f"{lin}.bias" in t else None
+        p[lin] = make_linear(w, bias, cfg.weight_type, dev, dt)
+    return p
+
+
+def _check_quant(w: QuantLinear, cfg: WorkspaceConfig, lin: str, name: str) -> None:
+    out_f, in_f = w.codes.shape
+    groups = in_f // cfg.group_size if cfg.group_size > 0 else 1
+    if tuple(w.scale.shape) != (out_f, groups) or w.zero.shape != w.scale.shape:
+        raise QconvError(f"{name}: {lin} has scales {list(w.scale.shape)} for codes {list(w.codes.shape)}; with "
+                         f"{cfg.weight_type} and group_size {cfg.group_size} they should be [{out_f}, {groups}]")
+
+
+def _tensor(t: dict, key: str, shape: tuple, name: str) -> torch.Tensor:
+    if key not in t:
+        raise QconvError(f"workspace file {name} has no tensor {key!r}; recreate the workspace with qconv convert")
+    if tuple(t[key].shape) != shape:
+        raise QconvError(f"workspace file {name}: {key} is {list(t[key].shape)}, config.ini implies {list(shape)}")
+    return t[key]
