@@ -18,19 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, write_result  # noqa: E402
-
-
-def random_model_folder(config_path: str, tokenizer_dir: str, out: Path, dtype=torch.float16) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    raw = json.loads(Path(config_path).read_text())
-    cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)  # _init_weights: normal(0, 0.02)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
-    return out
+from common import provenance, random_model_folder, write_result  # noqa: E402
 
 
 def sync(dev):

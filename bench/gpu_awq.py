@@ -1,0 +1,89 @@
+"""AWQ speed on the GPU (issue 3): `qconv awq` against AutoAWQ 0.2.9 on the same model and data.
+
+    python bench/gpu_awq.py --config CFG.json --tokenizer DIR [--autoawq] [--samples 128 --seqlen 512]
+
+Random weights (transformers' init) with a real config; w4 g128 zero-point GEMM; C4 windows.
+Wall time is the quantization itself (both sides after the model is loaded), peak is
+torch.cuda.max_memory_allocated over that span. Prints a table last; writes bench/results/gpu_awq_<name>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import provenance, random_model_folder, write_result  # noqa: E402
+
+
+def autoawq_run(folder: Path, texts, samples: int, seqlen: int) -> dict:
+    try:
+        import datasets  # noqa: F401
+    except ImportError:  # AutoAWQ imports datasets at module load; with a list of texts it never calls it
+        stub = types.ModuleType("datasets")
+        stub.load_dataset = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("datasets is not installed"))
+        sys.modules["datasets"] = stub
+    from awq import AutoAWQForCausalLM
+    from transformers import AutoTokenizer
+
+    m = AutoAWQForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float16)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    m.quantize(tok, quant_config={"zero_point": True, "q_group_size": 128, "w_bit": 4, "version": "GEMM"},
+               calib_data=texts, max_calib_samples=samples, max_calib_seq_len=seqlen)
+    torch.cuda.synchronize()
+    return {"wall_s": time.perf_counter() - t0, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--autoawq", action="store_true", help="also run AutoAWQ 0.2.9 (must be importable)")
+    args = ap.parse_args()
+    prov = provenance()
+    from qconv.convert.model_io import quiet_transformers
+    from qconv.pipelines.awq import AwqRequest, awq
+    from qconv.pipelines.calibrate import CalibRequest
+    from qconv.pipelines.data import load_texts
+
+    quiet_transformers()
+    name = Path(args.config).stem
+    tmp = Path(tempfile.mkdtemp(prefix="qconv-awq-"))
+    folder = random_model_folder(args.config, args.tokenizer, tmp / "model")
+    rows = {}
+    torch.cuda.reset_peak_memory_stats()
+    dst = awq(str(folder), str(tmp / "work"), AwqRequest(bits=4, group_size=128),
+              CalibRequest("c4", args.samples, args.seqlen, 0), device="cuda", dtype="float16", force=True)
+    rep = json.loads((dst / "awq.json").read_text())
+    rows["qconv"] = {"wall_s": rep["wall_s"], "peak_gib": rep["peak_gpu_bytes"] / 2**30}
+    torch.cuda.empty_cache()
+    if args.autoawq:
+        try:
+            rows["autoawq"] = autoawq_run(folder, load_texts("c4"), args.samples, args.seqlen)
+        except Exception as e:  # report the peer's failure in the table rather than lose our numbers
+            rows["autoawq"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    if "wall_s" in rows.get("autoawq", {}):
+        rows["ratio"] = {"autoawq_over_qconv_time": rows["autoawq"]["wall_s"] / rows["qconv"]["wall_s"],
+                         "qconv_over_autoawq_peak": rows["qconv"]["peak_gib"] / rows["autoawq"]["peak_gib"]}
+    out = write_result(f"gpu_awq_{name}", {**prov, "config": args.config, "samples": args.samples,
+                                          "seqlen": args.seqlen, "rows": rows})
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\n{prov}\n{out}\n| {name} | wall s | peak GiB |\n|---|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | " + " | ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in v.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
