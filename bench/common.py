@@ -64,3 +64,16 @@ def random_model_folder(config_path: str, tokenizer_dir: str, out: Path, dtype=t
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
+
+
+def stub_datasets() -> None:
+    """AutoAWQ imports `datasets` at load time; the GPU box lacks it. Given token windows, AutoAWQ never
+    calls it, so an empty stand-in module is enough there (bench only; the package depends on datasets)."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        import types
+
+        stub = types.ModuleType("datasets")
+        stub.load_dataset = None
+        sys.modules["datasets"] = stub

@@ -14,34 +14,12 @@ import shutil
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, random_model_folder, write_result  # noqa: E402
-
-
-def autoawq_run(folder: Path, texts, samples: int, seqlen: int) -> dict:
-    try:
-        import datasets  # noqa: F401
-    except ImportError:  # AutoAWQ imports datasets at module load; with a list of texts it never calls it
-        stub = types.ModuleType("datasets")
-        stub.load_dataset = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("datasets is not installed"))
-        sys.modules["datasets"] = stub
-    from awq import AutoAWQForCausalLM
-    from transformers import AutoTokenizer
-
-    m = AutoAWQForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float16)
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    m.quantize(tok, quant_config={"zero_point": True, "q_group_size": 128, "w_bit": 4, "version": "GEMM"},
-               calib_data=texts, max_calib_samples=samples, max_calib_seq_len=seqlen)
-    torch.cuda.synchronize()
-    return {"wall_s": time.perf_counter() - t0, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+from common import provenance, random_model_folder, stub_datasets, write_result  # noqa: E402
 
 
 def main():
@@ -71,7 +49,14 @@ def main():
     torch.cuda.empty_cache()
     if args.autoawq:
         try:
-            rows["autoawq"] = autoawq_run(folder, load_texts("c4"), args.samples, args.seqlen)
+            stub_datasets()
+            from qconv.convert.model_io import load_tokenizer
+            from qconv.pipelines.awq_autoawq import run_autoawq
+            from qconv.pipelines.data import calib_windows
+
+            ids = calib_windows(load_texts("c4"), load_tokenizer(folder), args.samples, args.seqlen, 0)
+            r = run_autoawq(str(folder), tmp / "autoawq", 4, 128, False, ids, force=True, dtype=torch.float16)
+            rows["autoawq"] = {"wall_s": r["wall_s"], "peak_gib": r["peak_gpu_bytes"] / 2**30}
         except Exception as e:  # report the peer's failure in the table rather than lose our numbers
             rows["autoawq"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     if "wall_s" in rows.get("autoawq", {}):

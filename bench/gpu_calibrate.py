@@ -87,18 +87,6 @@ def main():
         "hidden_states_gib": tokens * model.config.hidden_size * 2 / 2**30,
         "layers_on_gpu_at_once": 1,
     }
-    if cuda:  # the fused Triton statistics against the torch reduction, on one down_proj-sized input
-        from qconv.pipelines.stats import col_stats_torch
-        from qconv.pipelines.stats_triton import col_stats_cuda
-        import triton.testing
-
-        xs = torch.randn(args.batch_size * args.seqlen, model.config.intermediate_size, device=dev,
-                         dtype=torch.float16) * 3
-        ref, got = col_stats_torch(xs), col_stats_cuda(xs)
-        rows["fused_stats_max_rel_err"] = max(float((g - r).abs().max() / r.abs().max()) for g, r in zip(got, ref))
-        rows["fused_stats_ms"] = triton.testing.do_bench(lambda: col_stats_cuda(xs), return_mode="median")
-        rows["torch_stats_ms"] = triton.testing.do_bench(lambda: col_stats_torch(xs), return_mode="median")
-        rows["stats_input_read_ms_at_3TBs"] = xs.numel() * 2 / 3.0e12 * 1e3
     out = write_result("gpu_calibrate", {**prov, "config": args.config, **rows})
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"\n{prov}\n{out}")

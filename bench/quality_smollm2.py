@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, write_result  # noqa: E402
+from common import provenance, stub_datasets, write_result  # noqa: E402
 
 
 def main():
@@ -37,7 +36,7 @@ def main():
     from qconv.pipelines.awq import AwqRequest, awq
     from qconv.pipelines.awq_autoawq import run_autoawq
     from qconv.pipelines.calibrate import CalibRequest, calibrate
-    from qconv.pipelines.data import load_texts
+    from qconv.pipelines.data import calib_windows, load_texts
     from qconv.pipelines.eval import eval_model
 
     quiet_transformers()
@@ -51,23 +50,24 @@ def main():
 
     fp = ppl(args.gguf)
     rows.append(("fp32 (dequantized GGUF)", fp))
-    for method in ("rtn", "awq"):
+    variants = {"rtn": AwqRequest(bits=4, group_size=64, method="rtn"),
+                "awq": AwqRequest(bits=4, group_size=64),
+                "awq-clip4096": AwqRequest(bits=4, group_size=64, clip_samples=4096)}
+    for method, req in variants.items():
         t0 = time.perf_counter()
-        ck = awq(args.gguf, str(work / method), AwqRequest(bits=4, group_size=64, method=method), c4_awq,
-                 device=dev, dtype="float32", force=True)
+        ck = awq(args.gguf, str(work / method), req, c4_awq, device=dev, dtype="float32", force=True)
         timings[method] = time.perf_counter() - t0
         rows.append((f"qconv {method.upper()} w4 g64", ppl(ck)))
     if not args.skip_autoawq:
         try:
-            try:
-                import datasets  # noqa: F401
-            except ImportError:  # AutoAWQ imports it at load; a list of texts never calls it
-                sys.modules["datasets"] = types.ModuleType("datasets")
-            t0 = time.perf_counter()
-            ck = run_autoawq(args.gguf, work / "autoawq", 4, 64, False, load_texts("c4"), c4_awq.samples,
-                             c4_awq.seqlen, force=True, dtype=torch.float32)
-            timings["autoawq"] = time.perf_counter() - t0
-            rows.append(("AutoAWQ 0.2.9 w4 g64 (GEMM, zero point)", ppl(ck)))
+            stub_datasets()
+            from qconv.convert.model_io import load_tokenizer, read_config
+
+            ids = calib_windows(load_texts("c4"), load_tokenizer(read_config(args.gguf)[0]), c4_awq.samples,
+                                c4_awq.seqlen, c4_awq.seed)
+            r = run_autoawq(args.gguf, work / "autoawq", 4, 64, False, ids, force=True, dtype=torch.float32)
+            timings["autoawq"] = r["wall_s"]
+            rows.append(("AutoAWQ 0.2.9 w4 g64 (same windows; GEMM, zero point)", ppl(r["checkpoint"])))
         except Exception as e:  # keep our numbers if the peer breaks on this transformers
             rows.append((f"AutoAWQ 0.2.9: failed ({type(e).__name__}: {str(e)[:120]})", float("nan")))
     calibrate(args.gguf, str(work / "kv"), c4_kv, device=dev, dtype="float32", force=True)

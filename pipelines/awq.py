@@ -83,15 +83,11 @@ def _state_dir(work: Path, lm: LoadedModel, req: AwqRequest, calib: CalibRequest
     """The resume cache; one that belongs to other settings is refused (or wiped with --force)."""
     state = work / "awq_state"
     want = {"fingerprint": fingerprint(lm), "awq": asdict(req), "calib": asdict(calib)}
-    if (state / "state.json").is_file():
-        have = load_json(state / "state.json", "AWQ resume state")
-        if have != want:
-            if not force:
-                raise QconvError(f"{state} holds a run with other settings or another model; pass --force to "
-                                 f"discard it, or use another --work-dir")
-            shutil.rmtree(state)
-    elif state.exists() and force:
-        shutil.rmtree(state)
+    if force:  # recompute everything
+        shutil.rmtree(state, ignore_errors=True)
+    elif (state / "state.json").is_file() and load_json(state / "state.json", "AWQ resume state") != want:
+        raise QconvError(f"{state} holds a run with other settings or another model; pass --force to "
+                         f"discard it, or use another --work-dir")
     state.mkdir(parents=True, exist_ok=True)
     save_json(want, state / "state.json")
     return state
@@ -105,10 +101,13 @@ def awq(model: str, work_dir: str, req: AwqRequest = AwqRequest(), calib: CalibR
     if dst.exists() and not force:
         raise QconvError(f"{dst} already exists; pass --force to overwrite it or choose another --out")
     if backend == "autoawq":
+        from ..convert.model_io import load_tokenizer, read_config
         from .awq_autoawq import run_autoawq
 
-        return run_autoawq(model, dst, req.bits, req.group_size, req.sym, load_texts(calib.dataset),
-                           calib.samples, calib.seqlen, force, log=log)
+        folder, _, _ = read_config(model, trust_remote_code)
+        ids = calib_windows(load_texts(calib.dataset), load_tokenizer(folder), calib.samples, calib.seqlen,
+                            calib.seed, log=log)
+        return run_autoawq(model, dst, req.bits, req.group_size, req.sym, ids, force, log=log)["checkpoint"]
     dev = resolve_device(device)
     lm = load_model(model, dtype=dtype, device=str(dev), trust_remote_code=trust_remote_code)
     check_group_size(lm, req.group_size)
@@ -122,7 +121,8 @@ def awq(model: str, work_dir: str, req: AwqRequest = AwqRequest(), calib: CalibR
     run = None
     if req.method == "awq":
         ids = calib_windows(load_texts(calib.dataset), lm.tokenizer, calib.samples, calib.seqlen, calib.seed, log=log)
-        run = Layerwise(lm, ids, dev, batch_size or default_batch_size(dev, calib.seqlen))
+        # 8k-token batches: AWQ keeps whole block inputs on the device, so transients stay small
+        run = Layerwise(lm, ids, dev, batch_size or default_batch_size(dev, calib.seqlen, gpu_tokens=8192))
     bar = tqdm(total=len(layers), desc="awq", unit="block", dynamic_ncols=True)
     for i, block in iter_blocks(layers, dev):
         cached = state / f"block_{i:03d}.safetensors"
@@ -134,13 +134,13 @@ def awq(model: str, work_dir: str, req: AwqRequest = AwqRequest(), calib: CalibR
             replay_block(block, found, lm.spec)
             report = load_json(state / f"block_{i:03d}.json", "AWQ block report")
         else:
-            store, remove = capture_inputs(block, lm.spec)
+            cap, remove = capture_inputs(block, lm.spec, run.tokens, req.clip_samples)
             try:
                 run.run_block(block)  # [STEP 1]
             finally:
                 remove()
-            found, report = search_block(block, lm.spec, store, run.position_embeddings, req)  # [STEP 2-3]
-            del store
+            found, report = search_block(block, lm.spec, cap, run.position_embeddings, req)  # [STEP 2-3]
+            del cap
             report = {"layer": i, **report}
             save_tensors(found, cached)
             save_json(report, state / f"block_{i:03d}.json")

@@ -14,8 +14,10 @@ from ..convert.fileio import atomic_dir, save_json
 from ..convert.model_io import read_config
 
 
-def run_autoawq(model: str, dst: Path, bits: int, group_size: int, sym: bool, texts: list[str], samples: int,
-                seqlen: int, force: bool, clone_backup: bool = True, dtype=None, log=print) -> Path:
+def run_autoawq(model: str, dst: Path, bits: int, group_size: int, sym: bool, windows, force: bool,
+                clone_backup: bool = True, dtype=None, log=print) -> dict:
+    """Quantize with AutoAWQ on exactly qconv's calibration windows ([n, S] token ids), so both see
+    the same data; returns {"checkpoint", "wall_s" (quantize() alone), "peak_gpu_bytes"}."""
     try:
         from awq import AutoAWQForCausalLM
         from awq.quantize import quantizer as aq
@@ -37,7 +39,6 @@ def run_autoawq(model: str, dst: Path, bits: int, group_size: int, sym: bool, te
                     del module2inspect.state_dict
             patched._qconv_clone = True
             aq.AwqQuantizer._compute_best_scale = patched
-    t0 = time.perf_counter()
     if dtype is None:
         dtype = torch.float16 if torch.cuda.is_available() else torch.float32
     m = AutoAWQForCausalLM.from_pretrained(str(folder), torch_dtype=dtype)
@@ -45,11 +46,20 @@ def run_autoawq(model: str, dst: Path, bits: int, group_size: int, sym: bool, te
 
     tok = AutoTokenizer.from_pretrained(str(folder))
     cfg = {"zero_point": not sym, "q_group_size": group_size, "w_bit": bits, "version": "GEMM"}
-    m.quantize(tok, quant_config=cfg, calib_data=texts, max_calib_samples=samples, max_calib_seq_len=seqlen)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    m.quantize(tok, quant_config=cfg, calib_data=windows.tolist(), max_calib_samples=windows.shape[0],
+               max_calib_seq_len=windows.shape[1])
+    if cuda:
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if cuda else None
     with atomic_dir(dst, force=force) as tmp:
         m.save_quantized(str(tmp))
         tok.save_pretrained(tmp)
         save_json({"backend": "autoawq", "wall_s": wall, "clone_backup": clone_backup}, tmp / "awq.json")
     log(f"qconv: AutoAWQ done in {wall:.1f}s; checkpoint in {dst}")
-    return dst
+    return {"checkpoint": dst, "wall_s": wall, "peak_gpu_bytes": peak}

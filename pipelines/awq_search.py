@@ -48,20 +48,27 @@ def quantized_scaled(w: torch.Tensor, s: torch.Tensor, q: QuantCfg) -> torch.Ten
 
 
 @torch.no_grad()
-def search_scale(forward, inputs: list[torch.Tensor], refs: list[torch.Tensor], weights: dict[str, torch.Tensor],
-                 cands: torch.Tensor, q: QuantCfg) -> torch.Tensor:
+def search_scale(forward, chunks, weights: dict[str, torch.Tensor], cands: torch.Tensor, q: QuantCfg,
+                 cache_bytes: int = 256 << 20) -> torch.Tensor:
     """Output MSE of every candidate scale: [n_cand] float32 (on the data's device).
 
     ``forward(x, overrides)`` runs the inspected module on one input chunk with the named weights
-    replaced; ``refs`` are its full-precision outputs. Losses accumulate on the device, so the
-    whole grid runs without a host sync.
+    replaced; each chunk's full-precision output is computed once and every candidate is compared
+    against it. Candidate weights are quantized once and kept while they fit in ``cache_bytes``.
+    Losses accumulate on the device, so the whole grid runs without a host sync.
     """
     losses = torch.zeros(len(cands), dtype=torch.float32, device=cands.device)
-    numel = sum(r.numel() for r in refs)
-    for c, s in enumerate(cands):
-        wq = {name: quantized_scaled(w, s, q) for name, w in weights.items()}
-        for x, ref in zip(inputs, refs):
-            losses[c] += (forward(x, wq).float() - ref.float()).pow(2).sum()
+    per_cand = sum(w.numel() * w.element_size() for w in weights.values())
+    cache: dict[int, dict] = {}
+    numel = 0
+    for x in chunks:
+        ref = forward(x, weights).float()
+        numel += ref.numel()
+        for c, s in enumerate(cands):
+            wq = cache.get(c) or {name: quantized_scaled(w, s, q) for name, w in weights.items()}
+            if per_cand * len(cands) <= cache_bytes:
+                cache[c] = wq
+            losses[c] += (forward(x, wq).float() - ref).pow(2).sum()
     return losses / numel
 
 

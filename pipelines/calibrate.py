@@ -40,9 +40,9 @@ class CalibRequest:
             raise QconvError(f"--calib-seqlen must be positive, got {self.seqlen}")
 
 
-def default_batch_size(device: torch.device, seqlen: int) -> int:
+def default_batch_size(device: torch.device, seqlen: int, gpu_tokens: int = 16384) -> int:
     # About 16k tokens a batch on a GPU keeps the matmuls large; on a CPU one window at a time is as fast.
-    return max(1, 16384 // seqlen) if device.type == "cuda" else 1
+    return max(1, gpu_tokens // seqlen) if device.type == "cuda" else 1
 
 
 def existing_run(work_dir: Path, fp: str, req: CalibRequest, force: bool) -> dict | None:

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import stats_triton
-
 LINEAR_STATS = ("max", "min", "mean", "absmax", "absmean")
 KV_STATS = ("min", "max", "absmax")
 
@@ -36,8 +34,6 @@ class ChannelStats:
     def of(cls, x: torch.Tensor) -> "ChannelStats":
         # x: [..., C] -> per channel C
         x2 = x.reshape(-1, x.shape[-1])
-        if stats_triton.available(x2):
-            return cls(*stats_triton.col_stats_cuda(x2.contiguous()), x2.shape[0])
         return cls(*col_stats_torch(x2), x2.shape[0])
 
     def merge(self, other: "ChannelStats") -> "ChannelStats":
