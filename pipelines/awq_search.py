@@ -74,17 +74,19 @@ def search_scale(forward, chunks, weights: dict[str, torch.Tensor], cands: torch
 
 @torch.no_grad()
 def search_clip(w: torch.Tensor, x: torch.Tensor, q: QuantCfg, n_grid: int = 20, max_shrink: float = 0.5,
-                oc_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk_bytes: int = 256 << 20) -> tuple[torch.Tensor, torch.Tensor]:
     """Best per-group max magnitude for ``w`` [out, in] on sampled inputs ``x`` [n, in].
 
     Candidates shrink each group's max |w| by 0, 2.5%, ..., 47.5% (``n_grid`` points up to
     ``max_shrink``); each group keeps the one with the least output MSE on its own slice of the
-    input, computed as one batched matmul per candidate. Returns (clip_max [out, G], ratio [out, G]).
+    input, computed as one batched matmul per candidate (output rows in chunks of
+    about ``chunk_bytes`` per product). Returns (clip_max [out, G], ratio [out, G]).
     """
     out_f, in_f = w.shape
     g = q.group_size if q.group_size > 0 else in_f
     G = in_f // g
     xg = x.to(w.dtype).reshape(-1, G, g).transpose(0, 1)  # [n, in] -> [G, n, g]
+    oc_chunk = max(16, chunk_bytes // (G * xg.shape[1] * 4))  # rows per pass: each [G, n, o] fp32 output fits
     best_max, best_ratio = [], []
     for o0 in range(0, out_f, oc_chunk):
         wc = w[o0:o0 + oc_chunk]  # [o, in]

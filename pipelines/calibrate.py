@@ -83,20 +83,24 @@ def calibrate(model: str, work_dir: str, req: CalibRequest = CalibRequest(), bat
     inputs, kv = {}, KVObserver()
     layers = lm.layers
     bar = tqdm(total=run.tokens * len(layers), unit="tok", unit_scale=True, desc="calibrate", dynamic_ncols=True)
+    side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+    per_layer = []  # stats stay on the device until the end: no host sync between layers
     with attention_function(lm.model, kv):
         for i, layer in iter_blocks(layers, dev):
             bar.set_description(f"calibrate layer {i + 1}/{len(layers)}")
             store: dict = {}
-            with observe_linear_inputs(layer, lm.spec, store):
+            with observe_linear_inputs(layer, lm.spec, store, side):
                 run.run_block(layer, on_batch=bar.update)
-            for group in lm.spec.input_groups:
-                stats = store[group[0]].finalize()
-                for name in group:
-                    for stat, t in stats.items():
-                        inputs[f"{lm.spec.layers}.{i}.{name}.{stat}"] = t.clone()
+            per_layer.append(store)
     bar.close()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+    for i, store in enumerate(per_layer):
+        for group in lm.spec.input_groups:
+            stats = store[group[0]].finalize()
+            for name in group:
+                for stat, t in stats.items():
+                    inputs[f"{lm.spec.layers}.{i}.{name}.{stat}"] = t.clone()
     wall = time.perf_counter() - t0
 
     key = {f"layers.{i}.{k}": v for i, mm in sorted(kv.key.items()) for k, v in kv_stats(mm).items()}

@@ -68,16 +68,32 @@ class KVFakeQuant:
 
 
 @contextlib.contextmanager
-def observe_linear_inputs(layer: torch.nn.Module, spec: ArchSpec, store: dict[str, ChannelStats]):
+def _side(stream, x: torch.Tensor):
+    """Run the block on ``stream`` once it has seen the work that produced ``x`` (no-op without a stream)."""
+    if stream is None:
+        yield
+        return
+    stream.wait_stream(torch.cuda.current_stream(x.device))
+    x.record_stream(stream)  # x's memory stays valid until the side stream is done with it
+    with torch.cuda.stream(stream):
+        yield
+
+
+@contextlib.contextmanager
+def observe_linear_inputs(layer: torch.nn.Module, spec: ArchSpec, store: dict[str, ChannelStats],
+                          stream: "torch.cuda.Stream | None" = None):
     """Accumulate ChannelStats of every linear input of one block into ``store``, keyed by input group.
 
     Linears that read the same tensor (q/k/v, gate/up) are observed once, on the group's first linear.
+    With a CUDA ``stream`` the (memory-bound) reductions run there, beside the block's matmuls.
     """
     handles = []
     for group in spec.input_groups:
         def hook(_mod, args, key=group[0]):
-            s = ChannelStats.of(args[0])
-            store[key] = store[key].merge(s) if key in store else s
+            x = args[0]
+            with _side(stream, x):
+                s = ChannelStats.of(x)
+                store[key] = store[key].merge(s) if key in store else s
         handles.append(get_module(layer, group[0]).register_forward_pre_hook(hook))
     try:
         yield store
