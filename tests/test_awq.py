@@ -79,7 +79,7 @@ def test_awq_checkpoint_format_and_eval(make_tiny, tmp_path, run_cli, wiki_path)
 
 def test_awq_beats_rtn_on_smollm2(smollm2_gguf, tmp_path, run_cli, wiki_path):
     """Real model, real data: AWQ w4 g64 lowers perplexity against plain RTN on the same grid."""
-    common = ["--model", smollm2_gguf, "--w-group-size", 64, "--calib-samples", 8, "--calib-seqlen", 256]
+    common = ["--model", smollm2_gguf, "--w-group-size", 64, "--calib-samples", 4, "--calib-seqlen", 256]
     assert run_cli("awq", *common, "--work-dir", tmp_path / "rtn", "--method", "rtn")[0] == 0
     assert run_cli("awq", *common, "--work-dir", tmp_path / "awq")[0] == 0
     ppl = {}
