@@ -133,3 +133,22 @@ def test_awq_bad_input(case, smollm2_gguf, tiny_llama, tmp_path, run_cli):
         needle = "already exists"
         assert (tmp_path / "awq_checkpoint" / "mine.txt").read_text() == "keep"
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_int8_weight_only(make_tiny, tmp_path, run_cli, wiki_path):
+    model = make_tiny("llama", hidden_size=128, intermediate_size=256)
+    code, _, err = run_cli("awq", "--model", model, "--work-dir", tmp_path, "--w-bits", 8, "--w-group-size", -1,
+                           *SMALL)
+    assert code == 0, err
+    ckpt = tmp_path / "awq_checkpoint"
+    cfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "qconv_w8" and cfg["bits"] == 8 and cfg["sym"] is True
+    t = load_file(ckpt / "model.safetensors")
+    assert t["model.layers.0.mlp.up_proj.qweight"].dtype == torch.int8
+    assert t["model.layers.0.mlp.up_proj.scales"].shape == (256, 1)  # per output channel
+    ppl = {}
+    for name, path in (("fp", model), ("w8", ckpt)):
+        code, out, err = run_cli("eval", "--model", path, "--dataset", wiki_path, "--windows", 2, "--seqlen", 64)
+        assert code == 0, err
+        ppl[name] = float(out.strip().splitlines()[-1].split()[1])
+    assert ppl["w8"] != ppl["fp"] and abs(ppl["w8"] / ppl["fp"] - 1) < 0.01, ppl  # int8 costs almost nothing
