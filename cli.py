@@ -148,7 +148,8 @@ def awq(model, work_dir, w_bits, w_group_size, w_sym, calib_dataset, calib_sampl
 
 
 @cli.command("eval")
-@model_option()
+@click.argument("workspace", required=False, metavar="[WORKSPACE]")
+@model_option(required=False)
 @click.option("--dataset", required=True, metavar="FILE",
               help="Text file, e.g. wiki.utf8; '<doc ...>' and '</doc>' lines are dropped.")
 @click.option("--seqlen", type=click.IntRange(min=2), default=2048, show_default=True, help="Tokens per window.")
@@ -161,15 +162,20 @@ def awq(model, work_dir, w_bits, w_group_size, w_sym, calib_dataset, calib_sampl
 @dtype_option
 @trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result.")
-def eval_cmd(model, dataset, seqlen, windows, kv_params, kv_sym, kv_granularity, device, dtype, trust_remote_code,
+def eval_cmd(workspace, model, dataset, seqlen, windows, kv_params, kv_sym, kv_granularity, device, dtype, trust_remote_code,
              as_json):
     """Perplexity: the text is tokenized once and cut into consecutive windows from token 0.
 
-    ppl = exp(mean NLL over every predicted token). With --kv-params, K and V are quantized to
-    int8 and back as they enter the cache. The last line printed is `ppl X`.
+    ppl = exp(mean NLL over every predicted token). WORKSPACE (from qconv convert) runs through the
+    bundled runtime, with the KV cache its config.ini says; --model also takes an HF folder, a .gguf
+    or an AWQ/int8 checkpoint (dequantized). With --kv-params, K and V are quantized to int8 and back
+    as they enter the cache. The last line printed is `ppl X`.
     """
     from .pipelines.eval import eval_model
 
+    if (workspace is None) == (model is None):
+        raise click.UsageError("give a workspace folder or --model (exactly one)")
+    model = model or workspace
     r = eval_model(model, dataset, seqlen, windows, kv_params, kv_sym, kv_granularity, device, dtype,
                    trust_remote_code)
     if as_json:
@@ -272,6 +278,36 @@ def chat(workspace, prompt, system, max_new_tokens, temperature, top_p, top_k, r
     t0 = time.perf_counter()
     engine = Engine.from_workspace(workspace, device=device, dtype=dtype, verify=not no_verify)
     run_chat(engine, gen, system=system, prompt=prompt, load_s=time.perf_counter() - t0)
+
+
+@cli.command()
+@model_option()
+@click.option("--dst-path", required=True, metavar="DIR", help="The workspace to write.")
+@click.option("--work-dir", default=None, metavar="DIR", help="Intermediate files [default: DST_PATH.work].")
+@click.option("--w-bits", type=int, default=4, show_default=True, help="4 (AWQ) or 8 (int8 weight-only).")
+@click.option("--w-group-size", type=int, default=128, show_default=True, help="Input channels per group.")
+@calib_options(seqlen_default=512)
+@click.option("--kv-int8/--no-kv-int8", default=True, show_default=True, help="Calibrate K/V and use an int8 KV cache.")
+@click.option("--kv-sym", is_flag=True, help="Symmetric KV params [default: asymmetric].")
+@click.option("--session-len", type=click.IntRange(min=2), default=None, help="Tokens per conversation.")
+@device_option
+@dtype_option
+@force_option
+@trust_option
+def quantize(model, dst_path, work_dir, w_bits, w_group_size, calib_dataset, calib_samples, calib_seqlen, seed,
+             kv_int8, kv_sym, session_len, device, dtype, force, trust_remote_code):
+    """One shot: calibrate -> kv-params -> awq -> convert (W4 g128 + int8 KV by default).
+
+    Stages whose valid outputs already exist in --work-dir are skipped, so a rerun after an
+    interruption continues where it stopped. Then: qconv chat DST_PATH.
+    """
+    from .pipelines.awq import AwqRequest
+    from .pipelines.calibrate import CalibRequest
+    from .pipelines.quantize import quantize as run
+
+    run(model, dst_path, work_dir, AwqRequest(bits=w_bits, group_size=w_group_size),
+        CalibRequest(calib_dataset, calib_samples, calib_seqlen, seed), kv=kv_int8, kv_sym=kv_sym,
+        session_len=session_len, device=device, dtype=dtype, force=force, trust_remote_code=trust_remote_code)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,52 @@
+"""`qconv quantize`: calibrate -> kv-params -> awq -> convert in one go, skipping finished stages."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from .. import QconvError
+from ..convert.fileio import load_json
+from .awq import AwqRequest, awq
+from .calibrate import CalibRequest, calibrate
+from .kv_params import kv_params
+
+
+def _awq_done(ckpt: Path, req: AwqRequest, calib: CalibRequest) -> bool:
+    """A finished checkpoint from the same request (its awq.json says so)."""
+    if not (ckpt / "awq.json").is_file() or not (ckpt / "model.safetensors").is_file():
+        return False
+    rep = load_json(ckpt / "awq.json", "AWQ report")
+    return rep.get("request") == asdict(req) and rep.get("calib") == asdict(calib)
+
+
+def quantize(model: str, dst: str, work_dir: str | None, req: AwqRequest, calib: CalibRequest, kv: bool = True,
+             kv_sym: bool = False, session_len: int | None = None, device: str = "auto", dtype: str = "auto",
+             force: bool = False, trust_remote_code: bool = False, log=print) -> Path:
+    from ..convert.workspace import ConvertRequest, convert_workspace
+
+    dst_path = Path(dst)
+    work = Path(work_dir) if work_dir else dst_path.with_name(dst_path.name + ".work")
+    if (dst_path / "config.ini").is_file() and not force:
+        log(f"qconv: {dst_path} already holds a workspace; skipping (pass --force to rebuild it)")
+        return dst_path
+    if dst_path.exists() and not force:
+        raise QconvError(f"{dst_path} exists and is not a workspace; pass --force or choose another --dst-path")
+    common = dict(device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    params = None
+    if kv:
+        log("qconv: [1/4] calibrate")
+        calibrate(model, str(work), calib, force=force, log=log, **common)
+        log("qconv: [2/4] kv-params")
+        params = str(kv_params(str(work), sym=kv_sym, log=lambda *_: None))
+    ckpt = work / "awq_checkpoint"
+    if _awq_done(ckpt, req, calib) and not force:
+        log(f"qconv: [3/4] awq: {ckpt} is up to date; skipping")
+    else:
+        log("qconv: [3/4] awq")
+        awq(model, str(work), req, calib, force=True if ckpt.exists() else force, log=log, **common)
+    log("qconv: [4/4] convert")
+    out = convert_workspace(ConvertRequest(model=str(ckpt), dst=str(dst_path), kv_params=params,
+                                           session_len=session_len, force=force,
+                                           trust_remote_code=trust_remote_code), log=log)
+    log(f"qconv: workspace ready in {out}. Next: qconv chat {out}")
+    return out
