@@ -1,0 +1,103 @@
+"""The bundled runtime on the CPU, SmolLM2-135M (issue 4): quality through the runtime and decode speed.
+
+    python bench/runtime_cpu.py --awq W/awq_checkpoint --kv-params W/kv_qparams.safetensors [--windows 40]
+
+Four workspaces: fp16, W4 (the AWQ checkpoint, g64), fp16 + KV int8, W4 + KV int8; wiki ppl through the
+runtime (BENCH_PROTOCOL windows). Speed: batch 1, a 32-token prompt, 256 new tokens, greedy, EOS ignored,
+median of 3 after a warm-up, against HF transformers' generate in float32 in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import provenance, write_result  # noqa: E402
+
+
+def median_time(fn, runs: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--awq", required=True)
+    ap.add_argument("--kv-params", required=True)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--work", default="/tmp/qconv-runtime")
+    ap.add_argument("--skip-ppl", action="store_true")
+    args = ap.parse_args()
+    prov = provenance()
+    from transformers import AutoModelForCausalLM
+
+    from qconv.convert.model_io import gguf_to_hf, quiet_transformers
+    from qconv.convert.workspace import ConvertRequest, convert_workspace
+    from qconv.pipelines.eval import eval_model
+    from qconv.pipelines.fetch import fetch
+    from qconv.runtime.engine import Engine
+    from qconv.runtime.generation import GenerationConfig
+
+    quiet_transformers()
+    gguf, wiki, work = str(fetch("smollm2")), str(fetch("wiki")), Path(args.work)
+    spaces = {
+        "fp16": ConvertRequest(gguf, str(work / "fp16"), weight_type="fp16", session_len=2304, force=True),
+        "W4A16 (AWQ g64)": ConvertRequest(args.awq, str(work / "w4"), session_len=2304, force=True),
+        "fp16 + KV int8": ConvertRequest(gguf, str(work / "fp16kv"), weight_type="fp16", kv_params=args.kv_params,
+                                         session_len=2304, force=True),
+        "W4A16 + KV int8": ConvertRequest(args.awq, str(work / "w4kv"), kv_params=args.kv_params, session_len=2304,
+                                          force=True),
+    }
+    # (row, workspace, compute dtype): float32 is the runtime's CPU default (exact against the dequantized
+    # model); bfloat16 routes int4 through torch's CPU int4 kernel.
+    runs = [(name, req.dst, "float32") for name, req in spaces.items()]
+    runs += [("W4A16 + KV int8, bf16 compute", spaces["W4A16 + KV int8"].dst, "bfloat16")]
+    rows = {}
+    for req in spaces.values():
+        convert_workspace(req, log=lambda *_: None)
+    for name, dst, dt in runs:
+        rows[name] = {"dtype": dt}
+        if not args.skip_ppl:
+            rows[name]["ppl"] = eval_model(dst, wiki, 2048, args.windows, device="cpu", dtype=dt).ppl
+
+    gen = GenerationConfig(max_new_tokens=256, temperature=0.0, stop_ids=())
+    prompt = list(range(1000, 1032))  # 32 tokens
+    for name, dst, dt in runs:
+        eng = Engine.from_workspace(dst, device="cpu", dtype=dt)
+
+        def run():
+            eng.reset()
+            n = sum(1 for _ in eng.generate(prompt, gen))
+            assert n == 256
+        rows[name]["decode_tok_s"] = 256 / median_time(run)
+        del eng
+    hf = AutoModelForCausalLM.from_pretrained(gguf_to_hf(Path(gguf)), dtype=torch.float32)
+    ids = torch.tensor([prompt])
+
+    def hf_run():
+        out = hf.generate(ids, max_new_tokens=256, min_new_tokens=256, do_sample=False)
+        assert out.shape[1] == 32 + 256
+    with torch.inference_mode():
+        rows["HF transformers fp32 generate"] = {"dtype": "float32", "decode_tok_s": 256 / median_time(hf_run)}
+    base = rows["HF transformers fp32 generate"]["decode_tok_s"]
+    for r in rows.values():
+        r["vs_hf"] = r["decode_tok_s"] / base
+    out = write_result("runtime_cpu_smollm2", {**prov, "threads": torch.get_num_threads(), "windows": args.windows,
+                                                "rows": rows})
+    print(f"\n{prov}\n{out}\n| configuration | wiki ppl (N={args.windows}) | decode tok/s | vs HF fp32 |\n|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r.get('ppl', float('nan')):.4f} | {r['decode_tok_s']:.1f} | {r['vs_hf']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
