@@ -8,7 +8,6 @@ Prints a table last and writes bench/results/gpu_calibrate.json.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile

@@ -75,7 +75,7 @@ def main():
     for name, dst, dt in runs:
         eng = Engine.from_workspace(dst, device="cpu", dtype=dt)
 
-        def run():
+        def run(eng=eng):
             eng.reset()
             n = sum(1 for _ in eng.generate(prompt, gen))
             assert n == 256

@@ -59,19 +59,6 @@ def check_group_size(lm: LoadedModel, group_size: int) -> None:
     if group_size <= 0:
         return
     block = lm.layers[0]
-    for name in lm.spec.linears:
-        in_f = get_module(block, name).in_features
-        if in_f % group_size:
-            valid = [g for g in (32, 64, 128, 256) if all(get_module(block, n).in_features % g == 0
-                                                          for n in lm.spec.linears)]
-            raise QconvError(f"--w-group-size {group_size} does not divide {name}.in_features={in_f}; "
-                             f"valid group sizes for this model: {', '.join(map(str, valid)) or 'none of 32/64/128/256'}")
-
-
-def check_group_size(lm: LoadedModel, group_size: int) -> None:
-    if group_size <= 0:
-        return
-    block = lm.layers[0]
     in_features = {name: get_module(block, name).in_features for name in lm.spec.linears}
     for name, in_f in in_features.items():
         if in_f % group_size:
