@@ -37,10 +37,6 @@ class AwqRequest:
     n_grid: int = 20
     # 4096 sampled tokens (AutoAWQ: 512): SmolLM2 w4 g64 wiki ppl 21.06 against 21.39 (bench/RESULTS.md)
     clip_samples: int = 4096
-    # The first tokens of each window carry the attention sink's massive activations (Qwen2.5: values
-    # thousands of times the rest in a few channels). Left in, they dominate every output MSE, so the
-    # searches fit them; the scale statistics, the losses and the clip samples skip them.
-    sink_tokens: int = 1
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -51,8 +47,6 @@ class AwqRequest:
             raise QconvError(f"--w-group-size must be positive (or -1 for per-channel int8), got {self.group_size}")
         if self.group_size == -1 and self.bits == 4:
             raise QconvError("--w-group-size -1 (per-channel) is only for --w-bits 8; 4-bit needs a group size")
-        if self.sink_tokens < 0:
-            raise QconvError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
         if self.method not in ("awq", "rtn"):
             raise QconvError(f"--method must be awq or rtn, got {self.method!r}")
 
@@ -128,7 +122,7 @@ def awq(model: str, work_dir: str, req: AwqRequest = AwqRequest(), calib: CalibR
             replay_block(block, found, lm.spec)
             report = load_json(state / f"block_{i:03d}.json", "AWQ block report")
         else:
-            cap, remove = capture_inputs(block, lm.spec, run.tokens, req.clip_samples, req.sink_tokens)
+            cap, remove = capture_inputs(block, lm.spec, run.tokens, req.clip_samples)
             try:
                 run.run_block(block)  # [STEP 1]
             finally:

@@ -42,23 +42,20 @@ def _forward_fn(block, spec: ArchSpec, group: ScaleGroup, position_embeddings):
 class Captured:
     """What one block's full-precision forward leaves for the search, per input group (keyed by the
     group's first linear): running |x| statistics, every ``step``-th token for the clip search, and
-    the full input only where a scale search must run the inspected module on it. Statistics and
-    samples skip each window's first ``sink`` positions (the full input keeps them: attention needs them)."""
+    the full input only where a scale search must run the inspected module on it."""
 
-    def __init__(self, keep_full: set[str], tokens: int, clip_samples: int, sink: int = 0):
+    def __init__(self, keep_full: set[str], tokens: int, clip_samples: int):
         self.keep_full, self.step = keep_full, max(1, tokens // clip_samples)
-        self.limit, self.sink = clip_samples, sink
+        self.limit = clip_samples
         self.full: dict[str, list[torch.Tensor]] = {}
         self.stats: dict[str, ChannelStats] = {}
         self.samples: dict[str, list[torch.Tensor]] = {}
         self.seen: dict[str, int] = {}
 
     def record(self, key: str, x: torch.Tensor) -> None:
-        # x: [b, S, C] -> body [b, S - sink, C]
-        body = x[:, self.sink:] if x.shape[1] > self.sink else x
-        s = ChannelStats.of(body)
+        s = ChannelStats.of(x)
         self.stats[key] = self.stats[key].merge(s) if key in self.stats else s
-        flat = body.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1])
         seen = self.seen.get(key, 0)
         first = (-seen) % self.step  # global token indices that are multiples of step
         self.samples.setdefault(key, []).append(flat[first::self.step].clone())
@@ -80,9 +77,9 @@ def full_input_keys(block, spec: ArchSpec) -> set[str]:
     return keys
 
 
-def capture_inputs(block, spec: ArchSpec, tokens: int, clip_samples: int, sink: int = 0):
+def capture_inputs(block, spec: ArchSpec, tokens: int, clip_samples: int):
     """Hooks feeding a Captured from the block's forward; returns (captured, remove)."""
-    cap = Captured(full_input_keys(block, spec), tokens, clip_samples, sink)
+    cap = Captured(full_input_keys(block, spec), tokens, clip_samples)
     handles = [get_module(block, g[0]).register_forward_pre_hook(lambda _m, args, key=g[0]: cap.record(key, args[0]))
                for g in spec.input_groups]
     return cap, lambda: [h.remove() for h in handles]
@@ -122,7 +119,7 @@ def search_block(block, spec: ArchSpec, cap: Captured, pe, req: AwqRequest) -> t
             chunks = lambda: _chunks(cap.full[key])  # noqa: E731
         else:  # down: rebuilt from the (already rescaled) MLP input, one chunk at a time
             chunks = lambda: (_mlp_hidden(block, spec, x) for x in _chunks(cap.full[spec.gate_proj]))  # noqa: E731
-        losses = search_scale(forward, chunks(), weights, cands, req.q, skip=cap.sink).cpu()
+        losses = search_scale(forward, chunks(), weights, cands, req.q).cpu()
         best = int(torch.argmin(losses))
         s = cands[best]
         apply_scale(block, prev, lins, s)

@@ -49,14 +49,13 @@ def quantized_scaled(w: torch.Tensor, s: torch.Tensor, q: QuantCfg) -> torch.Ten
 
 @torch.no_grad()
 def search_scale(forward, chunks, weights: dict[str, torch.Tensor], cands: torch.Tensor, q: QuantCfg,
-                 cache_bytes: int = 256 << 20, skip: int = 0) -> torch.Tensor:
+                 cache_bytes: int = 256 << 20) -> torch.Tensor:
     """Output MSE of every candidate scale: [n_cand] float32 (on the data's device).
 
     ``forward(x, overrides)`` runs the inspected module on one input chunk with the named weights
     replaced; each chunk's full-precision output is computed once and every candidate is compared
     against it. Candidate weights are quantized once and kept while they fit in ``cache_bytes``.
-    Losses accumulate on the device, so the whole grid runs without a host sync. Outputs are
-    [b, S, C]; the first ``skip`` positions of each sequence are left out of the loss.
+    Losses accumulate on the device, so the whole grid runs without a host sync.
     """
     losses = torch.zeros(len(cands), dtype=torch.float32, device=cands.device)
     per_cand = sum(w.numel() * w.element_size() for w in weights.values())
@@ -64,14 +63,12 @@ def search_scale(forward, chunks, weights: dict[str, torch.Tensor], cands: torch
     numel = 0
     for x in chunks:
         ref = forward(x, weights).float()
-        sk = skip if ref.shape[1] > skip else 0
-        ref = ref[:, sk:]
         numel += ref.numel()
         for c, s in enumerate(cands):
             wq = cache.get(c) or {name: quantized_scaled(w, s, q) for name, w in weights.items()}
             if per_cand * len(cands) <= cache_bytes:
                 cache[c] = wq
-            losses[c] += (forward(x, wq)[:, sk:].float() - ref).pow(2).sum()
+            losses[c] += (forward(x, wq).float() - ref).pow(2).sum()
     return losses / numel
 
 
