@@ -25,7 +25,8 @@ work_dir_option = click.option("--work-dir", required=True, metavar="DIR",
 device_option = click.option("--device", type=DEVICES, default="auto", show_default=True,
                              help="auto picks CUDA when present.")
 dtype_option = click.option("--dtype", type=DTYPES, default="auto", show_default=True,
-                            help="auto: float32 on CPU; the checkpoint's bf16, else float16, on GPU.")
+                            help="auto: float32 on CPU (bfloat16 for int4 workspaces in chat/serve: torch's CPU int4 kernel); "
+                                 "the checkpoint's bf16, else float16, on GPU.")
 force_option = click.option("--force", is_flag=True, help="Recompute and overwrite existing outputs.")
 trust_option = click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder.")
 batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=None,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .. import QconvError
+from ..convert.model_io import resolve_device
 from ..pipelines.data import eval_text
 from ..pipelines.eval import PplResult, eval_windows, perplexity
 from .engine import Engine
@@ -16,6 +17,8 @@ def eval_workspace(workspace: str, dataset: str, seqlen: int = 2048, windows: in
         raise QconvError(f"--kv-params does not apply to a workspace: its config.ini quant_policy decides; "
                          f"install params with qconv kv-params --work-dir W --workspace {workspace}")
     text = eval_text(dataset)
+    if dtype == "auto" and resolve_device(device).type == "cpu":
+        dtype = "float32"  # perplexity on the CPU is measured in float32 (BENCH_PROTOCOL), not chat's bf16
     engine = Engine.from_workspace(workspace, device=device, dtype=dtype, verify=verify)
     ids = eval_windows(text, engine.tokenizer, seqlen, windows)
     if seqlen > engine.cfg.session_len:

@@ -45,6 +45,16 @@ def read_workspace_config(path) -> WorkspaceConfig:
     return WorkspaceConfig.read(ws / CONFIG_FILE)
 
 
+def runtime_dtype(dtype: str, device: torch.device, cfg: WorkspaceConfig) -> torch.dtype:
+    """``auto``: as for models (float32 on CPU; bf16 or float16 on GPU), except that int4 workspaces on the
+    CPU compute in bfloat16, the one dtype torch's CPU int4 kernel is fast with (SmolLM2 W4 + KV int8:
+    47 tok/s against 26 with float32, bench/RESULTS.md). ``qconv eval`` asks for float32 explicitly."""
+    if (dtype == "auto" and device.type == "cpu" and cfg.weight_type == "int4"
+            and hasattr(torch, "_weight_int4pack_mm_for_cpu")):
+        return torch.bfloat16
+    return resolve_dtype(dtype, device, "bfloat16" if cfg.weight_type == "bf16" else None)
+
+
 def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool = True,
                    max_len: int | None = None) -> LoadedWorkspace:
     """``max_len``: rotary table length (default session_len)."""
@@ -53,7 +63,7 @@ def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool
     if verify:
         verify_manifest(ws)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev, "bfloat16" if cfg.weight_type == "bf16" else None)
+    dt = runtime_dtype(dtype, dev, cfg)
     kv = None
     if cfg.quant_policy == 4:
         if not (ws / KV_FILE).is_file():

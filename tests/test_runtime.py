@@ -195,3 +195,25 @@ def test_sampling_is_greedy_at_zero_temperature_and_seeded_otherwise():
     assert all(d in logits[i].topk(5).indices for i, d in enumerate(draws[0]))
     with pytest.raises(QconvError, match="--top-p"):
         GenerationConfig(top_p=0.0)
+
+
+def test_w4_workspace_ppl_equals_the_awq_checkpoints_on_smollm2(smollm2_hf, wiki_path, tmp_path, run_cli):
+    """Issue 4: `qconv eval` of a W4 workspace equals `qconv eval` of the AWQ checkpoint it came from (0.1%)."""
+    code, _, err = run_cli("awq", "--model", smollm2_hf, "--work-dir", tmp_path / "w", "--method", "rtn",
+                           "--w-group-size", 64)
+    assert code == 0, err
+    ckpt = tmp_path / "w" / "awq_checkpoint"
+    ws = convert(ckpt, tmp_path / "ws", "--session-len", 512)
+    assert WorkspaceConfig.read(ws / "config.ini").weight_type == "int4"
+    ppl = []
+    for model in (ckpt, ws):
+        code, out, err = run_cli("eval", "--model", model, "--dataset", wiki_path, "--windows", 2, "--seqlen", 512,
+                                 "--json")
+        assert code == 0, err
+        ppl.append(json.loads(next(line for line in out.splitlines() if line.startswith("{")))["ppl"])
+    assert abs(ppl[1] / ppl[0] - 1) < 1e-3, ppl
+    # chat's CPU default for int4 is bf16 through torch's int4 kernel (eval above asked for float32)
+    from qconv.runtime.linear import Int4Linear
+
+    engine = Engine.from_workspace(ws, device="cpu")
+    assert engine.ws.dtype == torch.bfloat16 and isinstance(engine.model.layers[0].w13, Int4Linear)
