@@ -153,13 +153,19 @@ def create_app(scheduler: Scheduler, model_id: str, api_key: str | None = None) 
 
     async def whole(request: Request, seq: Sequence, events: asyncio.Queue, reply: Reply, n_prompt: int):
         pieces: list[str] = []
+        loop_time = asyncio.get_running_loop().time
+        last_check = loop_time()
         try:
             while True:
                 try:
                     ev = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    ev = None
+                if loop_time() - last_check >= DISCONNECT_POLL_S:  # tokens may arrive faster than the timeout
+                    last_check = loop_time()
                     if await request.is_disconnected():
                         return JSONResponse(error_body("client disconnected", "invalid_request_error"), 499)
+                if ev is None:
                     continue
                 pieces.append(ev.text)
                 if ev.finish == "error":

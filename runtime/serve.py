@@ -81,9 +81,12 @@ def serve(workspace, cfg: ServeConfig, device: str = "auto", dtype: str = "auto"
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it shut down on; a stopped server is no error
+        pass
     finally:
         scheduler.stop()
         sock.close()
+    log("qconv: server stopped")
 
 
 class BackgroundServer:
