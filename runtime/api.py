@@ -182,11 +182,15 @@ def create_app(scheduler: Scheduler, model_id: str, api_key: str | None = None) 
                 yield sse(reply.chunk(None, role=True))
             while True:
                 ev = await events.get()
+                text = ev.text
+                while ev.finish is None and not events.empty():  # under load: one chunk for what piled up
+                    ev = events.get_nowait()
+                    text += ev.text
                 if ev.finish == "error":
                     yield sse(error_body(f"generation failed: {ev.error}", "server_error"))
                     break
-                if ev.text:
-                    yield sse(reply.chunk(ev.text))
+                if text:
+                    yield sse(reply.chunk(text))
                 if ev.finish is not None:
                     yield sse(reply.chunk(None, finish=ev.finish))
                     if include_usage:
