@@ -163,8 +163,8 @@ def main():
     }
     out = write_result("gpu_serve_smoke" if args.smoke else "gpu_serve", {**prov, **row})
     print(f"\n{prov}\n{out}")
-    print(f"| model | device | batch x requests | prompt + output | single decode tok/s | total output tok/s "
-          f"| TTFT p50 / p99 | per-request decode tok/s (p50) |\n|---|---|---|---|---|---|---|---|")
+    print("| model | device | batch x requests | prompt + output | single decode tok/s | total output tok/s "
+          "| TTFT p50 / p99 | per-request decode tok/s (p50) |\n|---|---|---|---|---|---|---|---|")
     print(f"| {name} ({row['weight_type']}, {row['dtype']}) | {row['device']} | {args.batch} x {args.requests} | "
           f"{args.prompt_tokens} + {args.output_tokens} | {row['single_decode_tok_s']:.1f} | "
           f"{row['total_output_tok_s']:.1f} | {row['ttft_p50_s']:.3f} s / {row['ttft_p99_s']:.3f} s | "

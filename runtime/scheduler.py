@@ -12,16 +12,16 @@ sequence, each at its own position. Sequences join and leave between steps; a fi
 frees its slot at once. Requests beyond the free slots wait in a bounded queue; past it ``submit``
 raises ``QueueFull``. Events (text pieces, the finish) go to each request's ``emit`` callback, called
 from the worker thread: it must be quick and thread-safe (e.g. ``loop.call_soon_threadsafe``).
+While a scheduler runs, its engine belongs to it (no ``engine.generate`` meanwhile).
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -74,7 +74,6 @@ class Sequence:
     text: TextStream | None = None
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # [1, V] bool, only with a repetition penalty
-    t_submit: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(slots=True, frozen=True)
@@ -95,6 +94,7 @@ class Scheduler:
             raise QconvError(f"max batch {max_batch} is outside 1..{engine.cache.batch} (the engine's cache rows)")
         if max_queue < 0:
             raise QconvError(f"max queue must be >= 0, got {max_queue}")
+        engine.reset()  # every cache row belongs to the scheduler now: forget generate()'s row-0 prefix
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.tokenizer_lock = threading.Lock()  # the worker decodes while request handlers encode
@@ -173,6 +173,7 @@ class Scheduler:
             self._waiting.clear()
         for seq in left:
             self._end(seq, Event("", seq.new_tokens, "error", "the server is shutting down"))
+        self.engine.reset()  # the rows hold the server's sequences, not generate()'s
 
     def _drop_cancelled(self) -> None:
         for seq in self._slots:
@@ -284,7 +285,7 @@ class Scheduler:
             self._free(seq)
 
     def _free(self, seq: Sequence) -> None:
-        """Called with the lock held (or at shutdown)."""
+        """Called with the lock held."""
         if seq.slot is not None and self._slots[seq.slot] is seq:
             self._slots[seq.slot] = None
         if not seq.done:
