@@ -50,14 +50,25 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def batch_size(workspace, cfg: ServeConfig) -> int:
+    """--max-batch-size, checked against the workspace's max_batch_size (its default), before any load."""
+    from .loader import read_workspace_config
+
+    most = read_workspace_config(workspace).max_batch_size
+    batch = cfg.max_batch_size or most
+    if batch > most:
+        raise QconvError(f"--max-batch-size {batch} is more than the workspace's max_batch_size {most}; "
+                         f"convert with a larger --max-batch-size")
+    return batch
+
+
 def build(workspace, cfg: ServeConfig, device: str = "auto", dtype: str = "auto", verify: bool = True):
     """Load the workspace and start the scheduler -> (app, scheduler). The caller stops the scheduler."""
-    from .loader import read_workspace_config
     from .api import create_app
     from .engine import Engine
     from .scheduler import Scheduler
 
-    batch = cfg.max_batch_size or read_workspace_config(workspace).max_batch_size
+    batch = batch_size(workspace, cfg)
     engine = Engine.from_workspace(workspace, device=device, dtype=dtype, verify=verify, batch_size=batch)
     scheduler = Scheduler(engine, batch, cfg.max_queue).start()
     return create_app(scheduler, engine.cfg.model_name, cfg.api_key), scheduler
@@ -68,9 +79,14 @@ def serve(workspace, cfg: ServeConfig, device: str = "auto", dtype: str = "auto"
     """Serve until Ctrl+C (or SIGTERM)."""
     import uvicorn
 
+    batch_size(workspace, cfg)
     sock = listen_socket(cfg.host, cfg.port)  # before the (slow) load: a busy port fails at once
     t0 = time.perf_counter()
-    app, scheduler = build(workspace, cfg, device, dtype, verify)
+    try:
+        app, scheduler = build(workspace, cfg, device, dtype, verify)
+    except BaseException:
+        sock.close()
+        raise
     e = scheduler.engine
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     log(f"qconv: {e.cfg.model_name} on {e.device} ({e.cfg.weight_type} weights, "

@@ -113,3 +113,14 @@ def test_serve_command_runs_until_ctrl_c(tiny_serve_ws, run_cli):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_serve_bad_input_is_one_line(tiny_serve_ws, tmp_path, run_cli):
+    for args, needle in [((tmp_path / "nope",), "does not exist"),
+                         ((tiny_serve_ws, "--max-batch-size", 0), "--max-batch-size must be at least 1"),
+                         ((tiny_serve_ws, "--max-batch-size", 9), "more than the workspace's max_batch_size 8"),
+                         ((tiny_serve_ws, "--max-queue", -1), "--max-queue must be >= 0"),
+                         ((tiny_serve_ws, "--port", 70000), "--port must lie in 0..65535")]:
+        code, _, err = run_cli("serve", *args, "--device", "cpu")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("qconv: error:"), err
+        assert needle in err, err
