@@ -7,6 +7,7 @@ import torch
 from qconv.runtime.detokenize import TextStream
 from qconv.runtime.engine import Engine
 from qconv.runtime.generation import GenerationConfig
+from qconv.runtime.kv_cache import KVCache
 from qconv.runtime.scheduler import QueueFull, Request, Scheduler
 
 
@@ -43,6 +44,20 @@ def test_streamed_text_equals_decoding_at_once(smollm2_hf):
         ts = TextStream(tok)
         got = "".join(ts.push(t) for t in seq) + ts.finish()
         assert got == tok.decode(seq, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_cache_rows_write_into_the_parent(int8):
+    params = {0: (torch.full((2,), 0.05), torch.zeros(2), torch.full((2,), 0.05), torch.zeros(2))} if int8 else None
+    cache = KVCache(1, 4, 2, 8, 4, torch.float32, torch.device("cpu"), params)
+    view = cache.rows(1, 3)
+    k, v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)  # [B=2, H_kv, S=3, D]
+    view.write(0, torch.tensor([[0, 1, 2], [4, 2, 3]]), k, v, None)  # row 2 of the parent at positions 4, 2, 3
+    whole_k, whole_v = cache.read(0, 4, 8)
+    assert torch.equal(whole_k[1:3], view.read(0, 2, 8)[0]) and torch.equal(whole_v[1:3], view.read(0, 2, 8)[1])
+    assert not whole_k[[0, 3]].any() and not whole_k[1, :, 3:].any()  # nothing outside the view's writes
+    tol = 0.03 if int8 else 0  # int8: within half a step of 0.05
+    assert (whole_k[2, :, [4, 2, 3]] - k[1]).abs().max() <= tol and (whole_v[1, :, :3] - v[0]).abs().max() <= tol
 
 
 @pytest.fixture(scope="module")
