@@ -143,8 +143,8 @@ def create_app(scheduler: Scheduler, model_id: str, api_key: str | None = None) 
         except QueueFull as e:
             raise ApiError(503, f"The server is busy ({e}); retry later.", type="server_error",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        except QconvError as e:
-            raise ApiError(400, str(e)) from None
+        except QconvError as e:  # shutting down (prompt lengths were checked before)
+            raise ApiError(503, str(e), type="server_error") from None
         if body.stream:
             return StreamingResponse(stream(seq, events, reply, len(ids), body.include_usage),
                                      media_type="text/event-stream",

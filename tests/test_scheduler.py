@@ -145,3 +145,16 @@ def test_full_queue_and_cancel(engine):
         assert s.finished == 2 and s.steps < 900 and not any(e.finish for e in got)
     finally:
         scheduler.stop()
+
+
+def test_a_failing_step_fails_its_requests_not_the_scheduler(engine):
+    scheduler = Scheduler(engine, max_batch=2).start()
+    try:
+        gen = GenerationConfig(max_new_tokens=3, temperature=0, stop_ids=())
+        bad = run_all(scheduler, [Request([5, 10**9], gen)])[0]  # an id past the vocabulary: the forward raises
+        assert bad[-1].finish == "error" and "IndexError" in bad[-1].error
+        good = run_all(scheduler, [Request([5, 6], gen)])[0]
+        assert good[-1].finish == "length" and good[-1].completion_tokens == 3
+        assert scheduler.stats().active == 0
+    finally:
+        scheduler.stop()
