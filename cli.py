@@ -205,6 +205,7 @@ def fetch(name):
 # Deployment: a workspace for the bundled runtime, and chatting with it
 # ---------------------------------------------------------------------------------------------
 from .runtime.generation import GENERATION_DEFAULTS  # noqa: E402  (torch-free; chat's defaults)
+from .runtime.serve import SERVE_DEFAULTS  # noqa: E402  (torch-free; serve's defaults)
 
 
 @cli.command()
@@ -279,6 +280,37 @@ def chat(workspace, prompt, system, max_new_tokens, temperature, top_p, top_k, r
     t0 = time.perf_counter()
     engine = Engine.from_workspace(workspace, device=device, dtype=dtype, verify=not no_verify)
     run_chat(engine, gen, system=system, prompt=prompt, load_s=time.perf_counter() - t0)
+
+
+@cli.command()
+@click.argument("workspace", metavar="WORKSPACE")
+@click.option("--host", default=SERVE_DEFAULTS["host"], show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=SERVE_DEFAULTS["port"], show_default=True)
+@click.option("--max-batch-size", type=int, default=SERVE_DEFAULTS["max_batch_size"],
+              help="Sequences decoded together, one KV-cache row each [default: config.ini's max_batch_size].")
+@click.option("--max-queue", type=int, default=SERVE_DEFAULTS["max_queue"], show_default=True,
+              help="Requests that may wait for a free row; past it the server answers 503 with Retry-After.")
+@click.option("--api-key", default=SERVE_DEFAULTS["api_key"], envvar="QCONV_API_KEY", metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1 (also from $QCONV_API_KEY) [default: none].")
+@device_option
+@dtype_option
+@click.option("--no-verify", is_flag=True, help="Skip checking the files against manifest.json.")
+def serve(workspace, host, port, max_batch_size, max_queue, api_key, device, dtype, no_verify):
+    """OpenAI-compatible API server with continuous batching, and a chat page at /.
+
+    \b
+    GET  /                     chat page (streams, keeps the conversation, shows tok/s)
+    GET  /health               slots in use and requests waiting
+    GET  /v1/models
+    POST /v1/chat/completions  with or without "stream": true (SSE, ends in data: [DONE])
+    POST /v1/completions
+    Honours max_tokens, temperature, top_p, stop, seed; extensions top_k, repetition_penalty and
+    ignore_eos. Requests join and leave the running batch between decode steps. Ctrl+C stops.
+    """
+    from .runtime.serve import ServeConfig, serve as run
+
+    run(workspace, ServeConfig(host, port, max_batch_size, max_queue, api_key), device=device, dtype=dtype,
+        verify=not no_verify, log=lambda line: click.echo(line, err=True))
 
 
 @cli.command()

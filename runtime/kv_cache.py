@@ -6,6 +6,8 @@ Every row of the batch is its own sequence: writes go to the positions each row 
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..convert.quant import kv_dequantize, kv_quantize
@@ -31,6 +33,16 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows start..stop-1 as a cache of their own that shares this one's storage (views, no copy):
+        a server prefills one sequence's row, or decodes a run of rows, through the same forward."""
+        assert 0 <= start < stop <= self.batch, f"rows {start}..{stop - 1} of a cache of {self.batch}"
+        view = copy.copy(self)  # dtype, max_len, qparams shared
+        view.batch = stop - start
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        return view
 
     def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | None) -> None:
         """pos: [B, S] positions; k, v: [B, H_kv, S, D] (k after rotary).

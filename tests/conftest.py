@@ -74,3 +74,33 @@ def run_cli(capsys):
         out = capsys.readouterr()
         return code, out.out, out.err
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_serve_ws(tmp_path_factory, tiny_llama):
+    """A tiny llama workspace for `qconv serve` tests: 8 KV-cache rows of 1024 tokens."""
+    from qconv.cli import main
+
+    ws = tmp_path_factory.mktemp("serve") / "ws"
+    assert main(["convert", "--model", str(tiny_llama), "--dst-path", str(ws), "--session-len", "1024",
+                 "--max-batch-size", "8"]) == 0
+    return ws
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """start_server(ws, **ServeConfig fields) -> (BackgroundServer, Scheduler) on a free port, CPU;
+    every server started is stopped at the end of the session."""
+    from qconv.runtime.serve import BackgroundServer, ServeConfig, build
+
+    started = []
+
+    def start(ws, dtype="auto", **fields):
+        app, scheduler = build(ws, ServeConfig(port=0, **fields), device="cpu", dtype=dtype)
+        started.append(scheduler)
+        server = BackgroundServer(app).start()
+        started.append(server)
+        return server, scheduler
+    yield start
+    for thing in reversed(started):
+        thing.stop()
