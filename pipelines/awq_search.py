@@ -78,20 +78,30 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, q: QuantCfg, n_grid: int = 20,
     """Best per-group max magnitude for ``w`` [out, in] on sampled inputs ``x`` [n, in].
 
     Candidates shrink each group's max |w| by 0, 2.5%, ..., 47.5% (``n_grid`` points up to
-    ``max_shrink``); each group keeps the one with the least output MSE on its own slice of the
-    input, computed as one batched matmul per candidate (output rows in chunks of
-    about ``chunk_bytes`` per product). Returns (clip_max [out, G], ratio [out, G]).
+    ``max_shrink``); each group keeps the one with the least output MSE on its own slice of the input.
+    That error needs no per-token products: with d = Q(w) - w on group G and C_G = X_G^T X_G / n,
+        mean_t (x_t,G . d)^2 = d^T C_G d,
+    so each candidate costs out * in * g multiply-adds instead of n * in * out (32-64x less for
+    4096 tokens and g = 64/128). Per-channel int8 (g = in) keeps the direct product when g >= n.
+    Output rows go in chunks of about ``chunk_bytes``. Returns (clip_max [out, G], ratio [out, G]).
     """
     out_f, in_f = w.shape
     g = q.group_size if q.group_size > 0 else in_f
     G = in_f // g
     xg = x.to(w.dtype).reshape(-1, G, g).transpose(0, 1)  # [n, in] -> [G, n, g]
-    oc_chunk = max(16, chunk_bytes // (G * xg.shape[1] * 4))  # rows per pass: each [G, n, o] fp32 output fits
+    n = xg.shape[1]
+    gram = g < n
+    if gram:
+        xf = xg.float()
+        cov = torch.bmm(xf.transpose(1, 2), xf) / n  # C: [G, g, g]
+        oc_chunk = max(16, chunk_bytes // (in_f * 4 * 3))  # rows per pass: d, C d and the product fit
+    else:
+        oc_chunk = max(16, chunk_bytes // (G * n * 4))  # rows per pass: each [G, n, o] fp32 output fits
     best_max, best_ratio = [], []
     for o0 in range(0, out_f, oc_chunk):
         wc = w[o0:o0 + oc_chunk]  # [o, in]
         wg = wc.reshape(-1, G, g)  # [o, G, g]
-        ref = torch.bmm(xg, wg.permute(1, 2, 0)).float()  # [G, n, o]
+        ref = None if gram else torch.bmm(xg, wg.permute(1, 2, 0)).float()  # [G, n, o]
         org_max = wg.abs().amax(dim=-1).float()  # [o, G]
         err_best = torch.full_like(org_max, float("inf"))
         ratio_best = torch.ones_like(org_max)
@@ -100,8 +110,12 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, q: QuantCfg, n_grid: int = 20,
             mv = org_max * ratio
             wq = fake_quantize(torch.clamp(wc.float(), -mv.repeat_interleave(g, 1), mv.repeat_interleave(g, 1)),
                                q.bits, q.group_size, q.sym).to(w.dtype)
-            out = torch.bmm(xg, wq.reshape(-1, G, g).permute(1, 2, 0)).float()  # [G, n, o]
-            err = (out - ref).pow(2).mean(dim=1).t()  # [o, G]
+            if gram:
+                d = (wq.float() - wc.float()).reshape(-1, G, g).transpose(0, 1)  # [G, o, g]
+                err = (torch.bmm(d, cov) * d).sum(-1).t()  # d^T C d: [G, o] -> [o, G]
+            else:
+                out = torch.bmm(xg, wq.reshape(-1, G, g).permute(1, 2, 0)).float()  # [G, n, o]
+                err = (out - ref).pow(2).mean(dim=1).t()  # [o, G]
             better = err < err_best
             err_best = torch.where(better, err, err_best)
             ratio_best = torch.where(better, torch.full_like(ratio_best, ratio), ratio_best)

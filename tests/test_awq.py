@@ -53,6 +53,20 @@ def test_clip_search_clips_an_outlier_group_only_when_it_helps():
     assert clip_max.shape == (4, 1) and torch.all(ratio[1:] > 0.5)
 
 
+def test_clip_search_by_covariance_equals_the_per_token_error():
+    """The search scores candidates by d^T C d (C = X^T X / n) once tokens outnumber the group size, and by
+    per-token products otherwise. Tokens repeated 4x keep C, so both paths must choose the same clips."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 128, generator=g) * 0.02
+    w[::5, ::11] *= 6  # outliers, so that some groups clip
+    x = torch.randn(48, 128, generator=g) * torch.rand(128, generator=g) * 3  # 48 tokens < g=64: direct
+    direct = search_clip(w, x, QuantCfg(4, 64, False))
+    by_cov = search_clip(w, x.repeat(4, 1), QuantCfg(4, 64, False))  # 192 > 64: covariance
+    assert (direct[1] < 1).any() and (direct[1] == 1).any()
+    assert torch.equal(direct[1], by_cov[1])
+    assert torch.allclose(direct[0], by_cov[0])
+
+
 def test_awq_checkpoint_format_and_eval(make_tiny, tmp_path, run_cli, wiki_path):
     model = make_tiny("qwen2", hidden_size=128, intermediate_size=256)
     code, out, err = run_cli("awq", "--model", model, "--work-dir", tmp_path, "--w-group-size", 64, *SMALL)
