@@ -1,4 +1,9 @@
-"""Load a workspace: config.ini, manifest check, weights (int4/int8 dequantized once), tokenizer, KV params."""
+"""Load a workspace: config.ini, manifest check, weights, tokenizer, KV params.
+
+On CUDA with triton (fp16/bf16) the model is runtime/gpu_model.py's GpuTransformer with int4 weights kept
+int4 (runtime/gpu_linear.py); elsewhere runtime/model.py's Transformer (int4 through torch's CPU kernel
+or dequantized once, int8 dequantized once).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,6 +21,7 @@ from ..convert.model_io import load_tokenizer, quiet_transformers, resolve_devic
 from ..convert.workspace import CONFIG_FILE, KV_FILE
 from ..convert.workspace_config import WorkspaceConfig
 from ..pipelines.kv_params import load_kv_params
+from .gpu_model import GpuTransformer, use_gpu_path
 from .linear import make_linear
 from .model import Transformer
 
@@ -46,8 +52,9 @@ def read_workspace_config(path) -> WorkspaceConfig:
 
 
 def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool = True,
-                   max_len: int | None = None) -> LoadedWorkspace:
-    """``max_len``: rotary table length (default session_len)."""
+                   max_len: int | None = None, gpu_path: bool | None = None) -> LoadedWorkspace:
+    """``max_len``: rotary table length (default session_len). ``gpu_path``: build runtime/gpu_model.py's
+    model (None: on CUDA with triton; True elsewhere only makes sense under TRITON_INTERPRET=1, for tests)."""
     ws = Path(path)
     cfg = read_workspace_config(ws)
     if verify:
@@ -70,12 +77,24 @@ def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool
         glob[OUTPUT] = _tensor(t, OUTPUT, (V, H), name)
     glob = {k: v.to(dev, dt) for k, v in glob.items()}
 
-    # [STEP 2]: decoder layers, one file each; int4 runs through torch's kernel (bf16 on CPU) or is dequantized
+    # [STEP 2]: decoder layers, one file each, and the model for the device
+    gpu = use_gpu_path(dev, dt) if gpu_path is None else gpu_path
+    if gpu:
+        from .gpu_linear import DequantScratch, make_gpu_linear
+
+        scratch = DequantScratch(dev, dt)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+
+        def build(w, bias, weight_type):
+            return make_gpu_linear(w, bias, weight_type, dev, dt, scratch, sms)
+    else:
+        def build(w, bias, weight_type):
+            return make_linear(w, bias, weight_type, dev, dt)
     layers = []
     for i in range(cfg.num_layer):
         name = f"weights/{layer_file(i)}"
-        layers.append(_layer_params(cfg, load_tensors(ws / name, "workspace weights"), name, dev, dt))
-    model = Transformer(cfg, glob, layers, max_len or cfg.session_len).eval()
+        layers.append(_layer_params(cfg, load_tensors(ws / name, "workspace weights"), name, dev, dt, build))
+    model = (GpuTransformer if gpu else Transformer)(cfg, glob, layers, max_len or cfg.session_len).eval()
 
     # [STEP 3]: tokenizer and chat template
     quiet_transformers()
@@ -92,8 +111,8 @@ def _linear_shapes(cfg: WorkspaceConfig) -> dict[str, tuple[int, int]]:
             "feed_forward.w13": (2 * I, H), "feed_forward.w2": (H, I)}
 
 
-def _layer_params(cfg: WorkspaceConfig, t: dict, name: str, dev, dt) -> dict:
-    """Norm weights on the device, and the four linears built (runtime/linear.py)."""
+def _layer_params(cfg: WorkspaceConfig, t: dict, name: str, dev, dt, build) -> dict:
+    """Norm weights on the device, and the four linears made by ``build(w, bias, weight_type)``."""
     H, D = cfg.hidden_units, cfg.size_per_head
     p = {ATTN_NORM: _tensor(t, ATTN_NORM, (H,), name), FFN_NORM: _tensor(t, FFN_NORM, (H,), name)}
     if get_arch(cfg.model_arch).q_norm is not None:
@@ -116,7 +135,7 @@ def _layer_params(cfg: WorkspaceConfig, t: dict, name: str, dev, dt) -> dict:
         if shape != (out_f, in_f):
             raise QconvError(f"{name}: {lin} is {list(shape)}, config.ini implies [{out_f}, {in_f}]")
         bias = _tensor(t, f"{lin}.bias", (out_f,), name) if f"{lin}.bias" in t else None
-        p[lin] = make_linear(w, bias, cfg.weight_type, dev, dt)
+        p[lin] = build(w, bias, cfg.weight_type)
     return p
 
 

@@ -230,8 +230,8 @@ def w4_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros:
     assert codes.dtype == torch.uint8 and codes.is_contiguous(), "codes: uint8 [N, K/2], contiguous"
     assert scales.shape == zeros.shape == (N, K // group) and scales.is_contiguous() and zeros.is_contiguous()
     assert zeros.dtype == torch.uint8, "zeros: uint8 [N, K/G]"
-    assert group >= 2 and group & (group - 1) == 0 and K % group == 0, f"group {group} must be a power of two dividing K"
-    assert x.dim() == 2 and x.stride(-1) == 1 and x.shape[1] == (2 * K if pro == 2 else K), f"x {tuple(x.shape)} for K={K}"
+    assert group >= 2 and group & (group - 1) == 0 and K % group == 0, f"group {group}: a power of two dividing K"
+    assert x.dim() == 2 and x.stride(-1) == 1 and x.shape[1] == (2 * K if pro == 2 else K), f"x {tuple(x.shape)}, K={K}"
     assert out.dim() == 2 and out.shape == (M, N) and out.stride(-1) == 1, f"out {tuple(out.shape)} for [{M}, {N}]"
     assert not residual or out.dtype == torch.float32, "the residual is float32"
     assert pro != 1 or (norm_weight is not None and norm_weight.shape == (K,) and norm_weight.is_contiguous())

@@ -37,7 +37,7 @@ def _silu_mul_kernel(x_ptr, stride_x, out_ptr, stride_o, I, BLOCK: tl.constexpr)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
     """x: [T, H] (fp32 residual or activations) -> out [T, H] = weight * (x * rsqrt(mean(x^2) + eps))."""
     T, H = x.shape
-    assert x.stride(-1) == 1 and out.stride(-1) == 1 and out.shape == (T, H), f"x {tuple(x.shape)}, out {tuple(out.shape)}"
+    assert x.stride(-1) == 1 and out.stride(-1) == 1 and out.shape == (T, H), f"x {tuple(x.shape)} out {tuple(out.shape)}"
     assert weight.shape == (H,) and weight.is_contiguous()
     if T:
         _rms_norm_kernel[(T,)](x, x.stride(0), weight, out, out.stride(0), H, eps, BLOCK=triton.next_power_of_2(H),
@@ -48,7 +48,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
 def silu_mul(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """x: [T, 2I] = gate | up -> out [T, I] = silu(gate) * up."""
     T, I2 = x.shape
-    assert x.stride(-1) == 1 and out.stride(-1) == 1 and out.shape == (T, I2 // 2), f"x {tuple(x.shape)}, out {tuple(out.shape)}"
+    assert x.stride(-1) == 1 and out.stride(-1) == 1 and out.shape == (T, I2 // 2), f"x {tuple(x.shape)}"
     block = 1024
     if T:
         _silu_mul_kernel[(T, triton.cdiv(I2 // 2, block))](x, x.stride(0), out, out.stride(0), I2 // 2, BLOCK=block)
