@@ -118,12 +118,10 @@ class DecodeGraphs:
         if b not in self.graphs:
             self.capture(b)
         self._copied.synchronize()  # the previous step's copy has read the pinned buffer
-        host = self.host[:, :b]
-        host[0].zero_()
-        host[1].fill_(-1)
-        host[2].zero_()
+        host = self.host
+        host[:, n:] = torch.tensor([[0], [-1], [0]])  # padding rows
         host[:, :n] = torch.tensor([tokens, positions, rows if rows is not None else list(range(n))])
-        self.bufs.idx[:, :b].copy_(host, non_blocking=True)
+        self.bufs.idx.copy_(host, non_blocking=True)  # whole buffers: contiguous on both sides
         self._copied.record()
         self._replay(b)
         return self.bufs.logits[:n]

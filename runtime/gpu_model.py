@@ -76,15 +76,6 @@ class GpuTransformer(nn.Module):
             self._kvp_src = cache.qparams
         return self._kvp
 
-    def weight_nbytes(self) -> int:
-        """Bytes of every weight the model holds (the head counted once when tied)."""
-        seen, total = set(), 0
-        for t in list(self.parameters()) + list(self.buffers()):
-            if t is not None and t.data_ptr() not in seen and t is not self.cos and t is not self.sin:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-        return total
-
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:

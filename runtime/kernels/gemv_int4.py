@@ -4,7 +4,8 @@ The weights stay in the workspace layout of convert/layout.py, read as they are:
   codes  uint8 [N, K/2]   byte j of a row = column 2j (low nibble) | column 2j+1 (high nibble) << 4
   scales fp16  [N, K/G],  zeros uint8 [N, K/G];   w[n, k] = (q[n, k] - z[n, k // G]) * s[n, k // G]
 
-A program computes BLOCK_N outputs over one K-slice (K / SPLIT_K, rounded up to BLOCK_K). Each step
+A program computes BLOCK_N outputs over one K-slice (K / SPLIT_K, rounded up to BLOCK_K; SPLIT_K is a
+run-time argument, so one compiled kernel serves every split). Each step
 loads a [BLOCK_N, BLOCK_K/2] byte tile; BLOCK_K is a power-of-two multiple of G, so the tile views as
 [BLOCK_N, BLOCK_K/G, G/2] and scale and zero apply per group. Rows of the input are one program each
 (``_gemv``, M = 1) or a tl.dot block of BLOCK_M rows (``_gemm``, a handful of decode rows).
@@ -73,9 +74,9 @@ def _codes(w_ptr, s_ptr, z_ptr, rn, n_ok, k0, K, G: tl.constexpr, BLOCK_N: tl.co
 
 
 @triton.jit
-def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, stride_ym, N, K,
-                    G: tl.constexpr, PRO: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    ACT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, stride_ym, N, K, SPLIT_K,
+                    G: tl.constexpr, PRO: tl.constexpr, RESIDUAL: tl.constexpr, ATOMIC: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     GPB: tl.constexpr = BLOCK_K // G
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -108,7 +109,7 @@ def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, b_ptr, y
         acc += tl.load(b_ptr + rn, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)
     y = y_ptr + m * stride_ym + rn
     if RESIDUAL:
-        if SPLIT_K == 1:
+        if not ATOMIC:
             tl.store(y, tl.load(y, mask=n_ok, other=0.0) + acc, mask=n_ok)
         else:
             tl.atomic_add(y, acc, mask=n_ok)
@@ -117,10 +118,10 @@ def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, b_ptr, y
 
 
 @triton.jit
-def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, stride_ym, M, N, K,
-                    G: tl.constexpr, PRO: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    ACT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SPLIT_K: tl.constexpr):
+def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, stride_ym, M, N, K, SPLIT_K,
+                    G: tl.constexpr, PRO: tl.constexpr, RESIDUAL: tl.constexpr, ATOMIC: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     HALF: tl.constexpr = BLOCK_K // 2
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -159,7 +160,7 @@ def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, b_ptr, y
     y = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if RESIDUAL:
-        if SPLIT_K == 1:
+        if not ATOMIC:
             tl.store(y, tl.load(y, mask=mask, other=0.0) + acc, mask=mask)
         else:
             tl.atomic_add(y, acc, mask=mask)
@@ -243,17 +244,18 @@ def w4_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros:
     assert cfg.block_k % group == 0 and cfg.block_k & (cfg.block_k - 1) == 0, f"block_k {cfg.block_k} vs group {group}"
     nw = norm_weight if norm_weight is not None else scales  # unused pointer when the prologue has no norm
     b = bias if bias is not None else scales
-    common = dict(G=group, PRO=pro, RESIDUAL=residual, HAS_BIAS=bias is not None, ACT_BF16=act == torch.bfloat16,
-                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
+    common = dict(G=group, PRO=pro, RESIDUAL=residual, ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None,
+                  ACT_BF16=act == torch.bfloat16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
     n_blocks = triton.cdiv(N, cfg.block_n)
     if M == 1:
         _w4_gemv_kernel[(n_blocks, cfg.split_k, 1)](x, x.stride(0), nw, eps, codes, scales, zeros, b, out,
-                                                    out.stride(0), N, K, **common)
+                                                    out.stride(0), N, K, cfg.split_k, **common)
     else:
         block_m = min(64, max(16, _pow2_at_least(M)))
         _w4_gemm_kernel[(n_blocks, cfg.split_k, triton.cdiv(M, block_m))](
-            x, x.stride(0), nw, eps, codes, scales, zeros, b, out, out.stride(0), M, N, K, BLOCK_M=block_m, **common)
+            x, x.stride(0), nw, eps, codes, scales, zeros, b, out, out.stride(0), M, N, K, cfg.split_k, BLOCK_M=block_m,
+            **common)
     return out
 
 

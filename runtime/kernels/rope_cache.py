@@ -33,11 +33,11 @@ def _rope_cache_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
                        QK_NORM: tl.constexpr, WRITE_BACK: tl.constexpr):
     t, h = tl.program_id(0), tl.program_id(1)
     HALF: tl.constexpr = D // 2
+    dt = qkv_ptr.dtype.element_ty
+    i = tl.arange(0, HALF)
+    row = qkv_ptr + t * stride_t + h * D
     p = tl.load(pos_ptr + t)
     if p >= 0:
-        dt = qkv_ptr.dtype.element_ty
-        i = tl.arange(0, HALF)
-        row = qkv_ptr + t * stride_t + h * D
         a = tl.load(row + i).to(tl.float32)
         b = tl.load(row + HALF + i).to(tl.float32)
         if h < HQ + HKV:  # q or k
