@@ -16,7 +16,10 @@ Fused around y = h W^T:
             silu_mul:  h = silu(x[:, :K]) * x[:, K:]                       x: gate | up [M, 2K]
   epilogue  store:     out = y + bias                  (SPLIT_K must be 1: one program owns an output)
             residual:  out += y   (out: the fp32 residual [M, N]; atomic adds when SPLIT_K > 1)
-h is rounded to the activation dtype at each step where the dense model rounds (runtime/model.py).
+h is rounded to the activation dtype where the dense model rounds (runtime/model.py), except in the
+one-row kernel with one K-slice: there RMSNorm is applied as  y = rstd * (x * norm_w) W^T  in fp32
+(rstd is a per-row scalar), so sum(x^2) accumulates in the main loop and no pass over x precedes the
+weight loads.
 """
 from __future__ import annotations
 
@@ -76,14 +79,15 @@ def _codes(w_ptr, s_ptr, z_ptr, rn, n_ok, k0, K, G: tl.constexpr, BLOCK_N: tl.co
 @triton.jit
 def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, stride_ym, N, K, SPLIT_K,
                     G: tl.constexpr, PRO: tl.constexpr, RESIDUAL: tl.constexpr, ATOMIC: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    LATE_NORM: tl.constexpr):
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     GPB: tl.constexpr = BLOCK_K // G
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     x_row = x_ptr + m * stride_xm
     rstd = 1.0
-    if PRO == 1:  # rsqrt(mean(x^2) + eps) over the whole row
+    if PRO == 1 and not LATE_NORM:  # rsqrt(mean(x^2) + eps) over the whole row, before the K-slice
         ss = tl.zeros([BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
@@ -94,17 +98,27 @@ def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, b_ptr, y
     k_lo = pid_k * k_per
     k_hi = tl.minimum(k_lo + k_per, K)
     acc = tl.zeros([BLOCK_N], tl.float32)
+    sq = tl.zeros([BLOCK_K // 2], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         lo, hi, s, z = _codes(w_ptr, s_ptr, z_ptr, rn, n_ok, k0, K, G, BLOCK_N, BLOCK_K)
         ke = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-        xe = _input(x_row, ke, ke < K, K, rstd, nw_ptr, PRO, ACT_BF16)
-        xo = _input(x_row, ke + 1, ke < K, K, rstd, nw_ptr, PRO, ACT_BF16)
+        if LATE_NORM:  # h = x * norm_w now, times rstd at the end
+            xe = tl.load(x_row + ke, mask=ke < K, other=0.0).to(tl.float32)
+            xo = tl.load(x_row + ke + 1, mask=ke < K, other=0.0).to(tl.float32)
+            sq += xe * xe + xo * xo
+            xe = xe * tl.load(nw_ptr + ke, mask=ke < K, other=0.0).to(tl.float32)
+            xo = xo * tl.load(nw_ptr + ke + 1, mask=ke < K, other=0.0).to(tl.float32)
+        else:
+            xe = _input(x_row, ke, ke < K, K, rstd, nw_ptr, PRO, ACT_BF16)
+            xo = _input(x_row, ke + 1, ke < K, K, rstd, nw_ptr, PRO, ACT_BF16)
         xe = tl.reshape(xe, [1, GPB, G // 2])
         xo = tl.reshape(xo, [1, GPB, G // 2])
         # sum_k (q - z) s x = sum_groups s * (sum q x - z * sum x)
         qx = tl.sum(lo * xe + hi * xo, axis=2)  # [BN, GPB]
         xs = tl.sum(xe + xo, axis=2)             # [1, GPB]
         acc += tl.sum(s * (qx - z * xs), axis=1)
+    if LATE_NORM:
+        acc = acc / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)
     y = y_ptr + m * stride_ym + rn
@@ -130,7 +144,7 @@ def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, b_ptr, y
     m_ok = rm < M
     x_rows = x_ptr + rm[:, None] * stride_xm  # [BM, 1]
     rstd = tl.full([BLOCK_M, 1], 1.0, tl.float32)
-    if PRO == 1:
+    if PRO == 1:  # before the loop: h is rounded to fp16 / bf16 for tl.dot, so it must be normalized first
         ss = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
@@ -250,7 +264,8 @@ def w4_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros:
     n_blocks = triton.cdiv(N, cfg.block_n)
     if M == 1:
         _w4_gemv_kernel[(n_blocks, cfg.split_k, 1)](x, x.stride(0), nw, eps, codes, scales, zeros, b, out,
-                                                    out.stride(0), N, K, cfg.split_k, **common)
+                                                    out.stride(0), N, K, cfg.split_k,
+                                                    LATE_NORM=pro == 1 and cfg.split_k == 1, **common)
     else:
         block_m = min(64, max(16, _pow2_at_least(M)))
         _w4_gemm_kernel[(n_blocks, cfg.split_k, triton.cdiv(M, block_m))](
