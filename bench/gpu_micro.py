@@ -70,15 +70,15 @@ ROLES = {"qkv": ("rmsnorm", False, True), "o": ("none", True, False), "w13": ("r
          "w2": ("silu_mul", True, False)}
 
 
-def sweep_configs(K: int, group: int, residual: bool, full: bool) -> list[GemvConfig]:
-    ks = [k for k in (group, 2 * group, 4 * group if full else 0) if k and k <= max(K, group)]
-    out = []
-    for bn in (16, 32, 64):
-        for bk in ks:
-            for warps in ((4, 8) if full and bn == 64 else (4,)):
-                splits = [s for s in (1, 2, 4, 8, 16) if K // (s * bk) >= 1] if residual else [1]
-                out += [GemvConfig(bn, bk, s, warps) for s in splits]
-    return out
+def sweep_configs(M: int, K: int, group: int, residual: bool, full: bool) -> list[GemvConfig]:
+    """Block rows x kernel (one row: _gemv on CUDA cores or _gemm padded; several: _gemm) x warps / pipeline
+    stages; with the residual epilogue also split-K (a run-time argument: splits cost no compile)."""
+    splits = [s for s in (1, 2, 4, 8, 16) if K // group >= 2 * s] if residual else [1]
+    dot = [(4, 2), (4, 3), (4, 4), (8, 3)] if full else [(4, 3)]
+    launch = [(True, w, st) for w, st in dot]
+    if M == 1:
+        launch += [(False, w, 1) for w in ((2, 4, 8) if full else (4,))]
+    return [GemvConfig(bn, s, w, st, d) for bn in (16, 32, 64, 128) for d, w, st in launch for s in splits]
 
 
 def bench_linears(cfg: dict, group: int = 128, rows=(1, 8), full: bool = False) -> tuple[list[dict], dict]:
@@ -102,7 +102,7 @@ def bench_linears(cfg: dict, group: int = 128, rows=(1, 8), full: bool = False) 
             row = {"role": role, "N": N, "K": K, "M": M, "int4_bytes": int4_bytes}
             # Triton, fused as in the decode step: the config sweep
             timed = []
-            for c in sweep_configs(K, group, residual, full):
+            for c in sweep_configs(M, K, group, residual, full):
                 try:
                     us = graph_us(lambda i, c=c: w4_matmul(x, codes[i], scales[i], zeros[i], group, out, bias=bias,
                                                            prologue=prologue, norm_weight=nw, eps=1e-6,
@@ -232,5 +232,5 @@ def bench_attention(cfg: dict, contexts=(512, 4096), rows=(1, 8)) -> list[dict]:
 def print_tuned(tuned: dict) -> None:
     log("gemv_int4.TUNED = {")
     for key, c in sorted(tuned.items()):
-        log(f"    {key}: GemvConfig({c.block_n}, {c.block_k}, {c.split_k}, {c.num_warps}, {c.num_stages}),")
+        log(f"    {key}: GemvConfig({c.block_n}, {c.split_k}, {c.num_warps}, {c.num_stages}, {c.dot}),")
     log("}")

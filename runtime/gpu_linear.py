@@ -101,7 +101,7 @@ class GpuLinear(nn.Module):
         """A decode step: out = h(x) W^T (+ b), or out += h(x) W^T with ``residual`` (out: fp32)."""
         if self.int4 and self.backend == "triton":
             cfg = self.config or default_config(x.shape[0], self.out_features, self.in_features, self.group,
-                                                residual, self.sms)
+                                                residual, self.sms, prologue)
             w4_matmul(x, self.codes, self.scales, self.zeros, self.group, out, bias=self.bias, prologue=prologue,
                       norm_weight=norm_weight, eps=eps, residual=residual, config=cfg)
             return
@@ -146,10 +146,10 @@ class GpuLinear(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 def fits_int4_kernel(w: QuantLinear) -> bool:
-    """int4 codes (0..15) whose group is a power of two >= 16 dividing K."""
+    """int4 codes (0..15) whose group is a power of two >= 32 dividing K."""
     out_f, in_f = w.codes.shape
     group = in_f // w.scale.shape[1]
-    return group >= 16 and group & (group - 1) == 0 and in_f % group == 0 and in_f % 2 == 0
+    return group >= 32 and group & (group - 1) == 0 and in_f % group == 0
 
 
 def fits_tinygemm(lin: GpuLinear) -> bool:

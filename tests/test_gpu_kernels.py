@@ -4,6 +4,7 @@ Without CUDA they run on CPU tensors in Triton's interpreter (conftest sets TRIT
 interpreter emulates bf16 by truncation and its bf16 tl.dot is wrong, so bf16 is checked loosely there
 and bf16 matmuls only on CUDA.
 """
+import dataclasses
 import math
 
 import pytest
@@ -42,19 +43,24 @@ def int4_weight(N, K, g, seed):
 
 # (M, N, K, group, prologue, residual, bias, config)
 GEMV_CASES = {
-    "gemv-bias": (1, 48, 256, 64, "none", False, True, None),
-    "gemv-rmsnorm": (1, 40, 384, 128, "rmsnorm", False, False, GemvConfig(16, 256)),
-    "gemv-silu-splitk": (1, 40, 384, 32, "silu_mul", True, False, GemvConfig(16, 64, 4)),
-    "gemv-rmsnorm-residual-ragged-k": (1, 40, 576, 64, "rmsnorm", True, False, GemvConfig(32, 256, 2)),
-    "gemm-rmsnorm-bias": (3, 40, 384, 128, "rmsnorm", False, True, GemvConfig(16, 256)),
-    "gemm-silu-splitk": (5, 40, 576, 64, "silu_mul", True, False, GemvConfig(16, 128, 3)),
-    "gemm-17-rows": (17, 24, 256, 64, "none", False, False, GemvConfig(16, 128)),
+    "gemv-bias": (1, 48, 256, 64, "none", False, True, GemvConfig(32)),
+    "gemv-rmsnorm": (1, 40, 384, 128, "rmsnorm", False, False, GemvConfig(16)),
+    "gemv-silu-splitk": (1, 40, 384, 32, "silu_mul", True, False, GemvConfig(16, 4)),
+    "gemv-rmsnorm-residual-uneven-split": (1, 40, 576, 64, "rmsnorm", True, False, GemvConfig(32, 2)),  # 9 groups
+    "gemm-rmsnorm-bias": (3, 40, 384, 128, "rmsnorm", False, True, GemvConfig(16)),
+    "gemm-silu-split-with-empty-slice": (5, 40, 576, 64, "silu_mul", True, False, GemvConfig(16, 4)),
+    "gemm-17-rows": (17, 24, 256, 64, "none", False, False, GemvConfig(16)),
 }
 
 
+@pytest.mark.parametrize("dot", [False, True], ids=["cuda-cores", "tl.dot"])
 @pytest.mark.parametrize("case", GEMV_CASES)
-def test_int4_matmul_matches_dequantized_weights(case):
+def test_int4_matmul_matches_dequantized_weights(case, dot):
     M, N, K, g, pro, residual, bias, cfg = GEMV_CASES[case]
+    if M > 1 and not dot:
+        pytest.skip("several rows always take the tl.dot kernel")
+    if cfg is not None:
+        cfg = dataclasses.replace(cfg, dot=dot)
     dt = torch.float16
     codes, s, z, W = int4_weight(N, K, g, seed=len(case))
     b = torch.randn(N, generator=gen(3)).to(dt) if bias else None
