@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import provenance, write_result  # noqa: E402
 from gpu_micro import bench_attention, bench_linears, log, print_tuned  # noqa: E402
+from gpu_rows import build_workspaces, gate, graph_step_us, measure_hf, measure_row  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOL = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -127,16 +128,12 @@ def main():
 
     # [3] gate
     if cuda and "gate" not in skip:
-        from gpu_rows import build_workspaces, gate
-
         def run_gate():
             spaces = build_workspaces(gate_cfg, str(path(args.smol_tokenizer)), work / "gate", 512, 3, 64, device)
             return gate({k: spaces[k] for k in ("fp16", "W4A16 + KV int8")})
         step("gate", run_gate)
 
     # [4] rows
-    from gpu_rows import build_workspaces, measure_hf, measure_row
-
     rows = res.setdefault("rows", {})
     if "rows" not in skip:
         step("_spaces", lambda: build_workspaces(model_cfg, str(path(args.tokenizer)), work / "model", plan.session_len,
@@ -162,7 +159,6 @@ def main():
 
 def variants(eng, plan) -> dict:
     """The same W4 + KV int8 engine with other decode settings: graph step µs and bs1 tok/s."""
-    from gpu_rows import graph_step_us
     from qconv.runtime.cuda_graph import DecodeGraphs
     from qconv.runtime.generation import GenerationConfig
     from qconv.runtime.gpu_linear import fits_tinygemm
@@ -188,6 +184,7 @@ def variants(eng, plan) -> dict:
             traceback.print_exc()
             out[label] = f"{type(e).__name__}: {e}"
     measure("no CUDA graphs (eager kernels)", use_graphs=False)
+    out["kernel profile"] = profile_step(eng, plan.prompt_len)
     if all(fits_tinygemm(m) for m in lins if m.int4):
         for m in lins:
             m.backend = "tinygemm"
@@ -195,6 +192,39 @@ def variants(eng, plan) -> dict:
         for m in lins:
             m.backend = "triton"
     return out
+
+
+def profile_step(eng, position: int) -> dict:
+    """Device time per kernel of one bucket-1 decode step (eager, under torch.profiler): totals by kernel
+    name and the first layer's sequence (its kernels in order, so the GEMV roles can be told apart)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        dec = eng.decoder
+        dec.step_host([11], [position])
+        torch.cuda.synchronize()
+        steps = 3
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                eng.model.decode_step(dec.bufs, 1, dec.cache)
+            torch.cuda.synchronize()
+        kernels = sorted((e for e in prof.events() if str(e.device_type).endswith("CUDA")),
+                         key=lambda e: e.time_range.start)
+        totals: dict[str, float] = {}
+        for e in kernels:
+            totals[e.name[:60]] = totals.get(e.name[:60], 0.0) + e.time_range.elapsed_us() / steps
+        per_step = len(kernels) // steps
+        first = [(e.name[:40], round(e.time_range.elapsed_us(), 1)) for e in kernels[:min(per_step, 12)]]
+        top = dict(sorted(totals.items(), key=lambda kv: -kv[1])[:12])
+        log(f"    profile: {per_step} kernels per step, {sum(totals.values()):.0f} µs of kernel time per step")
+        for name, us in top.items():
+            log(f"      {us:8.1f} µs/step  {name}")
+        log("    first kernels of a step: " + ", ".join(f"{n} {t}" for n, t in first))
+        return {"kernels_per_step": per_step, "kernel_us_per_step": sum(totals.values()), "top": top,
+                "first_kernels": first}
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 # ----------------------------------------------------------------------------------------------

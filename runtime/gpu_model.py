@@ -31,9 +31,12 @@ if HAVE_TRITON:
     from .kernels.rope_cache import rope_cache_write
 
 
-def use_gpu_path(device: torch.device, dtype: torch.dtype) -> bool:
-    """The Triton path runs on CUDA with fp16 / bf16 activations; elsewhere runtime/model.py runs."""
-    return device.type == "cuda" and HAVE_TRITON and dtype in (torch.float16, torch.bfloat16)
+def use_gpu_path(device: torch.device, dtype: torch.dtype, cfg: WorkspaceConfig) -> bool:
+    """The Triton path runs on CUDA with fp16 / bf16 activations and a power-of-two head size >= 16 (the
+    attention and rope kernels' tiles); elsewhere runtime/model.py runs."""
+    D = cfg.size_per_head
+    return (device.type == "cuda" and HAVE_TRITON and dtype in (torch.float16, torch.bfloat16) and D >= 16
+            and D & (D - 1) == 0)
 
 
 class GpuBlock(nn.Module):

@@ -78,7 +78,7 @@ def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool
     glob = {k: v.to(dev, dt) for k, v in glob.items()}
 
     # [STEP 2]: decoder layers, one file each, and the model for the device
-    gpu = use_gpu_path(dev, dt) if gpu_path is None else gpu_path
+    gpu = use_gpu_path(dev, dt, cfg) if gpu_path is None else gpu_path
     if gpu:
         from .gpu_linear import DequantScratch, make_gpu_linear
 
