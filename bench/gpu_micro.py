@@ -65,9 +65,11 @@ def shapes_of(cfg: dict) -> dict[str, tuple[int, int]]:
     return {"qkv": ((hq + 2 * hkv) * D, H), "o": (H, hq * D), "w13": (2 * I, H), "w2": (H, I)}
 
 
-# role -> (prologue, residual epilogue, bias)
+# role -> (prologue, residual epilogue, bias); qkv may also split K and add into an fp32 buffer (read and
+# zeroed by the rope kernel: GpuLinear.accumulates)
 ROLES = {"qkv": ("rmsnorm", False, True), "o": ("none", True, False), "w13": ("rmsnorm", False, False),
          "w2": ("silu_mul", True, False)}
+ACCUMULATES = ("qkv",)
 
 
 def sweep_configs(M: int, K: int, group: int, residual: bool, full: bool) -> list[GemvConfig]:
@@ -99,14 +101,19 @@ def bench_linears(cfg: dict, group: int = 128, rows=(1, 8), full: bool = False) 
             x = (torch.randn(M, 2 * K if prologue == "silu_mul" else K, device=dev,
                              dtype=torch.float32 if prologue == "rmsnorm" else torch.float16))
             out = torch.zeros(M, N, device=dev, dtype=torch.float32 if residual else torch.float16)
+            acc = torch.zeros(M, N, device=dev, dtype=torch.float32)
             row = {"role": role, "N": N, "K": K, "M": M, "int4_bytes": int4_bytes}
             # Triton, fused as in the decode step: the config sweep
+            configs = sweep_configs(M, K, group, residual, full)
+            if role in ACCUMULATES:
+                configs += [c for c in sweep_configs(M, K, group, True, full) if c.split_k > 1]
             timed = []
-            for c in sweep_configs(M, K, group, residual, full):
+            for c in configs:
+                add = residual or c.split_k > 1
                 try:
-                    us = graph_us(lambda i, c=c: w4_matmul(x, codes[i], scales[i], zeros[i], group, out, bias=bias,
-                                                           prologue=prologue, norm_weight=nw, eps=1e-6,
-                                                           residual=residual, config=c), n)
+                    us = graph_us(lambda i, c=c, add=add: w4_matmul(
+                        x, codes[i], scales[i], zeros[i], group, acc if add and not residual else out, bias=bias,
+                        prologue=prologue, norm_weight=nw, eps=1e-6, residual=add, config=c), n)
                     timed.append((us, c))
                 except Exception as e:  # noqa: BLE001  (one bad config must not stop the sweep)
                     log(f"    {role} M={M} {c}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
@@ -117,7 +124,7 @@ def bench_linears(cfg: dict, group: int = 128, rows=(1, 8), full: bool = False) 
                 row["triton_us"], row["triton_cfg"] = us, str(best)
                 row["triton_top3"] = [(round(t, 2), str(c)) for t, c in timed[:3]]
                 row["triton_ok"] = _check_triton(x, codes[0], scales[0], zeros[0], group, ref_w, nw, bias, prologue,
-                                                 residual, best)
+                                                 residual or best.split_k > 1, best)
             # the plain matmul candidates on h (the prologue's output), [M, K] fp16 / bf16
             h = torch.randn(M, K, device=dev, dtype=torch.float16)
             want = h.float() @ ref_w.t()

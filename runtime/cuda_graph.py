@@ -28,6 +28,7 @@ class DecodeBuffers:
     x: torch.Tensor        # fp32 [rows, hidden], the residual stream
     emb: torch.Tensor      # [rows, hidden] embedding rows
     qkv: torch.Tensor      # [rows, (Hq + 2 Hkv) * D]
+    qkv_acc: torch.Tensor  # fp32 [rows, (Hq + 2 Hkv) * D], zero between uses (split-K qkv sums)
     attn: torch.Tensor     # [rows, Hq * D]
     gu: torch.Tensor       # [rows, 2 * inter]
     h: torch.Tensor        # [rows, hidden], the final norm's output
@@ -43,6 +44,8 @@ class DecodeBuffers:
                    x=torch.zeros(R, H, dtype=torch.float32, device=device),
                    emb=torch.zeros(R, H, dtype=dtype, device=device),
                    qkv=torch.zeros(R, (cfg.head_num + 2 * cfg.kv_head_num) * D, dtype=dtype, device=device),
+                   qkv_acc=torch.zeros(R, (cfg.head_num + 2 * cfg.kv_head_num) * D, dtype=torch.float32,
+                                       device=device),
                    attn=torch.zeros(R, cfg.head_num * D, dtype=dtype, device=device),
                    gu=torch.zeros(R, 2 * cfg.inter_size, dtype=dtype, device=device),
                    h=torch.zeros(R, H, dtype=dtype, device=device),

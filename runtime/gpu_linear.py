@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..convert.layout import QuantLinear, pack_int4, unpack_int4
-from .kernels.gemv_int4 import GemvConfig, default_config, w4_dequantize, w4_matmul
+from .kernels.gemv_int4 import TUNED, GemvConfig, default_config, w4_dequantize, w4_matmul
 from .kernels.norm import rms_norm, silu_mul
 
 DECODE_BACKEND = {"int4": "triton", "dense": "cublas"}
@@ -95,6 +95,14 @@ class GpuLinear(nn.Module):
         next linear dequantizes)."""
         w = self.scratch.get(self.out_features, self.in_features)
         return w4_dequantize(self.codes, self.scales, self.zeros, self.group, w)
+
+    def accumulates(self, rows: int) -> bool:
+        """Whether a decode step of ``rows`` should add split-K partial sums into an fp32 buffer (``run`` with
+        residual=True) rather than store: when the tuned config for the shape splits K (gemv_int4.TUNED)."""
+        if not (self.int4 and self.backend == "triton"):
+            return False
+        cfg = self.config or TUNED.get((1 if rows <= 1 else 16, self.out_features, self.in_features))
+        return cfg is not None and cfg.split_k > 1
 
     def run(self, x: torch.Tensor, out: torch.Tensor, prologue: str = "none", norm_weight: torch.Tensor | None = None,
             eps: float = 0.0, residual: bool = False) -> None:

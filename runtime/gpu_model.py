@@ -12,6 +12,8 @@ Decode (``decode_step``): one token per row on static buffers, seven kernels per
 so that runtime/cuda_graph.py captures it once per batch bucket:
     qkv GEMV (RMSNorm fused) -> rope + cache write -> attention splits -> combine
     -> o GEMV (+= residual) -> w13 GEMV (RMSNorm fused) -> w2 GEMV (SiLU-mul fused, += residual)
+When the tuned qkv config splits K, the qkv GEMV adds into an fp32 buffer that the rope kernel reads
+and zeroes.
 When a decoder (DecodeGraphs) is attached, forward sends one-token steps on its cache to the graphs.
 """
 from __future__ import annotations
@@ -146,9 +148,11 @@ class GpuTransformer(nn.Module):
         qkv, attn, gu = bufs.qkv[:b], bufs.attn[:b], bufs.gu[:b]
         kvp = self.kv_params(cache)
         for i, blk in enumerate(self.layers):
-            blk.wqkv.run(x, qkv, prologue="rmsnorm", norm_weight=blk.attention_norm, eps=self.eps)
+            acc = bufs.qkv_acc[:b] if blk.wqkv.accumulates(b) else None  # split-K sums, read and zeroed by rope
+            blk.wqkv.run(x, qkv if acc is None else acc, prologue="rmsnorm", norm_weight=blk.attention_norm,
+                         eps=self.eps, residual=acc is not None)
             rope_cache_write(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, self.hkv, kvp[i],
-                             blk.q_norm, blk.k_norm, self.eps)
+                             blk.q_norm, blk.k_norm, self.eps, acc=acc)
             decode_attention(qkv, pos, slot, cache.k[i], cache.v[i], self.hq, attn, kvp[i], scratch=bufs.parts[b],
                              splits=bufs.splits[b])
             blk.wo.run(attn, x, residual=True)

@@ -171,6 +171,28 @@ def test_rope_and_cache_write(quant, qk_norm):
     assert (kc_d[untouched] == 3).all() and (vc_d[untouched] == 3).all()
 
 
+def test_rope_reads_and_zeroes_split_k_sums():
+    """With acc, q|k|v come from the fp32 sums (rounded to the activation dtype) and acc is left zero."""
+    T, HQ, HKV, D, S = 3, 4, 2, 32, 16
+    acc = torch.randn(T, (HQ + 2 * HKV) * D, generator=gen(21))
+    pos, slot = torch.tensor([3, -1, 9]), torch.tensor([0, 1, 1])
+    cos, sin = rotary(S, D)
+    kvp = kv_params(HKV, 22)
+    outs = []
+    for use_acc in (False, True):
+        qkv = acc.half() if not use_acc else torch.full_like(acc, float("nan"), dtype=torch.float16)
+        kc, vc = torch.zeros(2, HKV, S, D, dtype=torch.int8), torch.zeros(2, HKV, S, D, dtype=torch.int8)
+        a = acc.clone().to(DEV)
+        qkv, kc, vc = qkv.to(DEV), kc.to(DEV), vc.to(DEV)
+        rope_cache_write(qkv, pos.to(DEV), slot.to(DEV), cos.to(DEV), sin.to(DEV), kc, vc, HQ, HKV, kvp.to(DEV),
+                         acc=a if use_acc else None)
+        outs.append((qkv[[0, 2], :HQ * D].cpu(), kc.cpu(), vc.cpu()))
+        if use_acc:
+            assert (a == 0).all()  # padding row included
+    for x, y in zip(*outs):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("quant,hq,hkv,d,lengths,splits", [
     (False, 6, 2, 32, [40], 4),
     (True, 4, 2, 16, [1, 96, 0], 8),  # one row of one key, one full row, one padding row

@@ -15,6 +15,8 @@ from qconv.runtime.cuda_graph import DecodeBuffers  # noqa: E402
 from qconv.runtime.engine import Engine  # noqa: E402
 from qconv.runtime.generation import GenerationConfig  # noqa: E402
 from qconv.runtime.gpu_model import GpuTransformer  # noqa: E402
+from qconv.runtime.kernels import gemv_int4  # noqa: E402
+from qconv.runtime.kernels.gemv_int4 import GemvConfig  # noqa: E402
 from qconv.runtime.kv_cache import KVCache  # noqa: E402
 from qconv.runtime.loader import load_workspace  # noqa: E402
 
@@ -52,7 +54,8 @@ def w4kv(tmp_path_factory, make_tiny):
     return convert(src, root / "w4kv", "--kv-params", root / "kv.safetensors")
 
 
-def test_gpu_model_matches_cpu_runtime(w4kv):
+@pytest.mark.parametrize("qkv_split", [1, 2], ids=["qkv-store", "qkv-split-k-accumulate"])
+def test_gpu_model_matches_cpu_runtime(w4kv, qkv_split, monkeypatch):
     cpu = load_workspace(w4kv, "cpu", "float32")
     gpu = load_workspace(w4kv, str(DEV), "float16", gpu_path=True)
     assert isinstance(gpu.model, GpuTransformer) and gpu.model.layers[0].w13.int4
@@ -64,12 +67,16 @@ def test_gpu_model_matches_cpu_runtime(w4kv):
     assert gc.quantized
     # prefill of two fresh rows (causal SDPA over the new K/V, int8 round-tripped)
     x, pos = ids((2, 20), 2), torch.arange(20).expand(2, 20)
-    assert rel(gpu.model(x.to(DEV), pos.to(DEV), gc).cpu(), cpu.model(x, pos, cc)) < 5e-3
+    got, want = gpu.model(x.to(DEV), pos.to(DEV), gc, last_only=qkv_split > 1), cpu.model(x, pos, cc, last_only=True)
+    assert rel(got[:, -1].cpu(), want[:, -1]) < 5e-3
     # three more tokens after the cached prefix (the cache is read back and masked)
     x, pos = ids((2, 3), 3), torch.arange(20, 23).expand(2, 3)
     got = gpu.model(x.to(DEV), pos.to(DEV), gc, last_only=True)
     assert rel(got.cpu(), cpu.model(x, pos, cc, last_only=True)) < 5e-3
     # decode steps on static buffers (bucket of 4): cache rows 1 and 0 in swapped order, two padding rows
+    qkv = gpu.model.layers[0].wqkv
+    monkeypatch.setitem(gemv_int4.TUNED, (16, qkv.out_features, qkv.in_features), GemvConfig(32, qkv_split))
+    assert qkv.accumulates(4) == (qkv_split > 1)
     bufs = DecodeBuffers.allocate(gpu.cfg, torch.float16, DEV, [1, 2, 4], 64)
     for step in range(2):
         tok, p = ids((2,), 10 + step), 23 + step
@@ -79,6 +86,7 @@ def test_gpu_model_matches_cpu_runtime(w4kv):
         got = bufs.logits[:2].flip(0).cpu()
         assert rel(got, want) < 5e-3 and torch.equal(got.argmax(-1), want.argmax(-1))
     assert (gc.k[0][2:].cpu() == 0).all() and (gc.k[0][:, :, 25:].cpu() == 0).all()  # padding wrote nothing
+    assert (bufs.qkv_acc == 0).all()
 
 
 @cuda

@@ -9,6 +9,9 @@ With int8 params (quant_policy 4) the cache holds q = clamp(round((x - zp) / sca
 to even, as torch.round); ``write_back`` also stores the value the cache now means, x' = q * scale + zp,
 into qkv, so that prefill attention sees exactly what later decode steps read. A token with pos < 0 is
 padding: nothing is written.
+With ``acc`` (decode), q|k|v come from an fp32 buffer [T, ...] that a split-K GEMV accumulated (bias
+included); the kernel, its only reader, zeroes it for the next layer (padding rows too) and writes q
+into qkv.
 """
 from __future__ import annotations
 
@@ -27,19 +30,26 @@ def _rint(x):
 
 
 @triton.jit
-def _rope_cache_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps,
-                       kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr,
+def _rope_cache_kernel(qkv_ptr, stride_t, acc_ptr, stride_at, pos_ptr, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr,
+                       eps, kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr,
                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr,
-                       QK_NORM: tl.constexpr, WRITE_BACK: tl.constexpr):
+                       QK_NORM: tl.constexpr, WRITE_BACK: tl.constexpr, FROM_ACC: tl.constexpr):
     t, h = tl.program_id(0), tl.program_id(1)
     HALF: tl.constexpr = D // 2
     dt = qkv_ptr.dtype.element_ty
     i = tl.arange(0, HALF)
     row = qkv_ptr + t * stride_t + h * D
     p = tl.load(pos_ptr + t)
-    if p >= 0:
+    if FROM_ACC:  # take the split-K sums (in the activation dtype, as a stored qkv), leave zeros behind
+        acc = acc_ptr + t * stride_at + h * D
+        a = tl.load(acc + i).to(dt).to(tl.float32)
+        b = tl.load(acc + HALF + i).to(dt).to(tl.float32)
+        tl.store(acc + i, tl.zeros([HALF], tl.float32))
+        tl.store(acc + HALF + i, tl.zeros([HALF], tl.float32))
+    else:
         a = tl.load(row + i).to(tl.float32)
         b = tl.load(row + HALF + i).to(tl.float32)
+    if p >= 0:
         if h < HQ + HKV:  # q or k
             if QK_NORM:  # weight * (x * rsqrt(mean(x^2) + eps)).to(dtype), over D
                 is_q = h < HQ
@@ -87,12 +97,15 @@ def _rope_cache_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
 def rope_cache_write(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, num_kv_heads: int,
                      kv_params: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
-                     k_norm: torch.Tensor | None = None, eps: float = 0.0, write_back: bool = False) -> None:
+                     k_norm: torch.Tensor | None = None, eps: float = 0.0, write_back: bool = False,
+                     acc: torch.Tensor | None = None) -> None:
     """qkv: [T, (Hq + 2 Hkv) * D]; pos, slot: [T] (cache row of each token); cos, sin: [L, D] float32;
-    caches: [rows, Hkv, S, D]; kv_params: [4, Hkv] float32 (k_scale, k_zp, v_scale, v_zp) for an int8 cache."""
+    caches: [rows, Hkv, S, D]; kv_params: [4, Hkv] float32 (k_scale, k_zp, v_scale, v_zp) for an int8 cache;
+    acc: the fp32 [T, (Hq + 2 Hkv) * D] sums to read (and zero) instead of qkv."""
     T = qkv.shape[0]
     D = k_cache.shape[-1]
     assert qkv.dim() == 2 and qkv.stride(-1) == 1 and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * D
+    assert acc is None or (acc.shape == qkv.shape and acc.stride(-1) == 1 and acc.dtype == torch.float32)
     assert pos.shape == slot.shape == (T,) and pos.is_contiguous() and slot.is_contiguous()
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     assert k_cache.shape[1] == num_kv_heads and D % 2 == 0 and D & (D - 1) == 0, f"head_dim {D}: a power of two"
@@ -104,7 +117,8 @@ def rope_cache_write(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, c
     dummy = cos
     if T:
         _rope_cache_kernel[(T, num_heads + 2 * num_kv_heads)](
-            qkv, qkv.stride(0), pos, slot, cos, sin, q_norm if qk_norm else dummy, k_norm if qk_norm else dummy, eps,
+            qkv, qkv.stride(0), acc if acc is not None else dummy, acc.stride(0) if acc is not None else 0, pos, slot,
+            cos, sin, q_norm if qk_norm else dummy, k_norm if qk_norm else dummy, eps,
             k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             kv_params if quant else dummy, HQ=num_heads, HKV=num_kv_heads, D=D, QUANT=quant, QK_NORM=qk_norm,
-            WRITE_BACK=write_back, num_warps=1)
+            WRITE_BACK=write_back, FROM_ACC=acc is not None, num_warps=1)
