@@ -84,11 +84,15 @@ def _slice(K, SPLIT_K, pid_k, G: tl.constexpr):
 
 
 @triton.jit
-def _rstd(x_rows, mask, K, eps, K_POW2: tl.constexpr):
-    """rsqrt(mean(x^2) + eps) of rows x_rows ([R, 1] pointers, mask [R, 1]) -> [R, 1]; the row in one load."""
-    k = tl.arange(0, K_POW2)[None, :]
-    v = tl.load(x_rows + k, mask=mask & (k < K), other=0.0).to(tl.float32)
-    return 1.0 / tl.sqrt(tl.sum(v * v, axis=1, keep_dims=True) / K + eps)
+def _rstd(x_rows, mask, K, eps, ROWS: tl.constexpr, K_POW2: tl.constexpr, CHUNK: tl.constexpr):
+    """rsqrt(mean(x^2) + eps) of rows x_rows ([ROWS, 1] pointers, mask [ROWS, 1]) -> [ROWS, 1]. The chunks
+    are unrolled and summed elementwise, so their loads can all be in flight; one reduction at the end."""
+    ss = tl.zeros([ROWS, CHUNK], tl.float32)
+    for c in tl.static_range(K_POW2 // CHUNK):
+        k = c * CHUNK + tl.arange(0, CHUNK)[None, :]
+        v = tl.load(x_rows + k, mask=mask & (k < K), other=0.0).to(tl.float32)
+        ss += v * v
+    return 1.0 / tl.sqrt(tl.sum(ss, axis=1, keep_dims=True) / K + eps)
 
 
 @triton.jit
@@ -110,14 +114,15 @@ def _epilogue(acc, y, mask, b_ptr, rn, n_ok, pid_k, RESIDUAL: tl.constexpr, ATOM
 def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym,
                     N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, RESIDUAL: tl.constexpr, ATOMIC: tl.constexpr,
                     HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, LATE_NORM: tl.constexpr,
-                    K_POW2: tl.constexpr):
+                    K_POW2: tl.constexpr, CHUNK: tl.constexpr):
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     x_row = x_ptr + m * stride_xm
     rstd = 1.0
     if PRO == 1 and not LATE_NORM:  # this K-slice needs the whole row's rsqrt(mean(x^2) + eps) first
-        rstd = tl.sum(_rstd(x_row + tl.zeros([1, 1], tl.int32), tl.full([1, 1], 1, tl.int1), K, eps, K_POW2))
+        rstd = tl.sum(_rstd(x_row + tl.zeros([1, 1], tl.int32), tl.full([1, 1], 1, tl.int1), K, eps, 1, K_POW2,
+                            CHUNK))
     g_lo, g_hi = _slice(K, SPLIT_K, pid_k, G)
     j2 = 2 * tl.arange(0, G // 2)  # even columns of a group; the odd ones are j2 + 1
     # [BN, G/2] partial sums of (q - z) * s * x over the even and odd columns, reduced once at the end: no
@@ -154,7 +159,7 @@ def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
 def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym,
                     M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, RESIDUAL: tl.constexpr,
                     ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, K_POW2: tl.constexpr):
+                    BLOCK_N: tl.constexpr, K_POW2: tl.constexpr, CHUNK: tl.constexpr):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
@@ -163,7 +168,7 @@ def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
     x_rows = x_ptr + rm[:, None] * stride_xm  # [BM, 1]
     rstd = tl.full([BLOCK_M, 1], 1.0, tl.float32)
     if PRO == 1:  # first: h is rounded to fp16 / bf16 for tl.dot, so it must be normalized before
-        rstd = _rstd(x_rows, m_ok[:, None], K, eps, K_POW2)
+        rstd = _rstd(x_rows, m_ok[:, None], K, eps, BLOCK_M, K_POW2, CHUNK)
     g_lo, g_hi = _slice(K, SPLIT_K, pid_k, G)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for g in range(g_lo, g_hi):
@@ -255,14 +260,16 @@ def w4_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros:
                   num_stages=cfg.num_stages)
     weights = (codes, scales, zeros, codes.stride(0), scales.stride(0))
     n_blocks = triton.cdiv(N, cfg.block_n)
-    common["K_POW2"] = triton.next_power_of_2(K)
+    k_pow2 = triton.next_power_of_2(K)
     if M == 1 and not cfg.dot:
         _w4_gemv_kernel[(n_blocks, cfg.split_k, 1)](x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), N, K,
-                                                    cfg.split_k, LATE_NORM=pro == 1 and cfg.split_k == 1, **common)
-    else:
+                                                    cfg.split_k, LATE_NORM=pro == 1 and cfg.split_k == 1,
+                                                    K_POW2=k_pow2, CHUNK=min(k_pow2, 4096), **common)
+    else:  # the RMSNorm pass takes [BLOCK_M, CHUNK] elements at a time: 32 per thread with 4 warps
         block_m = min(64, max(16, _pow2_at_least(M)))
         _w4_gemm_kernel[(n_blocks, cfg.split_k, triton.cdiv(M, block_m))](
-            x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), M, N, K, cfg.split_k, BLOCK_M=block_m, **common)
+            x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), M, N, K, cfg.split_k, BLOCK_M=block_m,
+            K_POW2=k_pow2, CHUNK=min(k_pow2, 4096 // block_m), **common)
     return out
 
 
