@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 import traceback
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -192,7 +193,7 @@ def _try(fn):
         return f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
 
-def bench_attention(cfg: dict, contexts=(512, 4096), rows=(1, 8)) -> list[dict]:
+def bench_attention(cfg: dict, contexts=(512, 4096), rows=(1, 8), full: bool = False) -> list[dict]:
     hq, hkv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     D = cfg.get("head_dim") or cfg["hidden_size"] // hq
     L = cfg["num_hidden_layers"]
@@ -216,8 +217,8 @@ def bench_attention(cfg: dict, contexts=(512, 4096), rows=(1, 8)) -> list[dict]:
                 kv_bytes = 2 * B * hkv * ctx * D * (1 if quant else 2)
                 base = num_splits(B, hkv, ctx)
                 timed = []
-                for bn in (32, 64, 128):
-                    for ns in sorted({max(1, base // 2), base, min(128, base * 2)}):
+                for bn in ((32, 64, 128) if full else (32, 64)):
+                    for ns in sorted({max(1, base // 2), base, min(128, base * 2)} if full else {base, base * 2}):
                         us = _try(lambda: graph_us(lambda i: decode_attention(
                             q, pos, slot, kc[i], vc[i], hq, o, kvp, splits=ns, block_n=bn), L))
                         if isinstance(us, float):
@@ -234,6 +235,14 @@ def bench_attention(cfg: dict, contexts=(512, 4096), rows=(1, 8)) -> list[dict]:
                 out.append(r)
                 del kc, vc
     return out
+
+
+def tuned_json(tuned: dict) -> list[dict]:
+    return [{"key": list(k), "config": asdict(c)} for k, c in sorted(tuned.items())]
+
+
+def tuned_from_json(rows: list[dict]) -> dict:
+    return {tuple(r["key"]): GemvConfig(**r["config"]) for r in rows}
 
 
 def print_tuned(tuned: dict) -> None:

@@ -10,12 +10,15 @@ Steps, each on its own (a failure is printed and the rest goes on), results save
       cuBLAS fp16); the best Triton configs are applied to this run (printed as gemv_int4.TUNED); attention
   [3] gate: SmolLM2-shaped random model, GPU path vs the CPU runtime (fp16, and W4 g64 + KV int8)
   [4] qwen2.5-1.5b-shaped random model: fp16, W4A16 (RTN g128), + KV int8 each; HF transformers fp16 eager
-Writes bench/results/gpu_runtime.json (gpu_runtime_smoke.json with --smoke, gpu_kernels.json with --kernels-only).
+Writes bench/results/gpu_runtime.json (gpu_runtime_smoke.json with --smoke, gpu_kernels.json with --kernels-only),
+copied to $OUT when set. --tuned bench/results/gpu_kernels.json reuses a --kernels-only run's GEMV choices.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 import traceback
@@ -26,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import provenance, write_result  # noqa: E402
-from gpu_micro import bench_attention, bench_linears, log, print_tuned  # noqa: E402
+from gpu_micro import bench_attention, bench_linears, log, print_tuned, tuned_from_json, tuned_json  # noqa: E402
 from gpu_rows import build_workspaces, gate, graph_step_us, measure_hf, measure_row  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +84,9 @@ def main():
     ap.add_argument("--kernels-only", action="store_true")
     ap.add_argument("--full-sweep", action="store_true", help="more GEMV configs (default with --kernels-only)")
     ap.add_argument("--skip", default="", help="comma list of steps to skip: kernels,gate,rows,hf")
+    ap.add_argument("--tuned", default=None, metavar="JSON",
+                    help="GEMV configs from an earlier run's results (its kernels.tuned); skips the sweep")
+    ap.add_argument("--budget-s", type=float, default=500, help="start no step or row after this many seconds")
     args = ap.parse_args()
     t_start = time.perf_counter()
     cuda = torch.cuda.is_available()
@@ -96,7 +102,12 @@ def main():
     work = Path(args.work) / ("smoke" if args.smoke else "full")
 
     def step(key, fn):
-        log(f"[{time.perf_counter() - t_start:6.0f}s] {key}")
+        elapsed = time.perf_counter() - t_start
+        if elapsed > args.budget_s:
+            log(f"[{elapsed:6.0f}s] {key}: skipped, past --budget-s {args.budget_s:.0f}")
+            res["errors"][key] = "skipped: time budget"
+            return
+        log(f"[{elapsed:6.0f}s] {key}")
         try:
             res[key] = fn()
         except Exception as e:  # noqa: BLE001  (report, keep going)
@@ -111,17 +122,21 @@ def main():
     bw = res.get("copy_bandwidth")
 
     # [2] kernels
-    if cuda and "kernels" not in skip:
+    from qconv.runtime.kernels import gemv_int4
+
+    if args.tuned:  # this run's engines use an earlier run's best configs
+        gemv_int4.TUNED.update(tuned_from_json(json.loads(path(args.tuned).read_text())["kernels"]["tuned"]))
+        log(f"  GEMV configs from {args.tuned}: {len(gemv_int4.TUNED)} shapes")
+    elif cuda and "kernels" not in skip:
         full = args.full_sweep or args.kernels_only
 
         def kernels():
-            from qconv.runtime.kernels import gemv_int4
-
             lin, tuned = bench_linears(model_cfg, group=plan.group, full=full)
             gemv_int4.TUNED.update(tuned)  # this run's engines use the best configs
             print_tuned(tuned)
-            return {"linears": lin, "tuned": {str(k): str(v) for k, v in tuned.items()},
-                    "attention": bench_attention(model_cfg, contexts=(512, 4096) if not args.smoke else (64,))}
+            return {"linears": lin, "tuned": tuned_json(tuned),
+                    "attention": bench_attention(model_cfg, contexts=(512, 4096) if not args.smoke else (64,),
+                                                 full=full)}
         step("kernels", kernels)
     if args.kernels_only:
         return finish(res, name, t_start)
@@ -229,9 +244,13 @@ def profile_step(eng, position: int) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 def save(res: dict, name: str) -> Path:
-    """Everything but the private keys (engines, paths), anything JSON cannot hold as its str."""
-    return write_result(name, json.loads(json.dumps({k: v for k, v in res.items() if not k.startswith("_")},
-                                                    default=str)))
+    """Everything but the private keys (engines, paths), anything JSON cannot hold as its str; also into
+    $OUT when set (what a lent device machine sends back)."""
+    out = write_result(name, json.loads(json.dumps({k: v for k, v in res.items() if not k.startswith("_")},
+                                                   default=str)))
+    if os.environ.get("OUT"):
+        shutil.copyfile(out, Path(os.environ["OUT"]) / out.name)
+    return out
 
 
 def finish(res: dict, name: str, t_start: float) -> None:
