@@ -88,6 +88,9 @@ class DecodeGraphs:
     def capture(self, b: int) -> None:
         """Compile (first launches) and capture the step for bucket b. Every row is padding meanwhile,
         so neither the warm-up nor the capture touches the cache."""
+        if not self.use_graphs:  # eager steps (for comparison and debugging): nothing to capture
+            self.graphs[b] = None
+            return
         self.bufs.idx[:, :b] = torch.tensor([[0], [-1], [0]], device=self.bufs.idx.device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -95,9 +98,6 @@ class DecodeGraphs:
             for _ in range(2):
                 self.model.decode_step(self.bufs, b, self.cache)
         torch.cuda.current_stream().wait_stream(stream)
-        if not self.use_graphs:
-            self.graphs[b] = None
-            return
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             self.model.decode_step(self.bufs, b, self.cache)
