@@ -145,7 +145,8 @@ def main():
     if cuda and "gate" not in skip:
         def run_gate():
             spaces = build_workspaces(gate_cfg, str(path(args.smol_tokenizer)), work / "gate", 512, 3, 64, device)
-            return gate({k: spaces[k] for k in ("fp16", "W4A16 + KV int8")})
+            return gate({"fp16": spaces["fp16"], "W4A16 + KV int8": spaces["W4A16 + KV int8"],
+                         "W4A16 + KV int8, int4 head": spaces["W4A16 + KV int8"]})
         step("gate", run_gate)
 
     # [4] rows
@@ -165,6 +166,15 @@ def main():
             step(f"row {row}", one)
             if f"row {row}" in res:
                 rows[row] = res.pop(f"row {row}")
+        if cuda and "W4A16 + KV int8" in (res.get("_spaces") or {}):
+            def int4_head(ws=res["_spaces"]["W4A16 + KV int8"]):
+                log("  row W4A16 + KV int8, int4 head (opt-in, RTN at load)")
+                r = measure_row(ws, plan, device, bw, head_int4=True, quick=True)
+                r.pop("_engine")
+                return r
+            step("row int4 head", int4_head)
+            if "row int4 head" in res:
+                rows["W4A16 + KV int8, int4 head"] = res.pop("row int4 head")
     if "hf" not in skip:
         step("_hf", lambda: measure_hf(work / "model" / "hf", plan, device))
         if "_hf" in res:
@@ -264,22 +274,25 @@ def finish(res: dict, name: str, t_start: float) -> None:
         log(f"D2D copy bandwidth {bw / 1e12:.2f} TB/s")
     k = res.get("kernels")
     if k:
-        log("\n| role | N x K | M | triton fused µs (TB/s) | tinygemm µs | dequant+cuBLAS µs | cuBLAS fp16 µs (TB/s) |")
-        log("|---|---|---|---|---|---|---|")
+        log("\n| role | N x K | M | triton fused µs (TB/s) | tinygemm µs | dequant+cuBLAS µs | cuBLAS fp16 µs (TB/s) | "
+            "triton config |")
+        log("|---|---|---|---|---|---|---|---|")
         for r in k["linears"]:
             def f(key, nbytes=None):
                 v = r.get(key)
                 if not isinstance(v, float):
-                    return str(v if v is not None else r.get("tinygemm", "-"))[:40]
+                    return str(v if v is not None else (r.get("tinygemm", "-") if key == "tinygemm_us" else "-"))[:40]
                 return f"{v:.1f}" + (f" ({nbytes / v / 1e6:.2f})" if nbytes else "")
             log(f"| {r['role']} | {r['N']}x{r['K']} | {r['M']} | {f('triton_us', r['int4_bytes'])}"
                 f"{'' if r.get('triton_ok', True) else ' WRONG'} | {f('tinygemm_us')} | {f('dequant_cublas_us')} | "
-                f"{f('cublas_fp16_us', r['fp16_bytes'])} |")
+                f"{f('cublas_fp16_us', r['fp16_bytes'])} | {r.get('triton_cfg', '-').replace('GemvConfig', '')} |")
     g = res.get("gate")
     if g:
         log("\n| gate (GPU vs CPU runtime) | prefill rel err | decode max rel err | teacher-forced argmax | "
             "free greedy agree | batch rel err | pass |\n|---|---|---|---|---|---|---|")
         for n, r in g.items():
+            if "prefill_rel_err" not in r:
+                continue
             log(f"| {n} | {r['prefill_rel_err']:.2e} | {r['decode_max_rel_err']:.2e} | {r['teacher_forced_agree']} | "
                 f"{r['greedy_agree']}/32 | {r['batch_rel_err']:.2e} | {r['pass']} |")
     rows = res.get("rows") or {}
@@ -309,6 +322,8 @@ def targets(rows: dict, B: int, C: int) -> None:
         ("1 W4A16+KV8 >= 40% of roofline", g("W4A16 + KV int8", "pct_roofline"), lambda v: v >= 40),
         ("1 W4A16+KV8 >= 60x HF fp16 eager", w4kv / hf if w4kv and hf else None, lambda v: v >= 60),
         ("2 W4A16 >= 2x our fp16 (bs1)", w4 / fp if w4 and fp else None, lambda v: v >= 2),
+        ("2' (opt-in int4 head) W4A16+KV8+int4 head / fp16", g("W4A16 + KV int8, int4 head", "decode_tok_s") / fp
+         if fp and g("W4A16 + KV int8, int4 head", "decode_tok_s") else None, lambda v: v >= 2),
         ("3 KV int8 bytes @4096 <= half fp16 + params", g("fp16 + KV int8", "kv_bytes_4096"),
          lambda v: v <= g("fp16", "kv_bytes_4096") / 2 + 4096),
         (f"3 KV int8 decode @{C} >= fp16 KV (W4)", g("W4A16 + KV int8", f"decode_tok_s_ctx{C}"),

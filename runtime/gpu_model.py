@@ -55,7 +55,9 @@ class GpuBlock(nn.Module):
 
 
 class GpuTransformer(nn.Module):
-    def __init__(self, cfg: WorkspaceConfig, glob: dict[str, torch.Tensor], layers: list[dict], max_len: int):
+    def __init__(self, cfg: WorkspaceConfig, glob: dict[str, torch.Tensor], layers: list[dict], max_len: int,
+                 head: nn.Module | None = None):
+        """``head``: the output projection as a GpuLinear (e.g. int4), replacing the dense one."""
         super().__init__()
         self.cfg, self.eps = cfg, cfg.norm_eps
         self.hq, self.hkv, self.d = cfg.head_num, cfg.kv_head_num, cfg.size_per_head
@@ -63,6 +65,9 @@ class GpuTransformer(nn.Module):
         self.norm = nn.Parameter(glob["norm.weight"], requires_grad=False)
         output = glob.get("output.weight")
         self.output = self.tok_embeddings if output is None else nn.Parameter(output, requires_grad=False)
+        self.head = head
+        if head is not None and output is not None:
+            self.output = None  # the head replaces it
         self.layers = nn.ModuleList(GpuBlock(p) for p in layers)
         cos, sin = rotary_tables(cfg, max_len)  # [max_len, D] float32, read by the rope kernel at pos
         self.register_buffer("cos", cos.to(self.tok_embeddings.device), persistent=False)
@@ -113,7 +118,8 @@ class GpuTransformer(nn.Module):
             x = x.view(B, S, H)[:, -1]  # [B, hidden]
             S = 1
         hn = rms_norm(x, self.norm, self.eps, torch.empty(x.shape, device=dev, dtype=self.dtype))
-        return F.linear(hn, self.output).view(B, S, -1)
+        logits = F.linear(hn, self.output) if self.head is None else self.head(hn)
+        return logits.view(B, S, -1)
 
     def _attend(self, qkv: torch.Tensor, pos: torch.Tensor, start: int | None, cache: KVCache, i: int) -> torch.Tensor:
         """qkv [T, ...] after rope/write-back -> attention output [T, Hq * D]."""
@@ -158,5 +164,8 @@ class GpuTransformer(nn.Module):
             blk.wo.run(attn, x, residual=True)
             blk.w13.run(x, gu, prologue="rmsnorm", norm_weight=blk.ffn_norm, eps=self.eps)
             blk.w2.run(gu, x, prologue="silu_mul", residual=True)
+        if self.head is not None:  # final RMSNorm fused into the head's GEMV
+            self.head.run(x, bufs.logits[:b], prologue="rmsnorm", norm_weight=self.norm, eps=self.eps)
+            return
         rms_norm(x, self.norm, self.eps, bufs.h[:b])
         torch.mm(bufs.h[:b], self.output.t(), out=bufs.logits[:b])

@@ -18,6 +18,7 @@ from ..convert.layout import (ATTN_NORM, EMBED, FFN_NORM, FINAL_NORM, FUSED_LINE
                               Q_NORM, QuantLinear, layer_file, read_linear)
 from ..convert.manifest import verify_manifest
 from ..convert.model_io import load_tokenizer, quiet_transformers, resolve_device, resolve_dtype
+from ..convert.quant import group_qparams, quantize
 from ..convert.workspace import CONFIG_FILE, KV_FILE
 from ..convert.workspace_config import WorkspaceConfig
 from ..pipelines.kv_params import load_kv_params
@@ -52,9 +53,11 @@ def read_workspace_config(path) -> WorkspaceConfig:
 
 
 def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool = True,
-                   max_len: int | None = None, gpu_path: bool | None = None) -> LoadedWorkspace:
+                   max_len: int | None = None, gpu_path: bool | None = None, head_int4: bool = False) -> LoadedWorkspace:
     """``max_len``: rotary table length (default session_len). ``gpu_path``: build runtime/gpu_model.py's
-    model (None: on CUDA with triton; True elsewhere only makes sense under TRITON_INTERPRET=1, for tests)."""
+    model (None: on CUDA with triton; True elsewhere only makes sense under TRITON_INTERPRET=1, for tests).
+    ``head_int4`` (GPU path): quantize the output projection at load, round to nearest, 4 bits, groups of
+    up to 128 (changes the model's logits slightly; the head is the largest matrix a small model reads)."""
     ws = Path(path)
     cfg = read_workspace_config(ws)
     if verify:
@@ -94,7 +97,11 @@ def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool
     for i in range(cfg.num_layer):
         name = f"weights/{layer_file(i)}"
         layers.append(_layer_params(cfg, load_tensors(ws / name, "workspace weights"), name, dev, dt, build))
-    model = (GpuTransformer if gpu else Transformer)(cfg, glob, layers, max_len or cfg.session_len).eval()
+    if gpu:
+        head = _int4_head(glob, cfg, build) if head_int4 else None
+        model = GpuTransformer(cfg, glob, layers, max_len or cfg.session_len, head).eval()
+    else:
+        model = Transformer(cfg, glob, layers, max_len or cfg.session_len).eval()
 
     # [STEP 3]: tokenizer and chat template
     quiet_transformers()
@@ -103,6 +110,17 @@ def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool
     except (OSError, ValueError) as e:
         raise QconvError(f"the tokenizer in {ws / 'tokenizer'} cannot be loaded ({str(e).splitlines()[0]})") from None
     return LoadedWorkspace(ws, cfg, model, tok, kv, dev, dt)
+
+
+def _int4_head(glob: dict, cfg: WorkspaceConfig, build):
+    """The output projection (or the tied embedding) as int4 codes: RTN with the largest power-of-two group
+    <= 128 that divides hidden; an untied fp16 head is dropped from ``glob``."""
+    w = glob.pop(OUTPUT) if OUTPUT in glob else glob[EMBED]
+    group = next((g for g in (128, 64, 32) if cfg.hidden_units % g == 0), None)
+    if group is None:
+        raise QconvError(f"an int4 head needs hidden_units ({cfg.hidden_units}) divisible by 32")
+    scale, zero = group_qparams(w.float(), 4, group)  # on the device: [V, H/g]
+    return build(QuantLinear(quantize(w.float(), scale, zero, 4), scale, zero), None, "int4")
 
 
 def _linear_shapes(cfg: WorkspaceConfig) -> dict[str, tuple[int, int]]:
