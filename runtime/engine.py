@@ -8,6 +8,8 @@
 
 The cache keeps a batch dimension (``batch_size`` rows, each its own sequence) so a server can batch
 later; ``generate`` and ``chat`` drive row 0 and reuse the longest prefix already in the cache.
+On CUDA (runtime/gpu_model.py) every decode step replays a captured CUDA graph (runtime/cuda_graph.py);
+``decode_batch`` runs one step for several rows at once.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import QconvError
+from .gpu_model import GpuTransformer
 from .kv_cache import KVCache
 from .loader import LoadedWorkspace, load_workspace
 from .generation import GenerationConfig
@@ -59,12 +62,19 @@ class Engine:
                              ws.dtype, self.device, ws.kv_qparams)
         self._cached: list[int] = []  # the tokens whose K/V cache row 0 holds, in order
         self.last_stats: GenerationStats | None = None
+        self.decoder = None  # CUDA graphs of the decode step, on the GPU path
+        if isinstance(self.model, GpuTransformer) and self.device.type == "cuda":
+            from .cuda_graph import DecodeGraphs
+
+            self.decoder = DecodeGraphs(self.model, self.cache)
+            self.model.decoder = self.decoder  # one-token forward calls on this cache replay the graphs
 
     @classmethod
     def from_workspace(cls, path, device: str = "auto", dtype: str = "auto", verify: bool = True,
-                       batch_size: int = 1) -> Engine:
-        """Load ``path`` (checking manifest.json unless ``verify=False``) and allocate the KV cache."""
-        return cls(load_workspace(path, device, dtype, verify), batch_size)
+                       batch_size: int = 1, head_int4: bool = False) -> Engine:
+        """Load ``path`` (checking manifest.json unless ``verify=False``) and allocate the KV cache.
+        ``head_int4``: see runtime/loader.load_workspace (GPU path only)."""
+        return cls(load_workspace(path, device, dtype, verify, head_int4=head_int4), batch_size)
 
     def reset(self) -> None:
         """Forget the cached conversation (the next prompt is prefilled from scratch)."""
@@ -133,13 +143,40 @@ class Engine:
                     stats.finish = "length"
                     return
                 seen[0, tok] = True
-                pos = torch.tensor([[len(self._cached)]], device=self.device)
-                logits = self.model(torch.tensor([[tok]], device=self.device), pos, self.cache,
-                                    last_only=True)[:, -1].float()
+                logits = self._decode(tok, len(self._cached))
                 self._cached.append(tok)
         finally:
             stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
             stats.kv_used = len(self._cached)
+
+    def _decode(self, tok: int, position: int) -> torch.Tensor:
+        """Row 0's next-token logits [1, V] float32 after feeding ``tok`` at ``position``."""
+        if self.decoder is not None:
+            return self.decoder.step_host([tok], [position]).float()
+        pos = torch.tensor([[position]], device=self.device)
+        return self.model(torch.tensor([[tok]], device=self.device), pos, self.cache, last_only=True)[:, -1].float()
+
+    def decode_batch(self, tokens: list[int], positions: list[int], rows: list[int] | None = None) -> torch.Tensor:
+        """One decode step for several sequences: tokens[i] enters cache row rows[i] (default i) at
+        positions[i] -> next-token logits [n, V] float32. On CUDA one graph replay for all rows."""
+        n = len(tokens)
+        rows = list(range(n)) if rows is None else list(rows)
+        if not (n == len(positions) == len(rows)) or n == 0:
+            raise QconvError(f"decode_batch needs one position and row per token, got {n} tokens, "
+                             f"{len(positions)} positions, {len(rows)} rows")
+        if len(set(rows)) != n or min(rows) < 0 or max(rows) >= self.cache.batch:
+            raise QconvError(f"rows {rows} must be distinct cache rows in 0..{self.cache.batch - 1}")
+        if min(positions) < 0 or max(positions) >= self.cfg.session_len:
+            raise QconvError(f"positions must lie in 0..{self.cfg.session_len - 1} (session_len)")
+        if 0 in rows:
+            self._cached = []  # row 0 no longer holds the conversation that generate() reuses
+        if self.decoder is not None:
+            return self.decoder.step_host(tokens, positions, rows).float()
+        if rows != list(range(n)):
+            raise QconvError("without the GPU path, decode_batch takes rows 0..n-1 (pass rows=None)")
+        ids = torch.tensor(tokens, device=self.device)[:, None]  # [n, 1]
+        pos = torch.tensor(positions, device=self.device)[:, None]
+        return self.model(ids, pos, self.cache, last_only=True)[:, -1].float()
 
     # ------------------------------------------------------------------------------------------
     def render(self, messages: list[dict]) -> list[int]:

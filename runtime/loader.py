@@ -1,4 +1,9 @@
-"""Load a workspace: config.ini, manifest check, weights (int4/int8 dequantized once), tokenizer, KV params."""
+"""Load a workspace: config.ini, manifest check, weights, tokenizer, KV params.
+
+On CUDA with triton (fp16/bf16) the model is runtime/gpu_model.py's GpuTransformer with int4 weights kept
+int4 (runtime/gpu_linear.py); elsewhere runtime/model.py's Transformer (int4 through torch's CPU kernel
+or dequantized once, int8 dequantized once).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,9 +18,11 @@ from ..convert.layout import (ATTN_NORM, EMBED, FFN_NORM, FINAL_NORM, FUSED_LINE
                               Q_NORM, QuantLinear, layer_file, read_linear)
 from ..convert.manifest import verify_manifest
 from ..convert.model_io import load_tokenizer, quiet_transformers, resolve_device, resolve_dtype
+from ..convert.quant import group_qparams, quantize
 from ..convert.workspace import CONFIG_FILE, KV_FILE
 from ..convert.workspace_config import WorkspaceConfig
 from ..pipelines.kv_params import load_kv_params
+from .gpu_model import GpuTransformer, use_gpu_path
 from .linear import make_linear
 from .model import Transformer
 
@@ -56,8 +63,11 @@ def runtime_dtype(dtype: str, device: torch.device, cfg: WorkspaceConfig) -> tor
 
 
 def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool = True,
-                   max_len: int | None = None) -> LoadedWorkspace:
-    """``max_len``: rotary table length (default session_len)."""
+                   max_len: int | None = None, gpu_path: bool | None = None, head_int4: bool = False) -> LoadedWorkspace:
+    """``max_len``: rotary table length (default session_len). ``gpu_path``: build runtime/gpu_model.py's
+    model (None: on CUDA with triton; True elsewhere only makes sense under TRITON_INTERPRET=1, for tests).
+    ``head_int4`` (GPU path): quantize the output projection at load, round to nearest, 4 bits, groups of
+    up to 128 (changes the model's logits slightly; the head is the largest matrix a small model reads)."""
     ws = Path(path)
     cfg = read_workspace_config(ws)
     if verify:
@@ -80,12 +90,28 @@ def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool
         glob[OUTPUT] = _tensor(t, OUTPUT, (V, H), name)
     glob = {k: v.to(dev, dt) for k, v in glob.items()}
 
-    # [STEP 2]: decoder layers, one file each; int4 runs through torch's kernel (bf16 on CPU) or is dequantized
+    # [STEP 2]: decoder layers, one file each, and the model for the device
+    gpu = use_gpu_path(dev, dt, cfg) if gpu_path is None else gpu_path
+    if gpu:
+        from .gpu_linear import DequantScratch, make_gpu_linear
+
+        scratch = DequantScratch(dev, dt)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+
+        def build(w, bias, weight_type):
+            return make_gpu_linear(w, bias, weight_type, dev, dt, scratch, sms)
+    else:
+        def build(w, bias, weight_type):
+            return make_linear(w, bias, weight_type, dev, dt)
     layers = []
     for i in range(cfg.num_layer):
         name = f"weights/{layer_file(i)}"
-        layers.append(_layer_params(cfg, load_tensors(ws / name, "workspace weights"), name, dev, dt))
-    model = Transformer(cfg, glob, layers, max_len or cfg.session_len).eval()
+        layers.append(_layer_params(cfg, load_tensors(ws / name, "workspace weights"), name, dev, dt, build))
+    if gpu:
+        head = _int4_head(glob, cfg, build) if head_int4 else None
+        model = GpuTransformer(cfg, glob, layers, max_len or cfg.session_len, head).eval()
+    else:
+        model = Transformer(cfg, glob, layers, max_len or cfg.session_len).eval()
 
     # [STEP 3]: tokenizer and chat template
     quiet_transformers()
@@ -96,14 +122,25 @@ def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool
     return LoadedWorkspace(ws, cfg, model, tok, kv, dev, dt)
 
 
+def _int4_head(glob: dict, cfg: WorkspaceConfig, build):
+    """The output projection (or the tied embedding) as int4 codes: RTN with the largest power-of-two group
+    <= 128 that divides hidden; an untied fp16 head is dropped from ``glob``."""
+    w = glob.pop(OUTPUT) if OUTPUT in glob else glob[EMBED]
+    group = next((g for g in (128, 64, 32) if cfg.hidden_units % g == 0), None)
+    if group is None:
+        raise QconvError(f"an int4 head needs hidden_units ({cfg.hidden_units}) divisible by 32")
+    scale, zero = group_qparams(w.float(), 4, group)  # on the device: [V, H/g]
+    return build(QuantLinear(quantize(w.float(), scale, zero, 4), scale, zero), None, "int4")
+
+
 def _linear_shapes(cfg: WorkspaceConfig) -> dict[str, tuple[int, int]]:
     H, I, D = cfg.hidden_units, cfg.inter_size, cfg.size_per_head
     return {"attention.wqkv": ((cfg.head_num + 2 * cfg.kv_head_num) * D, H), "attention.wo": (H, cfg.head_num * D),
             "feed_forward.w13": (2 * I, H), "feed_forward.w2": (H, I)}
 
 
-def _layer_params(cfg: WorkspaceConfig, t: dict, name: str, dev, dt) -> dict:
-    """Norm weights on the device, and the four linears built (runtime/linear.py)."""
+def _layer_params(cfg: WorkspaceConfig, t: dict, name: str, dev, dt, build) -> dict:
+    """Norm weights on the device, and the four linears made by ``build(w, bias, weight_type)``."""
     H, D = cfg.hidden_units, cfg.size_per_head
     p = {ATTN_NORM: _tensor(t, ATTN_NORM, (H,), name), FFN_NORM: _tensor(t, FFN_NORM, (H,), name)}
     if get_arch(cfg.model_arch).q_norm is not None:
@@ -126,7 +163,7 @@ def _layer_params(cfg: WorkspaceConfig, t: dict, name: str, dev, dt) -> dict:
         if shape != (out_f, in_f):
             raise QconvError(f"{name}: {lin} is {list(shape)}, config.ini implies [{out_f}, {in_f}]")
         bias = _tensor(t, f"{lin}.bias", (out_f,), name) if f"{lin}.bias" in t else None
-        p[lin] = make_linear(w, bias, cfg.weight_type, dev, dt)
+        p[lin] = build(w, bias, cfg.weight_type)
     return p
 
 

@@ -1,11 +1,37 @@
 """Fixtures: the real SmolLM2-135M-Instruct (from its PyPI wheel, converted once) and tiny random models."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from qconv.convert.model_io import gguf_to_hf, quiet_transformers
-from qconv.pipelines.fetch import fetch
+# Without CUDA, the GPU path's Triton kernels run on CPU tensors in Triton's interpreter. Triton decides
+# when a kernel is defined, so this must precede every import of qconv.runtime.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _interpreter_numpy_shim() -> None:
+    """triton 3.6's interpreter turns a loop bound into an int with int(array of one element), an error
+    from numpy 2.3 on; take the element instead."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_numpy_shim()
+
+from qconv.convert.model_io import gguf_to_hf, quiet_transformers  # noqa: E402
+from qconv.pipelines.fetch import fetch  # noqa: E402
 
 TINY = {
     "llama": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,

@@ -1,0 +1,277 @@
+"""Pieces of bench/gpu_runtime.py: workspaces from a random model, the correctness gate, one row's numbers.
+
+Speed rows follow BENCH_PROTOCOL: greedy, EOS ignored, median of ``runs`` after a warm-up; decode tok/s
+counts the whole generate call (the short prompt's prefill included), as for HF's generate.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from common import random_model_folder
+from gpu_micro import log
+from qconv.convert.fileio import save_tensors
+from qconv.convert.workspace import ConvertRequest, convert_workspace, install_kv_params
+from qconv.pipelines.kv_params import compute_kv_params
+from qconv.runtime.engine import Engine
+from qconv.runtime.generation import GenerationConfig
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_time(fn, runs: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def rand_ids(n: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(100, vocab - 100, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def model_bytes(model) -> tuple[int, int]:
+    """(bytes of every weight, bytes one decode step reads: all but the embedding table unless it is
+    also the head)."""
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t is None or name in ("cos", "sin") or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    emb = model.tok_embeddings
+    emb_is_head = model.output is emb and getattr(model, "head", None) is None
+    return total, total - (0 if emb_is_head else emb.numel() * emb.element_size())
+
+
+def kv_bytes(cfg, tokens: int, quantized: bool) -> int:
+    """K and V of one sequence of ``tokens`` (+ the int8 params: 4 floats per layer and kv head)."""
+    per = 2 * cfg.num_layer * cfg.kv_head_num * tokens * cfg.size_per_head * (1 if quantized else 2)
+    return per + (4 * cfg.num_layer * cfg.kv_head_num * 4 if quantized else 0)
+
+
+# ----------------------------------------------------------------------------------------------
+def build_workspaces(config: dict, tokenizer: str, work: Path, session_len: int, batch: int, group: int,
+                     device: str) -> dict[str, Path]:
+    """Random HF model (transformers' init, std 0.02) -> fp16, int4 (RTN), and both with int8 KV params
+    taken from the fp16 workspace's cache after a random prompt. Returns name -> workspace."""
+    t0 = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(config))
+    hf = work / "hf"
+    if not (hf / "config.json").is_file():
+        shutil.rmtree(hf, ignore_errors=True)
+        random_model_folder(str(work / "config.json"), tokenizer, hf)
+    log(f"  random model {hf}: {time.perf_counter() - t0:.0f}s")
+    quiet = dict(log=lambda *_: None)
+    fp16 = convert_workspace(ConvertRequest(str(hf), str(work / "fp16"), weight_type="fp16", session_len=session_len,
+                                            max_batch_size=batch, force=True), **quiet)
+    w4 = convert_workspace(ConvertRequest(str(hf), str(work / "w4"), weight_type="int4", group_size=group,
+                                          session_len=session_len, max_batch_size=batch, force=True), **quiet)
+    log(f"  workspaces fp16, w4 (RTN g{group}): {time.perf_counter() - t0:.0f}s")
+    kv = work / "kv_qparams.safetensors"
+    eng = Engine.from_workspace(fp16, device=device, verify=False)
+    n = min(512, session_len - 1)
+    ids = torch.tensor([rand_ids(n, eng.cfg.vocab_size, 99)], device=eng.device)
+    eng.model(ids, torch.arange(n, device=eng.device)[None], eng.cache)
+    L = eng.cfg.num_layer  # per (head, dim) ranges [H, D] of the cached K/V -> asymmetric per-head params
+    stats = [{f"layers.{i}.{s}": getattr(t[i][0, :, :n].float(), f"a{s}")(dim=1).cpu() for i in range(L)
+              for s in ("min", "max")} for t in (eng.cache.k, eng.cache.v)]
+    save_tensors(compute_kv_params(*stats, L, False, "head", 1), kv)
+    del eng
+    out = {"fp16": fp16, "W4A16": w4}
+    for name, src in (("fp16 + KV int8", fp16), ("W4A16 + KV int8", w4)):
+        dst = work / (src.name + "_kv8")
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst, copy_function=os.link)  # weights shared; every qconv write replaces files
+        install_kv_params(dst, kv)
+        out[name] = dst
+    log(f"  workspaces with KV int8: {time.perf_counter() - t0:.0f}s")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+def gate(spaces: dict[str, Path], new_tokens: int = 32, prompt_len: int = 48) -> dict:
+    """The GPU path against the CPU runtime (float32) on the same workspace: prefill logits, decode-step
+    logits on the CPU's own greedy tokens (teacher forcing), free greedy agreement, and a batch step with
+    rows at different positions. A name ending in "int4 head" loads the GPU engine with head_int4 (its
+    errors then include the head's quantization)."""
+    out = {}
+    for name, ws in spaces.items():
+        cpu = Engine.from_workspace(ws, device="cpu", dtype="float32", verify=False, batch_size=3)
+        gpu = Engine.from_workspace(ws, device="cuda", verify=False, batch_size=3, head_int4=name.endswith("int4 head"))
+        V = cpu.cfg.vocab_size
+        prompt = rand_ids(prompt_len, V, 7)
+        ids = torch.tensor([prompt])
+        r = {"prefill_rel_err": _rel(gpu.logits(ids.cuda()).cpu(), cpu.logits(ids))}
+        gen = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, stop_ids=())
+        want = list(cpu.generate(prompt, gen))
+        got = list(gpu.generate(prompt, gen))
+        r["greedy_agree"] = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), len(want))
+        # teacher forcing through the decode path: the CPU's tokens into both
+        cpu.reset()
+        gpu.reset()
+        cpu.model(ids, torch.arange(prompt_len)[None], cpu.cache)
+        gpu.model(ids.cuda(), torch.arange(prompt_len, device="cuda")[None], gpu.cache)
+        errs, agree = [], 0
+        for i, t in enumerate(want):
+            p = prompt_len + i
+            a = cpu.model(torch.tensor([[t]]), torch.tensor([[p]]), cpu.cache, last_only=True)[0, -1].float()
+            b = gpu.decoder.step_host([t], [p])[0].float().cpu()
+            errs.append(_rel(b, a))
+            agree += int(a.argmax() == b.argmax())
+        r["decode_max_rel_err"], r["teacher_forced_agree"] = max(errs), f"{agree}/{len(want)}"
+        # three rows, then one step with each row at its own position (rows 1, 2 rewind)
+        three = torch.tensor([rand_ids(prompt_len, V, 8 + j) for j in range(3)])
+        pos3 = torch.arange(prompt_len).expand(3, prompt_len)
+        cpu.model(three, pos3, cpu.cache)
+        gpu.model(three.cuda(), pos3.cuda(), gpu.cache)
+        toks, ps = [5, 6, 7], [prompt_len, prompt_len - 10, 20]
+        a = cpu.model(torch.tensor(toks)[:, None], torch.tensor(ps)[:, None], cpu.cache, last_only=True)[:, -1]
+        r["batch_rel_err"] = _rel(gpu.decode_batch(toks, ps).cpu(), a.float())
+        r["pass"] = (r["prefill_rel_err"] < 2e-2 and r["decode_max_rel_err"] < 2e-2 and r["batch_rel_err"] < 2e-2)
+        if name.endswith("int4 head"):
+            r["pass"] = "n/a (the head is requantized: these errors measure that)"
+        log(f"  gate {name}: {r}")
+        out[name] = r
+        del cpu, gpu
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# ----------------------------------------------------------------------------------------------
+def measure_row(ws: Path, plan, device: str, bw: float | None, head_int4: bool = False, quick: bool = False) -> dict:
+    """Memory, decode bs1 / bs-N, prefill and TTFT, decode at a long context, graph step time
+    (``quick``: memory and bs1 only)."""
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    eng = Engine.from_workspace(ws, device=device, verify=False, batch_size=plan.batch, head_int4=head_int4)
+    cfg, V = eng.cfg, eng.cfg.vocab_size
+    q = cfg.quant_policy == 4
+    total, per_step = model_bytes(eng.model)
+    r = {"weight_bytes": total, "step_weight_bytes": per_step, "kv_bytes_512": kv_bytes(cfg, 512, q),
+         "kv_bytes_4096": kv_bytes(cfg, 4096, q)}
+    gen = GenerationConfig(max_new_tokens=plan.new_tokens, temperature=0.0, stop_ids=())
+    prompt = rand_ids(plan.prompt_len, V, 1)
+
+    def decode1():
+        eng.reset()
+        assert sum(1 for _ in eng.generate(prompt, gen)) == plan.new_tokens
+    t = median_time(decode1, plan.runs)
+    s = eng.last_stats
+    r["decode_tok_s"] = plan.new_tokens / t
+    r["decode_only_tok_s"] = s.new_tokens / s.decode_s
+    if bw:  # roofline: copy bandwidth / bytes per step (weights + the KV at the mean context)
+        step_bytes = per_step + kv_bytes(cfg, plan.prompt_len + plan.new_tokens // 2, q)
+        r["roofline_tok_s"] = bw / step_bytes
+        r["pct_roofline"] = 100 * r["decode_tok_s"] / r["roofline_tok_s"]
+    if eng.decoder is not None:
+        r["graph_step_us"] = graph_step_us(eng, plan.prompt_len)
+    log(f"    bs1 {r['decode_tok_s']:.1f} tok/s (decode only {r['decode_only_tok_s']:.1f}), "
+        f"step {r.get('graph_step_us', float('nan')):.1f} µs")
+    if quick:
+        r["_engine"] = eng
+        return r
+
+    B = plan.batch
+    prompts = torch.tensor([rand_ids(plan.prompt_len, V, 10 + j) for j in range(B)], device=eng.device)
+    pos = torch.arange(plan.prompt_len, device=eng.device).expand(B, plan.prompt_len)
+
+    def decode_b():
+        eng.reset()
+        toks = eng.model(prompts, pos, eng.cache, last_only=True)[:, -1].argmax(-1).tolist()
+        for i in range(plan.new_tokens - 1):
+            toks = eng.decode_batch(toks, [plan.prompt_len + i] * B).argmax(-1).tolist()
+    r[f"decode_bs{B}_tok_s"] = B * plan.new_tokens / median_time(decode_b, plan.runs)
+    log(f"    bs{B} {r[f'decode_bs{B}_tok_s']:.1f} tok/s")
+
+    one = GenerationConfig(max_new_tokens=1, temperature=0.0, stop_ids=())
+    long_prompt = rand_ids(plan.prefill_len, V, 2)
+
+    def prefill():
+        eng.reset()
+        assert len(list(eng.generate(long_prompt, one))) == 1
+    r["ttft_ms"] = 1000 * median_time(prefill, plan.runs)
+    r["prefill_tok_s"] = plan.prefill_len / (r["ttft_ms"] / 1000)
+    log(f"    prefill {plan.prefill_len}: TTFT {r['ttft_ms']:.1f} ms ({r['prefill_tok_s']:.0f} tok/s)")
+
+    ctx_gen = GenerationConfig(max_new_tokens=plan.ctx_new, temperature=0.0, stop_ids=())
+    ctx_prompt = rand_ids(plan.ctx_len, V, 3)
+    for _ in range(2):  # warm-up, then the measured run
+        eng.reset()
+        list(eng.generate(ctx_prompt, ctx_gen))
+    s = eng.last_stats
+    r[f"decode_tok_s_ctx{plan.ctx_len}"] = s.new_tokens / s.decode_s
+    if eng.decoder is not None:
+        r[f"graph_step_us_ctx{plan.ctx_len}"] = graph_step_us(eng, plan.ctx_len + plan.ctx_new)
+    log(f"    ctx {plan.ctx_len}: {r[f'decode_tok_s_ctx{plan.ctx_len}']:.1f} tok/s")
+    if device == "cuda":
+        r["peak_bytes"] = torch.cuda.max_memory_allocated()
+    r["_engine"] = eng  # the caller measures variants on it, then drops it
+    return r
+
+
+def graph_step_us(eng, position: int, reps: int = 50) -> float:
+    """Device time of one bucket-1 decode step at ``position`` (graph replays, events)."""
+    dec = eng.decoder
+    dec.step_host([11], [position])  # sets the static inputs (and captures the bucket if needed)
+    graph = dec.graphs[dec.bucket(1)]
+    replay = graph.replay if graph is not None else (lambda: eng.model.decode_step(dec.bufs, 1, dec.cache))
+    replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / reps
+
+
+def measure_hf(folder: Path, plan, device: str) -> dict:
+    """transformers' own generate (eager attention) on the same random weights."""
+    from transformers import AutoModelForCausalLM
+
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    dt = torch.float16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, attn_implementation="eager").to(device).eval()
+    V, N, P, B = model.config.vocab_size, plan.hf_tokens, plan.prompt_len, plan.batch
+    r = {"weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    ids = torch.tensor([rand_ids(P, V, 1)], device=device)
+    ids_b = torch.tensor([rand_ids(P, V, 10 + j) for j in range(B)], device=device)
+
+    def gen(x, n):
+        with torch.inference_mode():
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0)
+        assert out.shape[1] == x.shape[1] + n
+    r["decode_tok_s"] = N / median_time(lambda: gen(ids, N), plan.runs)
+    r[f"decode_bs{B}_tok_s"] = B * N / median_time(lambda: gen(ids_b, N), plan.runs)
+    long_ids = torch.tensor([rand_ids(plan.prefill_len, V, 2)], device=device)
+    r["ttft_ms"] = 1000 * median_time(lambda: gen(long_ids, 1), plan.runs)
+    r["prefill_tok_s"] = plan.prefill_len / (r["ttft_ms"] / 1000)
+    if device == "cuda":
+        r["peak_bytes"] = torch.cuda.max_memory_allocated()
+    log(f"    HF: bs1 {r['decode_tok_s']:.1f} tok/s, bs{B} {r[f'decode_bs{B}_tok_s']:.1f}, TTFT {r['ttft_ms']:.0f} ms")
+    del model
+    return r

@@ -1,0 +1,346 @@
+"""The bundled runtime's GPU decode path (issue 5): kernels, correctness gate, speed and memory, one run.
+
+    python bench/gpu_runtime.py                   # everything (~6-8 min on an H100), table printed last
+    python bench/gpu_runtime.py --kernels-only    # GEMV / attention microbenchmarks only (~1-2 min)
+    python bench/gpu_runtime.py --smoke           # tiny shapes in seconds; without CUDA the reference path only
+
+Steps, each on its own (a failure is printed and the rest goes on), results saved after each:
+  [1] device copy bandwidth (read + write bytes of a 1 GiB device-to-device copy)
+  [2] kernels: int4 GEMV candidates per decode role at M=1 and 8 (Triton fused, tinygemm, dequant + cuBLAS,
+      cuBLAS fp16); the best Triton configs are applied to this run (printed as gemv_int4.TUNED); attention
+  [3] gate: SmolLM2-shaped random model, GPU path vs the CPU runtime (fp16, and W4 g64 + KV int8)
+  [4] qwen2.5-1.5b-shaped random model: fp16, W4A16 (RTN g128), + KV int8 each; HF transformers fp16 eager
+Writes bench/results/gpu_runtime.json (gpu_runtime_smoke.json with --smoke, gpu_kernels.json with --kernels-only),
+copied to $OUT when set. --tuned bench/results/gpu_kernels.json reuses a --kernels-only run's GEMV choices.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import provenance, write_result  # noqa: E402
+from gpu_micro import bench_attention, bench_linears, log, print_tuned, tuned_from_json, tuned_json  # noqa: E402
+from gpu_rows import build_workspaces, gate, graph_step_us, measure_hf, measure_row  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOL = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True, rms_norm_eps=1e-5,
+            rope_theta=100000.0, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
+TINY = dict(model_type="qwen2", hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=False, rms_norm_eps=1e-6,
+            max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
+
+
+@dataclass
+class Plan:
+    prompt_len: int = 32
+    new_tokens: int = 256
+    batch: int = 8
+    prefill_len: int = 2048
+    ctx_len: int = 4096
+    ctx_new: int = 64
+    hf_tokens: int = 64
+    runs: int = 3
+    session_len: int = 4608
+    group: int = 128
+
+
+SMOKE = Plan(prompt_len=8, new_tokens=12, batch=4, prefill_len=64, ctx_len=128, ctx_new=8, hf_tokens=6, runs=1,
+             session_len=256, group=32)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
+    a = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    end.synchronize()
+    return 2 * nbytes * 10 / (start.elapsed_time(end) / 1000)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=".carry/configs/qwen2.5-1.5b.json", help="HF config of the speed model")
+    ap.add_argument("--tokenizer", default=".carry/qwen-tokenizer")
+    ap.add_argument("--smol-tokenizer", default=".carry/smol-tokenizer")
+    ap.add_argument("--work", default="/tmp/qconv-gpu-bench")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes; without CUDA only the reference path")
+    ap.add_argument("--kernels-only", action="store_true")
+    ap.add_argument("--full-sweep", action="store_true", help="more GEMV configs (default with --kernels-only)")
+    ap.add_argument("--skip", default="", help="comma list of steps to skip: kernels,gate,rows,hf")
+    ap.add_argument("--tuned", default=None, metavar="JSON",
+                    help="GEMV configs from an earlier run's results (its kernels.tuned); skips the sweep")
+    ap.add_argument("--budget-s", type=float, default=500, help="start no step or row after this many seconds")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    skip = set(filter(None, args.skip.split(",")))
+    plan = SMOKE if args.smoke else Plan()
+    path = lambda p: Path(p) if Path(p).is_absolute() else ROOT / p  # noqa: E731
+    model_cfg = TINY if args.smoke else json.loads(path(args.config).read_text())
+    gate_cfg = TINY if args.smoke else SMOL
+    name = "gpu_kernels" if args.kernels_only else ("gpu_runtime_smoke" if args.smoke else "gpu_runtime")
+    res = {**provenance(), "plan": asdict(plan), "config": args.config, "torch": torch.__version__,
+           "device": torch.cuda.get_device_name(0) if cuda else "cpu", "errors": {}}
+    work = Path(args.work) / ("smoke" if args.smoke else "full")
+
+    def step(key, fn):
+        elapsed = time.perf_counter() - t_start
+        if elapsed > args.budget_s:
+            log(f"[{elapsed:6.0f}s] {key}: skipped, past --budget-s {args.budget_s:.0f}")
+            res["errors"][key] = "skipped: time budget"
+            return
+        log(f"[{elapsed:6.0f}s] {key}")
+        try:
+            res[key] = fn()
+        except Exception as e:  # noqa: BLE001  (report, keep going)
+            traceback.print_exc()
+            res["errors"][key] = f"{type(e).__name__}: {e}"
+        save(res, name)
+
+    # [1] device
+    if cuda:
+        step("copy_bandwidth", copy_bandwidth)
+        log(f"  D2D copy bandwidth {res.get('copy_bandwidth', 0) / 1e12:.2f} TB/s")
+    bw = res.get("copy_bandwidth")
+
+    # [2] kernels
+    from qconv.runtime.kernels import gemv_int4
+
+    if args.tuned:  # this run's engines use an earlier run's best configs
+        gemv_int4.TUNED.update(tuned_from_json(json.loads(path(args.tuned).read_text())["kernels"]["tuned"]))
+        log(f"  GEMV configs from {args.tuned}: {len(gemv_int4.TUNED)} shapes")
+    elif cuda and "kernels" not in skip:
+        full = args.full_sweep or args.kernels_only
+
+        def kernels():
+            lin, tuned = bench_linears(model_cfg, group=plan.group, full=full)
+            gemv_int4.TUNED.update(tuned)  # this run's engines use the best configs
+            print_tuned(tuned)
+            return {"linears": lin, "tuned": tuned_json(tuned),
+                    "attention": bench_attention(model_cfg, contexts=(512, 4096) if not args.smoke else (64,),
+                                                 full=full)}
+        step("kernels", kernels)
+    if args.kernels_only:
+        return finish(res, name, t_start)
+
+    # [3] gate
+    if cuda and "gate" not in skip:
+        def run_gate():
+            spaces = build_workspaces(gate_cfg, str(path(args.smol_tokenizer)), work / "gate", 512, 3, 64, device)
+            return gate({"fp16": spaces["fp16"], "W4A16 + KV int8": spaces["W4A16 + KV int8"],
+                         "W4A16 + KV int8, int4 head": spaces["W4A16 + KV int8"]})
+        step("gate", run_gate)
+
+    # [4] rows
+    rows = res.setdefault("rows", {})
+    if "rows" not in skip:
+        step("_spaces", lambda: build_workspaces(model_cfg, str(path(args.tokenizer)), work / "model", plan.session_len,
+                                                 plan.batch, plan.group, device))
+        for row, ws in (res.get("_spaces") or {}).items():
+            def one(ws=ws, row=row):
+                log(f"  row {row}")
+                r = measure_row(ws, plan, device, bw)
+                eng = r.pop("_engine")
+                if row == "W4A16 + KV int8" and cuda:
+                    r["variants"] = variants(eng, plan)
+                del eng
+                return r
+            step(f"row {row}", one)
+            if f"row {row}" in res:
+                rows[row] = res.pop(f"row {row}")
+        if cuda and "W4A16 + KV int8" in (res.get("_spaces") or {}):
+            def int4_head(ws=res["_spaces"]["W4A16 + KV int8"]):
+                log("  row W4A16 + KV int8, int4 head (opt-in, RTN at load)")
+                r = measure_row(ws, plan, device, bw, head_int4=True, quick=True)
+                r.pop("_engine")
+                return r
+            step("row int4 head", int4_head)
+            if "row int4 head" in res:
+                rows["W4A16 + KV int8, int4 head"] = res.pop("row int4 head")
+    if "hf" not in skip:
+        step("_hf", lambda: measure_hf(work / "model" / "hf", plan, device))
+        if "_hf" in res:
+            rows["HF transformers fp16 eager"] = res.pop("_hf")
+    finish(res, name, t_start)
+
+
+def variants(eng, plan) -> dict:
+    """The same W4 + KV int8 engine with other decode settings: graph step µs and bs1 tok/s."""
+    from qconv.runtime.cuda_graph import DecodeGraphs
+    from qconv.runtime.generation import GenerationConfig
+    from qconv.runtime.gpu_linear import fits_tinygemm
+
+    out = {}
+    gen = GenerationConfig(max_new_tokens=plan.new_tokens, temperature=0.0, stop_ids=())
+    prompt = list(range(1000, 1000 + plan.prompt_len))
+    lins = [m for blk in eng.model.layers for m in (blk.wqkv, blk.wo, blk.w13, blk.w2)]
+
+    def measure(label, use_graphs=True):
+        try:
+            eng.decoder = eng.model.decoder = DecodeGraphs(eng.model, eng.cache, use_graphs=use_graphs)
+            eng.reset()
+            list(eng.generate(prompt, gen))  # warm-up (compile, capture)
+            eng.reset()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            list(eng.generate(prompt, gen))
+            out[label] = {"graph_step_us": graph_step_us(eng, plan.prompt_len),
+                          "decode_tok_s": plan.new_tokens / (time.perf_counter() - t0)}
+            log(f"    variant {label}: {out[label]}")
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            out[label] = f"{type(e).__name__}: {e}"
+    measure("no CUDA graphs (eager kernels)", use_graphs=False)
+    out["kernel profile"] = profile_step(eng, plan.prompt_len)
+    if all(fits_tinygemm(m) for m in lins if m.int4):
+        for m in lins:
+            m.backend = "tinygemm"
+        measure("int4 via torch tinygemm (+ separate norm/add kernels)")
+        for m in lins:
+            m.backend = "triton"
+    return out
+
+
+def profile_step(eng, position: int) -> dict:
+    """Device time per kernel of one bucket-1 decode step (eager, under torch.profiler): totals by kernel
+    name and the first layer's sequence (its kernels in order, so the GEMV roles can be told apart)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        dec = eng.decoder
+        dec.step_host([11], [position])
+        torch.cuda.synchronize()
+        steps = 3
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                eng.model.decode_step(dec.bufs, 1, dec.cache)
+            torch.cuda.synchronize()
+        kernels = sorted((e for e in prof.events() if str(e.device_type).endswith("CUDA")),
+                         key=lambda e: e.time_range.start)
+        totals: dict[str, float] = {}
+        for e in kernels:
+            totals[e.name[:60]] = totals.get(e.name[:60], 0.0) + e.time_range.elapsed_us() / steps
+        per_step = len(kernels) // steps
+        first = [(e.name[:40], round(e.time_range.elapsed_us(), 1)) for e in kernels[:min(per_step, 12)]]
+        top = dict(sorted(totals.items(), key=lambda kv: -kv[1])[:12])
+        log(f"    profile: {per_step} kernels per step, {sum(totals.values()):.0f} µs of kernel time per step")
+        for name, us in top.items():
+            log(f"      {us:8.1f} µs/step  {name}")
+        log("    first kernels of a step: " + ", ".join(f"{n} {t}" for n, t in first))
+        return {"kernels_per_step": per_step, "kernel_us_per_step": sum(totals.values()), "top": top,
+                "first_kernels": first}
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+# ----------------------------------------------------------------------------------------------
+def save(res: dict, name: str) -> Path:
+    """Everything but the private keys (engines, paths), anything JSON cannot hold as its str; also into
+    $OUT when set (what a lent device machine sends back)."""
+    out = write_result(name, json.loads(json.dumps({k: v for k, v in res.items() if not k.startswith("_")},
+                                                   default=str)))
+    if os.environ.get("OUT"):
+        shutil.copyfile(out, Path(os.environ["OUT"]) / out.name)
+    return out
+
+
+def finish(res: dict, name: str, t_start: float) -> None:
+    res["wall_s"] = time.perf_counter() - t_start
+    out = save(res, name)
+    log(f"\n{out}  ({res['wall_s']:.0f}s)  {res['device']}, torch {res['torch']}, commit {res['commit']}")
+    if res["errors"]:
+        log("ERRORS: " + "; ".join(f"{k}: {v[:200]}" for k, v in res["errors"].items()))
+    bw = res.get("copy_bandwidth")
+    if bw:
+        log(f"D2D copy bandwidth {bw / 1e12:.2f} TB/s")
+    k = res.get("kernels")
+    if k:
+        log("\n| role | N x K | M | triton fused µs (TB/s) | tinygemm µs | dequant+cuBLAS µs | cuBLAS fp16 µs (TB/s) | "
+            "triton config |")
+        log("|---|---|---|---|---|---|---|---|")
+        for r in k["linears"]:
+            def f(key, nbytes=None):
+                v = r.get(key)
+                if not isinstance(v, float):
+                    return str(v if v is not None else (r.get("tinygemm", "-") if key == "tinygemm_us" else "-"))[:40]
+                return f"{v:.1f}" + (f" ({nbytes / v / 1e6:.2f})" if nbytes else "")
+            log(f"| {r['role']} | {r['N']}x{r['K']} | {r['M']} | {f('triton_us', r['int4_bytes'])}"
+                f"{'' if r.get('triton_ok', True) else ' WRONG'} | {f('tinygemm_us')} | {f('dequant_cublas_us')} | "
+                f"{f('cublas_fp16_us', r['fp16_bytes'])} | {r.get('triton_cfg', '-').replace('GemvConfig', '')} |")
+    g = res.get("gate")
+    if g:
+        log("\n| gate (GPU vs CPU runtime) | prefill rel err | decode max rel err | teacher-forced argmax | "
+            "free greedy agree | batch rel err | pass |\n|---|---|---|---|---|---|---|")
+        for n, r in g.items():
+            if "prefill_rel_err" not in r:
+                continue
+            log(f"| {n} | {r['prefill_rel_err']:.2e} | {r['decode_max_rel_err']:.2e} | {r['teacher_forced_agree']} | "
+                f"{r['greedy_agree']}/32 | {r['batch_rel_err']:.2e} | {r['pass']} |")
+    rows = res.get("rows") or {}
+    if not rows:
+        return
+    plan = res["plan"]
+    B, C = plan["batch"], plan["ctx_len"]
+    mib = lambda v: f"{v / 2**20:.0f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    num = lambda v, p=1: f"{v:.{p}f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    log(f"\n| configuration | weights MiB | KV@512 MiB | KV@4096 MiB | peak MiB | decode tok/s bs1 | bs{B} | "
+        f"prefill {plan['prefill_len']} tok/s | TTFT ms | % roofline bs1 | tok/s @{C} ctx | graph step µs |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for n, r in rows.items():
+        log(f"| {n} | {mib(r.get('weight_bytes'))} | {mib(r.get('kv_bytes_512'))} | {mib(r.get('kv_bytes_4096'))} | "
+            f"{mib(r.get('peak_bytes'))} | {num(r.get('decode_tok_s'))} | {num(r.get(f'decode_bs{B}_tok_s'))} | "
+            f"{num(r.get('prefill_tok_s'), 0)} | {num(r.get('ttft_ms'))} | {num(r.get('pct_roofline'))} | "
+            f"{num(r.get(f'decode_tok_s_ctx{C}'))} | {num(r.get('graph_step_us'))} |")
+    targets(rows, B, C)
+
+
+def targets(rows: dict, B: int, C: int) -> None:
+    g = lambda row, key: (rows.get(row) or {}).get(key)  # noqa: E731
+    hf = g("HF transformers fp16 eager", "decode_tok_s")
+    w4kv, w4, fp = g("W4A16 + KV int8", "decode_tok_s"), g("W4A16", "decode_tok_s"), g("fp16", "decode_tok_s")
+    checks = [
+        ("1 W4A16+KV8 bs1 >= 1000 tok/s", w4kv, lambda v: v >= 1000),
+        ("1 W4A16+KV8 >= 40% of roofline", g("W4A16 + KV int8", "pct_roofline"), lambda v: v >= 40),
+        ("1 W4A16+KV8 >= 60x HF fp16 eager", w4kv / hf if w4kv and hf else None, lambda v: v >= 60),
+        ("2 W4A16 >= 2x our fp16 (bs1)", w4 / fp if w4 and fp else None, lambda v: v >= 2),
+        ("2' (opt-in int4 head) W4A16+KV8+int4 head / fp16", g("W4A16 + KV int8, int4 head", "decode_tok_s") / fp
+         if fp and g("W4A16 + KV int8, int4 head", "decode_tok_s") else None, lambda v: v >= 2),
+        ("3 KV int8 bytes @4096 <= half fp16 + params", g("fp16 + KV int8", "kv_bytes_4096"),
+         lambda v: v <= g("fp16", "kv_bytes_4096") / 2 + 4096),
+        (f"3 KV int8 decode @{C} >= fp16 KV (W4)", g("W4A16 + KV int8", f"decode_tok_s_ctx{C}"),
+         lambda v: v >= (g("W4A16", f"decode_tok_s_ctx{C}") or float("inf"))),
+        (f"3 KV int8 decode @{C} >= fp16 KV (fp16 weights)", g("fp16 + KV int8", f"decode_tok_s_ctx{C}"),
+         lambda v: v >= (g("fp16", f"decode_tok_s_ctx{C}") or float("inf"))),
+        (f"4 W4A16 bs{B} >= 5x bs1", (g("W4A16", f"decode_bs{B}_tok_s") or 0) / w4 if w4 else None, lambda v: v >= 5),
+        ("5 TTFT (prefill_len prompt) <= 50 ms (W4A16+KV8)", g("W4A16 + KV int8", "ttft_ms"), lambda v: v <= 50),
+    ]
+    log("\n| target | value | met |\n|---|---|---|")
+    for label, v, ok in checks:
+        try:
+            met = "-" if v is None else ("yes" if ok(v) else "NO")
+        except TypeError:  # a peer row is missing
+            met = "-"
+        log(f"| {label} | {v if v is None else round(v, 2)} | {met} |")
+
+
+if __name__ == "__main__":
+    main()

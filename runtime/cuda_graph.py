@@ -1,0 +1,152 @@
+"""Decode steps as CUDA graphs: GpuTransformer.decode_step captured once per batch bucket.
+
+    graphs = DecodeGraphs(model, cache)           # buffers for cache.batch rows; graphs built on first use
+    logits = graphs.step_host([tok], [pos], [0])  # one step for cache row 0 -> [1, V] (a view, valid until next step)
+    model(ids [B, 1], pos [B, 1], cache_rows)     # GpuTransformer.forward sends one-token steps here
+
+A step of n rows replays the graph of the smallest bucket (1, 2, 4, 8, ... and cache.batch) holding n;
+the bucket's other rows are padding (position -1: no cache write, attention over nothing). Inputs live
+in one static int64 tensor ``idx`` [3, rows] = (token, position, cache row), so a step costs one
+host-to-device copy and one graph launch. A cache made by KVCache.rows(first, ...) from the captured
+cache shares its storage: its row r is the captured cache's row first + r.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .kernels.attention import num_splits, partials
+from .kv_cache import KVCache
+
+
+@dataclass
+class DecodeBuffers:
+    """Static tensors of a decode step, sized for ``rows``; a bucket of b rows uses [:b]."""
+
+    idx: torch.Tensor      # int64 [3, rows]: token, position (< 0: padding), cache row
+    x: torch.Tensor        # fp32 [rows, hidden], the residual stream
+    emb: torch.Tensor      # [rows, hidden] embedding rows
+    qkv: torch.Tensor      # [rows, (Hq + 2 Hkv) * D]
+    qkv_acc: torch.Tensor  # fp32 [rows, (Hq + 2 Hkv) * D], zero between uses (split-K qkv sums)
+    attn: torch.Tensor     # [rows, Hq * D]
+    gu: torch.Tensor       # [rows, 2 * inter]
+    h: torch.Tensor        # [rows, hidden], the final norm's output
+    logits: torch.Tensor   # [rows, vocab]
+    splits: dict[int, int] = field(default_factory=dict)                     # bucket -> attention splits
+    parts: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # bucket -> attention partials
+
+    @classmethod
+    def allocate(cls, cfg, dtype: torch.dtype, device: torch.device, buckets: list[int], max_len: int,
+                 sms: int = 132) -> DecodeBuffers:
+        R, H, D = max(buckets), cfg.hidden_units, cfg.size_per_head
+        bufs = cls(idx=torch.zeros(3, R, dtype=torch.int64, device=device),
+                   x=torch.zeros(R, H, dtype=torch.float32, device=device),
+                   emb=torch.zeros(R, H, dtype=dtype, device=device),
+                   qkv=torch.zeros(R, (cfg.head_num + 2 * cfg.kv_head_num) * D, dtype=dtype, device=device),
+                   qkv_acc=torch.zeros(R, (cfg.head_num + 2 * cfg.kv_head_num) * D, dtype=torch.float32,
+                                       device=device),
+                   attn=torch.zeros(R, cfg.head_num * D, dtype=dtype, device=device),
+                   gu=torch.zeros(R, 2 * cfg.inter_size, dtype=dtype, device=device),
+                   h=torch.zeros(R, H, dtype=dtype, device=device),
+                   logits=torch.zeros(R, cfg.vocab_size, dtype=dtype, device=device))
+        for b in buckets:
+            ns = num_splits(b, cfg.kv_head_num, max_len, sms=sms)
+            bufs.splits[b] = ns
+            bufs.parts[b] = partials(b, cfg.head_num, ns, D, device)
+        return bufs
+
+
+def default_buckets(rows: int) -> list[int]:
+    out, b = [], 1
+    while b < rows:
+        out.append(b)
+        b *= 2
+    return out + [rows]
+
+
+class DecodeGraphs:
+    def __init__(self, model, cache: KVCache, buckets: list[int] | None = None, use_graphs: bool = True):
+        self.model, self.cache, self.use_graphs = model, cache, use_graphs
+        self.rows = cache.batch
+        self.buckets = sorted(set(buckets or default_buckets(self.rows)))
+        assert self.buckets[-1] >= self.rows, f"buckets {self.buckets} do not reach {self.rows} rows"
+        dev = cache.k[0].device
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        self.bufs = DecodeBuffers.allocate(model.cfg, model.dtype, dev, self.buckets, cache.max_len, sms)
+        self.host = torch.zeros(3, self.buckets[-1], dtype=torch.int64).pin_memory()
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    def bucket(self, n: int) -> int:
+        assert 1 <= n <= self.rows, f"{n} rows in a decode step; the cache holds {self.rows}"
+        return next(b for b in self.buckets if b >= n)
+
+    @torch.inference_mode()
+    def capture(self, b: int) -> None:
+        """Compile (first launches) and capture the step for bucket b. Every row is padding meanwhile,
+        so neither the warm-up nor the capture touches the cache."""
+        if not self.use_graphs:  # eager steps (for comparison and debugging): nothing to capture
+            self.graphs[b] = None
+            return
+        self.bufs.idx[:, :b] = torch.tensor([[0], [-1], [0]], device=self.bufs.idx.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.model.decode_step(self.bufs, b, self.cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.model.decode_step(self.bufs, b, self.cache)
+        self.pool = graph.pool()
+        self.graphs[b] = graph
+
+    def _replay(self, b: int) -> None:
+        graph = self.graphs[b]
+        if graph is None:
+            self.model.decode_step(self.bufs, b, self.cache)
+        else:
+            graph.replay()
+
+    # ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step_host(self, tokens: list[int], positions: list[int], rows: list[int] | None = None) -> torch.Tensor:
+        """One decode step from host lists: token of each row, its position, its cache row (default
+        0..n-1) -> logits [n, V], a view of the static buffer, valid until the next step."""
+        n = len(tokens)
+        b = self.bucket(n)
+        if b not in self.graphs:
+            self.capture(b)
+        self._copied.synchronize()  # the previous step's copy has read the pinned buffer
+        host = self.host
+        host[:, n:] = torch.tensor([[0], [-1], [0]])  # padding rows
+        host[:, :n] = torch.tensor([tokens, positions, rows if rows is not None else list(range(n))])
+        self.bufs.idx.copy_(host, non_blocking=True)  # whole buffers: contiguous on both sides
+        self._copied.record()
+        self._replay(b)
+        return self.bufs.logits[:n]
+
+    def serves(self, cache: KVCache) -> bool:
+        """Whether ``cache`` is the captured cache or a run of its rows (KVCache.rows)."""
+        mine, theirs = self.cache.k[0], cache.k[0]
+        return (theirs.dtype == mine.dtype and theirs.shape[1:] == mine.shape[1:] and theirs.stride() == mine.stride()
+                and theirs.untyped_storage().data_ptr() == mine.untyped_storage().data_ptr())
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """ids, pos: [B, 1] device tensors for rows 0..B-1 of ``cache`` -> logits [B, 1, V] (a new tensor)."""
+        B = ids.shape[0]
+        first = (cache.k[0].storage_offset() - self.cache.k[0].storage_offset()) // self.cache.k[0].stride(0)
+        b = self.bucket(B)
+        if b not in self.graphs:
+            self.capture(b)
+        idx = self.bufs.idx
+        idx[0, :B].copy_(ids[:, 0])
+        idx[1, :B].copy_(pos[:, 0])
+        idx[2, :B].copy_(torch.arange(first, first + B, device=idx.device))
+        idx[1, B:b].fill_(-1)
+        self._replay(b)
+        return self.bufs.logits[:B, None].clone()

@@ -1,0 +1,190 @@
+"""Linears of the GPU path: int4 codes in the workspace layout (convert/layout.py), or a dense weight.
+
+    lin(x)                       any number of rows (prefill): int4 is dequantized into a scratch buffer
+                                 shared by the model's linears, w = (q - z) * s, then cuBLAS; a few rows
+                                 (<= TRITON_MAX_ROWS) go through the Triton kernel instead
+    lin.run(x, out, prologue=, residual=)
+                                 a decode step: out = h(x) W^T + b, or out += h(x) W^T (the fp32
+                                 residual), with h = x, RMSNorm(x) or SiLU-mul(x) (kernels/gemv_int4.py)
+
+How a decode step multiplies (``DECODE_BACKEND``, from bench/gpu_runtime.py on the H100):
+  int4  "triton":   one fused kernel (prologue, int4 GEMV/GEMM with split-K, epilogue)
+        "tinygemm": torch's _weight_int4pack_mm (bf16 activations), with separate prologue/epilogue kernels
+        "dequant":  dequantize + cuBLAS (the reference; moves 4x the bytes of int4)
+  dense "cublas":   F.linear, with separate prologue/epilogue kernels
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..convert.layout import QuantLinear, pack_int4, unpack_int4
+from .kernels.gemv_int4 import TUNED, GemvConfig, default_config, w4_dequantize, w4_matmul
+from .kernels.norm import rms_norm, silu_mul
+
+DECODE_BACKEND = {"int4": "triton", "dense": "cublas"}
+TRITON_MAX_ROWS = 16  # prefill rows up to this go through the int4 kernel rather than dequantize + cuBLAS
+TINYGEMM_GROUPS = (32, 64, 128, 256)
+
+
+class DequantScratch:
+    """One [N, K] buffer in the compute dtype, grown to the largest int4 linear, reused by every linear
+    of a model in stream order (prefill dequantizes one weight at a time)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.buf = torch.empty(0, device=device, dtype=dtype)
+
+    def get(self, n: int, k: int) -> torch.Tensor:
+        if self.buf.numel() < n * k:
+            self.buf = torch.empty(n * k, device=self.device, dtype=self.dtype)
+        return self.buf[:n * k].view(n, k)
+
+
+class GpuLinear(nn.Module):
+    def __init__(self, w: torch.Tensor | QuantLinear, bias: torch.Tensor | None, device: torch.device,
+                 dtype: torch.dtype, scratch: DequantScratch, sms: int = 132, int4: bool = True):
+        super().__init__()
+        self.dtype, self.scratch, self.sms = dtype, scratch, sms
+        self.bias = None if bias is None else nn.Parameter(bias.to(device, dtype), requires_grad=False)
+        for name in ("codes", "scales", "zeros"):  # int4: codes uint8 [N, K/2], scales fp16 / zeros uint8 [N, K/G]
+            self.register_buffer(name, None)
+        self.weight = None                          # dense: [N, K] in the compute dtype
+        out_f, in_f = (w.codes if isinstance(w, QuantLinear) else w).shape
+        self.out_features, self.in_features = out_f, in_f
+        group = in_f // w.scale.shape[1] if isinstance(w, QuantLinear) else 0
+        if int4 and isinstance(w, QuantLinear) and fits_int4_kernel(w):
+            self.group = group
+            self.codes = pack_int4(w.codes).to(device)
+            self.scales = w.scale.to(device, torch.float16)
+            self.zeros = w.zero.round().to(device, torch.uint8)
+            self.backend = DECODE_BACKEND["int4"]
+        else:  # dense, or int codes the kernel does not take (dequantized once: w = (q - z) * s)
+            dense = w.dequantize() if isinstance(w, QuantLinear) else w
+            self.group = 0
+            self.weight = nn.Parameter(dense.to(device, dtype), requires_grad=False)
+            self.backend = DECODE_BACKEND["dense"]
+        self.config: GemvConfig | None = None  # None: kernels/gemv_int4.default_config per call
+        self._tiny = None
+
+    @property
+    def int4(self) -> bool:
+        return self.codes is not None
+
+    def nbytes(self) -> int:
+        ts = [self.codes, self.scales, self.zeros, self.weight, self.bias]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., K] -> [..., N] in the compute dtype."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if not self.int4:
+            y = F.linear(x2, self.weight, self.bias)
+        elif x2.shape[0] <= TRITON_MAX_ROWS:
+            y = torch.empty(x2.shape[0], self.out_features, device=x.device, dtype=self.dtype)
+            w4_matmul(x2.contiguous(), self.codes, self.scales, self.zeros, self.group, y, bias=self.bias)
+        else:
+            y = F.linear(x2, self.dequantized(), self.bias)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The int4 weight as [N, K] in the compute dtype, in the shared scratch buffer (valid until the
+        next linear dequantizes)."""
+        w = self.scratch.get(self.out_features, self.in_features)
+        return w4_dequantize(self.codes, self.scales, self.zeros, self.group, w)
+
+    def accumulates(self, rows: int) -> bool:
+        """Whether a decode step of ``rows`` should add split-K partial sums into an fp32 buffer (``run`` with
+        residual=True) rather than store: when the tuned config for the shape splits K (gemv_int4.TUNED)."""
+        if not (self.int4 and self.backend == "triton"):
+            return False
+        cfg = self.config or TUNED.get((1 if rows <= 1 else 16, self.out_features, self.in_features))
+        return cfg is not None and cfg.split_k > 1
+
+    def run(self, x: torch.Tensor, out: torch.Tensor, prologue: str = "none", norm_weight: torch.Tensor | None = None,
+            eps: float = 0.0, residual: bool = False) -> None:
+        """A decode step: out = h(x) W^T (+ b), or out += h(x) W^T with ``residual`` (out: fp32)."""
+        if self.int4 and self.backend == "triton":
+            cfg = self.config or default_config(x.shape[0], self.out_features, self.in_features, self.group,
+                                                residual, self.sms, prologue)
+            w4_matmul(x, self.codes, self.scales, self.zeros, self.group, out, bias=self.bias, prologue=prologue,
+                      norm_weight=norm_weight, eps=eps, residual=residual, config=cfg)
+            return
+        M, K = x.shape[0], self.in_features
+        if prologue == "rmsnorm":
+            h = rms_norm(x, norm_weight, eps, torch.empty(M, K, device=x.device, dtype=self.dtype))
+        elif prologue == "silu_mul":
+            h = silu_mul(x, torch.empty(M, K, device=x.device, dtype=self.dtype))
+        else:
+            h = x
+        if not self.int4 and not residual and out.dtype == self.dtype:  # cuBLAS writes out directly
+            if self.bias is None:
+                torch.mm(h, self.weight.t(), out=out)
+            else:
+                torch.addmm(self.bias, h, self.weight.t(), out=out)
+            return
+        y = self.matmul(h)
+        if residual:
+            out.add_(y)
+        else:
+            out.copy_(y)
+
+    def matmul(self, h: torch.Tensor) -> torch.Tensor:
+        """h W^T + b through this linear's decode backend (no fused prologue or epilogue)."""
+        if not self.int4:
+            return F.linear(h, self.weight, self.bias)
+        if self.backend == "tinygemm":
+            packed, sz = self.tinygemm()
+            y = torch.ops.aten._weight_int4pack_mm(h.to(torch.bfloat16), packed, self.group, sz).to(self.dtype)
+            return y if self.bias is None else y + self.bias
+        if self.backend == "dequant":
+            return F.linear(h, self.dequantized(), self.bias)
+        y = torch.empty(h.shape[0], self.out_features, device=h.device, dtype=self.dtype)
+        return w4_matmul(h, self.codes, self.scales, self.zeros, self.group, y, bias=self.bias, config=self.config)
+
+    def tinygemm(self, swap_nibbles: bool = True, inner_k_tiles: int | None = None):
+        """(packed, scales_and_zeros) for torch.ops.aten._weight_int4pack_mm, built once."""
+        if self._tiny is None:
+            self._tiny = tinygemm_pack(self.codes, self.scales, self.zeros, swap_nibbles, inner_k_tiles)
+        return self._tiny
+
+
+# ----------------------------------------------------------------------------------------------
+def fits_int4_kernel(w: QuantLinear) -> bool:
+    """int4 codes (0..15) whose group is a power of two >= 32 dividing K."""
+    out_f, in_f = w.codes.shape
+    group = in_f // w.scale.shape[1]
+    return group >= 32 and group & (group - 1) == 0 and in_f % group == 0
+
+
+def fits_tinygemm(lin: GpuLinear) -> bool:
+    return lin.int4 and lin.out_features % 8 == 0 and lin.group in TINYGEMM_GROUPS and lin.in_features % 32 == 0
+
+
+def tinygemm_pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, swap_nibbles: bool = True,
+                  inner_k_tiles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our codes (uint8 [N, K/2], low nibble = column 2j) -> torch's tinygemm layout.
+
+    torch >= 2.5 takes uint8 [N, K/2] with the HIGH nibble = column 2j (``swap_nibbles``); older torch
+    took int32 [N, K] codes. The kernel computes w = (q - 8) * s + zf, so zf = (8 - z) * s gives
+    (q - z) * s; scales_and_zeros: bf16 [K/G, N, 2] = (s, zf).
+    """
+    K = 2 * codes.shape[1]
+    tiles = inner_k_tiles or next(t for t in (8, 4, 2) if K % (t * 16) == 0)
+    src = ((codes & 0xF) << 4) | (codes >> 4) if swap_nibbles else codes
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack(src.contiguous(), tiles)
+    except RuntimeError:  # torch < 2.5: int32 codes [N, K]
+        packed = torch.ops.aten._convert_weight_to_int4pack(unpack_int4(codes).contiguous(), tiles)
+    s = scales.float()
+    sz = torch.stack([s.t(), ((8 - zeros.float()) * s).t()], dim=-1)  # [K/G, N, 2]
+    return packed, sz.to(torch.bfloat16).contiguous()
+
+
+def make_gpu_linear(w: torch.Tensor | QuantLinear, bias: torch.Tensor | None, weight_type: str, device: torch.device,
+                    dtype: torch.dtype, scratch: DequantScratch, sms: int) -> GpuLinear:
+    """int4 codes stay int4 on the device; int8 codes and float weights become dense."""
+    return GpuLinear(w, bias, device, dtype, scratch, sms, int4=weight_type == "int4")

@@ -1,0 +1,171 @@
+"""The llama-family decoder on CUDA, built from the Triton kernels of runtime/kernels and GpuLinear.
+
+Same interface as runtime/model.py's Transformer, ``forward(ids [B, S], pos [B, S], cache, last_only)``,
+and the same maths; the residual stream is float32.
+
+Prefill (any S): per layer RMSNorm, qkv, rope + cache write, SDPA, o, RMSNorm, w13, SiLU-mul, w2. When
+every row writes positions 0..S-1, attention is SDPA with is_causal over the new K/V exactly as cached
+(int8 round-tripped: x' = q * scale + zp); otherwise the cache is read back and masked (key position <=
+query position), as runtime/model.py does.
+
+Decode (``decode_step``): one token per row on static buffers, seven kernels per layer and no host work,
+so that runtime/cuda_graph.py captures it once per batch bucket:
+    qkv GEMV (RMSNorm fused) -> rope + cache write -> attention splits -> combine
+    -> o GEMV (+= residual) -> w13 GEMV (RMSNorm fused) -> w2 GEMV (SiLU-mul fused, += residual)
+When the tuned qkv config splits K, the qkv GEMV adds into an fp32 buffer that the rope kernel reads
+and zeroes.
+When a decoder (DecodeGraphs) is attached, forward sends one-token steps on its cache to the graphs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..convert.workspace_config import WorkspaceConfig
+from .kernels import HAVE_TRITON
+from .kv_cache import KVCache, shared_start
+from .rope import rotary_tables
+
+if HAVE_TRITON:
+    from .kernels.attention import decode_attention
+    from .kernels.norm import rms_norm, silu_mul
+    from .kernels.rope_cache import rope_cache_write
+
+
+def use_gpu_path(device: torch.device, dtype: torch.dtype, cfg: WorkspaceConfig) -> bool:
+    """The Triton path runs on CUDA with fp16 / bf16 activations and a power-of-two head size >= 16 (the
+    attention and rope kernels' tiles); elsewhere runtime/model.py runs."""
+    D = cfg.size_per_head
+    return (device.type == "cuda" and HAVE_TRITON and dtype in (torch.float16, torch.bfloat16) and D >= 16
+            and D & (D - 1) == 0)
+
+
+class GpuBlock(nn.Module):
+    """One decoder layer's weights; ``p`` maps the layout's names (convert/layout.py) to tensors and GpuLinears."""
+
+    def __init__(self, p: dict):
+        super().__init__()
+        self.attention_norm = nn.Parameter(p["attention_norm.weight"], requires_grad=False)
+        self.ffn_norm = nn.Parameter(p["ffn_norm.weight"], requires_grad=False)
+        self.register_buffer("q_norm", p.get("attention.q_norm.weight"), persistent=False)  # [D] or None
+        self.register_buffer("k_norm", p.get("attention.k_norm.weight"), persistent=False)
+        self.wqkv, self.wo = p["attention.wqkv"], p["attention.wo"]
+        self.w13, self.w2 = p["feed_forward.w13"], p["feed_forward.w2"]
+
+
+class GpuTransformer(nn.Module):
+    def __init__(self, cfg: WorkspaceConfig, glob: dict[str, torch.Tensor], layers: list[dict], max_len: int,
+                 head: nn.Module | None = None):
+        """``head``: the output projection as a GpuLinear (e.g. int4), replacing the dense one."""
+        super().__init__()
+        self.cfg, self.eps = cfg, cfg.norm_eps
+        self.hq, self.hkv, self.d = cfg.head_num, cfg.kv_head_num, cfg.size_per_head
+        self.tok_embeddings = nn.Parameter(glob["tok_embeddings.weight"], requires_grad=False)  # [V, hidden]
+        self.norm = nn.Parameter(glob["norm.weight"], requires_grad=False)
+        output = glob.get("output.weight")
+        self.output = self.tok_embeddings if output is None else nn.Parameter(output, requires_grad=False)
+        self.head = head
+        if head is not None and output is not None:
+            self.output = None  # the head replaces it
+        self.layers = nn.ModuleList(GpuBlock(p) for p in layers)
+        cos, sin = rotary_tables(cfg, max_len)  # [max_len, D] float32, read by the rope kernel at pos
+        self.register_buffer("cos", cos.to(self.tok_embeddings.device), persistent=False)
+        self.register_buffer("sin", sin.to(self.tok_embeddings.device), persistent=False)
+        self.dtype = self.tok_embeddings.dtype
+        self.decoder = None  # runtime/cuda_graph.DecodeGraphs, attached by the Engine
+        self._kvp_src, self._kvp = None, None
+
+    def kv_params(self, cache: KVCache) -> list[torch.Tensor | None]:
+        """Per layer [4, Hkv] float32 (k_scale, k_zp, v_scale, v_zp) for an int8 cache, else Nones."""
+        if cache.qparams is None:
+            return [None] * len(self.layers)
+        if self._kvp_src is not cache.qparams:
+            self._kvp = [torch.stack([p.reshape(-1) for p in cache.qparams[i]]).contiguous()
+                         for i in range(len(self.layers))]
+            self._kvp_src = cache.qparams
+        return self._kvp
+
+    # ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """ids, pos: [B, S] -> logits [B, S, V] (or [B, 1, V] with ``last_only``) in the compute dtype."""
+        if ids.shape[1] == 1 and self.decoder is not None and self.decoder.serves(cache):
+            return self.decoder.forward(ids, pos, cache)
+        return self.prefill(ids, pos, cache, last_only)
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        B, S = ids.shape
+        T, H, I = B * S, self.cfg.hidden_units, self.cfg.inter_size
+        assert int(pos.max()) < cache.max_len, f"position {int(pos.max())} is past the cache ({cache.max_len})"
+        start = shared_start(pos)
+        kvp = self.kv_params(cache)
+        dev = ids.device
+        pos_t = pos.reshape(T).contiguous()
+        slot = torch.arange(B, device=dev).repeat_interleave(S)  # cache row of each token
+        x = F.embedding(ids.reshape(T), self.tok_embeddings).float()  # [T, hidden] fp32 residual
+        h = torch.empty(T, H, device=dev, dtype=self.dtype)
+        a = torch.empty(T, I, device=dev, dtype=self.dtype)
+        for i, blk in enumerate(self.layers):
+            qkv = blk.wqkv(rms_norm(x, blk.attention_norm, self.eps, h))  # [T, (Hq + 2 Hkv) * D]
+            rope_cache_write(qkv, pos_t, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, self.hkv, kvp[i],
+                             blk.q_norm, blk.k_norm, self.eps, write_back=True)
+            x.add_(blk.wo(self._attend(qkv, pos, start, cache, i)))
+            gu = blk.w13(rms_norm(x, blk.ffn_norm, self.eps, h))  # [T, 2 * inter]
+            x.add_(blk.w2(silu_mul(gu, a)))
+        if last_only:
+            x = x.view(B, S, H)[:, -1]  # [B, hidden]
+            S = 1
+        hn = rms_norm(x, self.norm, self.eps, torch.empty(x.shape, device=dev, dtype=self.dtype))
+        logits = F.linear(hn, self.output) if self.head is None else self.head(hn)
+        return logits.view(B, S, -1)
+
+    def _attend(self, qkv: torch.Tensor, pos: torch.Tensor, start: int | None, cache: KVCache, i: int) -> torch.Tensor:
+        """qkv [T, ...] after rope/write-back -> attention output [T, Hq * D]."""
+        B, S = pos.shape
+        hq, hkv, D = self.hq, self.hkv, self.d
+        rep = hq // hkv  # GQA: kv head j serves query heads j*rep .. j*rep+rep-1
+        q = qkv[:, :hq * D].view(B, S, hq, D).transpose(1, 2)  # [B, Hq, S, D]
+        if start == 0:  # fresh rows: the new K/V are the whole context
+            k = qkv[:, hq * D:(hq + hkv) * D].view(B, S, hkv, D).transpose(1, 2)  # [B, Hkv, S, D]
+            v = qkv[:, (hq + hkv) * D:].view(B, S, hkv, D).transpose(1, 2)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # a cached prefix or per-row positions: key position <= query position
+            length = int(pos.max()) + 1
+            k, v = cache.read(i, B, length)  # [B, Hkv, L, D] in the compute dtype
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            keys = torch.arange(length, device=pos.device)
+            mask = keys[None, None, None, :] <= pos[:, None, :, None]  # [B, 1, S, L]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return o.transpose(1, 2).reshape(B * S, hq * D)
+
+    # ------------------------------------------------------------------------------------------
+    def decode_step(self, bufs, b: int, cache: KVCache) -> None:
+        """One token for rows 0..b-1 of the static buffers ``bufs`` (runtime/cuda_graph.DecodeBuffers):
+        reads bufs.idx[:, :b] (token, position, cache row; position < 0 = padding) and leaves the
+        next-token logits in bufs.logits[:b]. Launches kernels only: safe to capture in a CUDA graph."""
+        idx = bufs.idx[:, :b]
+        ids, pos, slot = idx[0], idx[1], idx[2]
+        x = bufs.x[:b]  # [b, hidden] fp32 residual
+        torch.index_select(self.tok_embeddings, 0, ids, out=bufs.emb[:b])
+        x.copy_(bufs.emb[:b])
+        qkv, attn, gu = bufs.qkv[:b], bufs.attn[:b], bufs.gu[:b]
+        kvp = self.kv_params(cache)
+        for i, blk in enumerate(self.layers):
+            acc = bufs.qkv_acc[:b] if blk.wqkv.accumulates(b) else None  # split-K sums, read and zeroed by rope
+            blk.wqkv.run(x, qkv if acc is None else acc, prologue="rmsnorm", norm_weight=blk.attention_norm,
+                         eps=self.eps, residual=acc is not None)
+            rope_cache_write(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, self.hkv, kvp[i],
+                             blk.q_norm, blk.k_norm, self.eps, acc=acc)
+            decode_attention(qkv, pos, slot, cache.k[i], cache.v[i], self.hq, attn, kvp[i], scratch=bufs.parts[b],
+                             splits=bufs.splits[b])
+            blk.wo.run(attn, x, residual=True)
+            blk.w13.run(x, gu, prologue="rmsnorm", norm_weight=blk.ffn_norm, eps=self.eps)
+            blk.w2.run(gu, x, prologue="silu_mul", residual=True)
+        if self.head is not None:  # final RMSNorm fused into the head's GEMV
+            self.head.run(x, bufs.logits[:b], prologue="rmsnorm", norm_weight=self.norm, eps=self.eps)
+            return
+        rms_norm(x, self.norm, self.eps, bufs.h[:b])
+        torch.mm(bufs.h[:b], self.output.t(), out=bufs.logits[:b])

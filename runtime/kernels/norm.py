@@ -1,0 +1,55 @@
+"""Row-wise kernels: RMSNorm of the (fp32) residual into the activation dtype, and SiLU(gate) * up.
+
+Both round where runtime/model.py rounds: rms_norm's ``weight * (x * rstd).to(dtype)``, and
+``F.silu(gate) * up`` in the activation dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, stride_x, w_ptr, out_ptr, stride_o, H, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    k = tl.arange(0, BLOCK)
+    mask = k < H
+    x = tl.load(x_ptr + row * stride_x + k, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)  # rsqrt(mean(x^2) + eps)
+    h = (x * rstd).to(out_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + k, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_o + k, (w.to(tl.float32) * h.to(tl.float32)).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, stride_x, out_ptr, stride_o, I, BLOCK: tl.constexpr):
+    row, blk = tl.program_id(0), tl.program_id(1)
+    k = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = k < I
+    g = tl.load(x_ptr + row * stride_x + k, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + I + k, mask=mask, other=0.0).to(tl.float32)
+    s = (g * tl.sigmoid(g)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + k, (s * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """x: [T, H] (fp32 residual or activations) -> out [T, H] = weight * (x * rsqrt(mean(x^2) + eps))."""
+    T, H = x.shape
+    assert x.stride(-1) == 1 and out.stride(-1) == 1 and out.shape == (T, H), f"x {tuple(x.shape)} out {tuple(out.shape)}"
+    assert weight.shape == (H,) and weight.is_contiguous()
+    if T:
+        _rms_norm_kernel[(T,)](x, x.stride(0), weight, out, out.stride(0), H, eps, BLOCK=triton.next_power_of_2(H),
+                               num_warps=4 if H <= 4096 else 8)
+    return out
+
+
+def silu_mul(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2I] = gate | up -> out [T, I] = silu(gate) * up."""
+    T, I2 = x.shape
+    assert x.stride(-1) == 1 and out.stride(-1) == 1 and out.shape == (T, I2 // 2), f"x {tuple(x.shape)}"
+    block = 1024
+    if T:
+        _silu_mul_kernel[(T, triton.cdiv(I2 // 2, block))](x, x.stride(0), out, out.stride(0), I2 // 2, BLOCK=block)
+    return out

@@ -1,0 +1,228 @@
+"""The GPU path's Triton kernels against plain PyTorch, on small random inputs.
+
+Without CUDA they run on CPU tensors in Triton's interpreter (conftest sets TRITON_INTERPRET=1). The
+interpreter emulates bf16 by truncation and its bf16 tl.dot is wrong, so bf16 is checked loosely there
+and bf16 matmuls only on CUDA.
+"""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="triton is not installed: the GPU path's kernels are not tested")
+
+from qconv.convert.layout import pack_int4  # noqa: E402
+from qconv.convert.quant import dequantize, kv_dequantize, kv_quantize  # noqa: E402
+from qconv.runtime.kernels.attention import decode_attention  # noqa: E402
+from qconv.runtime.kernels.gemv_int4 import GemvConfig, w4_dequantize, w4_matmul  # noqa: E402
+from qconv.runtime.kernels.norm import rms_norm, silu_mul  # noqa: E402
+from qconv.runtime.kernels.rope_cache import rope_cache_write  # noqa: E402
+from qconv.runtime.model import rms_norm as ref_rms_norm  # noqa: E402
+from qconv.runtime.rope import apply_rotary  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def int4_weight(N, K, g, seed):
+    """Random codes and qparams -> (packed codes, fp16 scales, uint8 zeros, reference W [N, K] float32)."""
+    q = torch.randint(0, 16, (N, K), generator=gen(seed))
+    s = (torch.rand(N, K // g, generator=gen(seed + 1)) * 0.02 + 0.001).half()
+    z = torch.randint(0, 16, (N, K // g), generator=gen(seed + 2))
+    return (pack_int4(q).to(DEV), s.to(DEV), z.to(torch.uint8).to(DEV), dequantize(q, s.float(), z.float()))
+
+
+# (M, N, K, group, prologue, residual, bias, config)
+GEMV_CASES = {
+    "gemv-bias": (1, 48, 256, 64, "none", False, True, GemvConfig(32)),
+    "gemv-rmsnorm": (1, 40, 384, 128, "rmsnorm", False, False, GemvConfig(16)),
+    "gemv-silu-splitk": (1, 40, 384, 32, "silu_mul", True, False, GemvConfig(16, 4)),
+    "gemv-rmsnorm-residual-uneven-split": (1, 40, 576, 64, "rmsnorm", True, False, GemvConfig(32, 2)),  # 9 groups
+    "gemm-rmsnorm-bias": (3, 40, 384, 128, "rmsnorm", False, True, GemvConfig(16)),
+    "gemm-silu-split-with-empty-slice": (5, 40, 576, 64, "silu_mul", True, False, GemvConfig(16, 4)),
+    "gemm-17-rows": (17, 24, 256, 64, "none", False, False, GemvConfig(16)),
+}
+
+
+@pytest.mark.parametrize("dot", [False, True], ids=["cuda-cores", "tl.dot"])
+@pytest.mark.parametrize("case", GEMV_CASES)
+def test_int4_matmul_matches_dequantized_weights(case, dot):
+    M, N, K, g, pro, residual, bias, cfg = GEMV_CASES[case]
+    if M > 1 and not dot:
+        pytest.skip("several rows always take the tl.dot kernel")
+    if cfg is not None:
+        cfg = dataclasses.replace(cfg, dot=dot)
+    dt = torch.float16
+    codes, s, z, W = int4_weight(N, K, g, seed=len(case))
+    b = torch.randn(N, generator=gen(3)).to(dt) if bias else None
+    nw = None
+    if pro == "rmsnorm":  # the fp32 residual, normalized as runtime/model.py does
+        x = torch.randn(M, K, generator=gen(4))
+        nw = (torch.rand(K, generator=gen(5)) + 0.5).to(dt)
+        h = ref_rms_norm(x.to(dt), nw, 1e-6).float()
+    elif pro == "silu_mul":
+        x = torch.randn(M, 2 * K, generator=gen(4)).to(dt)
+        h = (F.silu(x[:, :K]) * x[:, K:]).float()
+    else:
+        x = torch.randn(M, K, generator=gen(4)).to(dt)
+        h = x.float()
+    want = h @ W.t() + (b.float() if bias else 0)
+    if residual:
+        r0 = torch.randn(M, N, generator=gen(6))
+        out, want = r0.clone().to(DEV), want + r0
+    else:
+        out = torch.full((M, N), float("nan"), dtype=dt, device=DEV)
+    w4_matmul(x.to(DEV), codes, s, z, g, out, bias=None if b is None else b.to(DEV), prologue=pro,
+              norm_weight=None if nw is None else nw.to(DEV), eps=1e-6, residual=residual, config=cfg)
+    assert rel(out.cpu(), want) < 3e-3
+
+
+@pytest.mark.skipif(DEV == "cpu", reason="bf16 tl.dot needs CUDA (the interpreter's is wrong)")
+@pytest.mark.parametrize("M", [1, 8])
+def test_int4_matmul_bf16(M):
+    codes, s, z, W = int4_weight(64, 512, 128, seed=7)
+    x = torch.randn(M, 512, generator=gen(8)).bfloat16()
+    out = torch.empty(M, 64, dtype=torch.bfloat16, device=DEV)
+    w4_matmul(x.to(DEV), codes, s, z, 128, out)
+    assert rel(out.cpu(), x.float() @ W.t()) < 1e-2
+
+
+def test_int4_dequantize():
+    codes, s, z, W = int4_weight(40, 384, 64, seed=9)
+    out = torch.full((40, 384), float("nan"), dtype=torch.float16, device=DEV)
+    w4_dequantize(codes, s, z, 64, out)
+    assert torch.equal(out.cpu(), W.half())
+
+
+def test_rms_norm_and_silu_mul():
+    x = torch.randn(3, 100, generator=gen(10))
+    w = (torch.rand(100, generator=gen(11)) + 0.5).half()
+    out = rms_norm(x.to(DEV), w.to(DEV), 1e-5, torch.empty(3, 100, dtype=torch.float16, device=DEV))
+    assert rel(out.cpu(), ref_rms_norm(x.half(), w, 1e-5)) < 2e-3
+    gu = torch.randn(3, 2 * 1500, generator=gen(12)).half()
+    out = silu_mul(gu.to(DEV), torch.empty(3, 1500, dtype=torch.float16, device=DEV))
+    assert rel(out.cpu(), F.silu(gu[:, :1500]) * gu[:, 1500:]) < 2e-3
+
+
+def kv_params(hkv, seed):
+    """[4, Hkv] = k_scale, k_zp, v_scale, v_zp."""
+    g = gen(seed)
+    return torch.stack([torch.rand(hkv, generator=g) * 0.02 + 0.01, torch.randn(hkv, generator=g) * 0.1,
+                        torch.rand(hkv, generator=g) * 0.02 + 0.01, torch.randn(hkv, generator=g) * 0.1]).float()
+
+
+def rotary(S, D):
+    ang = torch.arange(S)[:, None].float() / (10000 ** (torch.arange(0, D, 2).float() / D))[None]
+    emb = torch.cat([ang, ang], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize("quant,qk_norm", [(False, False), (True, False), (True, True)])
+def test_rope_and_cache_write(quant, qk_norm):
+    T, HQ, HKV, D, rows, S = 5, 4, 2, 32, 3, 40
+    dt = torch.float16
+    qkv = torch.randn(T, (HQ + 2 * HKV) * D, generator=gen(13)).to(dt)
+    pos = torch.randperm(S, generator=gen(14))[:T]
+    pos[1] = -1  # padding: writes nothing
+    slot = torch.randint(0, rows, (T,), generator=gen(15))
+    cos, sin = rotary(S, D)
+    store = torch.int8 if quant else dt
+    kc, vc = torch.full((rows, HKV, S, D), 3, dtype=store), torch.full((rows, HKV, S, D), 3, dtype=store)
+    kvp = kv_params(HKV, 16) if quant else None
+    qn = (torch.rand(D, generator=gen(17)) + 0.5).to(dt) if qk_norm else None
+    kn = (torch.rand(D, generator=gen(18)) + 0.5).to(dt) if qk_norm else None
+    out, kc_d, vc_d = qkv.clone().to(DEV), kc.clone().to(DEV), vc.clone().to(DEV)
+    rope_cache_write(out, pos.to(DEV), slot.to(DEV), cos.to(DEV), sin.to(DEV), kc_d, vc_d, HQ, HKV,
+                     None if kvp is None else kvp.to(DEV), None if qn is None else qn.to(DEV),
+                     None if kn is None else kn.to(DEV), 1e-6, write_back=True)
+    out, kc_d, vc_d = out.cpu(), kc_d.cpu(), vc_d.cpu()
+    written = torch.zeros(rows, S, dtype=torch.bool)
+    for t in range(T):
+        p, r = int(pos[t]), int(slot[t])
+        if p < 0:
+            assert torch.equal(out[t], qkv[t])
+            continue
+        written[r, p] = True
+        x = qkv[t].view(HQ + 2 * HKV, D)
+        q, k, v = x[:HQ], x[HQ:HQ + HKV], x[HQ + HKV:]
+        if qk_norm:
+            q, k = ref_rms_norm(q, qn, 1e-6), ref_rms_norm(k, kn, 1e-6)
+        c, s = cos[p][None, None].to(dt), sin[p][None, None].to(dt)  # [1, 1, D]
+        q, k = apply_rotary(q[None], c, s)[0], apply_rotary(k[None], c, s)[0]
+        got = out[t].view(HQ + 2 * HKV, D)
+        assert rel(got[:HQ], q) < 2e-3
+        if quant:  # int8 codes within one step of torch's (rotary rounding), written back as q * scale + zp
+            assert (kc_d[r, :, p].int() - kv_quantize(k, kvp[0][:, None], kvp[1][:, None]).int()).abs().max() <= 1
+            assert torch.equal(vc_d[r, :, p], kv_quantize(v, kvp[2][:, None], kvp[3][:, None]))
+            assert torch.equal(got[HQ:HQ + HKV], kv_dequantize(kc_d[r, :, p], kvp[0][:, None], kvp[1][:, None], dt))
+        else:
+            assert rel(kc_d[r, :, p], k) < 2e-3 and torch.equal(vc_d[r, :, p], v)
+            assert torch.equal(got[HQ:HQ + HKV], kc_d[r, :, p])
+    untouched = ~written[:, None, :, None].expand_as(kc_d)  # [rows, 1, S, 1] -> [rows, Hkv, S, D]
+    assert (kc_d[untouched] == 3).all() and (vc_d[untouched] == 3).all()
+
+
+def test_rope_reads_and_zeroes_split_k_sums():
+    """With acc, q|k|v come from the fp32 sums (rounded to the activation dtype) and acc is left zero."""
+    T, HQ, HKV, D, S = 3, 4, 2, 32, 16
+    acc = torch.randn(T, (HQ + 2 * HKV) * D, generator=gen(21))
+    pos, slot = torch.tensor([3, -1, 9]), torch.tensor([0, 1, 1])
+    cos, sin = rotary(S, D)
+    kvp = kv_params(HKV, 22)
+    outs = []
+    for use_acc in (False, True):
+        qkv = acc.half() if not use_acc else torch.full_like(acc, float("nan"), dtype=torch.float16)
+        kc, vc = torch.zeros(2, HKV, S, D, dtype=torch.int8), torch.zeros(2, HKV, S, D, dtype=torch.int8)
+        a = acc.clone().to(DEV)
+        qkv, kc, vc = qkv.to(DEV), kc.to(DEV), vc.to(DEV)
+        rope_cache_write(qkv, pos.to(DEV), slot.to(DEV), cos.to(DEV), sin.to(DEV), kc, vc, HQ, HKV, kvp.to(DEV),
+                         acc=a if use_acc else None)
+        outs.append((qkv[[0, 2], :HQ * D].cpu(), kc.cpu(), vc.cpu()))
+        if use_acc:
+            assert (a == 0).all()  # padding row included
+    for x, y in zip(*outs):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("quant,hq,hkv,d,lengths,splits", [
+    (False, 6, 2, 32, [40], 4),
+    (True, 4, 2, 16, [1, 96, 0], 8),  # one row of one key, one full row, one padding row
+    (True, 8, 1, 64, [17, 80], 1),
+])
+def test_decode_attention_matches_sdpa(quant, hq, hkv, d, lengths, splits):
+    B, S, dt = len(lengths), 96, torch.float16
+    g = gen(19)
+    if quant:
+        kvp = kv_params(hkv, 20)
+        kc = torch.randint(-128, 128, (B + 1, hkv, S, d), generator=g, dtype=torch.int8)
+        vc = torch.randint(-128, 128, (B + 1, hkv, S, d), generator=g, dtype=torch.int8)
+        kref = kv_dequantize(kc, kvp[0][None, :, None, None], kvp[1][None, :, None, None], torch.float32)
+        vref = kv_dequantize(vc, kvp[2][None, :, None, None], kvp[3][None, :, None, None], torch.float32)
+    else:
+        kvp = None
+        kc, vc = torch.randn(B + 1, hkv, S, d, generator=g).to(dt), torch.randn(B + 1, hkv, S, d, generator=g).to(dt)
+        kref, vref = kc.float(), vc.float()
+    q = torch.randn(B, hq * d, generator=g).to(dt)
+    pos = torch.tensor(lengths) - 1
+    slot = torch.arange(B, 0, -1)  # rows B..1 of the cache
+    out = torch.full((B, hq * d), float("nan"), dtype=dt, device=DEV)
+    decode_attention(q.to(DEV), pos.to(DEV), slot.to(DEV), kc.to(DEV), vc.to(DEV), hq, out,
+                     None if kvp is None else kvp.to(DEV), splits=splits, block_n=16)
+    out = out.cpu()
+    for b, L in enumerate(lengths):
+        if L == 0:
+            assert (out[b] == 0).all()
+            continue
+        k = kref[slot[b], :, :L].repeat_interleave(hq // hkv, 0)  # [Hq, L, D]
+        v = vref[slot[b], :, :L].repeat_interleave(hq // hkv, 0)
+        want = F.scaled_dot_product_attention(q[b].float().view(hq, 1, d), k, v, scale=1 / math.sqrt(d))
+        assert rel(out[b], want.reshape(-1)) < 3e-3

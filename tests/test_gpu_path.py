@@ -1,0 +1,156 @@
+"""The GPU path (runtime/gpu_model.py) against the CPU runtime on one tiny int4 + int8-KV workspace.
+
+Without CUDA the GPU model runs on CPU tensors with its kernels in Triton's interpreter (conftest); the
+tests marked ``cuda`` add the engine, CUDA graphs and decode_batch on a real GPU.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: the GPU path is not tested")
+
+from qconv.cli import main  # noqa: E402
+from qconv.convert.fileio import save_tensors  # noqa: E402
+from qconv.pipelines.kv_params import compute_kv_params  # noqa: E402
+from qconv.runtime.cuda_graph import DecodeBuffers, DecodeGraphs  # noqa: E402
+from qconv.runtime.engine import Engine  # noqa: E402
+from qconv.runtime.generation import GenerationConfig  # noqa: E402
+from qconv.runtime.gpu_model import GpuTransformer  # noqa: E402
+from qconv.runtime.kernels import gemv_int4  # noqa: E402
+from qconv.runtime.kernels.gemv_int4 import GemvConfig  # noqa: E402
+from qconv.runtime.kv_cache import KVCache  # noqa: E402
+from qconv.runtime.loader import load_workspace  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def ids(shape, seed):
+    return torch.randint(0, 49152, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def convert(src, dst, *extra):
+    assert main(["convert", "--model", str(src), "--dst-path", str(dst), "--weight-type", "int4", "--group-size", "32",
+                 "--session-len", "64", "--max-batch-size", "4", *map(str, extra)]) == 0
+    return dst
+
+
+@pytest.fixture(scope="module")
+def w4kv(tmp_path_factory, make_tiny):
+    """qwen2 (q/k/v bias) with int4 g32 weights and int8 KV params taken from a float32 run's cache."""
+    src = make_tiny("qwen2", seed=3)
+    root = tmp_path_factory.mktemp("gpu")
+    ws = load_workspace(convert(src, root / "w4"), "cpu", "float32")
+    c = ws.cfg
+    cache = KVCache(c.num_layer, 1, c.kv_head_num, 64, c.size_per_head, torch.float32, torch.device("cpu"))
+    ws.model(ids((1, 40), 1), torch.arange(40)[None], cache)
+    stats = [{f"layers.{i}.{s}": getattr(t[i][0, :, :40], f"a{s}")(dim=1) for i in range(c.num_layer)
+              for s in ("min", "max")} for t in (cache.k, cache.v)]  # per (head, dim) ranges [H, D]
+    save_tensors(compute_kv_params(*stats, c.num_layer, False, "head", 1), root / "kv.safetensors")
+    return convert(src, root / "w4kv", "--kv-params", root / "kv.safetensors")
+
+
+def test_gpu_model_matches_cpu_runtime(w4kv):
+    cpu = load_workspace(w4kv, "cpu", "float32")
+    gpu = load_workspace(w4kv, str(DEV), "float16", gpu_path=True)
+    assert isinstance(gpu.model, GpuTransformer) and gpu.model.layers[0].w13.int4
+    c = cpu.cfg
+
+    def cache(ws, dt):
+        return KVCache(c.num_layer, 4, c.kv_head_num, 64, c.size_per_head, dt, ws.device, ws.kv_qparams)
+    cc, gc = cache(cpu, torch.float32), cache(gpu, torch.float16)
+    assert gc.quantized
+    # prefill of two fresh rows (causal SDPA over the new K/V, int8 round-tripped)
+    x, pos = ids((2, 20), 2), torch.arange(20).expand(2, 20)
+    assert rel(gpu.model(x.to(DEV), pos.to(DEV), gc).cpu(), cpu.model(x, pos, cc)) < 5e-3
+    # three more tokens after the cached prefix (the cache is read back and masked)
+    x, pos = ids((2, 3), 3), torch.arange(20, 23).expand(2, 3)
+    got = gpu.model(x.to(DEV), pos.to(DEV), gc, last_only=True)
+    assert rel(got.cpu(), cpu.model(x, pos, cc, last_only=True)) < 5e-3
+    # decode steps on static buffers (bucket of 4): cache rows 1 and 0 in swapped order, two padding rows
+    bufs = DecodeBuffers.allocate(gpu.cfg, torch.float16, DEV, [1, 2, 4], 64)
+    for step in range(2):
+        tok, p = ids((2,), 10 + step), 23 + step
+        want = cpu.model(tok[:, None], torch.tensor([[p], [p]]), cc, last_only=True)[:, -1]
+        bufs.idx[:, :4] = torch.tensor([[tok[1], tok[0], 7, 0], [p, p, -1, -1], [1, 0, 3, 2]], device=DEV)
+        gpu.model.decode_step(bufs, 4, gc)
+        got = bufs.logits[:2].flip(0).cpu()
+        assert rel(got, want) < 5e-3 and torch.equal(got.argmax(-1), want.argmax(-1))
+    assert (gc.k[0][2:].cpu() == 0).all() and (gc.k[0][:, :, 25:].cpu() == 0).all()  # padding wrote nothing
+
+
+def rows_view(cache: KVCache, first: int, stop: int) -> KVCache:
+    """Rows first..stop-1 sharing the cache's storage, as a server hands one run of rows to the model."""
+    view = KVCache.__new__(KVCache)
+    view.dtype, view.max_len, view.batch, view.qparams = cache.dtype, cache.max_len, stop - first, cache.qparams
+    view.k, view.v = [t[first:stop] for t in cache.k], [t[first:stop] for t in cache.v]
+    return view
+
+
+def test_engine_decode_paths(w4kv, monkeypatch):
+    """The engine's decode loop, decode_batch on arbitrary rows and a server's one-token forward on a run of
+    rows, all through DecodeGraphs; without CUDA its few CUDA runtime calls are stubbed and steps run eagerly.
+    The qkv GEMV splits K here (its sums go through the fp32 buffer that the rope kernel zeroes)."""
+    if not CUDA:
+        class Stub:
+            def __init__(self, *a, **k):
+                pass
+
+            def record(self, *a):
+                pass
+
+            def synchronize(self):
+                pass
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"multi_processor_count": 132}))
+        monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+        monkeypatch.setattr(torch.cuda, "Event", Stub)
+    cpu = Engine.from_workspace(w4kv, device="cpu", batch_size=4)
+    gpu = Engine(load_workspace(w4kv, str(DEV), "float16", gpu_path=True), batch_size=4)
+    if not CUDA:
+        gpu.decoder = gpu.model.decoder = DecodeGraphs(gpu.model, gpu.cache, use_graphs=False)
+    qkv = gpu.model.layers[0].wqkv
+    for bucket in (1, 16):
+        monkeypatch.setitem(gemv_int4.TUNED, (bucket, qkv.out_features, qkv.in_features), GemvConfig(32, 2))
+    assert qkv.accumulates(1)
+    gen = GenerationConfig(max_new_tokens=3, temperature=0.0, stop_ids=())
+    prompt = ids((10,), 5).tolist()
+    assert list(gpu.generate(prompt, gen)) == list(cpu.generate(prompt, gen))
+    # three rows prefilled, then one step with rows in another order and at their own positions
+    x, pos = ids((3, 8), 6), torch.arange(8).expand(3, 8)
+    cpu.model(x, pos, cpu.cache)
+    gpu.model(x.to(DEV), pos.to(DEV), gpu.cache)
+    want = cpu.model(torch.tensor([[7], [8], [9]]), torch.tensor([[8], [5], [3]]), cpu.cache, last_only=True)[:, -1]
+    got = gpu.decode_batch([8, 9, 7], [5, 3, 8], rows=[1, 2, 0]).cpu()
+    assert rel(got[[2, 0, 1]], want) < 5e-3
+    # a server's step on rows 1..2 (a view of the cache) replays the decoder with the rows' offset
+    view = rows_view(gpu.cache, 1, 3)
+    assert gpu.decoder.serves(view)
+    want = cpu.model(torch.tensor([[3], [4]]), torch.tensor([[6], [4]]), rows_view(cpu.cache, 1, 3), True)[:, -1]
+    got = gpu.model(torch.tensor([[3], [4]], device=DEV), torch.tensor([[6], [4]], device=DEV), view, True)[:, -1]
+    assert rel(got.cpu(), want) < 5e-3
+    assert (gpu.decoder.bufs.qkv_acc == 0).all()
+
+
+@cuda
+def test_engine_on_cuda_uses_graphs_and_generates_like_cpu(w4kv):
+    gen = GenerationConfig(max_new_tokens=8, temperature=0.0, stop_ids=())
+    prompt = ids((12,), 4).tolist()
+    want = list(Engine.from_workspace(w4kv, device="cpu").generate(prompt, gen))
+    eng = Engine.from_workspace(w4kv, device="cuda", batch_size=4)
+    assert eng.decoder is not None
+    assert list(eng.generate(prompt, gen)) == want
+    assert 1 in eng.decoder.graphs  # the bucket of one row was captured
+    # decode_batch: three rows at once equal three single-row steps
+    eng.reset()
+    rows = [2, 0, 3]
+    first = eng.model(torch.tensor([prompt] * 4, device="cuda"), torch.arange(12, device="cuda").expand(4, 12),
+                      eng.cache, last_only=True)[:, -1].float()
+    toks = first.argmax(-1).tolist()
+    batch = eng.decode_batch([toks[r] for r in rows], [12] * 3, rows)
+    for i, r in enumerate(rows):
+        single = eng.decode_batch([toks[r]], [12], [r])
+        assert rel(batch[i], single[0]) < 1e-2
