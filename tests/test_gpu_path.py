@@ -108,7 +108,7 @@ def test_engine_decode_paths(w4kv, monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"multi_processor_count": 132}))
         monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
         monkeypatch.setattr(torch.cuda, "Event", Stub)
-    cpu = Engine.from_workspace(w4kv, device="cpu", batch_size=4)
+    cpu = Engine.from_workspace(w4kv, device="cpu", dtype="float32", batch_size=4)
     gpu = Engine(load_workspace(w4kv, str(DEV), "float16", gpu_path=True), batch_size=4)
     if not CUDA:
         gpu.decoder = gpu.model.decoder = DecodeGraphs(gpu.model, gpu.cache, use_graphs=False)
@@ -139,7 +139,7 @@ def test_engine_decode_paths(w4kv, monkeypatch):
 def test_engine_on_cuda_uses_graphs_and_generates_like_cpu(w4kv):
     gen = GenerationConfig(max_new_tokens=8, temperature=0.0, stop_ids=())
     prompt = ids((12,), 4).tolist()
-    want = list(Engine.from_workspace(w4kv, device="cpu").generate(prompt, gen))
+    want = list(Engine.from_workspace(w4kv, device="cpu", dtype="float32").generate(prompt, gen))
     eng = Engine.from_workspace(w4kv, device="cuda", batch_size=4)
     assert eng.decoder is not None
     assert list(eng.generate(prompt, gen)) == want

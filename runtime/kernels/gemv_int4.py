@@ -114,7 +114,11 @@ def _epilogue(acc, y, mask, b_ptr, rn, n_ok, pid_k, RESIDUAL: tl.constexpr, ATOM
 def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym,
                     N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, RESIDUAL: tl.constexpr, ATOMIC: tl.constexpr,
                     HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, LATE_NORM: tl.constexpr,
-                    K_POW2: tl.constexpr, CHUNK: tl.constexpr):
+                    K_POW2: tl.constexpr, CHUNK: tl.constexpr, GPS: tl.constexpr):
+    """One row. Each step loads GPS groups as one [BLOCK_N, GPS * G/2] byte tile (H100, w13 of qwen2.5-1.5b:
+    GPS=4 moved 1.22 TB/s against 0.63 with one group per step: more bytes in flight per program). Per group:
+        sum_k (q - z) * s * h = s * (sum_k q * h - z * sum_k h),
+    so the tile multiplies codes by h directly, and the [BLOCK_N, GPS] group sums get s and z once."""
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
@@ -124,30 +128,33 @@ def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
         rstd = tl.sum(_rstd(x_row + tl.zeros([1, 1], tl.int32), tl.full([1, 1], 1, tl.int1), K, eps, 1, K_POW2,
                             CHUNK))
     g_lo, g_hi = _slice(K, SPLIT_K, pid_k, G)
-    j2 = 2 * tl.arange(0, G // 2)  # even columns of a group; the odd ones are j2 + 1
-    # [BN, G/2] partial sums of (q - z) * s * x over the even and odd columns, reduced once at the end: no
-    # cross-thread reduction (no barrier) in the loop, and x loads straight into the tile's layout
-    acc = tl.zeros([BLOCK_N, G // 2], tl.float32)
-    sq = tl.zeros([G // 2], tl.float32)
-    q, s, z = _group(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok & (g_lo < g_hi), g_lo, G)
-    for g in range(g_lo, g_hi):
-        # the next group's loads go out before this group's arithmetic waits on its own
-        q_next, s_next, z_next = _group(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok & (g + 1 < g_hi), g + 1, G)
-        k = g * G + j2
+    B: tl.constexpr = GPS * G // 2
+    j = tl.arange(0, B)           # byte j of the tile: columns 2j (low nibble) and 2j + 1 (high nibble)
+    gu = tl.arange(0, GPS)
+    acc = tl.zeros([BLOCK_N, GPS], tl.float32)
+    sq = tl.zeros([B], tl.float32)
+    for g0 in range(g_lo, g_hi, GPS):
+        c_ok = g0 * (G // 2) + j < g_hi * (G // 2)  # the last step of a slice may hold fewer groups
+        q = tl.load(w_ptr + rn[:, None] * stride_w + (g0 * (G // 2) + j)[None, :], mask=n_ok[:, None] & c_ok[None, :],
+                    other=0)  # [BN, B] uint8
+        k = g0 * G + 2 * j
         if LATE_NORM:  # h = x * norm_w now, times rstd at the end
-            xe = tl.load(x_row + k).to(tl.float32)
-            xo = tl.load(x_row + k + 1).to(tl.float32)
+            xe = tl.load(x_row + k, mask=c_ok, other=0.0).to(tl.float32)
+            xo = tl.load(x_row + k + 1, mask=c_ok, other=0.0).to(tl.float32)
             sq += xe * xe + xo * xo
-            xe = xe * tl.load(nw_ptr + k).to(tl.float32)
-            xo = xo * tl.load(nw_ptr + k + 1).to(tl.float32)
+            xe = xe * tl.load(nw_ptr + k, mask=c_ok, other=0.0).to(tl.float32)
+            xo = xo * tl.load(nw_ptr + k + 1, mask=c_ok, other=0.0).to(tl.float32)
         else:
-            xe = _input(x_row, k, k < K, K, rstd, nw_ptr, PRO, ACT_BF16)
-            xo = _input(x_row, k + 1, k < K, K, rstd, nw_ptr, PRO, ACT_BF16)
-        zf = z.to(tl.float32)[:, None]
-        lo = (q & 0xF).to(tl.float32) - zf
-        hi = (q >> 4).to(tl.float32) - zf
-        acc += s.to(tl.float32)[:, None] * (lo * xe[None, :] + hi * xo[None, :])  # w x = (q - z) * s * x
-        q, s, z = q_next, s_next, z_next
+            xe = _input(x_row, k, c_ok, K, rstd, nw_ptr, PRO, ACT_BF16)
+            xo = _input(x_row, k + 1, c_ok, K, rstd, nw_ptr, PRO, ACT_BF16)
+        p = (q & 0xF).to(tl.float32) * xe[None, :] + (q >> 4).to(tl.float32) * xo[None, :]  # [BN, B]
+        qh = tl.sum(tl.reshape(p, [BLOCK_N, GPS, G // 2]), axis=2)  # sum q * h per group: [BN, GPS]
+        hs = tl.sum(tl.reshape(xe + xo, [GPS, G // 2]), axis=1)     # sum h per group: [GPS]
+        g_ok = n_ok[:, None] & (g0 + gu < g_hi)[None, :]
+        sz = rn[:, None] * stride_s + (g0 + gu)[None, :]
+        sc = tl.load(s_ptr + sz, mask=g_ok, other=0.0).to(tl.float32)
+        zp = tl.load(z_ptr + sz, mask=g_ok, other=0).to(tl.float32)
+        acc += sc * (qh - zp * hs[None, :])
     out = tl.sum(acc, axis=1)
     if LATE_NORM:
         out = out / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
@@ -204,11 +211,23 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 3   # _gemm's pipeline depth
     dot: bool = True      # one row through _gemm (padded to 16) rather than _gemv
+    gps: int = 4          # _gemv: groups per loop step
 
 
 # Per-shape choices from bench/gpu_runtime.py (kernels step) on the H100: {(M bucket, N, K): config}.
 # Shapes not listed use ``default_config``. M bucket: 1, or 16 for 2..16 rows.
-TUNED: dict[tuple[int, int, int], GemvConfig] = {}
+# One row: the H100 sweep of 2026-11-22 (.scratch run, GPS groups per step; bench/RESULTS.md). Several rows:
+# bench/gpu_runtime.py's kernels step of the same day.
+TUNED: dict[tuple[int, int, int], GemvConfig] = {
+    (1, 2048, 1536): GemvConfig(16, 1, 8, 1, False, 4),    # qkv
+    (1, 1536, 1536): GemvConfig(16, 1, 8, 1, False, 4),    # o
+    (1, 17920, 1536): GemvConfig(16, 1, 4, 1, False, 4),   # w13
+    (1, 1536, 8960): GemvConfig(16, 2, 8, 1, False, 4),    # w2
+    (16, 1536, 1536): GemvConfig(32, 4, 4, 3, True),
+    (16, 1536, 8960): GemvConfig(64, 16, 4, 3, True),
+    (16, 2048, 1536): GemvConfig(64, 4, 4, 3, True),
+    (16, 17920, 1536): GemvConfig(64, 1, 4, 3, True),
+}
 
 
 def _pow2_at_least(n: int) -> int:
@@ -264,7 +283,7 @@ def w4_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros:
     if M == 1 and not cfg.dot:
         _w4_gemv_kernel[(n_blocks, cfg.split_k, 1)](x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), N, K,
                                                     cfg.split_k, LATE_NORM=pro == 1 and cfg.split_k == 1,
-                                                    K_POW2=k_pow2, CHUNK=min(k_pow2, 4096), **common)
+                                                    K_POW2=k_pow2, CHUNK=min(k_pow2, 4096), GPS=cfg.gps, **common)
     else:  # the RMSNorm pass takes [BLOCK_M, CHUNK] elements at a time: 32 per thread with 4 warps
         block_m = min(64, max(16, _pow2_at_least(M)))
         _w4_gemm_kernel[(n_blocks, cfg.split_k, triton.cdiv(M, block_m))](
