@@ -75,6 +75,7 @@ class DecodeGraphs:
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         self.bufs = DecodeBuffers.allocate(model.cfg, model.dtype, dev, self.buckets, cache.max_len, sms)
         self.host = torch.zeros(3, self.buckets[-1], dtype=torch.int64).pin_memory()
+        self.host_np = self.host.numpy()  # written through numpy: no torch dispatch per step
         self._copied = torch.cuda.Event()
         self._copied.record()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -121,10 +122,11 @@ class DecodeGraphs:
         if b not in self.graphs:
             self.capture(b)
         self._copied.synchronize()  # the previous step's copy has read the pinned buffer
-        host = self.host
-        host[:, n:] = torch.tensor([[0], [-1], [0]])  # padding rows
-        host[:, :n] = torch.tensor([tokens, positions, rows if rows is not None else list(range(n))])
-        self.bufs.idx.copy_(host, non_blocking=True)  # whole buffers: contiguous on both sides
+        host = self.host_np
+        host[0, n:], host[1, n:], host[2, n:] = 0, -1, 0  # padding rows
+        host[0, :n], host[1, :n] = tokens, positions
+        host[2, :n] = rows if rows is not None else range(n)
+        self.bufs.idx.copy_(self.host, non_blocking=True)  # whole buffers: contiguous on both sides
         self._copied.record()
         self._replay(b)
         return self.bufs.logits[:n]

@@ -129,8 +129,10 @@ class Engine:
             logits = self.model(ids, pos, self.cache, last_only=True)[:, -1].float()  # [1, V]
             self._cached = prompt
             stats.prefill_s = time.perf_counter() - t0
+            penalize = gen.repetition_penalty != 1.0  # else `seen` is never read: no per-token update
             seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
-            seen[0, torch.tensor(prompt, device=self.device)] = True
+            if penalize:
+                seen[0, torch.tensor(prompt, device=self.device)] = True
             # [STEP 2]: decode one token at a time
             for step in range(budget):
                 tok = int(sample(logits, gen, seen, generator)[0])
@@ -142,7 +144,8 @@ class Engine:
                 if step + 1 == budget:
                     stats.finish = "length"
                     return
-                seen[0, tok] = True
+                if penalize:
+                    seen[0, tok] = True
                 logits = self._decode(tok, len(self._cached))
                 self._cached.append(tok)
         finally:
@@ -152,7 +155,7 @@ class Engine:
     def _decode(self, tok: int, position: int) -> torch.Tensor:
         """Row 0's next-token logits [1, V] float32 after feeding ``tok`` at ``position``."""
         if self.decoder is not None:
-            return self.decoder.step_host([tok], [position]).float()
+            return self.decoder.step_host([tok], [position])  # compute dtype: sample() upcasts when it must
         pos = torch.tensor([[position]], device=self.device)
         return self.model(torch.tensor([[tok]], device=self.device), pos, self.cache, last_only=True)[:, -1].float()
 

@@ -36,8 +36,11 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, gen: GenerationConfig, seen: torch.Tensor,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] (float32), seen [B, V] -> next token ids [B]."""
-    logits = apply_repetition_penalty(logits, seen, gen.repetition_penalty)
+    """logits [B, V], seen [B, V] -> next token ids [B]. Greedy without a penalty takes the argmax in the
+    logits' own dtype (the same choice; one kernel less per token on the GPU); the rest works in float32."""
+    if gen.temperature == 0 and gen.repetition_penalty == 1.0:
+        return logits.argmax(dim=-1)
+    logits = apply_repetition_penalty(logits.float(), seen, gen.repetition_penalty)
     if gen.temperature == 0:
         return logits.argmax(dim=-1)
     logits = top_p_filter(top_k_filter(logits / gen.temperature, gen.top_k), gen.top_p)
