@@ -58,16 +58,17 @@ def main():
         "W4A16 + KV int8": ConvertRequest(args.awq, str(work / "w4kv"), kv_params=args.kv_params, session_len=2304,
                                           force=True),
     }
-    # (row, workspace, compute dtype): float32 is the runtime's CPU default (exact against the dequantized
-    # model); bfloat16 routes int4 through torch's CPU int4 kernel.
+    # (row, workspace, compute dtype): float32 is exact against the dequantized model; bfloat16 routes int4
+    # through torch's CPU int4 kernel, which is what `auto` picks for int4 workspaces on the CPU.
     runs = [(name, req.dst, "float32") for name, req in spaces.items()]
-    runs += [("W4A16 + KV int8, bf16 compute", spaces["W4A16 + KV int8"].dst, "bfloat16")]
+    runs += [("W4A16 + KV int8, bf16 compute", spaces["W4A16 + KV int8"].dst, "bfloat16"),
+             ("W4A16 + KV int8, --dtype auto (what chat/serve use)", spaces["W4A16 + KV int8"].dst, "auto")]
     rows = {}
     for req in spaces.values():
         convert_workspace(req, log=lambda *_: None)
     for name, dst, dt in runs:
         rows[name] = {"dtype": dt}
-        if not args.skip_ppl:
+        if not args.skip_ppl and dt != "auto":  # eval's auto is float32: the float32 row
             rows[name]["ppl"] = eval_model(dst, wiki, 2048, args.windows, device="cpu", dtype=dt).ppl
 
     gen = GenerationConfig(max_new_tokens=256, temperature=0.0, stop_ids=())
