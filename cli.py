@@ -118,8 +118,6 @@ def kv_params(work_dir, kv_sym, granularity, num_tp, workspace):
 @calib_options(seqlen_default=512)
 @click.option("--search-scale/--no-search-scale", default=True, show_default=True, help="AWQ per-channel scale search.")
 @click.option("--clip/--no-clip", default=True, show_default=True, help="Per-group clipping search (not q/k).")
-@click.option("--clip-guard/--no-clip-guard", default=True, show_default=True,
-              help="Keep a linear's clip only if it also lowers the quantized block's output error.")
 @click.option("--method", type=click.Choice(["awq", "rtn"]), default="awq", show_default=True,
               help="rtn: plain round-to-nearest on the same grid, the baseline.")
 @click.option("--backend", type=click.Choice(["native", "autoawq"]), default="native", show_default=True,
@@ -131,7 +129,7 @@ def kv_params(work_dir, kv_sym, granularity, num_tp, workspace):
 @force_option
 @trust_option
 def awq(model, work_dir, w_bits, w_group_size, w_sym, calib_dataset, calib_samples, calib_seqlen, seed,
-        search_scale, clip, clip_guard, method, backend, out, batch_size, device, dtype, force, trust_remote_code):
+        search_scale, clip, method, backend, out, batch_size, device, dtype, force, trust_remote_code):
     """Activation-aware weight quantization into an HF AWQ (GEMM) checkpoint.
 
     Block by block (only one decoder block on the accelerator): grid-search per-channel scales
@@ -144,7 +142,7 @@ def awq(model, work_dir, w_bits, w_group_size, w_sym, calib_dataset, calib_sampl
     from .pipelines.calibrate import CalibRequest
 
     req = AwqRequest(bits=w_bits, group_size=w_group_size, sym=w_sym, method=method, search_scale=search_scale,
-                     clip=clip, clip_guard=clip_guard)
+                     clip=clip)
     run(model, work_dir, req, CalibRequest(calib_dataset, calib_samples, calib_seqlen, seed), out=out,
         batch_size=batch_size, device=device, dtype=dtype, force=force, trust_remote_code=trust_remote_code,
         backend=backend)

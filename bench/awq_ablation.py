@@ -23,7 +23,7 @@ def parse_variant(text: str) -> dict:
     out = {}
     for item in filter(None, text.split(",")):
         k, v = item.split("=")
-        out[k] = v.lower() in ("1", "true") if k in ("clip", "clip_guard", "search_scale", "sym") else int(v)
+        out[k] = v.lower() in ("1", "true") if k in ("clip", "search_scale", "sym") else int(v)
     return out
 
 

@@ -37,8 +37,6 @@ class AwqRequest:
     n_grid: int = 20
     # 4096 sampled tokens (AutoAWQ: 512): SmolLM2 w4 g64 wiki ppl 21.06 against 21.39 (bench/RESULTS.md)
     clip_samples: int = 4096
-    # keep a clip only if the whole quantized block's output error drops too (awq_block.guard_clips)
-    clip_guard: bool = True
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -125,16 +123,11 @@ def awq(model: str, work_dir: str, req: AwqRequest = AwqRequest(), calib: CalibR
             report = load_json(state / f"block_{i:03d}.json", "AWQ block report")
         else:
             cap, remove = capture_inputs(block, lm.spec, run.tokens, req.clip_samples)
-            block_in = list(run.hidden)  # the batches are replaced by the block's outputs, not changed in place
             try:
                 run.run_block(block)  # [STEP 1]
             finally:
                 remove()
-            guard = None
-            if req.clip and req.clip_guard:
-                guard = (lambda x, b=block: run.block_forward(b, x), block_in, list(run.hidden))
-            found, report = search_block(block, lm.spec, cap, run.position_embeddings, req, guard)  # [STEP 2-3]
-            del block_in, guard
+            found, report = search_block(block, lm.spec, cap, run.position_embeddings, req)  # [STEP 2-3]
             del cap
             report = {"layer": i, **report}
             save_tensors(found, cached)

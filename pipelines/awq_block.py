@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from ..convert.arch import ArchSpec, ScaleGroup, get_module
 from ..convert.awq_export import quantize_linear
-from ..convert.quant import fake_quantize
 from .awq_search import apply_clip, apply_scale, scale_candidates, search_clip, search_scale, w_mean_of
 from .stats import ChannelStats
 
@@ -99,9 +98,8 @@ def _chunks(xs: list[torch.Tensor], max_tokens: int = 8192):
 
 
 @torch.inference_mode()
-def search_block(block, spec: ArchSpec, cap: Captured, pe, req: AwqRequest, guard=None) -> tuple[dict, dict]:
-    """[STEP 2-3] on one block; returns (tensors, report). Scales and clips are applied to ``block``.
-    ``guard``: (forward, input batches, full-precision outputs) of the block, for ``guard_clips``."""
+def search_block(block, spec: ArchSpec, cap: Captured, pe, req: AwqRequest) -> tuple[dict, dict]:
+    """[STEP 2-3] on one block; returns (tensors, report). Scales and clips are applied to ``block``."""
     tensors, report = {}, {"groups": [], "clips": {}}
     first = {name: group[0] for group in spec.input_groups for name in group}
     for group in spec.scale_groups:
@@ -134,53 +132,15 @@ def search_block(block, spec: ArchSpec, cap: Captured, pe, req: AwqRequest, guar
                                  "alpha": alphas[best], "mse": float(losses[best]),
                                  "mse_no_scale": float(losses[-1])})
     if req.clip:
-        names = [n for n in spec.linears if n not in (spec.q_proj, spec.k_proj)]  # q, k meet in q.k^T: not clipped
-        unclipped = {n: get_module(block, n).weight.detach().clone() for n in names} if guard else None
-        for name in names:
+        for name in spec.linears:
+            if name in (spec.q_proj, spec.k_proj):
+                continue  # q and k meet in q.k^T: clipping them is hard to judge by their own output
             lin = get_module(block, name)
             clip_max, ratio = search_clip(lin.weight, cap.sampled(first[name]), req.q, req.n_grid)
             apply_clip(lin, clip_max)
             tensors[f"clip.{name}"] = clip_max.float().cpu()
             report["clips"][name] = float(ratio.mean())
-        if guard:
-            report["unclipped"] = guard_clips(block, spec, req, guard, unclipped, tensors, report)
     return tensors, report
-
-
-@torch.inference_mode()
-def guard_clips(block, spec: ArchSpec, req: AwqRequest, guard, unclipped: dict, tensors: dict, report: dict) -> list:
-    """[STEP 3b] Each clip is judged by its own linear's output; keep it only if it also lowers the error of
-    the whole quantized block's output. ``guard`` = (forward(x) of the block, its input batches, the
-    full-precision outputs). One linear at a time, the clip is undone and kept undone when the block's
-    error drops. (Qwen2.5-Coder-1.5B: clip search alone made wiki ppl worse than RTN; bench/RESULTS.md.)"""
-    forward, xs, refs = guard
-    linears = [get_module(block, n) for n in spec.linears]
-    dev = linears[0].weight.device
-
-    def error() -> torch.Tensor:  # every linear fake-quantized: w -> Q(w); restored afterwards
-        saved = [m.weight.detach().clone() for m in linears]
-        for m in linears:
-            m.weight.copy_(fake_quantize(m.weight.float(), req.bits, req.group_size, req.sym).to(m.weight.dtype))
-        try:
-            return sum((forward(x).float() - r.to(dev).float()).pow(2).sum() for x, r in zip(xs, refs))
-        finally:
-            for m, w in zip(linears, saved):
-                m.weight.copy_(w)
-
-    best, undone = error(), []
-    for name, w in unclipped.items():
-        lin = get_module(block, name)
-        clipped = lin.weight.detach().clone()
-        lin.weight.copy_(w)
-        err = error()
-        if err < best:
-            best = err
-            undone.append(name)
-            del tensors[f"clip.{name}"]
-            report["clips"][name] = 1.0
-        else:
-            lin.weight.copy_(clipped)
-    return undone
 
 
 @torch.no_grad()
