@@ -25,6 +25,7 @@ from torch import nn
 from ..convert.workspace_config import WorkspaceConfig
 from .kernels import HAVE_TRITON
 from .kv_cache import KVCache, shared_start
+from .model import LayerWeights
 from .rope import rotary_tables
 
 if HAVE_TRITON:
@@ -41,19 +42,6 @@ def use_gpu_path(device: torch.device, dtype: torch.dtype, cfg: WorkspaceConfig)
             and D & (D - 1) == 0)
 
 
-class GpuBlock(nn.Module):
-    """One decoder layer's weights; ``p`` maps the layout's names (convert/layout.py) to tensors and GpuLinears."""
-
-    def __init__(self, p: dict):
-        super().__init__()
-        self.attention_norm = nn.Parameter(p["attention_norm.weight"], requires_grad=False)
-        self.ffn_norm = nn.Parameter(p["ffn_norm.weight"], requires_grad=False)
-        self.register_buffer("q_norm", p.get("attention.q_norm.weight"), persistent=False)  # [D] or None
-        self.register_buffer("k_norm", p.get("attention.k_norm.weight"), persistent=False)
-        self.wqkv, self.wo = p["attention.wqkv"], p["attention.wo"]
-        self.w13, self.w2 = p["feed_forward.w13"], p["feed_forward.w2"]
-
-
 class GpuTransformer(nn.Module):
     def __init__(self, cfg: WorkspaceConfig, glob: dict[str, torch.Tensor], layers: list[dict], max_len: int,
                  head: nn.Module | None = None):
@@ -68,7 +56,7 @@ class GpuTransformer(nn.Module):
         self.head = head
         if head is not None and output is not None:
             self.output = None  # the head replaces it
-        self.layers = nn.ModuleList(GpuBlock(p) for p in layers)
+        self.layers = nn.ModuleList(LayerWeights(p) for p in layers)
         cos, sin = rotary_tables(cfg, max_len)  # [max_len, D] float32, read by the rope kernel at pos
         self.register_buffer("cos", cos.to(self.tok_embeddings.device), persistent=False)
         self.register_buffer("sin", sin.to(self.tok_embeddings.device), persistent=False)

@@ -21,19 +21,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-class Block(nn.Module):
-    """One decoder layer; ``p`` maps the layout's names (convert/layout.py) to norm weights and linears."""
+class LayerWeights(nn.Module):
+    """One decoder layer's weights; ``p`` maps the layout's names (convert/layout.py) to norm weights and
+    built linears. The CPU Block below and runtime/gpu_model.py's layers both hold them this way."""
 
-    def __init__(self, cfg: WorkspaceConfig, p: dict, layer: int):
+    def __init__(self, p: dict):
         super().__init__()
-        self.layer, self.eps = layer, cfg.norm_eps
-        self.hq, self.hkv, self.d = cfg.head_num, cfg.kv_head_num, cfg.size_per_head
         self.attention_norm = nn.Parameter(p["attention_norm.weight"], requires_grad=False)
         self.ffn_norm = nn.Parameter(p["ffn_norm.weight"], requires_grad=False)
         self.register_buffer("q_norm", p.get("attention.q_norm.weight"), persistent=False)  # [D] or None
         self.register_buffer("k_norm", p.get("attention.k_norm.weight"), persistent=False)
         self.wqkv, self.wo = p["attention.wqkv"], p["attention.wo"]
         self.w13, self.w2 = p["feed_forward.w13"], p["feed_forward.w2"]
+
+
+class Block(LayerWeights):
+    """One decoder layer: its weights and the plain-PyTorch forward."""
+
+    def __init__(self, cfg: WorkspaceConfig, p: dict, layer: int):
+        super().__init__(p)
+        self.layer, self.eps = layer, cfg.norm_eps
+        self.hq, self.hkv, self.d = cfg.head_num, cfg.kv_head_num, cfg.size_per_head
 
     def forward(self, x, cos, sin, pos, start, mask, cache: KVCache):
         # x: [B, S, hidden]; cos, sin: [B, S, D]; pos: [B, S]; mask: [B, 1, S, L] (True = attend)
