@@ -208,6 +208,9 @@ def variants(eng, plan) -> dict:
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             out[label] = f"{type(e).__name__}: {e}"
+    os.environ["QCONV_PDL"] = "0"  # read at every launch: the graphs captured next launch without PDL
+    measure("graphs without PDL (programmatic dependent launch off)")
+    os.environ.pop("QCONV_PDL")
     measure("no CUDA graphs (eager kernels)", use_graphs=False)
     out["kernel profile"] = profile_step(eng, plan.prompt_len)
     if all(fits_tinygemm(m) for m in lins if m.int4):

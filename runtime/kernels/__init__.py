@@ -8,11 +8,28 @@
     attention.py   decode attention over the static cache, split along the keys, lengths read on the device
 
 Every module imports triton at the top; check ``HAVE_TRITON`` before importing one.
+
+PDL (programmatic dependent launch, Hopper and later): every kernel of the decode step lets the next one
+launch at once (griddepcontrol.launch_dependents) and waits for the previous one to finish
+(griddepcontrol.wait) before it reads or writes anything another kernel touches; the int4 GEMV loads its
+first weight tile before waiting. The launch gap then overlaps the previous kernel's tail. ``pdl(t)``
+says whether launches on t's device use it (QCONV_PDL=0 turns it off).
 """
 from __future__ import annotations
+
+import os
+
+import torch
 
 try:
     import triton  # noqa: F401
     HAVE_TRITON = True
 except ImportError:  # CPU-only installs: the GPU path is off, the CPU runtime is unaffected
     HAVE_TRITON = False
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Launch with programmatic dependent launch: CUDA sm_90+, not Triton's interpreter, not QCONV_PDL=0."""
+    if t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("QCONV_PDL") == "0":
+        return False
+    return torch.cuda.get_device_capability(t.device)[0] >= 9

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 LOG2E = 1.4426950408889634
 
 
@@ -26,7 +28,10 @@ LOG2E = 1.4426950408889634
 def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr,
                        m_ptr, l_ptr, o_ptr, qk_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                        REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
-                       QUANT: tl.constexpr):
+                       QUANT: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b, kvh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     dt = q_ptr.dtype.element_ty
     length = tl.maximum(tl.load(pos_ptr + b) + 1, 0)
@@ -74,7 +79,11 @@ def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stri
 
 
 @triton.jit
-def _attn_combine_kernel(m_ptr, l_ptr, o_ptr, out_ptr, stride_ot, HQ: tl.constexpr, D: tl.constexpr, NS: tl.constexpr):
+def _attn_combine_kernel(m_ptr, l_ptr, o_ptr, out_ptr, stride_ot, HQ: tl.constexpr, D: tl.constexpr, NS: tl.constexpr,
+                         PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b, h = tl.program_id(0), tl.program_id(1)
     base = (b * HQ + h) * NS
     sidx = tl.arange(0, NS)
@@ -129,10 +138,12 @@ def decode_attention(q: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, k_c
     assert m.shape[0] >= B and m.shape[1:] == (num_heads, ns) and acc.shape[1:] == (num_heads, ns, D)
     if B == 0:
         return out
+    on = pdl(q)
     _attn_split_kernel[(B, hkv, ns)](
         q, q.stride(0), pos, slot, k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         kv_params if quant else m, m, l, acc, LOG2E / math.sqrt(D), HQ=num_heads, HKV=hkv, D=D, REP=rep,
-        REP_PAD=max(16, triton.next_power_of_2(rep)), BLOCK_N=block_n, NS=ns, QUANT=quant, num_warps=num_warps,
-        num_stages=num_stages)
-    _attn_combine_kernel[(B, num_heads)](m, l, acc, out, out.stride(0), HQ=num_heads, D=D, NS=ns, num_warps=2)
+        REP_PAD=max(16, triton.next_power_of_2(rep)), BLOCK_N=block_n, NS=ns, QUANT=quant, PDL=on, num_warps=num_warps,
+        num_stages=num_stages, launch_pdl=on)
+    _attn_combine_kernel[(B, num_heads)](m, l, acc, out, out.stride(0), HQ=num_heads, D=D, NS=ns, PDL=on, num_warps=2,
+                                         launch_pdl=on)
     return out

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 
 
@@ -114,29 +116,38 @@ def _epilogue(acc, y, mask, b_ptr, rn, n_ok, pid_k, RESIDUAL: tl.constexpr, ATOM
 def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym,
                     N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, RESIDUAL: tl.constexpr, ATOMIC: tl.constexpr,
                     HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, LATE_NORM: tl.constexpr,
-                    K_POW2: tl.constexpr, CHUNK: tl.constexpr, GPS: tl.constexpr):
+                    K_POW2: tl.constexpr, CHUNK: tl.constexpr, GPS: tl.constexpr, PDL: tl.constexpr):
     """One row. Each step loads GPS groups as one [BLOCK_N, GPS * G/2] byte tile (H100, w13 of qwen2.5-1.5b:
     GPS=4 moved 1.22 TB/s against 0.63 with one group per step: more bytes in flight per program). Per group:
         sum_k (q - z) * s * h = s * (sum_k q * h - z * sum_k h),
-    so the tile multiplies codes by h directly, and the [BLOCK_N, GPS] group sums get s and z once."""
+    so the tile multiplies codes by h directly, and the [BLOCK_N, GPS] group sums get s and z once.
+    With PDL the first tile is loaded before waiting for the previous kernel (weights are never written),
+    and each step loads the next tile before its arithmetic."""
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     x_row = x_ptr + m * stride_xm
+    g_lo, g_hi = _slice(K, SPLIT_K, pid_k, G)
+    B: tl.constexpr = GPS * G // 2
+    j = tl.arange(0, B)           # byte j of the tile: columns 2j (low nibble) and 2j + 1 (high nibble)
+    w_rows = w_ptr + rn[:, None] * stride_w + j[None, :]
+    q = tl.load(w_rows + g_lo * (G // 2), mask=n_ok[:, None] & (g_lo * (G // 2) + j < g_hi * (G // 2))[None, :],
+                other=0)  # [BN, B] uint8, the first step's tile
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     rstd = 1.0
     if PRO == 1 and not LATE_NORM:  # this K-slice needs the whole row's rsqrt(mean(x^2) + eps) first
         rstd = tl.sum(_rstd(x_row + tl.zeros([1, 1], tl.int32), tl.full([1, 1], 1, tl.int1), K, eps, 1, K_POW2,
                             CHUNK))
-    g_lo, g_hi = _slice(K, SPLIT_K, pid_k, G)
-    B: tl.constexpr = GPS * G // 2
-    j = tl.arange(0, B)           # byte j of the tile: columns 2j (low nibble) and 2j + 1 (high nibble)
     gu = tl.arange(0, GPS)
     acc = tl.zeros([BLOCK_N, GPS], tl.float32)
     sq = tl.zeros([B], tl.float32)
     for g0 in range(g_lo, g_hi, GPS):
         c_ok = g0 * (G // 2) + j < g_hi * (G // 2)  # the last step of a slice may hold fewer groups
-        q = tl.load(w_ptr + rn[:, None] * stride_w + (g0 * (G // 2) + j)[None, :], mask=n_ok[:, None] & c_ok[None, :],
-                    other=0)  # [BN, B] uint8
+        nxt = (g0 + GPS) * (G // 2) + j < g_hi * (G // 2)
+        q_next = tl.load(w_rows + (g0 + GPS) * (G // 2), mask=n_ok[:, None] & nxt[None, :], other=0)
         k = g0 * G + 2 * j
         if LATE_NORM:  # h = x * norm_w now, times rstd at the end
             xe = tl.load(x_row + k, mask=c_ok, other=0.0).to(tl.float32)
@@ -155,6 +166,7 @@ def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
         sc = tl.load(s_ptr + sz, mask=g_ok, other=0.0).to(tl.float32)
         zp = tl.load(z_ptr + sz, mask=g_ok, other=0).to(tl.float32)
         acc += sc * (qh - zp * hs[None, :])
+        q = q_next
     out = tl.sum(acc, axis=1)
     if LATE_NORM:
         out = out / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
@@ -166,7 +178,10 @@ def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
 def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym,
                     M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, RESIDUAL: tl.constexpr,
                     ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, K_POW2: tl.constexpr, CHUNK: tl.constexpr):
+                    BLOCK_N: tl.constexpr, K_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
@@ -274,9 +289,10 @@ def w4_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros:
     assert cfg.split_k == 1 or residual, "split-K needs the residual epilogue (atomic adds)"
     nw = norm_weight if norm_weight is not None else scales  # unused pointer when the prologue has no norm
     b = bias if bias is not None else scales
+    on = pdl(x)
     common = dict(G=group, PRO=pro, RESIDUAL=residual, ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None,
                   ACT_BF16=act == torch.bfloat16, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+                  num_stages=cfg.num_stages, PDL=on, launch_pdl=on)
     weights = (codes, scales, zeros, codes.stride(0), scales.stride(0))
     n_blocks = triton.cdiv(N, cfg.block_n)
     k_pow2 = triton.next_power_of_2(K)

@@ -9,9 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, stride_x, w_ptr, out_ptr, stride_o, H, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, stride_x, w_ptr, out_ptr, stride_o, H, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     k = tl.arange(0, BLOCK)
     mask = k < H
@@ -24,7 +29,10 @@ def _rms_norm_kernel(x_ptr, stride_x, w_ptr, out_ptr, stride_o, H, eps, BLOCK: t
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, stride_x, out_ptr, stride_o, I, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, stride_x, out_ptr, stride_o, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row, blk = tl.program_id(0), tl.program_id(1)
     k = blk * BLOCK + tl.arange(0, BLOCK)
     mask = k < I
@@ -40,8 +48,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
     assert x.stride(-1) == 1 and out.stride(-1) == 1 and out.shape == (T, H), f"x {tuple(x.shape)} out {tuple(out.shape)}"
     assert weight.shape == (H,) and weight.is_contiguous()
     if T:
+        on = pdl(x)
         _rms_norm_kernel[(T,)](x, x.stride(0), weight, out, out.stride(0), H, eps, BLOCK=triton.next_power_of_2(H),
-                               num_warps=4 if H <= 4096 else 8)
+                               PDL=on, num_warps=4 if H <= 4096 else 8, launch_pdl=on)
     return out
 
 
@@ -51,5 +60,7 @@ def silu_mul(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     assert x.stride(-1) == 1 and out.stride(-1) == 1 and out.shape == (T, I2 // 2), f"x {tuple(x.shape)}"
     block = 1024
     if T:
-        _silu_mul_kernel[(T, triton.cdiv(I2 // 2, block))](x, x.stride(0), out, out.stride(0), I2 // 2, BLOCK=block)
+        on = pdl(x)
+        _silu_mul_kernel[(T, triton.cdiv(I2 // 2, block))](x, x.stride(0), out, out.stride(0), I2 // 2, BLOCK=block,
+                                                           PDL=on, launch_pdl=on)
     return out

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 @triton.jit
 def _rint(x):
@@ -33,7 +35,10 @@ def _rint(x):
 def _rope_cache_kernel(qkv_ptr, stride_t, acc_ptr, stride_at, pos_ptr, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr,
                        eps, kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr,
                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr,
-                       QK_NORM: tl.constexpr, WRITE_BACK: tl.constexpr, FROM_ACC: tl.constexpr):
+                       QK_NORM: tl.constexpr, WRITE_BACK: tl.constexpr, FROM_ACC: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     t, h = tl.program_id(0), tl.program_id(1)
     HALF: tl.constexpr = D // 2
     dt = qkv_ptr.dtype.element_ty
@@ -116,9 +121,10 @@ def rope_cache_write(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, c
     qk_norm = q_norm is not None
     dummy = cos
     if T:
+        on = pdl(qkv)
         _rope_cache_kernel[(T, num_heads + 2 * num_kv_heads)](
             qkv, qkv.stride(0), acc if acc is not None else dummy, acc.stride(0) if acc is not None else 0, pos, slot,
             cos, sin, q_norm if qk_norm else dummy, k_norm if qk_norm else dummy, eps,
             k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             kv_params if quant else dummy, HQ=num_heads, HKV=num_kv_heads, D=D, QUANT=quant, QK_NORM=qk_norm,
-            WRITE_BACK=write_back, FROM_ACC=acc is not None, num_warps=1)
+            WRITE_BACK=write_back, FROM_ACC=acc is not None, PDL=on, num_warps=1, launch_pdl=on)
