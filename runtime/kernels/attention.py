@@ -7,7 +7,8 @@ split size is chosen from len inside the kernel: ceil(len / NS) rounded up to BL
 int8 caches (x = q * scale + zp per kv head) are never dequantized element by element:
   scores  q . k  = scale * (q . kq) + zp * sum(q)
   output  sum_n p_n v_n = scale * (p . vq) + zp * sum(p)
-and int8 -> fp16 is exact, so the dots run on the tensor cores in the activation dtype.
+and int8 -> fp16 is exact, so the dots run on the tensor cores in the activation dtype. With fp16 the
+codes become 1152 + kq by one OR (no int-to-float conversion) and the dots subtract 1152 * sum(q) / sum(p).
 Each split leaves (m, l, acc) in log2 units: m = max score, l = sum 2^(score - m), acc = sum 2^(score - m) v;
 the combine kernel merges the NS splits: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
 """
@@ -22,6 +23,16 @@ import triton.language as tl
 from . import pdl
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _int8_as(x, dt):
+    """int8 codes -> the activation dtype. fp16: (x + 128) | 0x6400 read as fp16 is exactly 1152 + x (no
+    conversion instruction; the dots subtract 1152 * sum of the other operand); bf16: converted."""
+    if dt == tl.float16:
+        return ((x.to(tl.int16) + 128) | 0x6400).to(tl.float16, bitcast=True)
+    else:
+        return x.to(dt)
 
 
 @triton.jit
@@ -56,20 +67,29 @@ def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stri
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
         offs = base + n[:, None] * stride_cs + d[None, :]  # [BN, D]
-        k = tl.load(kc_ptr + offs, mask=n_ok[:, None], other=0).to(dt)
-        sc = tl.dot(q, tl.trans(k))  # [REP_PAD, BN] fp32
+        k = tl.load(kc_ptr + offs, mask=n_ok[:, None], other=0)
         if QUANT:
+            sc = tl.dot(q, tl.trans(_int8_as(k, dt)))  # [REP_PAD, BN] fp32
+            if dt == tl.float16:
+                sc -= 1152.0 * q_sum[:, None]
             sc = sc * k_scale + k_zp * q_sum[:, None]
+        else:
+            sc = tl.dot(q, tl.trans(k.to(dt)))
         sc = tl.where(n_ok[None, :], sc * qk_scale, float("-inf"))  # log2 units: score / sqrt(D) * log2(e)
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(vc_ptr + offs, mask=n_ok[:, None], other=0).to(dt)
+        v = tl.load(vc_ptr + offs, mask=n_ok[:, None], other=0)
         p16 = p.to(dt)
-        pv = tl.dot(p16, v)  # [REP_PAD, D]
         if QUANT:
-            pv = pv * v_scale + v_zp * tl.sum(p16.to(tl.float32), axis=1)[:, None]
+            pv = tl.dot(p16, _int8_as(v, dt))  # [REP_PAD, D]
+            p_sum = tl.sum(p16.to(tl.float32), axis=1)[:, None]
+            if dt == tl.float16:
+                pv -= 1152.0 * p_sum
+            pv = pv * v_scale + v_zp * p_sum
+        else:
+            pv = tl.dot(p16, v.to(dt))
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     idx = (b * HQ + kvh * REP + r) * NS + s  # [REP_PAD] into [B, HQ, NS]
