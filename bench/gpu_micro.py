@@ -2,7 +2,7 @@
 
 Every timing is a CUDA graph of one call per weight (or cache) copy, with enough distinct copies to
 overflow L2 twice, as a decode step reads each layer's weights once: µs per call = replay time / copies.
-  linears    per decode role (qkv: RMSNorm + bias, o: += residual, w13: RMSNorm, w2: SiLU-mul + += residual)
+  linears    per decode role (qkv: RMSNorm + bias, o: += residual, w13: RMSNorm + SiLU-mul epilogue, w2: += residual)
              and rows M: the Triton kernel over a config sweep (best kept, as gemv_int4.TUNED entries),
              torch's tinygemm (_weight_int4pack_mm, bf16), dequantize + cuBLAS, and cuBLAS on fp16 weights
   attention  decode_attention over fp16 / int8 caches at a few contexts, rows and split settings
@@ -18,6 +18,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
+from qconv.convert.layout import pack_int4, pack_words, unpack_words
 from qconv.runtime.gpu_linear import tinygemm_pack
 from qconv.runtime.kernels.attention import decode_attention, num_splits
 from qconv.runtime.kernels.gemv_int4 import GemvConfig, w4_dequantize, w4_matmul
@@ -66,22 +67,25 @@ def shapes_of(cfg: dict) -> dict[str, tuple[int, int]]:
     return {"qkv": ((hq + 2 * hkv) * D, H), "o": (H, hq * D), "w13": (2 * I, H), "w2": (H, I)}
 
 
-# role -> (prologue, residual epilogue, bias); qkv may also split K and add into an fp32 buffer (read and
-# zeroed by the rope kernel: GpuLinear.accumulates)
-ROLES = {"qkv": ("rmsnorm", False, True), "o": ("none", True, False), "w13": ("rmsnorm", False, False),
-         "w2": ("silu_mul", True, False)}
+# role -> (prologue, epilogue, bias); qkv may also split K and add into an fp32 buffer (read and zeroed by
+# the rope kernel: GpuLinear.accumulates)
+ROLES = {"qkv": ("rmsnorm", "store", True), "o": ("none", "residual", False), "w13": ("rmsnorm", "silu", False),
+         "w2": ("none", "residual", False)}
 ACCUMULATES = ("qkv",)
 
 
-def sweep_configs(M: int, K: int, group: int, residual: bool, full: bool) -> list[GemvConfig]:
-    """Block rows x kernel (one row: _gemv on CUDA cores or _gemm padded; several: _gemm) x warps / pipeline
-    stages; with the residual epilogue also split-K (a run-time argument: splits cost no compile)."""
+def sweep_configs(M: int, K: int, group: int, residual: bool, full: bool, prologue: str = "none") -> list[GemvConfig]:
+    """One row: _gemv (rows per program x words per thread x warps) and _gemm padded; several rows: _gemm
+    (block rows x warps / pipeline stages); with the residual epilogue also split-K (a run-time argument:
+    splits cost no compile), except one row with RMSNorm in _gemv (the norm is applied at the end)."""
     splits = [s for s in (1, 2, 4, 8, 16) if K // group >= 2 * s] if residual else [1]
     dot = [(4, 2), (4, 3), (4, 4), (8, 3)] if full else [(4, 3)]
-    launch = [(True, w, st) for w, st in dot]
+    out = [GemvConfig(bn, s, w, st, True) for bn in (16, 32, 64, 128) for w, st in dot for s in splits]
     if M == 1:
-        launch += [(False, w, 1) for w in ((2, 4, 8) if full else (4,))]
-    return [GemvConfig(bn, s, w, st, d) for bn in (16, 32, 64, 128) for d, w, st in launch for s in splits]
+        g_splits = [1] if prologue == "rmsnorm" else splits
+        out += [GemvConfig(bn, s, w, 1, False, v) for bn in (8, 16) for v in (2, 4) for w in (1, 2)
+                for s in g_splits if (group // 8) % v == 0]
+    return out
 
 
 def bench_linears(cfg: dict, group: int = 128, rows=(1, 8), full: bool = False) -> tuple[list[dict], dict]:
@@ -89,32 +93,33 @@ def bench_linears(cfg: dict, group: int = 128, rows=(1, 8), full: bool = False) 
     results, tuned = [], {}
     dev = torch.device("cuda")
     for role, (N, K) in shapes_of(cfg).items():
-        prologue, residual, has_bias = ROLES[role]
+        prologue, epilogue, has_bias = ROLES[role]
         int4_bytes = N * K // 2 + N * (K // group) * 3
         n = copies_for(int4_bytes)
-        codes = [torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=dev) for _ in range(n)]
+        words = [pack_words(torch.randint(0, 16, (N, K), dtype=torch.int32, device=dev), group) for _ in range(n)]
         scales = [(torch.rand(N, K // group, device=dev) * 0.02 + 0.001).half() for _ in range(n)]
         zeros = [torch.randint(0, 16, (N, K // group), dtype=torch.uint8, device=dev) for _ in range(n)]
         bias = torch.randn(N, device=dev).half() if has_bias else None
         nw = torch.rand(K, device=dev).half() + 0.5
-        ref_w = w4_dequantize(codes[0], scales[0], zeros[0], group, torch.empty(N, K, device=dev)).float()
+        ref_w = w4_dequantize(words[0], scales[0], zeros[0], group, torch.empty(N, K, device=dev)).float()
+        n_out = N // 2 if epilogue == "silu" else N
         for M in rows:
-            x = (torch.randn(M, 2 * K if prologue == "silu_mul" else K, device=dev,
-                             dtype=torch.float32 if prologue == "rmsnorm" else torch.float16))
-            out = torch.zeros(M, N, device=dev, dtype=torch.float32 if residual else torch.float16)
+            x = torch.randn(M, K, device=dev, dtype=torch.float32 if prologue == "rmsnorm" else torch.float16)
+            out = torch.zeros(M, n_out, device=dev, dtype=torch.float32 if epilogue == "residual" else torch.float16)
             acc = torch.zeros(M, N, device=dev, dtype=torch.float32)
             row = {"role": role, "N": N, "K": K, "M": M, "int4_bytes": int4_bytes}
             # Triton, fused as in the decode step: the config sweep
-            configs = sweep_configs(M, K, group, residual, full)
+            configs = sweep_configs(M, K, group, epilogue == "residual", full, prologue)
             if role in ACCUMULATES:
-                configs += [c for c in sweep_configs(M, K, group, True, full) if c.split_k > 1]
+                configs += [c for c in sweep_configs(M, K, group, True, full, prologue) if c.split_k > 1]
             timed = []
             for c in configs:
-                add = residual or c.split_k > 1
+                epi = "residual" if (epilogue == "residual" or c.split_k > 1) else epilogue
+                dst = acc if epi == "residual" and epilogue != "residual" else out
                 try:
-                    us = graph_us(lambda i, c=c, add=add: w4_matmul(
-                        x, codes[i], scales[i], zeros[i], group, acc if add and not residual else out, bias=bias,
-                        prologue=prologue, norm_weight=nw, eps=1e-6, residual=add, config=c), n)
+                    us = graph_us(lambda i, c=c, epi=epi, dst=dst: w4_matmul(
+                        x, words[i], scales[i], zeros[i], group, dst, bias=bias, prologue=prologue, norm_weight=nw,
+                        eps=1e-6, epilogue=epi, config=c), n)
                     timed.append((us, c))
                 except Exception as e:  # noqa: BLE001  (one bad config must not stop the sweep)
                     log(f"    {role} M={M} {c}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
@@ -124,15 +129,16 @@ def bench_linears(cfg: dict, group: int = 128, rows=(1, 8), full: bool = False) 
                 tuned[(1 if M == 1 else 16, N, K)] = best
                 row["triton_us"], row["triton_cfg"] = us, str(best)
                 row["triton_top3"] = [(round(t, 2), str(c)) for t, c in timed[:3]]
-                row["triton_ok"] = _check_triton(x, codes[0], scales[0], zeros[0], group, ref_w, nw, bias, prologue,
-                                                 residual or best.split_k > 1, best)
+                epi = "residual" if (epilogue == "residual" or best.split_k > 1) else epilogue
+                row["triton_ok"] = _check_triton(x, words[0], scales[0], zeros[0], group, ref_w, nw, bias, prologue,
+                                                 epi, best)
             # the plain matmul candidates on h (the prologue's output), [M, K] fp16 / bf16
             h = torch.randn(M, K, device=dev, dtype=torch.float16)
             want = h.float() @ ref_w.t()
-            row.update(_tinygemm(h, codes, scales, zeros, group, want, n))
+            row.update(_tinygemm(h, words, scales, zeros, group, want, n))
             scratch = torch.empty(N, K, device=dev, dtype=torch.float16)
             row["dequant_cublas_us"] = _try(lambda: graph_us(lambda i: F.linear(h, w4_dequantize(
-                codes[i], scales[i], zeros[i], group, scratch)), n))
+                words[i], scales[i], zeros[i], group, scratch)), n))
             nd = copies_for(N * K * 2)
             dense = [torch.randn(N, K, device=dev, dtype=torch.float16) * 0.02 for _ in range(nd)]
             row["cublas_fp16_us"] = _try(lambda: graph_us(lambda i: F.linear(h, dense[i]), nd))
@@ -144,32 +150,38 @@ def bench_linears(cfg: dict, group: int = 128, rows=(1, 8), full: bool = False) 
                 for k, b in (("triton_us", "int4_bytes"), ("tinygemm_us", "int4_bytes"),
                              ("dequant_cublas_us", "int4_bytes"), ("cublas_fp16_us", "fp16_bytes"))
                 if isinstance(row.get(k), float)))
-        del codes, scales, zeros
+        del words, scales, zeros
         torch.cuda.empty_cache()
     return results, tuned
 
 
-def _check_triton(x, codes, scales, zeros, group, ref_w, nw, bias, prologue, residual, cfg) -> bool:
+def _check_triton(x, words, scales, zeros, group, ref_w, nw, bias, prologue, epilogue, cfg) -> bool:
     N, K = ref_w.shape
     if prologue == "rmsnorm":
         h = (nw.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).half().float()).half().float()
-    elif prologue == "silu_mul":
-        h = (F.silu(x[:, :K]) * x[:, K:]).float()
     else:
         h = x.float()
     want = h @ ref_w.t() + (bias.float() if bias is not None else 0)
-    base = torch.randn(x.shape[0], N, device=x.device) if residual else None
-    out = base.clone() if residual else torch.empty(x.shape[0], N, device=x.device, dtype=torch.float16)
-    w4_matmul(x, codes, scales, zeros, group, out, bias=bias, prologue=prologue, norm_weight=nw, eps=1e-6,
-              residual=residual, config=cfg)
-    got = out - base if residual else out.float()
+    M = x.shape[0]
+    if epilogue == "silu":
+        want = F.silu(want[:, 0::2].half().float()).half().float() * want[:, 1::2].half().float()
+        out = torch.empty(M, N // 2, device=x.device, dtype=torch.float16)
+    elif epilogue == "residual":
+        base = torch.randn(M, N, device=x.device)
+        out = base.clone()
+    else:
+        out = torch.empty(M, N, device=x.device, dtype=torch.float16)
+    w4_matmul(x, words, scales, zeros, group, out, bias=bias, prologue=prologue, norm_weight=nw, eps=1e-6,
+              epilogue=epilogue, config=cfg)
+    got = out - base if epilogue == "residual" else out.float()
     return bool(((got - want).norm() / want.norm()).item() < 1e-2)
 
 
-def _tinygemm(h, codes, scales, zeros, group, want, n) -> dict:
+def _tinygemm(h, words, scales, zeros, group, want, n) -> dict:
     """torch's int4 CUDA kernel (bf16 activations): the nibble order that reproduces ``want``, and its time."""
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm") or group not in (32, 64, 128, 256):
         return {"tinygemm": "unavailable"}
+    codes = [pack_int4(unpack_words(w, group)) for w in words]
     hb = h.bfloat16()
     for swap in (True, False):
         try:
@@ -248,5 +260,5 @@ def tuned_from_json(rows: list[dict]) -> dict:
 def print_tuned(tuned: dict) -> None:
     log("gemv_int4.TUNED = {")
     for key, c in sorted(tuned.items()):
-        log(f"    {key}: GemvConfig({c.block_n}, {c.split_k}, {c.num_warps}, {c.num_stages}, {c.dot}),")
+        log(f"    {key}: GemvConfig({c.block_n}, {c.split_k}, {c.num_warps}, {c.num_stages}, {c.dot}, {c.v}),")
     log("}")

@@ -89,6 +89,37 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1).to(torch.int32)  # [out, in/2, 2] -> [out, in]
 
 
+def pack_words(codes: torch.Tensor, group: int) -> torch.Tensor:
+    """codes [out, in] in 0..15 -> the GPU runtime's int32 words [out, in/8]: word w (0 .. g/8 - 1) of group j
+    holds in bits 4i .. 4i+3 the code of column j*g + i*g/8 + w (runtime/kernels/gemv_int4.py says why)."""
+    out_f, in_f = codes.shape
+    assert group % 8 == 0 and in_f % group == 0, f"group {group} must be a multiple of 8 dividing {in_f}"
+    c = codes.to(torch.int32).reshape(out_f, in_f // group, 8, group // 8)  # [out, groups, nibble i, word w]
+    w = torch.zeros(out_f, in_f // group, group // 8, dtype=torch.int32, device=codes.device)
+    for i in range(8):
+        w |= c[:, :, i, :] << (4 * i)  # int32 wraps: nibble 7 lands in the sign bit, as the kernel expects
+    return w.reshape(out_f, in_f // 8)
+
+
+def unpack_words(words: torch.Tensor, group: int) -> torch.Tensor:
+    """Inverse of ``pack_words``: int32 [out, in/8] -> int32 codes [out, in]."""
+    out_f, n = words.shape
+    w = words.reshape(out_f, n * 8 // group, 1, group // 8)
+    shifts = 4 * torch.arange(8, device=words.device, dtype=torch.int32)[None, None, :, None]
+    return ((w >> shifts) & 0xF).reshape(out_f, n * 8)
+
+
+def interleave_pairs(w: torch.Tensor | QuantLinear) -> torch.Tensor | QuantLinear:
+    """gate | up fused along out [2I, ...] -> rows 2n = gate n, 2n + 1 = up n: the order the GPU kernels'
+    SiLU-mul epilogue reads (runtime/kernels/gemv_int4.py, norm.silu_mul with pairs=True)."""
+    def perm(t: torch.Tensor) -> torch.Tensor:
+        half = t.shape[0] // 2
+        return torch.stack([t[:half], t[half:]], dim=1).reshape(t.shape)
+    if isinstance(w, QuantLinear):
+        return QuantLinear(perm(w.codes), perm(w.scale), perm(w.zero))
+    return perm(w)
+
+
 def int4_tensors(q: QuantLinear) -> dict[str, torch.Tensor]:
     """Suffix -> tensor for one int4 linear in the runtime layout."""
     assert int(q.zero.min()) >= 0 and int(q.zero.max()) <= 15, "int4 zero points must lie in 0..15"

@@ -2,6 +2,7 @@
 
     graphs = DecodeGraphs(model, cache)           # buffers for cache.batch rows; graphs built on first use
     logits = graphs.step_host([tok], [pos], [0])  # one step for cache row 0 -> [1, V] (a view, valid until next step)
+    toks = graphs.greedy_burst(tok, pos, k)       # k greedy steps of row 0 on the device -> the k next tokens
     model(ids [B, 1], pos [B, 1], cache_rows)     # GpuTransformer.forward sends one-token steps here
 
 A step of n rows replays the graph of the smallest bucket (1, 2, 4, 8, ... and cache.batch) holding n;
@@ -9,6 +10,9 @@ the bucket's other rows are padding (position -1: no cache write, attention over
 in one static int64 tensor ``idx`` [3, rows] = (token, position, cache row), so a step costs one
 host-to-device copy and one graph launch. A cache made by KVCache.rows(first, ...) from the captured
 cache shares its storage: its row r is the captured cache's row first + r.
+Greedy decoding of row 0 (``greedy_burst``) uses a second graph of bucket 1 that also takes the argmax and
+writes it, with the position + 1, into ``idx``: k replays run back to back on the device, the host only
+launches them and reads the k tokens once, so the GPU does not wait for the host between tokens.
 """
 from __future__ import annotations
 
@@ -30,9 +34,11 @@ class DecodeBuffers:
     qkv: torch.Tensor      # [rows, (Hq + 2 Hkv) * D]
     qkv_acc: torch.Tensor  # fp32 [rows, (Hq + 2 Hkv) * D], zero between uses (split-K qkv sums)
     attn: torch.Tensor     # [rows, Hq * D]
-    gu: torch.Tensor       # [rows, 2 * inter]
+    ffn: torch.Tensor      # [rows, inter]: silu(gate) * up, written by the w13 GEMV's epilogue
     h: torch.Tensor        # [rows, hidden], the final norm's output
     logits: torch.Tensor   # [rows, vocab]
+    next_tok: torch.Tensor  # int64 [rows]: greedy steps' argmax
+    ring: torch.Tensor     # int64 [BURST]: the tokens of one greedy burst
     splits: dict[int, int] = field(default_factory=dict)                     # bucket -> attention splits
     parts: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # bucket -> attention partials
 
@@ -47,14 +53,19 @@ class DecodeBuffers:
                    qkv_acc=torch.zeros(R, (cfg.head_num + 2 * cfg.kv_head_num) * D, dtype=torch.float32,
                                        device=device),
                    attn=torch.zeros(R, cfg.head_num * D, dtype=dtype, device=device),
-                   gu=torch.zeros(R, 2 * cfg.inter_size, dtype=dtype, device=device),
+                   ffn=torch.zeros(R, cfg.inter_size, dtype=dtype, device=device),
                    h=torch.zeros(R, H, dtype=dtype, device=device),
-                   logits=torch.zeros(R, cfg.vocab_size, dtype=dtype, device=device))
+                   logits=torch.zeros(R, cfg.vocab_size, dtype=dtype, device=device),
+                   next_tok=torch.zeros(R, dtype=torch.int64, device=device),
+                   ring=torch.zeros(BURST, dtype=torch.int64, device=device))
         for b in buckets:
             ns = num_splits(b, cfg.kv_head_num, max_len, sms=sms)
             bufs.splits[b] = ns
             bufs.parts[b] = partials(b, cfg.head_num, ns, D, device)
         return bufs
+
+
+BURST = 8  # greedy steps per host sync (runtime/engine.py streams tokens in bursts of up to this many)
 
 
 def default_buckets(rows: int) -> list[int]:
@@ -79,6 +90,8 @@ class DecodeGraphs:
         self._copied = torch.cuda.Event()
         self._copied.record()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.greedy_graph: torch.cuda.CUDAGraph | None = None
+        self.burst = BURST
         self.pool = None
 
     def bucket(self, n: int) -> int:
@@ -111,6 +124,56 @@ class DecodeGraphs:
             self.model.decode_step(self.bufs, b, self.cache)
         else:
             graph.replay()
+
+    def _greedy_step(self) -> None:
+        """Row 0: one decode step, its argmax, and the next step's inputs (token, position + 1) in idx."""
+        bufs = self.bufs
+        self.model.decode_step(bufs, 1, self.cache)
+        torch.argmax(bufs.logits[:1], dim=-1, out=bufs.next_tok[:1])
+        bufs.idx[0, :1].copy_(bufs.next_tok[:1])
+        bufs.idx[1, :1].add_(1)
+
+    @torch.inference_mode()
+    def _capture_greedy(self) -> None:
+        if 1 not in self.graphs:
+            self.capture(1)  # compiles the kernels; the greedy graph shares its memory pool
+        if not self.use_graphs:
+            return
+        idx = self.bufs.idx[:, :1].clone()
+        self.bufs.idx[:, :1] = torch.tensor([[0], [-1], [0]], device=idx.device)  # padding: no cache write
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._greedy_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.bufs.idx[:, :1] = torch.tensor([[0], [-1], [0]], device=idx.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._greedy_step()
+        self.greedy_graph = graph
+        self.bufs.idx[:, :1] = idx
+
+    @torch.inference_mode()
+    def greedy_burst(self, token: int, position: int, k: int) -> list[int]:
+        """Greedy decoding of cache row 0: feeds ``token`` at ``position`` and each step's argmax after it, k
+        steps on the device without host round trips -> the k next tokens. The cache then holds the inputs at
+        positions position .. position + k - 1 (the last token returned is not in it)."""
+        assert 1 <= k <= BURST, f"a burst is 1..{BURST} steps, got {k}"
+        if self.greedy_graph is None:
+            self._capture_greedy()
+        self._copied.synchronize()
+        host = self.host_np
+        host[0, :], host[1, :], host[2, :] = 0, -1, 0
+        host[0, 0], host[1, 0] = token, position
+        self.bufs.idx.copy_(self.host, non_blocking=True)
+        self._copied.record()
+        for i in range(k):
+            if self.greedy_graph is None:  # eager (use_graphs=False)
+                self._greedy_step()
+            else:
+                self.greedy_graph.replay()
+            self.bufs.ring[i:i + 1].copy_(self.bufs.next_tok[:1])
+        return self.bufs.ring[:k].tolist()
 
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,11 +1,14 @@
-"""Linears of the GPU path: int4 codes in the workspace layout (convert/layout.py), or a dense weight.
+"""Linears of the GPU path: int4 codes as int32 words (convert/layout.pack_words, built at load from the
+workspace's uint8 codes), or a dense weight. w13 arrives with gate/up rows interleaved in pairs
+(convert/layout.interleave_pairs, done by the loader), so its outputs are pairs too.
 
     lin(x)                       any number of rows (prefill): int4 is dequantized into a scratch buffer
                                  shared by the model's linears, w = (q - z) * s, then cuBLAS; a few rows
                                  (<= TRITON_MAX_ROWS) go through the Triton kernel instead
-    lin.run(x, out, prologue=, residual=)
-                                 a decode step: out = h(x) W^T + b, or out += h(x) W^T (the fp32
-                                 residual), with h = x, RMSNorm(x) or SiLU-mul(x) (kernels/gemv_int4.py)
+    lin.run(x, out, prologue=, epilogue=)
+                                 a decode step: out = h(x) W^T + b, out += h(x) W^T (the fp32 residual),
+                                 or out = silu(gate) * up of the pairs, with h = x or RMSNorm(x)
+                                 (kernels/gemv_int4.py)
 
 How a decode step multiplies (``DECODE_BACKEND``, from bench/gpu_runtime.py on the H100):
   int4  "triton":   one fused kernel (prologue, int4 GEMV/GEMM with split-K, epilogue)
@@ -19,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert.layout import QuantLinear, pack_int4, unpack_int4
+from ..convert.layout import QuantLinear, pack_int4, pack_words, unpack_int4, unpack_words
 from .kernels.gemv_int4 import TUNED, GemvConfig, default_config, w4_dequantize, w4_matmul
 from .kernels.norm import rms_norm, silu_mul
 
 DECODE_BACKEND = {"int4": "triton", "dense": "cublas"}
-TRITON_MAX_ROWS = 16  # prefill rows up to this go through the int4 kernel rather than dequantize + cuBLAS
+TRITON_MAX_ROWS = 64  # prefill rows up to this go through the int4 kernel (it reads the int4 weights once)
+# rather than dequantize + cuBLAS (which writes and reads an fp16 copy of each weight: ~1 ms per layer)
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 
 
@@ -48,7 +52,7 @@ class GpuLinear(nn.Module):
         super().__init__()
         self.dtype, self.scratch, self.sms = dtype, scratch, sms
         self.bias = None if bias is None else nn.Parameter(bias.to(device, dtype), requires_grad=False)
-        for name in ("codes", "scales", "zeros"):  # int4: codes uint8 [N, K/2], scales fp16 / zeros uint8 [N, K/G]
+        for name in ("words", "scales", "zeros"):  # int4: words int32 [N, K/8], scales fp16 / zeros uint8 [N, K/G]
             self.register_buffer(name, None)
         self.weight = None                          # dense: [N, K] in the compute dtype
         out_f, in_f = (w.codes if isinstance(w, QuantLinear) else w).shape
@@ -56,7 +60,7 @@ class GpuLinear(nn.Module):
         group = in_f // w.scale.shape[1] if isinstance(w, QuantLinear) else 0
         if int4 and isinstance(w, QuantLinear) and fits_int4_kernel(w):
             self.group = group
-            self.codes = pack_int4(w.codes).to(device)
+            self.words = pack_words(w.codes.to(device), group)
             self.scales = w.scale.to(device, torch.float16)
             self.zeros = w.zero.round().to(device, torch.uint8)
             self.backend = DECODE_BACKEND["int4"]
@@ -70,10 +74,10 @@ class GpuLinear(nn.Module):
 
     @property
     def int4(self) -> bool:
-        return self.codes is not None
+        return self.words is not None
 
     def nbytes(self) -> int:
-        ts = [self.codes, self.scales, self.zeros, self.weight, self.bias]
+        ts = [self.words, self.scales, self.zeros, self.weight, self.bias]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     # ------------------------------------------------------------------------------------------
@@ -85,7 +89,7 @@ class GpuLinear(nn.Module):
             y = F.linear(x2, self.weight, self.bias)
         elif x2.shape[0] <= TRITON_MAX_ROWS:
             y = torch.empty(x2.shape[0], self.out_features, device=x.device, dtype=self.dtype)
-            w4_matmul(x2.contiguous(), self.codes, self.scales, self.zeros, self.group, y, bias=self.bias)
+            w4_matmul(x2.contiguous(), self.words, self.scales, self.zeros, self.group, y, bias=self.bias)
         else:
             y = F.linear(x2, self.dequantized(), self.bias)
         return y.reshape(*shape[:-1], self.out_features)
@@ -94,41 +98,42 @@ class GpuLinear(nn.Module):
         """The int4 weight as [N, K] in the compute dtype, in the shared scratch buffer (valid until the
         next linear dequantizes)."""
         w = self.scratch.get(self.out_features, self.in_features)
-        return w4_dequantize(self.codes, self.scales, self.zeros, self.group, w)
+        return w4_dequantize(self.words, self.scales, self.zeros, self.group, w)
 
     def accumulates(self, rows: int) -> bool:
         """Whether a decode step of ``rows`` should add split-K partial sums into an fp32 buffer (``run`` with
-        residual=True) rather than store: when the tuned config for the shape splits K (gemv_int4.TUNED)."""
+        epilogue="residual") rather than store: when the tuned config for the shape splits K (gemv_int4.TUNED)."""
         if not (self.int4 and self.backend == "triton"):
             return False
         cfg = self.config or TUNED.get((1 if rows <= 1 else 16, self.out_features, self.in_features))
         return cfg is not None and cfg.split_k > 1
 
     def run(self, x: torch.Tensor, out: torch.Tensor, prologue: str = "none", norm_weight: torch.Tensor | None = None,
-            eps: float = 0.0, residual: bool = False) -> None:
-        """A decode step: out = h(x) W^T (+ b), or out += h(x) W^T with ``residual`` (out: fp32)."""
+            eps: float = 0.0, epilogue: str = "store") -> None:
+        """A decode step: out = h(x) W^T (+ b); out += h(x) W^T (``epilogue="residual"``, out fp32); or
+        out = silu(y[:, 0::2]) * y[:, 1::2] (``"silu"``, the pair-interleaved w13: out [M, N/2])."""
         if self.int4 and self.backend == "triton":
             cfg = self.config or default_config(x.shape[0], self.out_features, self.in_features, self.group,
-                                                residual, self.sms, prologue)
-            w4_matmul(x, self.codes, self.scales, self.zeros, self.group, out, bias=self.bias, prologue=prologue,
-                      norm_weight=norm_weight, eps=eps, residual=residual, config=cfg)
+                                                epilogue, self.sms, prologue)
+            w4_matmul(x, self.words, self.scales, self.zeros, self.group, out, bias=self.bias, prologue=prologue,
+                      norm_weight=norm_weight, eps=eps, epilogue=epilogue, config=cfg)
             return
         M, K = x.shape[0], self.in_features
         if prologue == "rmsnorm":
             h = rms_norm(x, norm_weight, eps, torch.empty(M, K, device=x.device, dtype=self.dtype))
-        elif prologue == "silu_mul":
-            h = silu_mul(x, torch.empty(M, K, device=x.device, dtype=self.dtype))
         else:
             h = x
-        if not self.int4 and not residual and out.dtype == self.dtype:  # cuBLAS writes out directly
+        if epilogue == "store" and not self.int4 and out.dtype == self.dtype:  # cuBLAS writes out directly
             if self.bias is None:
                 torch.mm(h, self.weight.t(), out=out)
             else:
                 torch.addmm(self.bias, h, self.weight.t(), out=out)
             return
         y = self.matmul(h)
-        if residual:
+        if epilogue == "residual":
             out.add_(y)
+        elif epilogue == "silu":
+            silu_mul(y, out, pairs=True)
         else:
             out.copy_(y)
 
@@ -143,12 +148,13 @@ class GpuLinear(nn.Module):
         if self.backend == "dequant":
             return F.linear(h, self.dequantized(), self.bias)
         y = torch.empty(h.shape[0], self.out_features, device=h.device, dtype=self.dtype)
-        return w4_matmul(h, self.codes, self.scales, self.zeros, self.group, y, bias=self.bias, config=self.config)
+        return w4_matmul(h, self.words, self.scales, self.zeros, self.group, y, bias=self.bias, config=self.config)
 
     def tinygemm(self, swap_nibbles: bool = True, inner_k_tiles: int | None = None):
         """(packed, scales_and_zeros) for torch.ops.aten._weight_int4pack_mm, built once."""
         if self._tiny is None:
-            self._tiny = tinygemm_pack(self.codes, self.scales, self.zeros, swap_nibbles, inner_k_tiles)
+            codes = pack_int4(unpack_words(self.words, self.group))
+            self._tiny = tinygemm_pack(codes, self.scales, self.zeros, swap_nibbles, inner_k_tiles)
         return self._tiny
 
 

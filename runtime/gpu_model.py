@@ -3,7 +3,8 @@
 Same interface as runtime/model.py's Transformer, ``forward(ids [B, S], pos [B, S], cache, last_only)``,
 and the same maths; the residual stream is float32.
 
-Prefill (any S): per layer RMSNorm, qkv, rope + cache write, SDPA, o, RMSNorm, w13, SiLU-mul, w2. When
+Prefill (any S): per layer RMSNorm, qkv, rope + cache write, SDPA, o, RMSNorm, w13, SiLU-mul, w2 (w13's
+rows are gate/up pairs, convert/layout.interleave_pairs, so its output is too). When
 every row writes positions 0..S-1, attention is SDPA with is_causal over the new K/V exactly as cached
 (int8 round-tripped: x' = q * scale + zp); otherwise the cache is read back and masked (key position <=
 query position), as runtime/model.py does.
@@ -11,7 +12,7 @@ query position), as runtime/model.py does.
 Decode (``decode_step``): one token per row on static buffers, seven kernels per layer and no host work,
 so that runtime/cuda_graph.py captures it once per batch bucket:
     qkv GEMV (RMSNorm fused) -> rope + cache write -> attention splits -> combine
-    -> o GEMV (+= residual) -> w13 GEMV (RMSNorm fused) -> w2 GEMV (SiLU-mul fused, += residual)
+    -> o GEMV (+= residual) -> w13 GEMV (RMSNorm fused, SiLU-mul epilogue) -> w2 GEMV (+= residual)
 When the tuned qkv config splits K, the qkv GEMV adds into an fp32 buffer that the rope kernel reads
 and zeroes.
 When a decoder (DecodeGraphs) is attached, forward sends one-token steps on its cache to the graphs.
@@ -101,7 +102,7 @@ class GpuTransformer(nn.Module):
                              blk.q_norm, blk.k_norm, self.eps, write_back=True)
             x.add_(blk.wo(self._attend(qkv, pos, start, cache, i)))
             gu = blk.w13(rms_norm(x, blk.ffn_norm, self.eps, h))  # [T, 2 * inter]
-            x.add_(blk.w2(silu_mul(gu, a)))
+            x.add_(blk.w2(silu_mul(gu, a, pairs=True)))
         if last_only:
             x = x.view(B, S, H)[:, -1]  # [B, hidden]
             S = 1
@@ -139,19 +140,19 @@ class GpuTransformer(nn.Module):
         x = bufs.x[:b]  # [b, hidden] fp32 residual
         torch.index_select(self.tok_embeddings, 0, ids, out=bufs.emb[:b])
         x.copy_(bufs.emb[:b])
-        qkv, attn, gu = bufs.qkv[:b], bufs.attn[:b], bufs.gu[:b]
+        qkv, attn, ffn = bufs.qkv[:b], bufs.attn[:b], bufs.ffn[:b]
         kvp = self.kv_params(cache)
         for i, blk in enumerate(self.layers):
             acc = bufs.qkv_acc[:b] if blk.wqkv.accumulates(b) else None  # split-K sums, read and zeroed by rope
             blk.wqkv.run(x, qkv if acc is None else acc, prologue="rmsnorm", norm_weight=blk.attention_norm,
-                         eps=self.eps, residual=acc is not None)
+                         eps=self.eps, epilogue="store" if acc is None else "residual")
             rope_cache_write(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, self.hkv, kvp[i],
                              blk.q_norm, blk.k_norm, self.eps, acc=acc)
             decode_attention(qkv, pos, slot, cache.k[i], cache.v[i], self.hq, attn, kvp[i], scratch=bufs.parts[b],
                              splits=bufs.splits[b])
-            blk.wo.run(attn, x, residual=True)
-            blk.w13.run(x, gu, prologue="rmsnorm", norm_weight=blk.ffn_norm, eps=self.eps)
-            blk.w2.run(gu, x, prologue="silu_mul", residual=True)
+            blk.wo.run(attn, x, epilogue="residual")
+            blk.w13.run(x, ffn, prologue="rmsnorm", norm_weight=blk.ffn_norm, eps=self.eps, epilogue="silu")
+            blk.w2.run(ffn, x, epilogue="residual")
         if self.head is not None:  # final RMSNorm fused into the head's GEMV
             self.head.run(x, bufs.logits[:b], prologue="rmsnorm", norm_weight=self.norm, eps=self.eps)
             return

@@ -15,7 +15,7 @@ from .. import QconvError
 from ..convert.arch import get_arch
 from ..convert.fileio import load_tensors
 from ..convert.layout import (ATTN_NORM, EMBED, FFN_NORM, FINAL_NORM, FUSED_LINEARS, GLOBAL_FILE, K_NORM, OUTPUT,
-                              Q_NORM, QuantLinear, layer_file, read_linear)
+                              Q_NORM, QuantLinear, interleave_pairs, layer_file, read_linear)
 from ..convert.manifest import verify_manifest
 from ..convert.model_io import load_tokenizer, quiet_transformers, resolve_device, resolve_dtype
 from ..convert.quant import group_qparams, quantize
@@ -98,10 +98,12 @@ def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool
         scratch = DequantScratch(dev, dt)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
 
-        def build(w, bias, weight_type):
+        def build(w, bias, weight_type, lin=None):
+            if lin == "feed_forward.w13":  # gate/up rows in pairs: the kernels' SiLU-mul epilogue reads them so
+                w = interleave_pairs(w)
             return make_gpu_linear(w, bias, weight_type, dev, dt, scratch, sms)
     else:
-        def build(w, bias, weight_type):
+        def build(w, bias, weight_type, lin=None):
             return make_linear(w, bias, weight_type, dev, dt)
     layers = []
     for i in range(cfg.num_layer):
@@ -163,7 +165,7 @@ def _layer_params(cfg: WorkspaceConfig, t: dict, name: str, dev, dt, build) -> d
         if shape != (out_f, in_f):
             raise QconvError(f"{name}: {lin} is {list(shape)}, config.ini implies [{out_f}, {in_f}]")
         bias = _tensor(t, f"{lin}.bias", (out_f,), name) if f"{lin}.bias" in t else None
-        p[lin] = build(w, bias, cfg.weight_type)
+        p[lin] = build(w, bias, cfg.weight_type, lin)
     return p
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="triton is not installed: the GPU path's kernels are not tested")
 
-from qconv.convert.layout import pack_int4  # noqa: E402
+from qconv.convert.layout import interleave_pairs, pack_words  # noqa: E402
 from qconv.convert.quant import dequantize, kv_dequantize, kv_quantize  # noqa: E402
 from qconv.runtime.kernels.attention import decode_attention  # noqa: E402
 from qconv.runtime.kernels.gemv_int4 import GemvConfig, w4_dequantize, w4_matmul  # noqa: E402
@@ -34,72 +34,94 @@ def gen(seed):
 
 
 def int4_weight(N, K, g, seed):
-    """Random codes and qparams -> (packed codes, fp16 scales, uint8 zeros, reference W [N, K] float32)."""
+    """Random codes and qparams -> (packed words, fp16 scales, uint8 zeros, reference W [N, K] float32)."""
     q = torch.randint(0, 16, (N, K), generator=gen(seed))
     s = (torch.rand(N, K // g, generator=gen(seed + 1)) * 0.02 + 0.001).half()
     z = torch.randint(0, 16, (N, K // g), generator=gen(seed + 2))
-    return (pack_int4(q).to(DEV), s.to(DEV), z.to(torch.uint8).to(DEV), dequantize(q, s.float(), z.float()))
+    return (pack_words(q, g).to(DEV), s.to(DEV), z.to(torch.uint8).to(DEV), dequantize(q, s.float(), z.float()))
 
 
-# (M, N, K, group, prologue, residual, bias, config)
+# (M, N, K, group, prologue, epilogue, bias, config)
 GEMV_CASES = {
-    "gemv-bias": (1, 48, 256, 64, "none", False, True, GemvConfig(32)),
-    "gemv-rmsnorm": (1, 40, 384, 128, "rmsnorm", False, False, GemvConfig(16)),
-    "gemv-silu-splitk": (1, 40, 384, 32, "silu_mul", True, False, GemvConfig(16, 4)),
-    "gemv-rmsnorm-residual-uneven-split": (1, 40, 576, 64, "rmsnorm", True, False, GemvConfig(32, 2)),  # 9 groups
-    "gemm-rmsnorm-bias": (3, 40, 384, 128, "rmsnorm", False, True, GemvConfig(16)),
-    "gemm-silu-split-with-empty-slice": (5, 40, 576, 64, "silu_mul", True, False, GemvConfig(16, 4)),
-    "gemm-17-rows": (17, 24, 256, 64, "none", False, False, GemvConfig(16)),
+    "gemv-bias": (1, 48, 256, 64, "none", "store", True, GemvConfig(32, v=2)),
+    "gemv-rmsnorm-v4-2warps": (1, 40, 384, 128, "rmsnorm", "store", False, GemvConfig(16, 1, 2, v=4)),
+    "gemv-residual-splitk-g32": (1, 40, 384, 32, "none", "residual", False, GemvConfig(16, 4, v=2)),
+    "gemv-rmsnorm-residual-9-groups": (1, 40, 576, 64, "rmsnorm", "residual", False, GemvConfig(8, 1, v=2)),
+    "gemv-residual-uneven-split": (1, 40, 576, 64, "none", "residual", False, GemvConfig(8, 2, 1, v=4)),
+    "gemv-rmsnorm-silu": (1, 48, 256, 64, "rmsnorm", "silu", False, GemvConfig(8, v=2)),
+    "gemm-rmsnorm-bias": (3, 40, 384, 128, "rmsnorm", "store", True, GemvConfig(16)),
+    "gemm-split-with-empty-slice": (5, 40, 576, 64, "none", "residual", False, GemvConfig(16, 4)),
+    "gemm-rmsnorm-silu": (4, 48, 256, 64, "rmsnorm", "silu", False, GemvConfig(16)),
+    "gemm-17-rows": (17, 24, 256, 64, "none", "store", False, GemvConfig(16)),
 }
 
 
 @pytest.mark.parametrize("dot", [False, True], ids=["cuda-cores", "tl.dot"])
 @pytest.mark.parametrize("case", GEMV_CASES)
 def test_int4_matmul_matches_dequantized_weights(case, dot):
-    M, N, K, g, pro, residual, bias, cfg = GEMV_CASES[case]
+    M, N, K, g, pro, epi, bias, cfg = GEMV_CASES[case]
     if M > 1 and not dot:
         pytest.skip("several rows always take the tl.dot kernel")
     if cfg is not None:
         cfg = dataclasses.replace(cfg, dot=dot)
     dt = torch.float16
-    codes, s, z, W = int4_weight(N, K, g, seed=len(case))
+    words, s, z, W = int4_weight(N, K, g, seed=len(case))
     b = torch.randn(N, generator=gen(3)).to(dt) if bias else None
     nw = None
     if pro == "rmsnorm":  # the fp32 residual, normalized as runtime/model.py does
         x = torch.randn(M, K, generator=gen(4))
         nw = (torch.rand(K, generator=gen(5)) + 0.5).to(dt)
         h = ref_rms_norm(x.to(dt), nw, 1e-6).float()
-    elif pro == "silu_mul":
-        x = torch.randn(M, 2 * K, generator=gen(4)).to(dt)
-        h = (F.silu(x[:, :K]) * x[:, K:]).float()
     else:
         x = torch.randn(M, K, generator=gen(4)).to(dt)
         h = x.float()
     want = h @ W.t() + (b.float() if bias else 0)
-    if residual:
+    if epi == "silu":  # rows 2n, 2n + 1 are gate n, up n
+        gate, up = want[:, 0::2].to(dt), want[:, 1::2].to(dt)
+        want = (F.silu(gate) * up).float()
+        out = torch.full((M, N // 2), float("nan"), dtype=dt, device=DEV)
+    elif epi == "residual":
         r0 = torch.randn(M, N, generator=gen(6))
         out, want = r0.clone().to(DEV), want + r0
     else:
         out = torch.full((M, N), float("nan"), dtype=dt, device=DEV)
-    w4_matmul(x.to(DEV), codes, s, z, g, out, bias=None if b is None else b.to(DEV), prologue=pro,
-              norm_weight=None if nw is None else nw.to(DEV), eps=1e-6, residual=residual, config=cfg)
+    w4_matmul(x.to(DEV), words, s, z, g, out, bias=None if b is None else b.to(DEV), prologue=pro,
+              norm_weight=None if nw is None else nw.to(DEV), eps=1e-6, epilogue=epi, config=cfg)
+    assert rel(out.cpu(), want) < 3e-3
+
+
+def test_interleaved_pairs_feed_the_silu_epilogue():
+    """interleave_pairs (gate | up -> pairs) then the silu epilogue = silu(x Wg^T) * (x Wu^T)."""
+    from qconv.convert.layout import QuantLinear
+    N, K, g = 32, 128, 64
+    q = torch.randint(0, 16, (2 * N, K), generator=gen(30))
+    s = (torch.rand(2 * N, K // g, generator=gen(31)) * 0.02 + 0.001).half()
+    z = torch.randint(0, 16, (2 * N, K // g), generator=gen(32)).float()
+    W = dequantize(q, s.float(), z)
+    x = torch.randn(1, K, generator=gen(33)).half()
+    y = (x.float() @ W.t()).half()
+    want = F.silu(y[:, :N]) * y[:, N:]
+    p = interleave_pairs(QuantLinear(q, s, z))
+    out = torch.empty(1, N, dtype=torch.float16, device=DEV)
+    w4_matmul(x.to(DEV), pack_words(p.codes, g).to(DEV), p.scale.to(DEV), p.zero.to(torch.uint8).to(DEV), g, out,
+              epilogue="silu", config=GemvConfig(8, v=2, dot=False))
     assert rel(out.cpu(), want) < 3e-3
 
 
 @pytest.mark.skipif(DEV == "cpu", reason="bf16 tl.dot needs CUDA (the interpreter's is wrong)")
 @pytest.mark.parametrize("M", [1, 8])
 def test_int4_matmul_bf16(M):
-    codes, s, z, W = int4_weight(64, 512, 128, seed=7)
+    words, s, z, W = int4_weight(64, 512, 128, seed=7)
     x = torch.randn(M, 512, generator=gen(8)).bfloat16()
     out = torch.empty(M, 64, dtype=torch.bfloat16, device=DEV)
-    w4_matmul(x.to(DEV), codes, s, z, 128, out)
+    w4_matmul(x.to(DEV), words, s, z, 128, out)
     assert rel(out.cpu(), x.float() @ W.t()) < 1e-2
 
 
 def test_int4_dequantize():
-    codes, s, z, W = int4_weight(40, 384, 64, seed=9)
+    words, s, z, W = int4_weight(40, 384, 64, seed=9)
     out = torch.full((40, 384), float("nan"), dtype=torch.float16, device=DEV)
-    w4_dequantize(codes, s, z, 64, out)
+    w4_dequantize(words, s, z, 64, out)
     assert torch.equal(out.cpu(), W.half())
 
 
@@ -111,6 +133,8 @@ def test_rms_norm_and_silu_mul():
     gu = torch.randn(3, 2 * 1500, generator=gen(12)).half()
     out = silu_mul(gu.to(DEV), torch.empty(3, 1500, dtype=torch.float16, device=DEV))
     assert rel(out.cpu(), F.silu(gu[:, :1500]) * gu[:, 1500:]) < 2e-3
+    out = silu_mul(gu.to(DEV), torch.empty(3, 1500, dtype=torch.float16, device=DEV), pairs=True)
+    assert rel(out.cpu(), F.silu(gu[:, 0::2]) * gu[:, 1::2]) < 2e-3
 
 
 def kv_params(hkv, seed):

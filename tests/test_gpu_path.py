@@ -119,6 +119,19 @@ def test_engine_decode_paths(w4kv, monkeypatch):
     gen = GenerationConfig(max_new_tokens=3, temperature=0.0, stop_ids=())
     prompt = ids((10,), 5).tolist()
     assert list(gpu.generate(prompt, gen)) == list(cpu.generate(prompt, gen))
+    # greedy bursts (DecodeGraphs.greedy_burst, 2 steps each here to keep the interpreter quick): longer than
+    # one burst, then cut by a stop id mid-burst, then a follow-up that reuses the cached conversation
+    gpu.decoder.burst = 2
+    gen = GenerationConfig(max_new_tokens=2 * gpu.decoder.burst + 3, temperature=0.0, stop_ids=())
+    want = list(cpu.generate(prompt, gen))
+    assert list(gpu.generate(prompt, gen)) == want and gpu.last_stats.finish == "length"
+    stop = GenerationConfig(max_new_tokens=12, temperature=0.0, stop_ids=(want[gpu.decoder.burst + 2],))
+    cut = want[:want.index(want[gpu.decoder.burst + 2])]
+    assert list(gpu.generate(prompt, stop)) == cut and gpu.last_stats.finish == "stop"
+    assert gpu._cached == prompt + cut
+    follow = prompt + cut + [11, 12]
+    assert list(gpu.generate(follow, gen)) == list(cpu.generate(follow, gen))
+    gpu.decoder.burst = 8
     # three rows prefilled, then one step with rows in another order and at their own positions
     x, pos = ids((3, 8), 6), torch.arange(8).expand(3, 8)
     cpu.model(x, pos, cpu.cache)

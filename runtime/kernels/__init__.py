@@ -1,8 +1,8 @@
 """Triton kernels of the GPU decode path (runtime/gpu_model.py, runtime/cuda_graph.py).
 
-    gemv_int4.py   int4 weights (the workspace layout, convert/layout.py) times a few rows, fused
-                   prologue (RMSNorm or SiLU-mul of the input) and epilogue (bias, or add into the
-                   fp32 residual); whole-weight dequantize for prefill
+    gemv_int4.py   int4 weights (as int32 words, convert/layout.pack_words) times a few rows, fused
+                   prologue (RMSNorm of the input) and epilogue (bias, add into the fp32 residual, or
+                   SiLU(gate) * up of w13's row pairs); whole-weight dequantize for prefill
     norm.py        RMSNorm of the fp32 residual, SiLU(gate) * up
     rope_cache.py  rotary (+ q/k norm) and the KV-cache write, int8-quantized with quant_policy 4
     attention.py   decode attention over the static cache, split along the keys, lengths read on the device

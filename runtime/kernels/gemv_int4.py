@@ -1,30 +1,34 @@
 """int4 weights times a few rows (decode), and the whole weight dequantized (prefill).
 
-The weights stay in the workspace layout of convert/layout.py, read as they are:
-  codes  uint8 [N, K/2]   byte j of a row = column 2j (low nibble) | column 2j+1 (high nibble) << 4
-  scales fp16  [N, K/G],  zeros uint8 [N, K/G];   w[n, k] = (q[n, k] - z[n, k // G]) * s[n, k // G]
+Device layout of the codes ("words", built once at load by convert/layout.pack_words from the workspace's
+uint8 codes): int32 [N, K/8]; word w (0 .. WG-1, WG = G/8) of group g of a row holds in bits 4i .. 4i+3 the
+code of column g*G + i*WG + w. So the columns of one nibble position i are contiguous (x for them is one
+vector load), and ``(word & 0xF << 4i) | (150 - 4i) << 23`` is exactly the float 2^(23-4i) + q: one LOP3,
+then a constant subtraction, with no int-to-float conversion (I2F runs at 16/clk/SM and capped the byte
+layout's kernel near 1 TB/s). scales fp16 [N, K/G], zeros uint8 [N, K/G]; w = (q - z) * s.
 
-A program computes BLOCK_N outputs over one K-slice: groups g_lo .. g_hi-1 of G columns, the K/G groups
-shared out over SPLIT_K slices (a run-time argument, so one compiled kernel serves every split). Each
-step loads one group, a [BLOCK_N, G/2] byte tile (16-byte loads along K; K is a multiple of G, so no
-mask along K), and one scale and zero per row; the nibbles are interleaved back into column order
-[BLOCK_N, G], so the input is read contiguously. Two kernels:
-  _gemv  one input row per program, CUDA cores: [BLOCK_N, G/2] fp32 partial sums over even and odd
-         columns, reduced once at the end (no barrier inside the loop), the next group prefetched
-  _gemm  BLOCK_M (>= 16) rows per program through tl.dot, whose loads Triton pipelines (num_stages);
-         also used for a single row, padded
+  _w4_gemv_kernel  one input row per program, CUDA cores. Tile [C, BLOCK_N, V]: C = 32 * num_warps
+         thread-columns of V consecutive words (one 4V-byte load per row), all BLOCK_N rows in each thread's
+         registers, so x is loaded and prepared once per thread. Per group and row:
+             sum_k (q - z) s h = s * (sum_k q h - z sum_k h).
+         The next step's words, scales and zeros load before this step's arithmetic; with PDL the first
+         step's load precedes the wait for the previous kernel (weights are never written).
+  _w4_gemm_kernel  BLOCK_M (>= 16) rows per program through tl.dot (a group's words unpack to [BLOCK_N, G]
+         in column order); also used for a single row, padded
 Fused around y = h W^T:
-  prologue  none:      h = x                                               x: [M, K]
+  prologue  none:      h = x                                               x: [M, K] activations
             rmsnorm:   h = x * rsqrt(mean(x^2) + eps) * norm_w             x: the fp32 residual [M, K]
-            silu_mul:  h = silu(x[:, :K]) * x[:, K:]                       x: gate | up [M, 2K]
   epilogue  store:     out = y + bias                  (SPLIT_K must be 1: one program owns an output)
             residual:  out += y   (out: the fp32 residual [M, N]; atomic adds when SPLIT_K > 1)
+            silu:      out[:, n] = silu(y[:, 2n]) * y[:, 2n+1]  (w13 with gate/up rows interleaved in pairs,
+                       convert/layout.interleave_pairs; SPLIT_K must be 1)
 h is rounded to the activation dtype where the dense model rounds (runtime/model.py), except in _gemv
 with one K-slice: there RMSNorm is applied as  y = rstd * (x * norm_w) W^T  in fp32 (rstd is a per-row
 scalar), so sum(x^2) accumulates in the main loop and no pass over x precedes the weight loads.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +37,9 @@ import triton.language as tl
 
 from . import pdl
 
-PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
+PROLOGUES = {"none": 0, "rmsnorm": 1}
+EPILOGUES = {"store": 0, "residual": 1, "silu": 2}
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -52,29 +58,66 @@ def _input(x_rows, k, mask, K, rstd, nw_ptr, PRO: tl.constexpr, ACT_BF16: tl.con
         v = tl.load(x_rows + k, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(nw_ptr + k, mask=mask, other=0.0).to(tl.float32)
         h = _act(_act(v * rstd, ACT_BF16) * w, ACT_BF16)        # weight * (x * rstd).to(dtype)
-    elif PRO == 2:
-        g = tl.load(x_rows + k, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_rows + K + k, mask=mask, other=0.0).to(tl.float32)
-        h = _act(_act(g * tl.sigmoid(g), ACT_BF16) * u, ACT_BF16)  # silu(gate) * up
     else:
         h = tl.load(x_rows + k, mask=mask, other=0.0).to(tl.float32)
     return h
 
 
 @triton.jit
-def _group(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g, G: tl.constexpr):
-    """Group g of rows rn: the code bytes uint8 [BLOCK_N, G/2], scales fp16 and zeros uint8 [BLOCK_N]."""
-    j = tl.arange(0, G // 2)
-    q = tl.load(w_ptr + rn[:, None] * stride_w + (g * (G // 2) + j)[None, :], mask=n_ok[:, None], other=0)
-    s = tl.load(s_ptr + rn * stride_s + g, mask=n_ok, other=0.0)
-    z = tl.load(z_ptr + rn * stride_s + g, mask=n_ok, other=0)
-    return q, s, z
+def _codes(words, i: tl.constexpr, ASM: tl.constexpr):
+    """Nibble i of int32 words as exact float32 codes: (w & 0xF << 4i) | (150 - 4i) << 23 is 2^(23-4i) + q
+    (i >= 5: from w >> 20, whose nibble i-5 is the same code). One LOP3 through inline PTX (Triton's own
+    and/or compile to two); the interpreter takes the plain expression."""
+    if i < 5:
+        src = words
+        SH: tl.constexpr = 4 * i
+    else:
+        src = words >> 20
+        SH: tl.constexpr = 4 * i - 20
+    MASK: tl.constexpr = 0xF << SH
+    MAGIC: tl.constexpr = (150 - SH) << 23
+    if ASM:
+        f = tl.inline_asm_elementwise(f"lop3.b32 $0, $1, {MASK}, {MAGIC}, 0xea;", "=r,r", [src], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        f = ((src & MASK) | MAGIC).to(tl.float32, bitcast=True)
+    return f - (1 << (23 - SH))
 
 
 @triton.jit
-def _unpack(q, dtype: tl.constexpr):
-    """Code bytes [R, G/2] -> codes [R, G] in ``dtype``, in column order (byte j -> columns 2j, 2j+1)."""
-    return tl.interleave((q & 0xF).to(dtype), (q >> 4).to(dtype))
+def _words_group(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g, G: tl.constexpr):
+    """Group g of rows rn: words int32 [BLOCK_N, G/8], scales fp16 and zeros uint8 [BLOCK_N]."""
+    WG: tl.constexpr = G // 8
+    w = tl.load(w_ptr + rn[:, None] * stride_w + (g * WG + tl.arange(0, WG))[None, :], mask=n_ok[:, None], other=0)
+    s = tl.load(s_ptr + rn * stride_s + g, mask=n_ok, other=0.0)
+    z = tl.load(z_ptr + rn * stride_s + g, mask=n_ok, other=0)
+    return w, s, z
+
+
+@triton.jit
+def _nibbles(w, i: tl.constexpr):
+    """Codes of nibble i of words [R, WG] as float32 [R, WG]: columns i * WG + (0 .. WG-1) of the group."""
+    return ((w >> (4 * i)) & 0xF).to(tl.float32)
+
+
+@triton.jit
+def _group_codes(w):
+    """Words [R, WG] of one group -> codes [R, G] float32 in column order (column i * WG + w = nibble i of
+    word w). Built by joins, then one permute."""
+    R: tl.constexpr = w.shape[0]
+    WG: tl.constexpr = w.shape[1]
+    a0 = w & 0xF
+    a1 = (w >> 4) & 0xF
+    a2 = (w >> 8) & 0xF
+    a3 = (w >> 12) & 0xF
+    a4 = (w >> 16) & 0xF
+    a5 = (w >> 20) & 0xF
+    a6 = (w >> 24) & 0xF
+    a7 = (w >> 28) & 0xF
+    q = tl.join(tl.join(tl.join(a0, a1), tl.join(a2, a3)), tl.join(tl.join(a4, a5), tl.join(a6, a7)))
+    # join stacks on a new last dim: q[r, w, c, d, e] = a[c + 2d + 4e]; order (e, d, c, w) is column order
+    q = tl.permute(q, [0, 4, 3, 2, 1])
+    return tl.reshape(q, [R, WG * 8]).to(tl.float32)
 
 
 @triton.jit
@@ -98,87 +141,95 @@ def _rstd(x_rows, mask, K, eps, ROWS: tl.constexpr, K_POW2: tl.constexpr, CHUNK:
 
 
 @triton.jit
-def _epilogue(acc, y, mask, b_ptr, rn, n_ok, pid_k, RESIDUAL: tl.constexpr, ATOMIC: tl.constexpr,
-              HAS_BIAS: tl.constexpr):
-    """acc [R, BLOCK_N] (+ bias, from the first K-slice) stored into, or added to, y ([R, BLOCK_N] pointers)."""
+def _epilogue(acc, y_ptr, stride_ym, rm, m_ok, b_ptr, rn, n_ok, pid_k, EPI: tl.constexpr, ATOMIC: tl.constexpr,
+              HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr):
+    """acc [R, BLOCK_N] (+ bias, from the first K-slice) for rows rm [R] and outputs rn [BLOCK_N]: stored,
+    added to the fp32 residual, or (silu) out[:, n] = silu(acc[:, 2n]) * acc[:, 2n+1] at n = rn // 2."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)[None, :]
-    if RESIDUAL:
+    mask = m_ok[:, None] & n_ok[None, :]
+    y = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    if EPI == 0:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    elif EPI == 1:
         if ATOMIC:
             tl.atomic_add(y, acc, mask=mask)
         else:
             tl.store(y, tl.load(y, mask=mask, other=0.0) + acc, mask=mask)
     else:
-        tl.store(y, acc.to(y.dtype.element_ty), mask=mask)
+        R: tl.constexpr = acc.shape[0]
+        BN: tl.constexpr = acc.shape[1]
+        gate, up = tl.split(tl.reshape(acc, [R, BN // 2, 2]))
+        gate = _act(gate, ACT_BF16)
+        h = _act(_act(gate * tl.sigmoid(gate), ACT_BF16) * _act(up, ACT_BF16), ACT_BF16)
+        hn = tl.max(tl.reshape(rn, [BN // 2, 2]), axis=1) // 2  # output column of each pair
+        h_ok = tl.max(tl.reshape(n_ok.to(tl.int32), [BN // 2, 2]), axis=1) > 0
+        tl.store(y_ptr + rm[:, None] * stride_ym + hn[None, :], h.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & h_ok[None, :])
 
 
 @triton.jit
 def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym,
-                    N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, RESIDUAL: tl.constexpr, ATOMIC: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, LATE_NORM: tl.constexpr,
-                    K_POW2: tl.constexpr, CHUNK: tl.constexpr, GPS: tl.constexpr, PDL: tl.constexpr):
-    """One row. Each step loads GPS groups as one [BLOCK_N, GPS * G/2] byte tile (H100, w13 of qwen2.5-1.5b:
-    GPS=4 moved 1.22 TB/s against 0.63 with one group per step: more bytes in flight per program). Per group:
-        sum_k (q - z) * s * h = s * (sum_k q * h - z * sum_k h),
-    so the tile multiplies codes by h directly, and the [BLOCK_N, GPS] group sums get s and z once.
-    With PDL the first tile is loaded before waiting for the previous kernel (weights are never written),
-    and each step loads the next tile before its arithmetic."""
+                    N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr, ATOMIC: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, V: tl.constexpr,
+                    C: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """One row m = program_id(2); C = 32 * num_warps. With PRO == 1 (SPLIT_K == 1): y = rstd * (x * norm_w) W^T, sum(x^2) in the loop."""
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
+    WG: tl.constexpr = G // 8            # words per group
+    TPG: tl.constexpr = WG // V          # thread-columns per group
+    GPS: tl.constexpr = C // TPG         # groups per step
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
-    x_row = x_ptr + m * stride_xm
+    c = tl.arange(0, C)
+    v = tl.arange(0, V)
     g_lo, g_hi = _slice(K, SPLIT_K, pid_k, G)
-    B: tl.constexpr = GPS * G // 2
-    j = tl.arange(0, B)           # byte j of the tile: columns 2j (low nibble) and 2j + 1 (high nibble)
-    w_rows = w_ptr + rn[:, None] * stride_w + j[None, :]
-    q = tl.load(w_rows + g_lo * (G // 2), mask=n_ok[:, None] & (g_lo * (G // 2) + j < g_hi * (G // 2))[None, :],
-                other=0)  # [BN, B] uint8, the first step's tile
+    x_row = x_ptr + m * stride_xm
+    wcol = ((c % TPG) * V)[:, None, None] + v[None, None, :]           # word within its group [C, 1, V]
+    w_rows = w_ptr + rn[None, :, None] * stride_w + wcol                # [C, BN, V]
+    s_rows = rn[None, :] * stride_s                                     # [1, BN]
+    # the first step's weights do not depend on the previous kernel: load them before waiting for it
+    g = g_lo + c // TPG
+    c_ok = g < g_hi
+    w = tl.load(w_rows + (g * WG)[:, None, None], mask=c_ok[:, None, None] & n_ok[None, :, None], other=0)
+    sc = tl.load(s_ptr + s_rows + g[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+    zp = tl.load(z_ptr + s_rows + g[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0)
     if PDL:
         tl.extra.cuda.gdc_wait()
-    rstd = 1.0
-    if PRO == 1 and not LATE_NORM:  # this K-slice needs the whole row's rsqrt(mean(x^2) + eps) first
-        rstd = tl.sum(_rstd(x_row + tl.zeros([1, 1], tl.int32), tl.full([1, 1], 1, tl.int1), K, eps, 1, K_POW2,
-                            CHUNK))
-    gu = tl.arange(0, GPS)
-    acc = tl.zeros([BLOCK_N, GPS], tl.float32)
-    sq = tl.zeros([B], tl.float32)
+    acc = tl.zeros([C, BLOCK_N], tl.float32)
+    sq = tl.zeros([C, 1, V], tl.float32)
     for g0 in range(g_lo, g_hi, GPS):
-        c_ok = g0 * (G // 2) + j < g_hi * (G // 2)  # the last step of a slice may hold fewer groups
-        nxt = (g0 + GPS) * (G // 2) + j < g_hi * (G // 2)
-        q_next = tl.load(w_rows + (g0 + GPS) * (G // 2), mask=n_ok[:, None] & nxt[None, :], other=0)
-        k = g0 * G + 2 * j
-        if LATE_NORM:  # h = x * norm_w now, times rstd at the end
-            xe = tl.load(x_row + k, mask=c_ok, other=0.0).to(tl.float32)
-            xo = tl.load(x_row + k + 1, mask=c_ok, other=0.0).to(tl.float32)
-            sq += xe * xe + xo * xo
-            xe = xe * tl.load(nw_ptr + k, mask=c_ok, other=0.0).to(tl.float32)
-            xo = xo * tl.load(nw_ptr + k + 1, mask=c_ok, other=0.0).to(tl.float32)
-        else:
-            xe = _input(x_row, k, c_ok, K, rstd, nw_ptr, PRO, ACT_BF16)
-            xo = _input(x_row, k + 1, c_ok, K, rstd, nw_ptr, PRO, ACT_BF16)
-        p = (q & 0xF).to(tl.float32) * xe[None, :] + (q >> 4).to(tl.float32) * xo[None, :]  # [BN, B]
-        qh = tl.sum(tl.reshape(p, [BLOCK_N, GPS, G // 2]), axis=2)  # sum q * h per group: [BN, GPS]
-        hs = tl.sum(tl.reshape(xe + xo, [GPS, G // 2]), axis=1)     # sum h per group: [GPS]
-        g_ok = n_ok[:, None] & (g0 + gu < g_hi)[None, :]
-        sz = rn[:, None] * stride_s + (g0 + gu)[None, :]
-        sc = tl.load(s_ptr + sz, mask=g_ok, other=0.0).to(tl.float32)
-        zp = tl.load(z_ptr + sz, mask=g_ok, other=0).to(tl.float32)
-        acc += sc * (qh - zp * hs[None, :])
-        q = q_next
-    out = tl.sum(acc, axis=1)
-    if LATE_NORM:
-        out = out / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
-    _epilogue(out[None, :], (y_ptr + m * stride_ym + rn)[None, :], n_ok[None, :], b_ptr, rn, n_ok, pid_k, RESIDUAL,
-              ATOMIC, HAS_BIAS)
+        gn = g + GPS                                                    # the next step's weights, loading now
+        gn_ok = gn < g_hi
+        w_n = tl.load(w_rows + (gn * WG)[:, None, None], mask=gn_ok[:, None, None] & n_ok[None, :, None], other=0)
+        sc_n = tl.load(s_ptr + s_rows + gn[:, None], mask=gn_ok[:, None] & n_ok[None, :], other=0.0)
+        zp_n = tl.load(z_ptr + s_rows + gn[:, None], mask=gn_ok[:, None] & n_ok[None, :], other=0)
+        p = tl.zeros([C, BLOCK_N, V], tl.float32)
+        xs = tl.zeros([C, 1, V], tl.float32)
+        for i in tl.static_range(8):
+            col = (g * G)[:, None, None] + i * WG + wcol
+            xi = tl.load(x_row + col, mask=c_ok[:, None, None], other=0.0).to(tl.float32)
+            if PRO == 1:  # h = x * norm_w now, times rstd at the end
+                sq += xi * xi
+                xi = xi * tl.load(nw_ptr + col, mask=c_ok[:, None, None], other=0.0).to(tl.float32)
+            xs += xi
+            p += _codes(w, i, ASM) * xi
+        acc += sc.to(tl.float32) * (tl.sum(p, axis=2) - zp.to(tl.float32) * tl.sum(xs, axis=2))
+        w, sc, zp, g, c_ok = w_n, sc_n, zp_n, gn, gn_ok
+    out = tl.sum(acc, axis=0)                                           # [BN]
+    if PRO == 1:
+        out = out / tl.sqrt(tl.sum(tl.sum(tl.sum(sq, axis=2), axis=1), axis=0) / K + eps)
+    _epilogue(out[None, :], y_ptr, stride_ym, m + tl.zeros([1], tl.int32), tl.full([1], 1, tl.int1), b_ptr, rn, n_ok,
+              pid_k, EPI, ATOMIC, HAS_BIAS, ACT_BF16)
 
 
 @triton.jit
 def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym,
-                    M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, RESIDUAL: tl.constexpr,
+                    M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr,
                     ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, K_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+                    BLOCK_N: tl.constexpr, K_POW2: tl.constexpr, CHUNK: tl.constexpr, ASM: tl.constexpr,
+                    PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -194,28 +245,29 @@ def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
     g_lo, g_hi = _slice(K, SPLIT_K, pid_k, G)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for g in range(g_lo, g_hi):
-        q, s, z = _group(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g, G)
+        w, s, z = _words_group(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g, G)
+        q = _group_codes(w)                                         # [BN, G]
         x = _input(x_rows, (g * G + tl.arange(0, G))[None, :], m_ok[:, None], K, rstd, nw_ptr, PRO, ACT_BF16)
         if ACT_BF16:  # w = (q - z) * s, rounded once
-            w = ((_unpack(q, tl.float32) - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]).to(tl.bfloat16)
-            acc += tl.dot(x.to(tl.bfloat16), tl.trans(w))
+            wd = ((q - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]).to(tl.bfloat16)
+            acc += tl.dot(x.to(tl.bfloat16), tl.trans(wd))
         else:  # q - z is exact in fp16 and s is fp16: one rounding, as in fp32
-            w = (_unpack(q, tl.float16) - z.to(tl.float16)[:, None]) * s[:, None]
-            acc += tl.dot(x.to(tl.float16), tl.trans(w))
-    y = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    _epilogue(acc, y, m_ok[:, None] & n_ok[None, :], b_ptr, rn, n_ok, pid_k, RESIDUAL, ATOMIC, HAS_BIAS)
+            wd = (q.to(tl.float16) - z.to(tl.float16)[:, None]) * s[:, None]
+            acc += tl.dot(x.to(tl.float16), tl.trans(wd))
+    _epilogue(acc, y_ptr, stride_ym, rm, m_ok, b_ptr, rn, n_ok, pid_k, EPI, ATOMIC, HAS_BIAS, ACT_BF16)
 
 
 @triton.jit
 def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, stride_w, stride_s, out_ptr, stride_o, N, G: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(1)
     n_ok = rn < N
-    q, s, z = _group(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g, G)
-    w = (_unpack(q, tl.float32) - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]  # [BN, G]
-    kk = g * G + tl.arange(0, G)
-    tl.store(out_ptr + rn[:, None] * stride_o + kk[None, :], w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+    w, s, z = _words_group(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g, G)
+    for i in tl.static_range(8):
+        wd = (_nibbles(w, i) - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]  # [BN, G/8]
+        kk = g * G + i * (G // 8) + tl.arange(0, G // 8)
+        tl.store(out_ptr + rn[:, None] * stride_o + kk[None, :], wd.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,22 +278,21 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 3   # _gemm's pipeline depth
     dot: bool = True      # one row through _gemm (padded to 16) rather than _gemv
-    gps: int = 4          # _gemv: groups per loop step
+    v: int = 2            # _gemv: words per thread-column (one 4v-byte load per row)
 
 
-# Per-shape choices from bench/gpu_runtime.py (kernels step) on the H100: {(M bucket, N, K): config}.
-# Shapes not listed use ``default_config``. M bucket: 1, or 16 for 2..16 rows.
-# One row: the H100 sweep of 2026-11-22 (.scratch run, GPS groups per step; bench/RESULTS.md). Several rows:
-# bench/gpu_runtime.py's kernels step of the same day.
+# Per-shape choices on the H100: {(M bucket, N, K): config}. Shapes not listed use ``default_config``.
+# M bucket: 1, or 16 for 2..16 rows. One row: bench/experiments/w4_words_bench.py, 2026-11-22 (bench/RESULTS.md);
+# several rows: a sweep at M=8 of the same day (bench/RESULTS.md).
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
-    (1, 2048, 1536): GemvConfig(16, 1, 8, 1, False, 4),    # qkv
-    (1, 1536, 1536): GemvConfig(16, 1, 8, 1, False, 4),    # o
-    (1, 17920, 1536): GemvConfig(16, 1, 4, 1, False, 4),   # w13
-    (1, 1536, 8960): GemvConfig(16, 2, 8, 1, False, 4),    # w2
-    (16, 1536, 1536): GemvConfig(32, 4, 4, 3, True),
-    (16, 1536, 8960): GemvConfig(64, 16, 4, 3, True),
-    (16, 2048, 1536): GemvConfig(64, 4, 4, 3, True),
-    (16, 17920, 1536): GemvConfig(64, 1, 4, 3, True),
+    (1, 2048, 1536): GemvConfig(8, 1, 2, 1, False, 4),     # qkv
+    (1, 1536, 1536): GemvConfig(8, 4, 1, 1, False, 2),     # o
+    (1, 17920, 1536): GemvConfig(8, 1, 1, 1, False, 2),    # w13
+    (1, 1536, 8960): GemvConfig(8, 4, 2, 1, False, 4),     # w2
+    (16, 1536, 1536): GemvConfig(64, 8, 8, 3, True),       # o
+    (16, 1536, 8960): GemvConfig(64, 8, 8, 4, True),       # w2
+    (16, 2048, 1536): GemvConfig(64, 8, 8, 3, True),       # qkv (split-K sums through the rope kernel)
+    (16, 17920, 1536): GemvConfig(64, 1, 4, 3, True),      # w13
 }
 
 
@@ -249,73 +300,86 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def default_config(M: int, N: int, K: int, group: int, residual: bool, sms: int = 132,
+def default_config(M: int, N: int, K: int, group: int, epilogue: str = "store", sms: int = 132,
                    prologue: str = "none") -> GemvConfig:
-    """Untuned shapes: BLOCK_N 32 (64 when that still gives 4 programs per SM); split-K (only with the
-    residual epilogue, whose adds can be atomic) until there are about two programs per SM; one row goes
-    through _gemv when the prologue is RMSNorm (no pass over x before the loop), else through _gemm."""
+    """Untuned shapes: one row through _gemv (8 rows, 2 words per thread, one warp), several through _gemm
+    (BLOCK_N 32, 64 when that still gives 4 programs per SM); split-K only with the residual epilogue (atomic
+    adds) and, for one row, no RMSNorm prologue, until there are about four (one row) / two programs per SM."""
     tuned = TUNED.get((1 if M <= 1 else 16, N, K))
-    if tuned is not None and (tuned.split_k == 1 or residual):
+    if tuned is not None and (tuned.split_k == 1 or (epilogue == "residual" and not (M == 1 and prologue == "rmsnorm"))):
         return tuned
+    groups = K // group
+    if M == 1:
+        split = 1
+        if epilogue == "residual" and prologue != "rmsnorm":
+            while -(-N // 8) * split * 2 <= 4 * sms and groups // (split * 2) >= 2:
+                split *= 2
+        return GemvConfig(8, split, 1, 1, False, 2)
     block_n = 64 if N >= 4 * sms * 64 else 32
-    split, groups = 1, K // group
-    if residual:
+    split = 1
+    if epilogue == "residual":
         n_blocks = -(-N // block_n)
         while n_blocks * split * 2 <= 2 * sms and groups // (split * 2) >= 2:
             split *= 2
-    return GemvConfig(block_n, split, dot=not (M == 1 and prologue == "rmsnorm"))
+    return GemvConfig(block_n, split)
 
 
-def w4_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
+def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
               out: torch.Tensor, bias: torch.Tensor | None = None, prologue: str = "none",
-              norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: bool = False,
+              norm_weight: torch.Tensor | None = None, eps: float = 0.0, epilogue: str = "store",
               config: GemvConfig | None = None) -> torch.Tensor:
-    """out = h(x) W^T (+ bias), or out += h(x) W^T with ``residual``; out: [M, N], x: [M, K] ([M, 2K] silu_mul)."""
-    N, K = codes.shape[0], 2 * codes.shape[1]
+    """out = h(x) W^T (+ bias); out += h(x) W^T (``epilogue="residual"``, out fp32); or out = silu(y[:, 0::2]) *
+    y[:, 1::2] of y = h(x) W^T (``"silu"``: the pair-interleaved w13, out [M, N/2]). x: [M, K]; words: int32
+    [N, K/8] (convert/layout.pack_words)."""
+    N, K = words.shape[0], 8 * words.shape[1]
     M = x.shape[0]
-    pro = PROLOGUES[prologue]
-    assert codes.dtype == torch.uint8 and codes.stride(-1) == 1, "codes: uint8 [N, K/2], rows contiguous"
+    pro, epi = PROLOGUES[prologue], EPILOGUES[epilogue]
+    assert words.dtype == torch.int32 and words.stride(-1) == 1, "words: int32 [N, K/8] (pack_words), rows contiguous"
     assert scales.shape == zeros.shape == (N, K // group) and scales.stride() == zeros.stride() and scales.stride(-1) == 1
     assert zeros.dtype == torch.uint8, "zeros: uint8 [N, K/G]"
     assert group >= 32 and group & (group - 1) == 0 and K % group == 0, f"group {group}: a power of two >= 32 dividing K"
-    assert x.dim() == 2 and x.stride(-1) == 1 and x.shape[1] == (2 * K if pro == 2 else K), f"x {tuple(x.shape)}, K={K}"
-    assert out.dim() == 2 and out.shape == (M, N) and out.stride(-1) == 1, f"out {tuple(out.shape)} for [{M}, {N}]"
-    assert not residual or out.dtype == torch.float32, "the residual is float32"
+    assert x.dim() == 2 and x.stride(-1) == 1 and x.shape[1] == K, f"x {tuple(x.shape)}, K={K}"
+    n_out = N // 2 if epi == 2 else N
+    assert out.dim() == 2 and out.shape == (M, n_out) and out.stride(-1) == 1, f"out {tuple(out.shape)} for [{M}, {n_out}]"
+    assert epi != 1 or out.dtype == torch.float32, "the residual is float32"
+    assert epi != 2 or (N % 2 == 0 and bias is None), "silu: gate/up pairs, no bias"
     assert pro != 1 or (norm_weight is not None and norm_weight.shape == (K,) and norm_weight.is_contiguous())
     assert bias is None or (bias.shape == (N,) and bias.is_contiguous())
-    act = out.dtype if not residual else (x.dtype if pro != 1 else norm_weight.dtype)
+    act = out.dtype if epi != 1 else (x.dtype if pro != 1 else norm_weight.dtype)
     assert act in (torch.float16, torch.bfloat16), f"activations must be fp16 or bf16, got {act}"
-    cfg = config or default_config(M, N, K, group, residual, prologue=prologue)
-    assert cfg.split_k == 1 or residual, "split-K needs the residual epilogue (atomic adds)"
+    cfg = config or default_config(M, N, K, group, epilogue, prologue=prologue)
+    assert cfg.split_k == 1 or epi == 1, "split-K needs the residual epilogue (atomic adds)"
     nw = norm_weight if norm_weight is not None else scales  # unused pointer when the prologue has no norm
     b = bias if bias is not None else scales
     on = pdl(x)
-    common = dict(G=group, PRO=pro, RESIDUAL=residual, ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None,
-                  ACT_BF16=act == torch.bfloat16, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+    common = dict(G=group, PRO=pro, EPI=epi, ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None,
+                  ACT_BF16=act == torch.bfloat16, BLOCK_N=cfg.block_n, ASM=not INTERPRET, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages, PDL=on, launch_pdl=on)
-    weights = (codes, scales, zeros, codes.stride(0), scales.stride(0))
+    weights = (words, scales, zeros, words.stride(0), scales.stride(0))
     n_blocks = triton.cdiv(N, cfg.block_n)
-    k_pow2 = triton.next_power_of_2(K)
     if M == 1 and not cfg.dot:
+        assert pro != 1 or cfg.split_k == 1, "one row with RMSNorm: the norm is applied at the end, no split-K"
+        assert (group // 8) % cfg.v == 0 and (32 * cfg.num_warps) % (group // 8 // cfg.v) == 0, f"v={cfg.v}, group {group}"
         _w4_gemv_kernel[(n_blocks, cfg.split_k, 1)](x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), N, K,
-                                                    cfg.split_k, LATE_NORM=pro == 1 and cfg.split_k == 1,
-                                                    K_POW2=k_pow2, CHUNK=min(k_pow2, 4096), GPS=cfg.gps, **common)
+                                                    cfg.split_k, V=cfg.v, C=32 * cfg.num_warps, **common)
     else:  # the RMSNorm pass takes [BLOCK_M, CHUNK] elements at a time: 32 per thread with 4 warps
         block_m = min(64, max(16, _pow2_at_least(M)))
+        k_pow2 = triton.next_power_of_2(K)
         _w4_gemm_kernel[(n_blocks, cfg.split_k, triton.cdiv(M, block_m))](
             x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), M, N, K, cfg.split_k, BLOCK_M=block_m,
             K_POW2=k_pow2, CHUNK=min(k_pow2, 4096 // block_m), **common)
     return out
 
 
-def w4_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
+def w4_dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
                   out: torch.Tensor) -> torch.Tensor:
     """out [N, K] = (q - z) * s in out's dtype (prefill: then a dense matmul)."""
-    N, K = codes.shape[0], 2 * codes.shape[1]
-    assert codes.dtype == torch.uint8 and codes.stride(-1) == 1 and scales.stride() == zeros.stride()
+    N, K = words.shape[0], 8 * words.shape[1]
+    assert words.dtype == torch.int32 and words.stride(-1) == 1 and scales.stride() == zeros.stride()
     assert group >= 32 and group & (group - 1) == 0 and K % group == 0, f"group {group}: a power of two >= 32 dividing K"
     assert out.shape == (N, K) and out.stride(-1) == 1
     block_n = 32
-    _w4_dequant_kernel[(triton.cdiv(N, block_n), K // group)](codes, scales, zeros, codes.stride(0), scales.stride(0),
-                                                              out, out.stride(0), N, G=group, BLOCK_N=block_n)
+    _w4_dequant_kernel[(triton.cdiv(N, block_n), K // group)](words, scales, zeros, words.stride(0), scales.stride(0),
+                                                              out, out.stride(0), N, G=group, BLOCK_N=block_n,
+                                                              ASM=not INTERPRET)
     return out

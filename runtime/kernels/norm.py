@@ -29,15 +29,20 @@ def _rms_norm_kernel(x_ptr, stride_x, w_ptr, out_ptr, stride_o, H, eps, BLOCK: t
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, stride_x, out_ptr, stride_o, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _silu_mul_kernel(x_ptr, stride_x, out_ptr, stride_o, I, BLOCK: tl.constexpr, PAIRS: tl.constexpr,
+                     PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     row, blk = tl.program_id(0), tl.program_id(1)
     k = blk * BLOCK + tl.arange(0, BLOCK)
     mask = k < I
-    g = tl.load(x_ptr + row * stride_x + k, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(x_ptr + row * stride_x + I + k, mask=mask, other=0.0).to(tl.float32)
+    if PAIRS:  # gate n at column 2n, up n at 2n + 1
+        g = tl.load(x_ptr + row * stride_x + 2 * k, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + row * stride_x + 2 * k + 1, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(x_ptr + row * stride_x + k, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + row * stride_x + I + k, mask=mask, other=0.0).to(tl.float32)
     s = (g * tl.sigmoid(g)).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * stride_o + k, (s * u).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -54,13 +59,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
     return out
 
 
-def silu_mul(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """x: [T, 2I] = gate | up -> out [T, I] = silu(gate) * up."""
+def silu_mul(x: torch.Tensor, out: torch.Tensor, pairs: bool = False) -> torch.Tensor:
+    """x: [T, 2I] = gate | up (``pairs``: gate n, up n at columns 2n, 2n + 1) -> out [T, I] = silu(gate) * up."""
     T, I2 = x.shape
     assert x.stride(-1) == 1 and out.stride(-1) == 1 and out.shape == (T, I2 // 2), f"x {tuple(x.shape)}"
     block = 1024
     if T:
         on = pdl(x)
         _silu_mul_kernel[(T, triton.cdiv(I2 // 2, block))](x, x.stride(0), out, out.stride(0), I2 // 2, BLOCK=block,
-                                                           PDL=on, launch_pdl=on)
+                                                           PAIRS=pairs, PDL=on, launch_pdl=on)
     return out
