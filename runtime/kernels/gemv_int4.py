@@ -102,7 +102,7 @@ def _nibbles(w, i: tl.constexpr):
 
 @triton.jit
 def _group_codes(w):
-    """Words [R, WG] of one group -> codes [R, G] float32 in column order (column i * WG + w = nibble i of
+    """Words [R, WG] of one group -> codes [R, G] int32 in column order (column i * WG + w = nibble i of
     word w). Built by joins, then one permute."""
     R: tl.constexpr = w.shape[0]
     WG: tl.constexpr = w.shape[1]
@@ -117,7 +117,7 @@ def _group_codes(w):
     q = tl.join(tl.join(tl.join(a0, a1), tl.join(a2, a3)), tl.join(tl.join(a4, a5), tl.join(a6, a7)))
     # join stacks on a new last dim: q[r, w, c, d, e] = a[c + 2d + 4e]; order (e, d, c, w) is column order
     q = tl.permute(q, [0, 4, 3, 2, 1])
-    return tl.reshape(q, [R, WG * 8]).to(tl.float32)
+    return tl.reshape(q, [R, WG * 8])
 
 
 @triton.jit
@@ -249,10 +249,13 @@ def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
         q = _group_codes(w)                                         # [BN, G]
         x = _input(x_rows, (g * G + tl.arange(0, G))[None, :], m_ok[:, None], K, rstd, nw_ptr, PRO, ACT_BF16)
         if ACT_BF16:  # w = (q - z) * s, rounded once
-            wd = ((q - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]).to(tl.bfloat16)
+            wd = ((q.to(tl.float32) - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]).to(tl.bfloat16)
             acc += tl.dot(x.to(tl.bfloat16), tl.trans(wd))
-        else:  # q - z is exact in fp16 and s is fp16: one rounding, as in fp32
-            wd = (q.to(tl.float16) - z.to(tl.float16)[:, None]) * s[:, None]
+        else:  # q | 0x6400 read as fp16 is 1024 + q (no int-to-float conversion); the difference q - z is
+            # exact in fp16 and s is fp16: one rounding, as in fp32
+            qh = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            zh = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+            wd = (qh - zh[:, None]) * s[:, None]
             acc += tl.dot(x.to(tl.float16), tl.trans(wd))
     _epilogue(acc, y_ptr, stride_ym, rm, m_ok, b_ptr, rn, n_ok, pid_k, EPI, ATOMIC, HAS_BIAS, ACT_BF16)
 
