@@ -294,8 +294,8 @@ TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (1, 1536, 8960): GemvConfig(8, 4, 2, 1, False, 4),     # w2
     (16, 1536, 1536): GemvConfig(64, 8, 8, 3, True),       # o
     (16, 1536, 8960): GemvConfig(64, 8, 8, 4, True),       # w2
-    (16, 2048, 1536): GemvConfig(64, 8, 8, 3, True),       # qkv (split-K sums through the rope kernel)
-    (16, 17920, 1536): GemvConfig(64, 1, 4, 3, True),      # w13
+    (16, 2048, 1536): GemvConfig(64, 8, 8, 3, True),       # qkv (split-K sums through the rope kernel; norm separate)
+    (16, 17920, 1536): GemvConfig(32, 1, 4, 4, True),      # w13 (its RMSNorm a separate kernel: gpu_linear)
 }
 
 
