@@ -135,10 +135,16 @@ class Engine:
                 seen[0, torch.tensor(prompt, device=self.device)] = True
             # [STEP 2]: decode one token at a time (greedy on the GPU path: bursts of steps on the device)
             if self.decoder is not None and gen.temperature == 0 and not penalize:
-                yield from self._greedy_bursts(int(logits.argmax(dim=-1)[0]), stops, budget, stats)
-                return
+                advance = self._burst_advance()
+            else:
+                def advance(tok: int, remaining: int) -> int:
+                    if penalize:
+                        seen[0, tok] = True
+                    nxt = self._decode(tok, len(self._cached))
+                    self._cached.append(tok)
+                    return int(sample(nxt, gen, seen, generator)[0])
+            tok = int(sample(logits, gen, seen, generator)[0])
             for step in range(budget):
-                tok = int(sample(logits, gen, seen, generator)[0])
                 if tok in stops:
                     stats.finish = "stop"
                     return
@@ -147,35 +153,28 @@ class Engine:
                 if step + 1 == budget:
                     stats.finish = "length"
                     return
-                if penalize:
-                    seen[0, tok] = True
-                logits = self._decode(tok, len(self._cached))
-                self._cached.append(tok)
+                tok = advance(tok, budget - step - 1)
         finally:
             stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
             stats.kv_used = len(self._cached)
 
-    def _greedy_bursts(self, tok: int, stops: set[int], budget: int, stats: GenerationStats) -> Iterator[int]:
-        """Greedy tokens of row 0 from the decoder's device-side bursts (DecodeGraphs.greedy_burst): the same
-        tokens as one step at a time. ``written`` counts queued tokens whose K/V a burst already wrote."""
+    def _burst_advance(self):
+        """advance(tok, remaining) -> the greedy token after tok, from the decoder's device-side bursts
+        (DecodeGraphs.greedy_burst): the same tokens as one step at a time. A burst feeds tok and the argmaxes
+        after it; ``written`` counts the queued tokens whose K/V that burst already wrote."""
         queue: list[int] = []
         written = 0
-        for step in range(budget):
-            if tok in stops:
-                stats.finish = "stop"
-                return
-            stats.new_tokens += 1
-            yield tok
-            if step + 1 == budget:
-                stats.finish = "length"
-                return
-            if written == 0:  # tok's K/V is not in the cache yet: a burst feeds it and the argmaxes after it
-                k = min(self.decoder.burst, budget - step - 1)
+
+        def advance(tok: int, remaining: int) -> int:
+            nonlocal queue, written
+            if written == 0:  # tok's K/V is not in the cache yet
+                k = min(self.decoder.burst, remaining)
                 queue = self.decoder.greedy_burst(tok, len(self._cached), k)
                 written = k
             self._cached.append(tok)
             written -= 1
-            tok = queue.pop(0)
+            return queue.pop(0)
+        return advance
 
     def _decode(self, tok: int, position: int) -> torch.Tensor:
         """Row 0's next-token logits [1, V] float32 after feeding ``tok`` at ``position``."""
