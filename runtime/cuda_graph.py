@@ -161,12 +161,7 @@ class DecodeGraphs:
         assert 1 <= k <= BURST, f"a burst is 1..{BURST} steps, got {k}"
         if self.greedy_graph is None:
             self._capture_greedy()
-        self._copied.synchronize()
-        host = self.host_np
-        host[0, :], host[1, :], host[2, :] = 0, -1, 0
-        host[0, 0], host[1, 0] = token, position
-        self.bufs.idx.copy_(self.host, non_blocking=True)
-        self._copied.record()
+        self._upload([token], [position])
         for i in range(k):
             if self.greedy_graph is None:  # eager (use_graphs=False)
                 self._greedy_step()
@@ -184,6 +179,13 @@ class DecodeGraphs:
         b = self.bucket(n)
         if b not in self.graphs:
             self.capture(b)
+        self._upload(tokens, positions, rows)
+        self._replay(b)
+        return self.bufs.logits[:n]
+
+    def _upload(self, tokens: list[int], positions: list[int], rows: list[int] | None = None) -> None:
+        """idx <- (token, position, cache row) of rows 0..n-1, the others padding; one host-to-device copy."""
+        n = len(tokens)
         self._copied.synchronize()  # the previous step's copy has read the pinned buffer
         host = self.host_np
         host[0, n:], host[1, n:], host[2, n:] = 0, -1, 0  # padding rows
@@ -191,8 +193,6 @@ class DecodeGraphs:
         host[2, :n] = rows if rows is not None else range(n)
         self.bufs.idx.copy_(self.host, non_blocking=True)  # whole buffers: contiguous on both sides
         self._copied.record()
-        self._replay(b)
-        return self.bufs.logits[:n]
 
     def serves(self, cache: KVCache) -> bool:
         """Whether ``cache`` is the captured cache or a run of its rows (KVCache.rows)."""
