@@ -112,21 +112,19 @@ class GpuLinear(nn.Module):
             eps: float = 0.0, epilogue: str = "store") -> None:
         """A decode step: out = h(x) W^T (+ b); out += h(x) W^T (``epilogue="residual"``, out fp32); or
         out = silu(y[:, 0::2]) * y[:, 1::2] (``"silu"``, the pair-interleaved w13: out [M, N/2])."""
-        if self.int4 and self.backend == "triton":
-            if prologue == "rmsnorm" and x.shape[0] > 1:  # several rows: a separate norm kernel and a plain
-                # tl.dot GEMM beat the fused prologue (H100, M=8: w13 21.7 against 27.6 µs)
-                x = rms_norm(x, norm_weight, eps, torch.empty(x.shape, device=x.device, dtype=self.dtype))
-                prologue = "none"
+        fused = self.int4 and self.backend == "triton"
+        if prologue == "rmsnorm" and not (fused and x.shape[0] == 1):
+            # a norm kernel first: for the other backends, and for several rows, where a plain tl.dot GEMM after it
+            # beats the GEMM's fused prologue (H100, M=8: w13 21.7 against 27.6 µs); one row keeps the fused GEMV
+            x = rms_norm(x, norm_weight, eps, torch.empty(x.shape, device=x.device, dtype=self.dtype))
+            prologue = "none"
+        if fused:
             cfg = self.config or default_config(x.shape[0], self.out_features, self.in_features, self.group,
                                                 epilogue, self.sms, prologue)
             w4_matmul(x, self.words, self.scales, self.zeros, self.group, out, bias=self.bias, prologue=prologue,
                       norm_weight=norm_weight, eps=eps, epilogue=epilogue, config=cfg)
             return
-        M, K = x.shape[0], self.in_features
-        if prologue == "rmsnorm":
-            h = rms_norm(x, norm_weight, eps, torch.empty(M, K, device=x.device, dtype=self.dtype))
-        else:
-            h = x
+        h = x
         if epilogue == "store" and not self.int4 and out.dtype == self.dtype:  # cuBLAS writes out directly
             if self.bias is None:
                 torch.mm(h, self.weight.t(), out=out)
