@@ -28,8 +28,11 @@ except ImportError:  # CPU-only installs: the GPU path is off, the CPU runtime i
     HAVE_TRITON = False
 
 
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's interpreter (tests without CUDA)
+
+
 def pdl(t: torch.Tensor) -> bool:
     """Launch with programmatic dependent launch: CUDA sm_90+, not Triton's interpreter, not QCONV_PDL=0."""
-    if t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("QCONV_PDL") == "0":
+    if t.device.type != "cuda" or INTERPRET or os.environ.get("QCONV_PDL") == "0":
         return False
     return torch.cuda.get_device_capability(t.device)[0] >= 9

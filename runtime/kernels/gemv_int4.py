@@ -28,18 +28,16 @@ scalar), so sum(x^2) accumulates in the main loop and no pass over x precedes th
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from . import pdl
+from . import INTERPRET, pdl
 
 PROLOGUES = {"none": 0, "rmsnorm": 1}
 EPILOGUES = {"store": 0, "residual": 1, "silu": 2}
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -228,8 +226,7 @@ def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
 def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym,
                     M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr,
                     ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, K_POW2: tl.constexpr, CHUNK: tl.constexpr, ASM: tl.constexpr,
-                    PDL: tl.constexpr):
+                    BLOCK_N: tl.constexpr, K_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -262,7 +259,7 @@ def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
 
 @triton.jit
 def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, stride_w, stride_s, out_ptr, stride_o, N, G: tl.constexpr,
-                       BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+                       BLOCK_N: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(1)
     n_ok = rn < N
@@ -356,7 +353,7 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
     b = bias if bias is not None else scales
     on = pdl(x)
     common = dict(G=group, PRO=pro, EPI=epi, ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None,
-                  ACT_BF16=act == torch.bfloat16, BLOCK_N=cfg.block_n, ASM=not INTERPRET, num_warps=cfg.num_warps,
+                  ACT_BF16=act == torch.bfloat16, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages, PDL=on, launch_pdl=on)
     weights = (words, scales, zeros, words.stride(0), scales.stride(0))
     n_blocks = triton.cdiv(N, cfg.block_n)
@@ -364,7 +361,8 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
         assert pro != 1 or cfg.split_k == 1, "one row with RMSNorm: the norm is applied at the end, no split-K"
         assert (group // 8) % cfg.v == 0 and (32 * cfg.num_warps) % (group // 8 // cfg.v) == 0, f"v={cfg.v}, group {group}"
         _w4_gemv_kernel[(n_blocks, cfg.split_k, 1)](x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), N, K,
-                                                    cfg.split_k, V=cfg.v, C=32 * cfg.num_warps, **common)
+                                                    cfg.split_k, V=cfg.v, C=32 * cfg.num_warps, ASM=not INTERPRET,
+                                                    **common)
     else:  # the RMSNorm pass takes [BLOCK_M, CHUNK] elements at a time: 32 per thread with 4 warps
         block_m = min(64, max(16, _pow2_at_least(M)))
         k_pow2 = triton.next_power_of_2(K)
@@ -383,6 +381,5 @@ def w4_dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     assert out.shape == (N, K) and out.stride(-1) == 1
     block_n = 32
     _w4_dequant_kernel[(triton.cdiv(N, block_n), K // group)](words, scales, zeros, words.stride(0), scales.stride(0),
-                                                              out, out.stride(0), N, G=group, BLOCK_N=block_n,
-                                                              ASM=not INTERPRET)
+                                                              out, out.stride(0), N, G=group, BLOCK_N=block_n)
     return out
