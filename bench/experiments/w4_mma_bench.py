@@ -1,5 +1,5 @@
 """EXPERIMENT (H100; numbers in bench/GPU_NOTES.md): the mma int4 GEMV (runtime/kernels/gemv_int4.py) per decode role of qwen2.5-1.5b: check + sweep."""
-import itertools, sys, torch, json, os
+import itertools, torch, json, os
 import torch.nn.functional as F
 from qconv.convert.layout import QuantLinear
 from bench.experiments.w4_mma_gemv import w4_matmul, w4_dequantize, GemvConfig, pack_mma, interleave_gate_up

@@ -33,7 +33,6 @@ Under Triton's interpreter (tests without CUDA) the mma is emulated with tensor 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -41,17 +40,10 @@ import triton
 import triton.language as tl
 
 from qconv.convert.layout import QuantLinear
+from qconv.runtime.kernels import INTERPRET
+from qconv.runtime.kernels.gemv_int4 import _act
 
 EPILOGUES = {"store": 0, "residual": 1, "silu": 2}
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def pdl_enabled(device: torch.device) -> bool:
-    """Programmatic dependent launch: CUDA on sm_90+, not under the interpreter."""
-    return (not INTERPRET and device.type == "cuda" and torch.cuda.is_available()
-            and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
 def _chunk_asm(bf16: bool) -> str:
     """PTX: four k-tiles of one lane; $0-$3 the C fragment (tied to inputs $16-$19), $4-$7 the words,
     $8-$11 / $12-$15 the B registers (b0, b1) of k-tiles 0, 1 / 2, 3."""
@@ -72,15 +64,6 @@ def _chunk_asm(bf16: bool) -> str:
 
 _CHUNK_F16 = tl.constexpr(_chunk_asm(False))
 _CHUNK_BF16 = tl.constexpr(_chunk_asm(True))
-
-
-@triton.jit
-def _act(v, BF16: tl.constexpr):
-    """v rounded to the activation dtype, back in fp32."""
-    if BF16:
-        return v.to(tl.bfloat16).to(tl.float32)
-    else:
-        return v.to(tl.float16).to(tl.float32)
 
 
 @triton.jit

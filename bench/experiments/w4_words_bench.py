@@ -1,7 +1,8 @@
-"""EXPERIMENT (H100; numbers in bench/GPU_NOTES.md): the word-layout GEMV (scratch/gemv32.py) vs the current kernel, per decode role of qwen2.5-1.5b."""
-import itertools, math, statistics, sys, torch, triton
+"""EXPERIMENT (H100; numbers in bench/GPU_NOTES.md): the word-layout GEMV prototype per decode role of qwen2.5-1.5b.
+Its run compared against the byte-layout kernel of that time, which the runtime's word-layout kernel replaced
+(those numbers are in bench/RESULTS.md); that comparison is not repeated here."""
+import itertools, torch, triton
 from bench.experiments.w4_words_gemv import gemv32
-from qconv.runtime.kernels.gemv_int4 import w4_matmul, TUNED
 from bench.gpu_micro import graph_us, copies_for
 
 dev = torch.device("cuda")
@@ -32,8 +33,6 @@ for role, (N, K, pro, epi, has_bias) in ROLES.items():
     n = copies_for(nbytes)
     qs = [torch.randint(0, 16, (N, K), dtype=torch.uint8, device=dev) for _ in range(n)]
     words = [pack_words(q, G) for q in qs]
-    from qconv.convert.layout import pack_int4
-    codes = [pack_int4(q) for q in qs]
     ss = [(torch.rand(N, K // G, device=dev) * 0.02 + 0.001).half() for _ in range(n)]
     zs = [torch.randint(0, 16, (N, K // G), dtype=torch.uint8, device=dev) for _ in range(n)]
     bias = torch.randn(N, device=dev).half() if has_bias else None
@@ -68,17 +67,8 @@ for role, (N, K, pro, epi, has_bias) in ROLES.items():
         rows.append((role, bn, v, warps, split, us, nbytes / us / 1e6, err, pdl))
         if best is None or us < best[5]:
             best = rows[-1]
-    # the current kernel, its tuned config, same role (silu prologue for w2, no silu epilogue for w13)
-    old_pro = {"qkv": "rmsnorm", "o": "none", "w13": "rmsnorm", "w2": "silu_mul"}[role]
-    xo = torch.randn(1, 2 * K if old_pro == "silu_mul" else K, device=dev,
-                     dtype=torch.float32 if old_pro == "rmsnorm" else torch.float16)
-    oo = torch.zeros(1, N, device=dev, dtype=torch.float32 if epi == 1 else torch.float16)
-    cfg = TUNED.get((1, N, K))
-    old = graph_us(lambda i: w4_matmul(xo, codes[i], ss[i], zs[i], G, oo, bias=bias, prologue=old_pro, norm_weight=nw,
-                                       eps=1e-6, residual=epi == 1, config=cfg), n)
-    print(f"{role}: best {best[1:5]} {best[5]:.2f} us {best[6]:.2f} TB/s err {best[7]:.1e} | old {old:.2f} us "
-          f"{nbytes / old / 1e6:.2f} TB/s", flush=True)
-    del qs, words, codes
+    print(f"{role}: best {best[1:5]} {best[5]:.2f} us {best[6]:.2f} TB/s err {best[7]:.1e}", flush=True)
+    del qs, words
     torch.cuda.empty_cache()
 import triton.language as tl
 @triton.jit

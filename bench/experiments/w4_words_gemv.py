@@ -7,13 +7,7 @@ BN rows in every thread's registers, so x is loaded and prepared once per thread
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _act(v, ACT_BF16: tl.constexpr):
-    if ACT_BF16:
-        return v.to(tl.bfloat16).to(tl.float32)
-    else:
-        return v.to(tl.float16).to(tl.float32)
+from qconv.runtime.kernels.gemv_int4 import _act
 
 
 @triton.jit
