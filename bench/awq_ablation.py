@@ -8,7 +8,6 @@ C4 128 x 512, seed 0 (BENCH_PROTOCOL). Prints one table row per variant, last.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, write_result  # noqa: E402
+from common import ppl_parser, provenance, write_result  # noqa: E402
 
 
 def parse_variant(text: str) -> dict:
@@ -28,12 +27,7 @@ def parse_variant(text: str) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--gguf", required=True)
-    ap.add_argument("--wiki", required=True)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--windows", type=int, default=8)
+    ap = ppl_parser(group_size=128, windows=8)
     ap.add_argument("--variant", action="append", required=True, help="AwqRequest overrides, e.g. clip=0,sink_tokens=1")
     ap.add_argument("--name", required=True)
     ap.add_argument("--work", default="/tmp/qconv-ablation")

@@ -1,6 +1,7 @@
 """Shared bits of the bench scripts: provenance for every number (date, machine, commit, command)."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -77,3 +78,14 @@ def stub_datasets() -> None:
         stub = types.ModuleType("datasets")
         stub.load_dataset = None
         sys.modules["datasets"] = stub
+
+
+def ppl_parser(group_size: int, windows: int) -> argparse.ArgumentParser:
+    """The arguments every perplexity bench takes: the GGUF model, wiki.utf8, device, group size, windows."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gguf", required=True)
+    ap.add_argument("--wiki", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--group-size", type=int, default=group_size)
+    ap.add_argument("--windows", type=int, default=windows)
+    return ap

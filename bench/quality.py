@@ -13,7 +13,6 @@ Rows accumulate in WORK/rows.json, so steps can run in separate calls; the table
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,18 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, stub_datasets, write_result  # noqa: E402
+from common import ppl_parser, provenance, stub_datasets, write_result  # noqa: E402
 
 STEPS = ("fp", "rtn", "awq", "autoawq", "kv")
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--gguf", required=True)
-    ap.add_argument("--wiki", required=True)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--windows", type=int, default=40)
+    ap = ppl_parser(group_size=64, windows=40)
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma list of {STEPS}")
     ap.add_argument("--quant-dtype", default="float32")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls while quantizing (never in ppl)")
