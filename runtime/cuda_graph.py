@@ -1,26 +1,34 @@
 """Decode steps as CUDA graphs: GpuTransformer.decode_step captured once per batch bucket.
 
-    graphs = DecodeGraphs(model, cache)           # buffers for cache.batch rows; graphs built on first use
+    graphs = DecodeGraphs(model, cache)           # buffers for up to max(cache.batch, PREFILL_ROWS) rows
     logits = graphs.step_host([tok], [pos], [0])  # one step for cache row 0 -> [1, V] (a view, valid until next step)
-    toks = graphs.greedy_burst(tok, pos, k)       # k greedy steps of row 0 on the device -> the k next tokens
+    for t in graphs.greedy_stream(tok, pos, n):   # n greedy steps of row 0 on the device -> the n next tokens
+        ...
     model(ids [B, 1], pos [B, 1], cache_rows)     # GpuTransformer.forward sends one-token steps here
 
-A step of n rows replays the graph of the smallest bucket (1, 2, 4, 8, ... and cache.batch) holding n;
+A step of n rows replays the graph of the smallest bucket (1, 2, 4, 8, ... and the largest) holding n;
 the bucket's other rows are padding (position -1: no cache write, attention over nothing). Inputs live
 in one static int64 tensor ``idx`` [3, rows] = (token, position, cache row), so a step costs one
 host-to-device copy and one graph launch. A cache made by KVCache.rows(first, ...) from the captured
 cache shares its storage: its row r is the captured cache's row first + r.
-Greedy decoding of row 0 (``greedy_burst``) uses a second graph of bucket 1 that also takes the argmax and
-writes it, with the position + 1, into ``idx``: k replays run back to back on the device, the host only
-launches them and reads the k tokens once, so the GPU does not wait for the host between tokens.
+Rows need not be distinct cache rows: a short prompt (up to PREFILL_ROWS tokens) is prefilled as one step
+whose rows are its tokens, all in one cache row at consecutive positions. Every row's K/V is written
+before any row attends (decode_step's kernel order), and each row attends to positions <= its own, so the
+step is causal prefill, replayed from a graph instead of ~15 launches per layer from Python.
+Greedy decoding of row 0 (``greedy_stream``) replays a graph of BURST steps that also takes each step's
+argmax and writes it, with the position + 1, into ``idx``: the steps run back to back on the device. The
+next burst is launched before the host reads the previous one's tokens, so the GPU never waits for the
+host (the tokens of up to two bursts past a stop token are computed and thrown away).
 """
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from .kernels.attention import num_splits, partials
+from .kernels.attention import counters, num_splits, partials
 from .kv_cache import KVCache
 
 
@@ -39,6 +47,7 @@ class DecodeBuffers:
     logits: torch.Tensor   # [rows, vocab]
     next_tok: torch.Tensor  # int64 [rows]: greedy steps' argmax
     ring: torch.Tensor     # int64 [BURST]: the tokens of one greedy burst
+    count: torch.Tensor    # int32 [rows, Hkv]: the fused attention kernel's split counters (zero between steps)
     splits: dict[int, int] = field(default_factory=dict)                     # bucket -> attention splits
     parts: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # bucket -> attention partials
 
@@ -57,7 +66,8 @@ class DecodeBuffers:
                    h=torch.zeros(R, H, dtype=dtype, device=device),
                    logits=torch.zeros(R, cfg.vocab_size, dtype=dtype, device=device),
                    next_tok=torch.zeros(R, dtype=torch.int64, device=device),
-                   ring=torch.zeros(BURST, dtype=torch.int64, device=device))
+                   ring=torch.zeros(BURST, dtype=torch.int64, device=device),
+                   count=counters(R, cfg.kv_head_num, device))
         for b in buckets:
             ns = num_splits(b, cfg.kv_head_num, max_len, sms=sms)
             bufs.splits[b] = ns
@@ -65,7 +75,8 @@ class DecodeBuffers:
         return bufs
 
 
-BURST = 8  # greedy steps per host sync (runtime/engine.py streams tokens in bursts of up to this many)
+BURST = 8  # greedy steps per graph launch (runtime/engine.py streams their tokens as they arrive)
+PREFILL_ROWS = 64  # prompts up to this many tokens are prefilled as one decode step (rows = tokens)
 
 
 def default_buckets(rows: int) -> list[int]:
@@ -77,10 +88,12 @@ def default_buckets(rows: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model, cache: KVCache, buckets: list[int] | None = None, use_graphs: bool = True):
+    def __init__(self, model, cache: KVCache, buckets: list[int] | None = None, use_graphs: bool = True,
+                 prefill_rows: int = PREFILL_ROWS):
         self.model, self.cache, self.use_graphs = model, cache, use_graphs
         self.rows = cache.batch
-        self.buckets = sorted(set(buckets or default_buckets(self.rows)))
+        self.prefill_rows = prefill_rows
+        self.buckets = sorted(set(buckets or default_buckets(max(self.rows, prefill_rows))))
         assert self.buckets[-1] >= self.rows, f"buckets {self.buckets} do not reach {self.rows} rows"
         dev = cache.k[0].device
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -90,12 +103,15 @@ class DecodeGraphs:
         self._copied = torch.cuda.Event()
         self._copied.record()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.greedy_graph: torch.cuda.CUDAGraph | None = None
+        self.greedy_graph: torch.cuda.CUDAGraph | None = None  # one greedy step (bursts shorter than BURST)
+        self.burst_graph: torch.cuda.CUDAGraph | None = None   # BURST greedy steps
         self.burst = BURST
+        self.ring_host = [torch.zeros(BURST, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self.ring_ready = [torch.cuda.Event() for _ in range(2)]
         self.pool = None
 
     def bucket(self, n: int) -> int:
-        assert 1 <= n <= self.rows, f"{n} rows in a decode step; the cache holds {self.rows}"
+        assert 1 <= n <= self.buckets[-1], f"{n} rows in a decode step; the buffers hold {self.buckets[-1]}"
         return next(b for b in self.buckets if b >= n)
 
     @torch.inference_mode()
@@ -105,18 +121,26 @@ class DecodeGraphs:
         if not self.use_graphs:  # eager steps (for comparison and debugging): nothing to capture
             self.graphs[b] = None
             return
-        self.bufs.idx[:, :b] = torch.tensor([[0], [-1], [0]], device=self.bufs.idx.device)
+        self.graphs[b] = self._capture(lambda: self.model.decode_step(self.bufs, b, self.cache), b)
+
+    def _capture(self, fn, b: int, warmup: int = 2) -> torch.cuda.CUDAGraph:
+        """fn() warmed up, then captured into the shared memory pool, with rows 0..b-1 as padding; idx is restored."""
+        idx = self.bufs.idx[:, :b].clone()
+        pad = torch.tensor([[0], [-1], [0]], device=idx.device)
+        self.bufs.idx[:, :b] = pad
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.model.decode_step(self.bufs, b, self.cache)
+            for _ in range(warmup):
+                fn()
+                self.bufs.idx[:, :b] = pad  # greedy steps move the position on
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.model.decode_step(self.bufs, b, self.cache)
+            fn()
         self.pool = graph.pool()
-        self.graphs[b] = graph
+        self.bufs.idx[:, :b] = idx
+        return graph
 
     def _replay(self, b: int) -> None:
         graph = self.graphs[b]
@@ -125,50 +149,63 @@ class DecodeGraphs:
         else:
             graph.replay()
 
-    def _greedy_step(self) -> None:
-        """Row 0: one decode step, its argmax, and the next step's inputs (token, position + 1) in idx."""
+    def _greedy_step(self, i: int) -> None:
+        """Row 0: one decode step, its argmax into ring[i], and the next step's inputs (token, position + 1) in idx."""
         bufs = self.bufs
         self.model.decode_step(bufs, 1, self.cache)
         torch.argmax(bufs.logits[:1], dim=-1, out=bufs.next_tok[:1])
         bufs.idx[0, :1].copy_(bufs.next_tok[:1])
         bufs.idx[1, :1].add_(1)
+        bufs.ring[i:i + 1].copy_(bufs.next_tok[:1])
 
     @torch.inference_mode()
     def _capture_greedy(self) -> None:
         if 1 not in self.graphs:
-            self.capture(1)  # compiles the kernels; the greedy graph shares its memory pool
+            self.capture(1)  # compiles the kernels; the greedy graphs share its memory pool
         if not self.use_graphs:
             return
-        idx = self.bufs.idx[:, :1].clone()
-        self.bufs.idx[:, :1] = torch.tensor([[0], [-1], [0]], device=idx.device)  # padding: no cache write
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._greedy_step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.bufs.idx[:, :1] = torch.tensor([[0], [-1], [0]], device=idx.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._greedy_step()
-        self.greedy_graph = graph
-        self.bufs.idx[:, :1] = idx
+        self.greedy_graph = self._capture(lambda: self._greedy_step(0), 1)
+        # no warm-up: its later steps would move off the padding position and write into the cache
+        self.burst_graph = self._capture(lambda: [self._greedy_step(i) for i in range(BURST)], 1, warmup=0)
+
+    def _launch_burst(self, k: int, slot: int) -> None:
+        """k greedy steps, their tokens copied into ring_host[slot] when done (ring_ready[slot] records it)."""
+        if k == BURST and self.burst_graph is not None:
+            self.burst_graph.replay()
+        else:
+            for i in range(k):
+                if self.greedy_graph is None:  # eager (use_graphs=False)
+                    self._greedy_step(i)
+                else:
+                    self.greedy_graph.replay()
+                    self.bufs.ring[i:i + 1].copy_(self.bufs.next_tok[:1])  # the one-step graph writes ring[0]
+        self.ring_host[slot][:k].copy_(self.bufs.ring[:k], non_blocking=True)
+        self.ring_ready[slot].record()
 
     @torch.inference_mode()
-    def greedy_burst(self, token: int, position: int, k: int) -> list[int]:
-        """Greedy decoding of cache row 0: feeds ``token`` at ``position`` and each step's argmax after it, k
-        steps on the device without host round trips -> the k next tokens. The cache then holds the inputs at
-        positions position .. position + k - 1 (the last token returned is not in it)."""
-        assert 1 <= k <= BURST, f"a burst is 1..{BURST} steps, got {k}"
-        if self.greedy_graph is None:
+    def greedy_stream(self, token: int, position: int, steps: int) -> Iterator[int]:
+        """Greedy decoding of cache row 0: feeds ``token`` at ``position`` and each step's argmax after it, for
+        ``steps`` steps -> their tokens, one at a time. After the j-th token is taken, the cache holds the inputs
+        at positions position .. position + j - 1 (and possibly up to two bursts more, computed ahead)."""
+        if steps <= 0:
+            return
+        if self.greedy_graph is None and self.burst_graph is None:
             self._capture_greedy()
         self._upload([token], [position])
-        for i in range(k):
-            if self.greedy_graph is None:  # eager (use_graphs=False)
-                self._greedy_step()
-            else:
-                self.greedy_graph.replay()
-            self.bufs.ring[i:i + 1].copy_(self.bufs.next_tok[:1])
-        return self.bufs.ring[:k].tolist()
+        pending: deque[tuple[int, int]] = deque()  # (slot, steps) of launched bursts, oldest first
+        left, launched = steps, 0
+        while left or pending:
+            if left and len(pending) < 2:  # keep one burst queued behind the one the host waits for
+                k = min(self.burst, left)
+                slot = launched % 2
+                self._launch_burst(k, slot)
+                pending.append((slot, k))
+                left, launched = left - k, launched + 1
+                if len(pending) < 2 and left:
+                    continue
+            slot, k = pending.popleft()
+            self.ring_ready[slot].synchronize()
+            yield from self.ring_host[slot][:k].tolist()
 
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -8,8 +8,9 @@
 
 The cache keeps a batch dimension (``batch_size`` rows, each its own sequence) so a server can batch
 later; ``generate`` and ``chat`` drive row 0 and reuse the longest prefix already in the cache.
-On CUDA (runtime/gpu_model.py) every decode step replays a captured CUDA graph (runtime/cuda_graph.py);
-``decode_batch`` runs one step for several rows at once.
+On CUDA (runtime/gpu_model.py) every decode step replays a captured CUDA graph (runtime/cuda_graph.py),
+and so does the prefill of a prompt of up to PREFILL_ROWS new tokens (one step whose rows are its tokens);
+greedy answers come from device-side bursts of steps; ``decode_batch`` runs one step for several rows at once.
 """
 from __future__ import annotations
 
@@ -124,9 +125,7 @@ class Engine:
         try:
             # [STEP 1]: prefill what the cache does not hold yet
             self._cached = self._cached[:reuse]
-            ids = torch.tensor(prompt[reuse:], device=self.device)[None]  # [1, S]
-            pos = torch.arange(reuse, len(prompt), device=self.device)[None]
-            logits = self.model(ids, pos, self.cache, last_only=True)[:, -1].float()  # [1, V]
+            logits = self._prefill(prompt[reuse:], reuse)
             self._cached = prompt
             stats.prefill_s = time.perf_counter() - t0
             penalize = gen.repetition_penalty != 1.0  # else `seen` is never read: no per-token update
@@ -160,21 +159,27 @@ class Engine:
 
     def _burst_advance(self):
         """advance(tok, remaining) -> the greedy token after tok, from the decoder's device-side bursts
-        (DecodeGraphs.greedy_burst): the same tokens as one step at a time. A burst feeds tok and the argmaxes
-        after it; ``written`` counts the queued tokens whose K/V that burst already wrote."""
-        queue: list[int] = []
-        written = 0
+        (DecodeGraphs.greedy_stream, started at the first call for all ``remaining`` steps): the same tokens as
+        one step at a time."""
+        stream = None
 
         def advance(tok: int, remaining: int) -> int:
-            nonlocal queue, written
-            if written == 0:  # tok's K/V is not in the cache yet
-                k = min(self.decoder.burst, remaining)
-                queue = self.decoder.greedy_burst(tok, len(self._cached), k)
-                written = k
+            nonlocal stream
+            if stream is None:
+                stream = self.decoder.greedy_stream(tok, len(self._cached), remaining)
             self._cached.append(tok)
-            written -= 1
-            return queue.pop(0)
+            return next(stream)
         return advance
+
+    def _prefill(self, tokens: list[int], start: int) -> torch.Tensor:
+        """Feed ``tokens`` into cache row 0 from position ``start`` -> the last one's next-token logits [1, V]
+        float32. On the GPU path a short prompt is one graph replay whose rows are its tokens (DecodeGraphs)."""
+        S = len(tokens)
+        if self.decoder is not None and S <= self.decoder.prefill_rows:
+            return self.decoder.step_host(tokens, list(range(start, start + S)), [0] * S)[-1:].float()
+        ids = torch.tensor(tokens, device=self.device)[None]  # [1, S]
+        pos = torch.arange(start, start + S, device=self.device)[None]
+        return self.model(ids, pos, self.cache, last_only=True)[:, -1].float()
 
     def _decode(self, tok: int, position: int) -> torch.Tensor:
         """Row 0's next-token logits [1, V] float32 after feeding ``tok`` at ``position``."""
