@@ -9,12 +9,13 @@ every row writes positions 0..S-1, attention is SDPA with is_causal over the new
 (int8 round-tripped: x' = q * scale + zp); otherwise the cache is read back and masked (key position <=
 query position), as runtime/model.py does.
 
-Decode (``decode_step``): one token per row on static buffers, seven kernels per layer and no host work,
-so that runtime/cuda_graph.py captures it once per batch bucket:
-    qkv GEMV (RMSNorm fused) -> rope + cache write -> attention splits -> combine
+Decode (``decode_step``): one token per row on static buffers, no host work, so that runtime/cuda_graph.py
+captures it once per batch bucket. One row (five kernels per layer):
+    qkv GEMV (RMSNorm fused) -> rope + cache write + attention splits + merge (kernels/attention.py, fused)
     -> o GEMV (+= residual) -> w13 GEMV (RMSNorm fused, SiLU-mul epilogue) -> w2 GEMV (+= residual)
-When the tuned qkv config splits K, the qkv GEMV adds into an fp32 buffer that the rope kernel reads
-and zeroes.
+Several rows (seven): rope + cache write, attention splits and their merge are three kernels, so that rows
+sharing a cache row (a short prompt prefilled as one step) see each other's K/V; when the tuned qkv config
+splits K, the qkv GEMM adds into an fp32 buffer that the rope kernel reads and zeroes.
 When a decoder (DecodeGraphs) is attached, forward sends one-token steps on its cache to the graphs.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .model import LayerWeights
 from .rope import rotary_tables
 
 if HAVE_TRITON:
-    from .kernels.attention import decode_attention
+    from .kernels.attention import decode_attention, decode_attention_fused
     from .kernels.norm import rms_norm, silu_mul
     from .kernels.rope_cache import rope_cache_write
 
@@ -146,10 +147,15 @@ class GpuTransformer(nn.Module):
             acc = bufs.qkv_acc[:b] if blk.wqkv.accumulates(b) else None  # split-K sums, read and zeroed by rope
             blk.wqkv.run(x, qkv if acc is None else acc, prologue="rmsnorm", norm_weight=blk.attention_norm,
                          eps=self.eps, epilogue="store" if acc is None else "residual")
-            rope_cache_write(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, self.hkv, kvp[i],
-                             blk.q_norm, blk.k_norm, self.eps, acc=acc)
-            decode_attention(qkv, pos, slot, cache.k[i], cache.v[i], self.hq, attn, kvp[i], scratch=bufs.parts[b],
-                             splits=bufs.splits[b])
+            if b == 1 and acc is None:  # one sequence: rotary, cache write and attention in one kernel
+                decode_attention_fused(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, attn,
+                                       kvp[i], blk.q_norm, blk.k_norm, self.eps, scratch=bufs.parts[b],
+                                       splits=bufs.splits[b], count=bufs.count)
+            else:  # rows may share a cache row (a prompt's tokens): every K/V is written before any row attends
+                rope_cache_write(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, self.hkv,
+                                 kvp[i], blk.q_norm, blk.k_norm, self.eps, acc=acc)
+                decode_attention(qkv, pos, slot, cache.k[i], cache.v[i], self.hq, attn, kvp[i], scratch=bufs.parts[b],
+                                 splits=bufs.splits[b])
             blk.wo.run(attn, x, epilogue="residual")
             blk.w13.run(x, ffn, prologue="rmsnorm", norm_weight=blk.ffn_norm, eps=self.eps, epilogue="silu")
             blk.w2.run(ffn, x, epilogue="residual")

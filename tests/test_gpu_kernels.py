@@ -15,7 +15,7 @@ pytest.importorskip("triton", reason="triton is not installed: the GPU path's ke
 
 from qconv.convert.layout import interleave_pairs, pack_words  # noqa: E402
 from qconv.convert.quant import dequantize, kv_dequantize, kv_quantize  # noqa: E402
-from qconv.runtime.kernels.attention import decode_attention  # noqa: E402
+from qconv.runtime.kernels.attention import counters, decode_attention, decode_attention_fused  # noqa: E402
 from qconv.runtime.kernels.gemv_int4 import GemvConfig, w4_dequantize, w4_matmul  # noqa: E402
 from qconv.runtime.kernels.norm import rms_norm, silu_mul  # noqa: E402
 from qconv.runtime.kernels.rope_cache import rope_cache_write  # noqa: E402
@@ -250,3 +250,50 @@ def test_decode_attention_matches_sdpa(quant, hq, hkv, d, lengths, splits):
         v = vref[slot[b], :, :L].repeat_interleave(hq // hkv, 0)
         want = F.scaled_dot_product_attention(q[b].float().view(hq, 1, d), k, v, scale=1 / math.sqrt(d))
         assert rel(out[b], want.reshape(-1)) < 3e-3
+
+
+@pytest.mark.parametrize("quant,qk_norm,hq,hkv,d,positions,splits", [
+    (True, False, 6, 2, 32, [39, 5], 4),         # GQA 3, two rows, keys over several splits
+    (True, True, 4, 2, 16, [0, 70, -1], 8),      # a first token, a long row, a padding row; q/k norm
+    (False, False, 8, 1, 64, [17], 1),           # one split: no merge
+])
+def test_fused_decode_attention_equals_rope_then_attention(quant, qk_norm, hq, hkv, d, positions, splits):
+    """decode_attention_fused = rope_cache_write then decode_attention, on the same cache: the same codes
+    written, the same output (up to the order of fp32 sums)."""
+    B, S, dt = len(positions), 96, torch.float16
+    g = gen(31)
+    qkv = torch.randn(B, (hq + 2 * hkv) * d, generator=g).to(dt)
+    store = torch.int8 if quant else dt
+    if quant:
+        kvp = kv_params(hkv, 32)
+        kc = torch.randint(-128, 128, (B + 1, hkv, S, d), generator=g, dtype=torch.int8)
+        vc = torch.randint(-128, 128, (B + 1, hkv, S, d), generator=g, dtype=torch.int8)
+    else:
+        kvp = None
+        kc, vc = torch.randn(B + 1, hkv, S, d, generator=g).to(store), torch.randn(B + 1, hkv, S, d, generator=g).to(store)
+    qn = (torch.rand(d, generator=g) + 0.5).to(dt) if qk_norm else None
+    kn = (torch.rand(d, generator=g) + 0.5).to(dt) if qk_norm else None
+    pos, slot = torch.tensor(positions), torch.arange(B, 0, -1)
+    cos, sin = rotary(S, d)
+    to = (lambda t: None if t is None else t.to(DEV))
+    args = [to(t) for t in (pos, slot, cos, sin)]
+    # reference: the two-kernel path
+    q_ref, kc_ref, vc_ref = qkv.clone().to(DEV), kc.clone().to(DEV), vc.clone().to(DEV)
+    rope_cache_write(q_ref, args[0], args[1], args[2], args[3], kc_ref, vc_ref, hq, hkv, to(kvp), to(qn), to(kn), 1e-6)
+    want = torch.full((B, hq * d), float("nan"), dtype=dt, device=DEV)
+    decode_attention(q_ref, args[0], args[1], kc_ref, vc_ref, hq, want, to(kvp), splits=splits, block_n=16)
+    # fused, twice (the split counters must be back at zero after a launch)
+    kc_f, vc_f = kc.clone().to(DEV), vc.clone().to(DEV)
+    count = counters(B, hkv, DEV)
+    for _ in range(2):
+        got = torch.full((B, hq * d), float("nan"), dtype=dt, device=DEV)
+        decode_attention_fused(qkv.to(DEV), *args, kc_f, vc_f, hq, got, to(kvp), to(qn), to(kn), 1e-6, splits=splits,
+                               count=count, block_n=16)
+        assert (count == 0).all()
+    assert torch.equal(kc_f.cpu(), kc_ref.cpu()) and torch.equal(vc_f.cpu(), vc_ref.cpu())
+    got, want = got.cpu(), want.cpu()
+    for b, p in enumerate(positions):
+        if p < 0:
+            assert (got[b] == 0).all()
+        else:
+            assert rel(got[b], want[b]) < 2e-3

@@ -80,7 +80,13 @@ def test_gpu_model_matches_cpu_runtime(w4kv):
         gpu.model.decode_step(bufs, 4, gc)
         got = bufs.logits[:2].flip(0).cpu()
         assert rel(got, want) < 5e-3 and torch.equal(got.argmax(-1), want.argmax(-1))
-    assert (gc.k[0][2:].cpu() == 0).all() and (gc.k[0][:, :, 25:].cpu() == 0).all()  # padding wrote nothing
+    # a one-row step (rotary, cache write and attention in one kernel) on cache row 1
+    want = cpu.model(torch.tensor([[5]]), torch.tensor([[25]]), rows_view(cc, 1, 2), last_only=True)[:, -1]
+    bufs.idx[:, :1] = torch.tensor([[5], [25], [1]], device=DEV)
+    gpu.model.decode_step(bufs, 1, gc)
+    assert rel(bufs.logits[:1].cpu(), want) < 5e-3 and (bufs.count == 0).all()
+    assert (gc.k[0][2:].cpu() == 0).all() and (gc.k[0][:, :, 26:].cpu() == 0).all()  # padding wrote nothing
+    assert (gc.k[0][0, :, 25].cpu() == 0).all() and (gc.k[0][1, :, 25].cpu() != 0).any()
 
 
 def rows_view(cache: KVCache, first: int, stop: int) -> KVCache:
@@ -119,7 +125,7 @@ def test_engine_decode_paths(w4kv, monkeypatch):
     gen = GenerationConfig(max_new_tokens=3, temperature=0.0, stop_ids=())
     prompt = ids((10,), 5).tolist()
     assert list(gpu.generate(prompt, gen)) == list(cpu.generate(prompt, gen))
-    # greedy bursts (DecodeGraphs.greedy_burst, 2 steps each here to keep the interpreter quick): longer than
+    # greedy bursts (DecodeGraphs.greedy_stream, 2 steps each here to keep the interpreter quick): longer than
     # one burst, then cut by a stop id mid-burst, then a follow-up that reuses the cached conversation
     gpu.decoder.burst = 2
     gen = GenerationConfig(max_new_tokens=2 * gpu.decoder.burst + 3, temperature=0.0, stop_ids=())

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
+from . import INTERPRET, pdl
 
 LOG2E = 1.4426950408889634
 
@@ -119,6 +119,164 @@ def _attn_combine_kernel(m_ptr, l_ptr, o_ptr, out_ptr, stride_ot, HQ: tl.constex
     tl.store(out_ptr + b * stride_ot + h * D + d, out.to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _rint(x):
+    """Round half to even (torch.round), as the rope kernel quantizes."""
+    f = tl.floor(x)
+    d = x - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _rope_rows(x1, x2, d, cs_ptr, sn_ptr, nw_ptr, eps, dt, D: tl.constexpr, HALF: tl.constexpr, QK_NORM: tl.constexpr):
+    """Rows [R, D] of heads -> (optional per-head RMSNorm, then) neox rotary, rounded to dt as the rope kernel
+    rounds. x2 is x1 with its halves swapped (column d holds x1's column (d + D/2) % D)."""
+    if QK_NORM:  # weight * (x * rsqrt(mean(x^2) + eps)).to(dtype), over D
+        r = 1.0 / tl.sqrt(tl.sum(x1 * x1, axis=1) / D + eps)
+        x1 = (tl.load(nw_ptr + d).to(tl.float32)[None, :] * (x1 * r[:, None]).to(dt).to(tl.float32)).to(dt)
+        x2 = (tl.load(nw_ptr + (d + HALF) % D).to(tl.float32)[None, :] * (x2 * r[:, None]).to(dt).to(tl.float32)).to(dt)
+        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    c = tl.load(cs_ptr + d)[None, :]  # the tables repeat the half-dim angles: cos[:D/2] == cos[D/2:]
+    s = tl.load(sn_ptr + d)[None, :]
+    sign = tl.where(d < HALF, -1.0, 1.0)[None, :]  # [a, b] -> [a cos - b sin, b cos + a sin]
+    return (x1 * c + sign * (x2 * s)).to(dt).to(tl.float32)
+
+
+@triton.jit
+def _fence(x):
+    """fence.acq_rel.gpu in every thread (returns x): orders this thread's stores before a later atomic."""
+    return tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps,
+                       kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr, m_ptr, l_ptr, o_ptr, cnt_ptr,
+                       out_ptr, stride_ot, qk_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                       REP: tl.constexpr, REP_PAD: tl.constexpr, RC: tl.constexpr, SC: tl.constexpr,
+                       BLOCK_N: tl.constexpr, NS: tl.constexpr, QUANT: tl.constexpr, QK_NORM: tl.constexpr,
+                       FENCE: tl.constexpr, PDL: tl.constexpr):
+    """Rotary + cache write + attention splits + combine of one decode step, for rows that are distinct
+    sequences (each row's new K/V is written by the one split that holds its position, which then reads it
+    back; no other row reads it). The last split of a (row, kv head) to finish merges the partials."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    b, kvh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    HALF: tl.constexpr = D // 2
+    dt = qkv_ptr.dtype.element_ty
+    p = tl.load(pos_ptr + b)
+    length = tl.maximum(p + 1, 0)
+    chunk = tl.cdiv(tl.cdiv(length, NS), BLOCK_N) * BLOCK_N
+    start = s * chunk
+    end = tl.minimum(start + chunk, length)
+    pc = tl.maximum(p, 0)  # padding rows read row 0 of the tables and use nothing
+    r = tl.arange(0, REP_PAD)
+    r_ok = r < REP
+    d = tl.arange(0, D)
+    row = qkv_ptr + b * stride_t
+    qh = (kvh * REP + r)[:, None] * D
+    q1 = tl.load(row + qh + d[None, :], mask=r_ok[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(row + qh + ((d + HALF) % D)[None, :], mask=r_ok[:, None], other=0.0).to(tl.float32)
+    q = _rope_rows(q1, q2, d, cos_ptr + pc * D, sin_ptr + pc * D, qn_ptr, eps, dt, D, HALF, QK_NORM).to(dt)
+    if QUANT:  # kvp: [4, HKV] = k_scale, k_zp, v_scale, v_zp
+        k_scale = tl.load(kvp_ptr + kvh)
+        k_zp = tl.load(kvp_ptr + HKV + kvh)
+        v_scale = tl.load(kvp_ptr + 2 * HKV + kvh)
+        v_zp = tl.load(kvp_ptr + 3 * HKV + kvh)
+        q_sum = tl.sum(q.to(tl.float32), axis=1)  # [REP_PAD]
+    base = tl.load(slot_ptr + b).to(tl.int64) * stride_cb + kvh * stride_ch
+    if (p >= start) & (p < end):  # this split holds the new token: rotary on k, both into the cache
+        one = tl.arange(0, 1)
+        kh = (HQ + kvh + one)[:, None] * D
+        k1 = tl.load(row + kh + d[None, :]).to(tl.float32)
+        k2 = tl.load(row + kh + ((d + HALF) % D)[None, :]).to(tl.float32)
+        k = _rope_rows(k1, k2, d, cos_ptr + pc * D, sin_ptr + pc * D, kn_ptr, eps, dt, D, HALF, QK_NORM)
+        v = tl.load(row + (HQ + HKV + kvh + one)[:, None] * D + d[None, :]).to(tl.float32)
+        dst = base + p * stride_cs + one[:, None] * 0 + d[None, :]
+        if QUANT:
+            tl.store(kc_ptr + dst, tl.minimum(tl.maximum(_rint((k - k_zp) / k_scale), -128.0), 127.0).to(tl.int8))
+            tl.store(vc_ptr + dst, tl.minimum(tl.maximum(_rint((v - v_zp) / v_scale), -128.0), 127.0).to(tl.int8))
+        else:
+            tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty))
+            tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty))
+    tl.debug_barrier()  # the block's own cache stores are visible to its loads below
+    m_i = tl.full([REP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([REP_PAD], tl.float32)
+    acc = tl.zeros([REP_PAD, D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        offs = base + n[:, None] * stride_cs + d[None, :]  # [BN, D]
+        kt = tl.load(kc_ptr + offs, mask=n_ok[:, None], other=0)
+        if QUANT:
+            sc = tl.dot(q, tl.trans(_int8_as(kt, dt)))  # [REP_PAD, BN] fp32
+            if dt == tl.float16:
+                sc -= 1152.0 * q_sum[:, None]
+            sc = sc * k_scale + k_zp * q_sum[:, None]
+        else:
+            sc = tl.dot(q, tl.trans(kt.to(dt)))
+        sc = tl.where(n_ok[None, :], sc * qk_scale, float("-inf"))  # log2 units
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        pr = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        vt = tl.load(vc_ptr + offs, mask=n_ok[:, None], other=0)
+        p16 = pr.to(dt)
+        if QUANT:
+            pv = tl.dot(p16, _int8_as(vt, dt))  # [REP_PAD, D]
+            p_sum = tl.sum(p16.to(tl.float32), axis=1)[:, None]
+            if dt == tl.float16:
+                pv -= 1152.0 * p_sum
+            pv = pv * v_scale + v_zp * p_sum
+        else:
+            pv = tl.dot(p16, vt.to(dt))
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    o_rows = out_ptr + b * stride_ot + (kvh * REP + r)[:, None] * D + d[None, :]
+    if NS == 1:
+        tl.store(o_rows, tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0).to(out_ptr.dtype.element_ty),
+                 mask=r_ok[:, None])
+    else:
+        idx = (b * HQ + kvh * REP + r) * NS + s  # [REP_PAD] into [B, HQ, NS]
+        tl.store(m_ptr + idx, m_i, mask=r_ok)
+        tl.store(l_ptr + idx, l_i, mask=r_ok)
+        tl.store(o_ptr + idx[:, None] * D + d[None, :], acc, mask=r_ok[:, None])
+        if FENCE:
+            _fence(s)
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + b * HKV + kvh, 1, sem="acq_rel", scope="gpu")
+        if done == NS - 1:  # every other split has written its partials: merge them, SC splits at a time
+            tl.store(cnt_ptr + b * HKV + kvh, 0)  # for the next launch
+            if FENCE:
+                _fence(s)
+            active = tl.cdiv(length, tl.maximum(chunk, 1))  # the splits that saw keys
+            rc = tl.arange(0, RC)
+            sc_ = tl.arange(0, SC)
+            rc_ok = rc < REP
+            hb = (b * HQ + kvh * REP + rc) * NS  # [RC]
+            big = tl.full([RC], float("-inf"), tl.float32)
+            den = tl.zeros([RC], tl.float32)
+            num = tl.zeros([RC, D], tl.float32)
+            for s0 in range(0, active, SC):
+                sp = s0 + sc_
+                ok = rc_ok[:, None] & (sp < active)[None, :]  # [RC, SC]
+                ms = tl.load(m_ptr + hb[:, None] + sp[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
+                ls = tl.load(l_ptr + hb[:, None] + sp[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+                ob = tl.load(o_ptr + (hb[:, None] + sp[None, :])[:, :, None] * D + d[None, None, :],
+                             mask=ok[:, :, None], other=0.0, cache_modifier=".cg")  # [RC, SC, D]
+                new = tl.maximum(big, tl.max(ms, axis=1))
+                a_old = tl.where(big > float("-inf"), tl.exp2(big - new), 0.0)
+                w = tl.where(ms > float("-inf"), tl.exp2(ms - new[:, None]), 0.0)  # [RC, SC]
+                den = den * a_old + tl.sum(w * ls, axis=1)
+                num = num * a_old[:, None] + tl.sum(w[:, :, None] * ob, axis=1)
+                big = new
+            o = tl.where(den[:, None] > 0, num / den[:, None], 0.0)
+            tl.store(out_ptr + b * stride_ot + (kvh * REP + rc)[:, None] * D + d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=rc_ok[:, None])
+
+
 # ----------------------------------------------------------------------------------------------
 def num_splits(rows: int, kv_heads: int, max_len: int, block_n: int = 64, sms: int = 132, cap: int = 64) -> int:
     """Splits per (row, kv head): a power of two giving about two programs per SM, at most one per
@@ -166,4 +324,50 @@ def decode_attention(q: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, k_c
         num_stages=num_stages, launch_pdl=on)
     _attn_combine_kernel[(B, num_heads)](m, l, acc, out, out.stride(0), HQ=num_heads, D=D, NS=ns, PDL=on, num_warps=2,
                                          launch_pdl=on)
+    return out
+
+
+def counters(rows: int, kv_heads: int, device) -> torch.Tensor:
+    """The fused kernel's split counters [rows, Hkv] int32; zero between launches (the kernel resets them)."""
+    return torch.zeros(rows, kv_heads, device=device, dtype=torch.int32)
+
+
+def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos: torch.Tensor,
+                           sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
+                           out: torch.Tensor, kv_params: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
+                           k_norm: torch.Tensor | None = None, eps: float = 0.0,
+                           scratch: tuple[torch.Tensor, ...] | None = None, splits: int | None = None,
+                           count: torch.Tensor | None = None, block_n: int = 64, num_warps: int = 4,
+                           num_stages: int = 2) -> torch.Tensor:
+    """One kernel for rope_cache_write + decode_attention of a decode step whose rows are distinct sequences
+    (cache rows): qkv [B, (Hq + 2 Hkv) * D] as the qkv GEMV stored it (not rotated); the new K/V go into the
+    cache at pos, and out [B, Hq * D] gets the attention over positions 0..pos. ``count``: counters(B, Hkv)."""
+    B = qkv.shape[0]
+    hkv, D = k_cache.shape[1], k_cache.shape[-1]
+    rep = num_heads // hkv
+    assert num_heads % hkv == 0 and qkv.stride(-1) == 1 and qkv.shape[1] == (num_heads + 2 * hkv) * D
+    assert pos.shape == slot.shape == (B,) and pos.is_contiguous() and slot.is_contiguous()
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    assert D >= 16 and D & (D - 1) == 0, f"head_dim {D}: a power of two >= 16"
+    assert out.shape == (B, num_heads * D) and out.stride(-1) == 1
+    assert cos.dtype == sin.dtype == torch.float32 and cos.shape[1] == D and cos.is_contiguous() and sin.is_contiguous()
+    quant = k_cache.dtype == torch.int8
+    assert not quant or (kv_params is not None and kv_params.shape == (4, hkv) and kv_params.dtype == torch.float32)
+    ns = splits or num_splits(B, hkv, k_cache.shape[2], block_n)
+    assert ns & (ns - 1) == 0, f"splits {ns}: a power of two"
+    m, l, acc = scratch if scratch is not None else partials(B, num_heads, ns, D, qkv.device)
+    assert m.shape[0] >= B and m.shape[1:] == (num_heads, ns) and acc.shape[1:] == (num_heads, ns, D)
+    count = count if count is not None else counters(B, hkv, qkv.device)
+    assert count.dtype == torch.int32 and count.shape[0] >= B and count.shape[1] == hkv and count.is_contiguous()
+    if B == 0:
+        return out
+    qk_norm = q_norm is not None
+    on = pdl(qkv)
+    _attn_fused_kernel[(B, hkv, ns)](
+        qkv, qkv.stride(0), pos, slot, cos, sin, q_norm if qk_norm else cos, k_norm if qk_norm else cos, eps,
+        k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), kv_params if quant else m,
+        m, l, acc, count, out, out.stride(0), LOG2E / math.sqrt(D), HQ=num_heads, HKV=hkv, D=D, REP=rep,
+        REP_PAD=max(16, triton.next_power_of_2(rep)), RC=triton.next_power_of_2(rep), SC=min(ns, 8), BLOCK_N=block_n,
+        NS=ns, QUANT=quant, QK_NORM=qk_norm, FENCE=not INTERPRET, PDL=on, num_warps=num_warps, num_stages=num_stages,
+        launch_pdl=on)
     return out
