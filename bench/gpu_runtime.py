@@ -208,6 +208,23 @@ def variants(eng, plan) -> dict:
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             out[label] = f"{type(e).__name__}: {e}"
+    from qconv.runtime import gpu_model
+    from qconv.runtime.kernels import attention
+
+    def at_4096(label):  # the step at a long context (the cache's contents do not matter to the time)
+        if isinstance(out.get(label), dict):
+            out[label]["graph_step_us_ctx4096"] = graph_step_us(eng, plan.ctx_len + plan.ctx_new)
+            log(f"      at {plan.ctx_len + plan.ctx_new}: {out[label]['graph_step_us_ctx4096']:.1f} µs")
+    measure("as configured")
+    at_4096("as configured")
+    gpu_model.FUSED_ATTENTION = False
+    measure("rope, attention splits, merge as three kernels")
+    at_4096("rope, attention splits, merge as three kernels")
+    gpu_model.FUSED_ATTENTION = True
+    cap, attention.SPLIT_CAP = attention.SPLIT_CAP, 64
+    measure("attention splits capped at 64")
+    at_4096("attention splits capped at 64")
+    attention.SPLIT_CAP = cap
     os.environ["QCONV_PDL"] = "0"  # read at every launch: the graphs captured next launch without PDL
     measure("graphs without PDL (programmatic dependent launch off)")
     os.environ.pop("QCONV_PDL")

@@ -36,6 +36,9 @@ if HAVE_TRITON:
     from .kernels.rope_cache import rope_cache_write
 
 
+FUSED_ATTENTION = True  # one-row steps: rotary + cache write + attention + merge in one kernel (bench A/B switch)
+
+
 def use_gpu_path(device: torch.device, dtype: torch.dtype, cfg: WorkspaceConfig) -> bool:
     """The Triton path runs on CUDA with fp16 / bf16 activations and a power-of-two head size >= 16 (the
     attention and rope kernels' tiles); elsewhere runtime/model.py runs."""
@@ -147,7 +150,7 @@ class GpuTransformer(nn.Module):
             acc = bufs.qkv_acc[:b] if blk.wqkv.accumulates(b) else None  # split-K sums, read and zeroed by rope
             blk.wqkv.run(x, qkv if acc is None else acc, prologue="rmsnorm", norm_weight=blk.attention_norm,
                          eps=self.eps, epilogue="store" if acc is None else "residual")
-            if b == 1 and acc is None:  # one sequence: rotary, cache write and attention in one kernel
+            if b == 1 and acc is None and FUSED_ATTENTION:  # one sequence: rotary, cache write and attention in one kernel
                 decode_attention_fused(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, attn,
                                        kvp[i], blk.q_norm, blk.k_norm, self.eps, scratch=bufs.parts[b],
                                        splits=bufs.splits[b], count=bufs.count)

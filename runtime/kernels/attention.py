@@ -157,18 +157,35 @@ def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
                        REP: tl.constexpr, REP_PAD: tl.constexpr, RC: tl.constexpr, SC: tl.constexpr,
                        BLOCK_N: tl.constexpr, NS: tl.constexpr, QUANT: tl.constexpr, QK_NORM: tl.constexpr,
                        FENCE: tl.constexpr, PDL: tl.constexpr):
-    """Rotary + cache write + attention splits + combine of one decode step, for rows that are distinct
+    """Rotary + cache write + attention splits + merge of one decode step, for rows that are distinct
     sequences (each row's new K/V is written by the one split that holds its position, which then reads it
-    back; no other row reads it). The last split of a (row, kv head) to finish merges the partials."""
+    back; no other row reads it). Only the splits that hold keys run; one alone writes the output, several
+    leave partials and the last of them to finish (a counter per (row, kv head)) merges them."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     b, kvh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    HALF: tl.constexpr = D // 2
-    dt = qkv_ptr.dtype.element_ty
     p = tl.load(pos_ptr + b)
     length = tl.maximum(p + 1, 0)
     chunk = tl.cdiv(tl.cdiv(length, NS), BLOCK_N) * BLOCK_N
+    active = tl.cdiv(length, tl.maximum(chunk, 1))  # the splits that hold keys (0 for a padding row)
+    if s < tl.maximum(active, 1):  # the others do nothing; split 0 writes a padding row's zeros
+        _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps, kc_ptr, vc_ptr,
+                          stride_cb, stride_ch, stride_cs, kvp_ptr, m_ptr, l_ptr, o_ptr, cnt_ptr, out_ptr, stride_ot,
+                          qk_scale, b, kvh, s, p, length, chunk, active, HQ, HKV, D, REP, REP_PAD, RC, SC, BLOCK_N,
+                          NS, QUANT, QK_NORM, FENCE)
+
+
+@triton.jit
+def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps, kc_ptr, vc_ptr, stride_cb,
+                      stride_ch, stride_cs, kvp_ptr, m_ptr, l_ptr, o_ptr, cnt_ptr, out_ptr, stride_ot, qk_scale, b, kvh,
+                      s, p, length, chunk, active, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                      REP: tl.constexpr, REP_PAD: tl.constexpr, RC: tl.constexpr, SC: tl.constexpr,
+                      BLOCK_N: tl.constexpr, NS: tl.constexpr, QUANT: tl.constexpr, QK_NORM: tl.constexpr,
+                      FENCE: tl.constexpr):
+    """Split s of (row b, kv head kvh) of _attn_fused_kernel, one of the ``active`` splits."""
+    HALF: tl.constexpr = D // 2
+    dt = qkv_ptr.dtype.element_ty
     start = s * chunk
     end = tl.minimum(start + chunk, length)
     pc = tl.maximum(p, 0)  # padding rows read row 0 of the tables and use nothing
@@ -235,7 +252,7 @@ def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     o_rows = out_ptr + b * stride_ot + (kvh * REP + r)[:, None] * D + d[None, :]
-    if NS == 1:
+    if active <= 1:  # the only split: no partials to merge
         tl.store(o_rows, tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0).to(out_ptr.dtype.element_ty),
                  mask=r_ok[:, None])
     else:
@@ -247,11 +264,10 @@ def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
             _fence(s)
         tl.debug_barrier()
         done = tl.atomic_add(cnt_ptr + b * HKV + kvh, 1, sem="acq_rel", scope="gpu")
-        if done == NS - 1:  # every other split has written its partials: merge them, SC splits at a time
+        if done == active - 1:  # every other split has written its partials: merge them, SC splits at a time
             tl.store(cnt_ptr + b * HKV + kvh, 0)  # for the next launch
             if FENCE:
                 _fence(s)
-            active = tl.cdiv(length, tl.maximum(chunk, 1))  # the splits that saw keys
             rc = tl.arange(0, RC)
             sc_ = tl.arange(0, SC)
             rc_ok = rc < REP
@@ -278,9 +294,14 @@ def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
 
 
 # ----------------------------------------------------------------------------------------------
-def num_splits(rows: int, kv_heads: int, max_len: int, block_n: int = 64, sms: int = 132, cap: int = 64) -> int:
+SPLIT_CAP = 16  # at most this many splits per (row, kv head): the fused kernel's merge reads them in one block
+# (an A/B of 16 against 64 is in bench/gpu_runtime.py's variants; numbers in bench/RESULTS.md)
+
+
+def num_splits(rows: int, kv_heads: int, max_len: int, block_n: int = 64, sms: int = 132, cap: int | None = None) -> int:
     """Splits per (row, kv head): a power of two giving about two programs per SM, at most one per
-    BLOCK_N keys of the longest context and at most ``cap``."""
+    BLOCK_N keys of the longest context and at most ``cap`` (default SPLIT_CAP)."""
+    cap = cap or SPLIT_CAP
     ns = 1
     while ns < cap and rows * kv_heads * ns * 2 <= 2 * sms and ns * block_n < max_len:
         ns *= 2
