@@ -149,14 +149,16 @@ class DecodeGraphs:
         else:
             graph.replay()
 
-    def _greedy_step(self, i: int) -> None:
-        """Row 0: one decode step, its argmax into ring[i], and the next step's inputs (token, position + 1) in idx."""
+    def _greedy_step(self, i: int | None = None) -> None:
+        """Row 0: one decode step, its argmax (into ring[i] when given), and the next step's inputs (token,
+        position + 1) in idx."""
         bufs = self.bufs
         self.model.decode_step(bufs, 1, self.cache)
         torch.argmax(bufs.logits[:1], dim=-1, out=bufs.next_tok[:1])
         bufs.idx[0, :1].copy_(bufs.next_tok[:1])
         bufs.idx[1, :1].add_(1)
-        bufs.ring[i:i + 1].copy_(bufs.next_tok[:1])
+        if i is not None:
+            bufs.ring[i:i + 1].copy_(bufs.next_tok[:1])
 
     @torch.inference_mode()
     def _capture_greedy(self) -> None:
@@ -164,7 +166,7 @@ class DecodeGraphs:
             self.capture(1)  # compiles the kernels; the greedy graphs share its memory pool
         if not self.use_graphs:
             return
-        self.greedy_graph = self._capture(lambda: self._greedy_step(0), 1)
+        self.greedy_graph = self._capture(self._greedy_step, 1)  # its token is copied into the ring after each replay
         # no warm-up: its later steps would move off the padding position and write into the cache
         self.burst_graph = self._capture(lambda: [self._greedy_step(i) for i in range(BURST)], 1, warmup=0)
 
@@ -178,7 +180,7 @@ class DecodeGraphs:
                     self._greedy_step(i)
                 else:
                     self.greedy_graph.replay()
-                    self.bufs.ring[i:i + 1].copy_(self.bufs.next_tok[:1])  # the one-step graph writes ring[0]
+                    self.bufs.ring[i:i + 1].copy_(self.bufs.next_tok[:1])
         self.ring_host[slot][:k].copy_(self.bufs.ring[:k], non_blocking=True)
         self.ring_ready[slot].record()
 
