@@ -221,9 +221,9 @@ def variants(eng, plan) -> dict:
     measure("rope, attention splits, merge as three kernels")
     at_4096("rope, attention splits, merge as three kernels")
     gpu_model.FUSED_ATTENTION = True
-    cap, attention.SPLIT_CAP = attention.SPLIT_CAP, 64
-    measure("attention splits capped at 64")
-    at_4096("attention splits capped at 64")
+    cap, attention.SPLIT_CAP = attention.SPLIT_CAP, 16
+    measure("attention splits capped at 16")
+    at_4096("attention splits capped at 16")
     attention.SPLIT_CAP = cap
     os.environ["QCONV_PDL"] = "0"  # read at every launch: the graphs captured next launch without PDL
     measure("graphs without PDL (programmatic dependent launch off)")
