@@ -49,6 +49,8 @@ GEMV_CASES = {
     "gemv-rmsnorm-residual-9-groups": (1, 40, 576, 64, "rmsnorm", "residual", False, GemvConfig(8, 1, v=2)),
     "gemv-residual-uneven-split": (1, 40, 576, 64, "none", "residual", False, GemvConfig(8, 2, 1, v=4)),
     "gemv-rmsnorm-silu": (1, 48, 256, 64, "rmsnorm", "silu", False, GemvConfig(8, v=2)),
+    "gemv-rmsnorm-silu-2-rows-v1": (1, 48, 256, 64, "rmsnorm", "silu", False, GemvConfig(2, v=1)),
+    "gemv-residual-splitk-1-row": (1, 40, 384, 32, "none", "residual", False, GemvConfig(1, 4, v=1)),
     "gemm-rmsnorm-bias": (3, 40, 384, 128, "rmsnorm", "store", True, GemvConfig(16)),
     "gemm-split-with-empty-slice": (5, 40, 576, 64, "none", "residual", False, GemvConfig(16, 4)),
     "gemm-rmsnorm-silu": (4, 48, 256, 64, "rmsnorm", "silu", False, GemvConfig(16)),

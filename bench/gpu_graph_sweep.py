@@ -1,0 +1,134 @@
+"""One-row GEMV configs chosen inside the decode graph (issue 5): the whole step's time is what counts.
+
+    python bench/gpu_graph_sweep.py                # qwen2.5-1.5b config, W4A16 (RTN g128) + KV int8, ~4 min
+    python bench/gpu_graph_sweep.py --roles w13,w2
+
+bench/gpu_micro.py times each GEMV alone, in a graph of independent calls; in a decode step each kernel
+waits for the one before it (PDL overlaps only its first weight tile), so a config's latency to its last
+output matters as much as its bandwidth. Here every candidate config of a role is set on that role's
+linears in all layers, the bucket-1 graph is captured again and the step is timed (median of three runs of
+100 replays) at a mid-run position; roles go one after the other, each keeping the best found (coordinate
+descent), then a second pass over the roles. A config whose logits differ from the baseline's (> 1e-2
+relative) is refused. Prints gemv_int4.TUNED entries for the best configs, and writes
+bench/results/gpu_graph_sweep.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import provenance, write_result  # noqa: E402
+from gpu_micro import log  # noqa: E402
+from gpu_rows import build_workspaces, graph_step_us  # noqa: E402
+
+from qconv.runtime.cuda_graph import DecodeGraphs  # noqa: E402
+from qconv.runtime.engine import Engine  # noqa: E402
+from qconv.runtime.kernels.gemv_int4 import TUNED, GemvConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ROLES = {"qkv": "wqkv", "o": "wo", "w13": "w13", "w2": "w2"}
+RESIDUAL = {"o", "w2"}  # += residual epilogue: split-K allowed (atomic adds)
+
+
+def candidates(role: str, group: int, split: int) -> list[GemvConfig]:
+    """_gemv shapes (rows per program x words per thread x warps) at the given split-K. (A first sweep also
+    tried 16 rows, 4 warps and 8 words per thread: never better, often far worse.)"""
+    wg = group // 8
+    return [GemvConfig(bn, split, w, 1, False, v) for bn in (1, 2, 4, 8) for v in (1, 2, 4) for w in (1, 2)
+            if wg % v == 0 and (32 * w) % (wg // v) == 0 and (bn >= 2 or role != "w13")]  # SiLU: row pairs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=".carry/configs/qwen2.5-1.5b.json")
+    ap.add_argument("--tokenizer", default=".carry/qwen-tokenizer")
+    ap.add_argument("--work", default="/tmp/qconv-gpu-bench")
+    ap.add_argument("--roles", default="w13,w2,qkv,o")
+    ap.add_argument("--position", type=int, default=160, help="the step's position (the protocol run's mean)")
+    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--budget-s", type=float, default=420, help="stop sweeping after this many seconds")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    path = (lambda p: Path(p) if Path(p).is_absolute() else ROOT / p)
+    cfg = json.loads(path(args.config).read_text())
+    spaces = build_workspaces(cfg, str(path(args.tokenizer)), Path(args.work) / "model", 4608, 8, 128, "cuda")
+    eng = Engine.from_workspace(spaces["W4A16 + KV int8"], device="cuda", verify=False)
+    layers = eng.model.layers
+
+    def lins(role):
+        return [getattr(blk, ROLES[role]) for blk in layers]
+
+    def step_us() -> tuple[float, torch.Tensor]:
+        eng.decoder = eng.model.decoder = DecodeGraphs(eng.model, eng.cache)
+        times = [graph_step_us(eng, args.position, reps=100) for _ in range(3)]
+        return statistics.median(times), eng.decoder.bufs.logits[:1].float().clone()
+
+    base_us, base_logits = step_us()
+    log(f"baseline (gemv_int4.TUNED): {base_us:.1f} µs per step at position {args.position}")
+    res = {"baseline_us": base_us, "position": args.position, "tried": {}}
+    best = {role: lins(role)[0].config for role in ROLES}  # None: gemv_int4.TUNED / default_config
+    cur_us = base_us  # the step with every role at its best so far
+    roles = [r for r in args.roles.split(",") if r]
+    for p in range(args.passes):
+        for role in roles:
+            lin0 = lins(role)[0]
+            current = best[role] or TUNED.get((1, lin0.out_features, lin0.in_features))
+            split = current.split_k if current else 1
+            cands = candidates(role, lin0.group, split)
+            if role in RESIDUAL and current is not None:
+                cands += [GemvConfig(current.block_n, s, current.num_warps, 1, False, current.v) for s in (1, 2, 4, 8, 16)
+                          if s != split and lin0.in_features // lin0.group >= 2 * s]
+            for c in cands:
+                if time.perf_counter() - t_start > args.budget_s:
+                    break
+                for lin in lins(role):
+                    lin.config = c
+                try:
+                    us, logits = step_us()
+                    err = ((logits - base_logits).norm() / base_logits.norm()).item()
+                except Exception as e:  # noqa: BLE001 (a config that does not compile is skipped)
+                    log(f"  {role} {c}: {type(e).__name__}: {str(e)[:120]}")
+                    continue
+                ok = err < 1e-2
+                res["tried"].setdefault(role, []).append({"config": asdict(c), "us": us, "rel_err": err, "pass": p})
+                mark = ""
+                if ok and us < cur_us:
+                    best[role], cur_us, mark = c, us, "  <- best"
+                log(f"  pass {p} {role} {c}: {us:.1f} µs (rel err {err:.1e}){'' if ok else '  REFUSED'}{mark}")
+            for lin in lins(role):
+                lin.config = best[role]
+    final_us, _ = step_us()
+    res["final_us"] = final_us
+    res["best"] = {role: asdict(c) if c else None for role, c in best.items()}
+    log(f"final: {final_us:.1f} µs per step (baseline {base_us:.1f})")
+    log("TUNED entries (one row):")
+    for role in ROLES:
+        c = best[role]
+        if c is not None:
+            lin = lins(role)[0]
+            log(f"    (1, {lin.out_features}, {lin.in_features}): {c},  # {role}")
+    res.update(provenance())
+    res["command"] = "python3 bench/gpu_graph_sweep.py " + " ".join(sys.argv[1:])
+    out = write_result("gpu_graph_sweep", res)
+    if os.environ.get("OUT"):
+        shutil.copy(out, os.environ["OUT"])
+    log(f"{out}  ({time.perf_counter() - t_start:.0f}s)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        sys.exit(1)
