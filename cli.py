@@ -28,6 +28,11 @@ dtype_option = click.option("--dtype", type=DTYPES, default="auto", show_default
                             help="auto: float32 on CPU (bfloat16 for int4 workspaces in chat/serve: torch's CPU int4 kernel); "
                                  "the checkpoint's bf16, else float16, on GPU.")
 force_option = click.option("--force", is_flag=True, help="Recompute and overwrite existing outputs.")
+lm_head_option = click.option(
+    "--lm-head", type=click.Choice(["auto", "fp", "int8", "int4"]), default="auto", show_default=True,
+    help="Output projection of a workspace: as stored (fp), or quantized at load to int8 (one scale per row) or "
+         "int4 (g128, GPU only). auto: int8 on the GPU for int4 workspaces (half the head's bytes per token), "
+         "else fp.")
 trust_option = click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder.")
 batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=None,
                             help="Windows per forward pass [default: ~16k tokens on GPU, 1 on CPU].")
@@ -161,10 +166,11 @@ def awq(model, work_dir, w_bits, w_group_size, w_sym, calib_dataset, calib_sampl
 @click.option("--kv-granularity", type=click.Choice(["head", "layer"]), default="head", show_default=True)
 @device_option
 @dtype_option
+@lm_head_option
 @trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result.")
-def eval_cmd(workspace, model, dataset, seqlen, windows, kv_params, kv_sym, kv_granularity, device, dtype, trust_remote_code,
-             as_json):
+def eval_cmd(workspace, model, dataset, seqlen, windows, kv_params, kv_sym, kv_granularity, device, dtype, lm_head,
+             trust_remote_code, as_json):
     """Perplexity: the text is tokenized once and cut into consecutive windows from token 0.
 
     ppl = exp(mean NLL over every predicted token). WORKSPACE (from qconv convert) runs through the
@@ -178,10 +184,10 @@ def eval_cmd(workspace, model, dataset, seqlen, windows, kv_params, kv_sym, kv_g
         raise click.UsageError("give a workspace folder or --model (exactly one)")
     model = model or workspace
     r = eval_model(model, dataset, seqlen, windows, kv_params, kv_sym, kv_granularity, device, dtype,
-                   trust_remote_code)
+                   trust_remote_code, lm_head)
     if as_json:
         click.echo(json.dumps({**r.as_dict(), "model": model, "dataset": dataset, "kv_params": kv_params,
-                               "kv_sym": kv_sym, "kv_granularity": kv_granularity}))
+                               "kv_sym": kv_sym, "kv_granularity": kv_granularity, "lm_head": lm_head}))
     click.echo(f"ppl {r.ppl:.4f}")
 
 
@@ -259,9 +265,10 @@ def convert(model, dst_path, model_format, weight_type, group_size, kv_params, q
 @click.option("--seed", type=int, default=None, help="Sampling seed [default: random].")
 @device_option
 @dtype_option
+@lm_head_option
 @click.option("--no-verify", is_flag=True, help="Skip checking the files against manifest.json.")
 def chat(workspace, prompt, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, device,
-         dtype, no_verify):
+         dtype, lm_head, no_verify):
     """Chat with a workspace through the bundled runtime (streamed, with history).
 
     \b
@@ -278,7 +285,7 @@ def chat(workspace, prompt, system, max_new_tokens, temperature, top_p, top_k, r
 
     gen = GenerationConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     t0 = time.perf_counter()
-    engine = Engine.from_workspace(workspace, device=device, dtype=dtype, verify=not no_verify)
+    engine = Engine.from_workspace(workspace, device=device, dtype=dtype, verify=not no_verify, head=lm_head)
     run_chat(engine, gen, system=system, prompt=prompt, load_s=time.perf_counter() - t0)
 
 
@@ -294,8 +301,9 @@ def chat(workspace, prompt, system, max_new_tokens, temperature, top_p, top_k, r
               help="Require 'Authorization: Bearer KEY' on /v1 (also from $QCONV_API_KEY) [default: none].")
 @device_option
 @dtype_option
+@lm_head_option
 @click.option("--no-verify", is_flag=True, help="Skip checking the files against manifest.json.")
-def serve(workspace, host, port, max_batch_size, max_queue, api_key, device, dtype, no_verify):
+def serve(workspace, host, port, max_batch_size, max_queue, api_key, device, dtype, lm_head, no_verify):
     """OpenAI-compatible API server with continuous batching, and a chat page at /.
 
     \b
@@ -310,7 +318,7 @@ def serve(workspace, host, port, max_batch_size, max_queue, api_key, device, dty
     from .runtime.serve import ServeConfig, serve as run
 
     run(workspace, ServeConfig(host, port, max_batch_size, max_queue, api_key), device=device, dtype=dtype,
-        verify=not no_verify, log=lambda line: click.echo(line, err=True))
+        verify=not no_verify, log=lambda line: click.echo(line, err=True), head=lm_head)
 
 
 @cli.command()

@@ -108,12 +108,15 @@ def build_workspaces(config: dict, tokenizer: str, work: Path, session_len: int,
 def gate(spaces: dict[str, Path], new_tokens: int = 32, prompt_len: int = 48) -> dict:
     """The GPU path against the CPU runtime (float32) on the same workspace: prefill logits, decode-step
     logits on the CPU's own greedy tokens (teacher forcing), free greedy agreement, and a batch step with
-    rows at different positions. A name ending in "int4 head" loads the GPU engine with head_int4 (its
-    errors then include the head's quantization)."""
+    rows at different positions. The CPU runtime loads the head the GPU engine chose (int8 for int4 workspaces,
+    the default; fp otherwise); a name ending in "int4 head" loads the GPU engine with an int4 head, which
+    the CPU runtime cannot (its errors then include the head's quantization)."""
     out = {}
     for name, ws in spaces.items():
-        cpu = Engine.from_workspace(ws, device="cpu", dtype="float32", verify=False, batch_size=3)
-        gpu = Engine.from_workspace(ws, device="cuda", verify=False, batch_size=3, head_int4=name.endswith("int4 head"))
+        gpu = Engine.from_workspace(ws, device="cuda", verify=False, batch_size=3,
+                                    head="int4" if name.endswith("int4 head") else "auto")
+        same = "int8" if type(gpu.model.head).__name__ == "Int8Head" else "fp"
+        cpu = Engine.from_workspace(ws, device="cpu", dtype="float32", verify=False, batch_size=3, head=same)
         V = cpu.cfg.vocab_size
         prompt = rand_ids(prompt_len, V, 7)
         ids = torch.tensor([prompt])
@@ -157,13 +160,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-def measure_row(ws: Path, plan, device: str, bw: float | None, head_int4: bool = False, quick: bool = False) -> dict:
+def measure_row(ws: Path, plan, device: str, bw: float | None, head: str = "auto", quick: bool = False) -> dict:
     """Memory, decode bs1 / bs-N, prefill and TTFT, decode at a long context, graph step time
-    (``quick``: memory and bs1 only)."""
+    (``quick``: memory and bs1 only). ``head``: runtime/loader.load_workspace's head format."""
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    eng = Engine.from_workspace(ws, device=device, verify=False, batch_size=plan.batch, head_int4=head_int4)
+    eng = Engine.from_workspace(ws, device=device, verify=False, batch_size=plan.batch, head=head)
     cfg, V = eng.cfg, eng.cfg.vocab_size
     q = cfg.quant_policy == 4
     total, per_step = model_bytes(eng.model)
@@ -183,6 +186,11 @@ def measure_row(ws: Path, plan, device: str, bw: float | None, head_int4: bool =
         step_bytes = per_step + kv_bytes(cfg, plan.prompt_len + plan.new_tokens // 2, q)
         r["roofline_tok_s"] = bw / step_bytes
         r["pct_roofline"] = 100 * r["decode_tok_s"] / r["roofline_tok_s"]
+        head = getattr(eng.model, "head", None)
+        if head is not None:  # also against the bytes of the same model with an fp16 head (the issue's yardstick)
+            fp_head = cfg.vocab_size * cfg.hidden_units * 2
+            r["roofline_fp16_head_tok_s"] = bw / (step_bytes - head.nbytes() + fp_head)
+            r["pct_roofline_fp16_head"] = 100 * r["decode_tok_s"] / r["roofline_fp16_head_tok_s"]
     if eng.decoder is not None:
         r["graph_step_us"] = graph_step_us(eng, plan.prompt_len)
     log(f"    bs1 {r['decode_tok_s']:.1f} tok/s (decode only {r['decode_only_tok_s']:.1f}), "

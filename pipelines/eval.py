@@ -82,10 +82,14 @@ def model_shape_mismatch(a: dict, b: dict) -> bool:
 
 def eval_model(model: str, dataset: str, seqlen: int = 2048, windows: int | None = None,
                kv_params: str | None = None, kv_sym: bool = False, kv_granularity: str = "head",
-               device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False) -> PplResult:
+               device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+               head: str = "auto") -> PplResult:
+    """``head`` (workspaces only): the output projection's format, see runtime/loader.load_workspace."""
     if (Path(model) / "config.ini").is_file():  # a qconv convert workspace: through the bundled runtime
         from ..runtime.evaluate import eval_workspace
-        return eval_workspace(model, dataset, seqlen, windows, kv_params, device, dtype)
+        return eval_workspace(model, dataset, seqlen, windows, kv_params, device, dtype, head=head)
+    if head != "auto":
+        raise QconvError(f"--lm-head applies to workspaces; {model} is not one (no config.ini)")
     text = eval_text(dataset)
     dev = resolve_device(device)
     lm = load_model(model, dtype=dtype, device=str(dev), trust_remote_code=trust_remote_code)

@@ -72,10 +72,10 @@ class Engine:
 
     @classmethod
     def from_workspace(cls, path, device: str = "auto", dtype: str = "auto", verify: bool = True,
-                       batch_size: int = 1, head_int4: bool = False) -> Engine:
+                       batch_size: int = 1, head: str = "auto") -> Engine:
         """Load ``path`` (checking manifest.json unless ``verify=False``) and allocate the KV cache.
-        ``head_int4``: see runtime/loader.load_workspace (GPU path only)."""
-        return cls(load_workspace(path, device, dtype, verify, head_int4=head_int4), batch_size)
+        ``head``: the output projection's format, see runtime/loader.load_workspace."""
+        return cls(load_workspace(path, device, dtype, verify, head=head), batch_size)
 
     def reset(self) -> None:
         """Forget the cached conversation (the next prompt is prefilled from scratch)."""

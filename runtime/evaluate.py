@@ -10,7 +10,7 @@ from .engine import Engine
 
 def eval_workspace(workspace: str, dataset: str, seqlen: int = 2048, windows: int | None = None,
                    kv_params: str | None = None, device: str = "auto", dtype: str = "auto",
-                   verify: bool = True) -> PplResult:
+                   verify: bool = True, head: str = "auto") -> PplResult:
     """Windows are prefilled from position 0 through the engine's KV cache, so an int8 KV workspace
     (quant_policy=4) is measured with K and V read back from the int8 cache."""
     if kv_params is not None:
@@ -19,7 +19,7 @@ def eval_workspace(workspace: str, dataset: str, seqlen: int = 2048, windows: in
     text = eval_text(dataset)
     if dtype == "auto" and resolve_device(device).type == "cpu":
         dtype = "float32"  # perplexity on the CPU is measured in float32 (BENCH_PROTOCOL), not chat's bf16
-    engine = Engine.from_workspace(workspace, device=device, dtype=dtype, verify=verify)
+    engine = Engine.from_workspace(workspace, device=device, dtype=dtype, verify=verify, head=head)
     ids = eval_windows(text, engine.tokenizer, seqlen, windows)
     if seqlen > engine.cfg.session_len:
         raise QconvError(f"--seqlen {seqlen} is longer than the workspace's session_len {engine.cfg.session_len}")

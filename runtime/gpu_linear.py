@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..convert.layout import QuantLinear, pack_int4, pack_words, unpack_int4, unpack_words
+from .kernels.gemm_int8 import w8_matmul
 from .kernels.gemv_int4 import TUNED, GemvConfig, default_config, w4_dequantize, w4_matmul
 from .kernels.norm import rms_norm, silu_mul
 
@@ -158,6 +159,38 @@ class GpuLinear(nn.Module):
             codes = pack_int4(unpack_words(self.words, self.group))
             self._tiny = tinygemm_pack(codes, self.scales, self.zeros, swap_nibbles, inner_k_tiles)
         return self._tiny
+
+
+class Int8Head(nn.Module):
+    """The output projection as int8 codes with one scale per vocabulary row (kernels/gemm_int8.py): half the
+    bytes of the fp16 head, the largest matrix a decode step of a small model reads. Same interface as
+    GpuLinear where the model uses it: ``head(x)`` and ``head.run(x, out, prologue="rmsnorm", ...)``."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        assert codes.dtype == torch.int8 and scales.shape == (codes.shape[0],)
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+        self.dtype = dtype
+        self.out_features, self.in_features = codes.shape
+        self.config = None  # None: gemm_int8.TUNED_INT8
+
+    def nbytes(self) -> int:
+        return self.codes.numel() + 4 * self.scales.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        y = torch.empty(x2.shape[0], self.out_features, device=x.device, dtype=self.dtype)
+        return w8_matmul(x2, self.codes, self.scales, y, self.config).reshape(*x.shape[:-1], self.out_features)
+
+    def run(self, x: torch.Tensor, out: torch.Tensor, prologue: str = "none", norm_weight: torch.Tensor | None = None,
+            eps: float = 0.0, epilogue: str = "store") -> None:
+        """A decode step: out = h(x) W^T, h = x or RMSNorm(x) (its own kernel)."""
+        assert epilogue == "store", "the int8 head only stores"
+        h = x
+        if prologue == "rmsnorm":
+            h = rms_norm(x, norm_weight, eps, torch.empty(x.shape, device=x.device, dtype=self.dtype))
+        w8_matmul(h, self.codes, self.scales, out, self.config)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,12 +62,20 @@ def runtime_dtype(dtype: str, device: torch.device, cfg: WorkspaceConfig) -> tor
     return resolve_dtype(dtype, device, "bfloat16" if cfg.weight_type == "bf16" else None)
 
 
+HEADS = ("auto", "fp", "int8", "int4")
+
+
 def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool = True,
-                   max_len: int | None = None, gpu_path: bool | None = None, head_int4: bool = False) -> LoadedWorkspace:
+                   max_len: int | None = None, gpu_path: bool | None = None, head: str = "auto") -> LoadedWorkspace:
     """``max_len``: rotary table length (default session_len). ``gpu_path``: build runtime/gpu_model.py's
     model (None: on CUDA with triton; True elsewhere only makes sense under TRITON_INTERPRET=1, for tests).
-    ``head_int4`` (GPU path): quantize the output projection at load, round to nearest, 4 bits, groups of
-    up to 128 (changes the model's logits slightly; the head is the largest matrix a small model reads)."""
+    ``head``: the output projection as the workspace holds it ("fp"), or quantized at load, round to nearest:
+    "int8" (one scale per vocabulary row; the CPU path computes with the same values, dequantized) or "int4"
+    (groups of up to 128, GPU path only). "auto": int8 on the GPU path for an int4 workspace, else fp. The
+    head is the largest matrix a small model reads per token (bench/RESULTS.md has the speed and perplexity
+    of each)."""
+    if head not in HEADS:
+        raise QconvError(f"head {head!r} is not one of {', '.join(HEADS)}")
     ws = Path(path)
     cfg = read_workspace_config(ws)
     if verify:
@@ -92,8 +100,15 @@ def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool
 
     # [STEP 2]: decoder layers, one file each, and the model for the device
     gpu = use_gpu_path(dev, dt, cfg) if gpu_path is None else gpu_path
+    if head == "auto":
+        head = "int8" if gpu and cfg.weight_type == "int4" else "fp"
+    if head == "int4" and not gpu:
+        raise QconvError("an int4 head needs the GPU path (CUDA with triton); use head int8 or fp")
+    if head == "int8" and not gpu:  # the CPU model computes with the int8 head's values
+        codes, scales = _rows_int8(glob.pop(OUTPUT) if OUTPUT in glob else glob[EMBED])
+        glob[OUTPUT] = (codes.to(scales.dtype) * scales[:, None]).to(dt)
     if gpu:
-        from .gpu_linear import DequantScratch, make_gpu_linear
+        from .gpu_linear import DequantScratch, Int8Head, make_gpu_linear
 
         scratch = DequantScratch(dev, dt)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
@@ -110,8 +125,9 @@ def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool
         name = f"weights/{layer_file(i)}"
         layers.append(_layer_params(cfg, load_tensors(ws / name, "workspace weights"), name, dev, dt, build))
     if gpu:
-        head = _int4_head(glob, cfg, build) if head_int4 else None
-        model = GpuTransformer(cfg, glob, layers, max_len or cfg.session_len, head).eval()
+        lm = {"fp": lambda: None, "int4": lambda: _int4_head(glob, cfg, build),
+              "int8": lambda: Int8Head(*_rows_int8(glob.pop(OUTPUT) if OUTPUT in glob else glob[EMBED]), dt)}[head]()
+        model = GpuTransformer(cfg, glob, layers, max_len or cfg.session_len, lm).eval()
     else:
         model = Transformer(cfg, glob, layers, max_len or cfg.session_len).eval()
 
@@ -122,6 +138,19 @@ def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool
     except (OSError, ValueError) as e:
         raise QconvError(f"the tokenizer in {ws / 'tokenizer'} cannot be loaded ({str(e).splitlines()[0]})") from None
     return LoadedWorkspace(ws, cfg, model, tok, kv, dev, dt)
+
+
+def _rows_int8(w: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [V, H] -> (codes int8 [V, H], scales float32 [V]): symmetric, one scale per row (absmax / 127),
+    round to nearest; in chunks of rows, so the float32 copy stays small."""
+    codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for r in range(0, w.shape[0], chunk):
+        part = w[r:r + chunk].float()
+        scale, zero = group_qparams(part, 8, 0, sym=True)  # [rows, 1]
+        codes[r:r + chunk] = quantize(part, scale, zero, 8, sym=True).to(torch.int8)
+        scales[r:r + chunk] = scale[:, 0]
+    return codes, scales
 
 
 def _int4_head(glob: dict, cfg: WorkspaceConfig, build):

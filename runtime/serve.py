@@ -62,20 +62,22 @@ def batch_size(workspace, cfg: ServeConfig) -> int:
     return batch
 
 
-def build(workspace, cfg: ServeConfig, device: str = "auto", dtype: str = "auto", verify: bool = True):
-    """Load the workspace and start the scheduler -> (app, scheduler). The caller stops the scheduler."""
+def build(workspace, cfg: ServeConfig, device: str = "auto", dtype: str = "auto", verify: bool = True,
+          head: str = "auto"):
+    """Load the workspace and start the scheduler -> (app, scheduler). The caller stops the scheduler.
+    ``head``: the output projection's format (runtime/loader.load_workspace)."""
     from .api import create_app
     from .engine import Engine
     from .scheduler import Scheduler
 
     batch = batch_size(workspace, cfg)
-    engine = Engine.from_workspace(workspace, device=device, dtype=dtype, verify=verify, batch_size=batch)
+    engine = Engine.from_workspace(workspace, device=device, dtype=dtype, verify=verify, batch_size=batch, head=head)
     scheduler = Scheduler(engine, batch, cfg.max_queue).start()
     return create_app(scheduler, engine.cfg.model_name, cfg.api_key), scheduler
 
 
 def serve(workspace, cfg: ServeConfig, device: str = "auto", dtype: str = "auto", verify: bool = True,
-          log=print) -> None:
+          log=print, head: str = "auto") -> None:
     """Serve until Ctrl+C (or SIGTERM)."""
     import uvicorn
 
@@ -83,7 +85,7 @@ def serve(workspace, cfg: ServeConfig, device: str = "auto", dtype: str = "auto"
     sock = listen_socket(cfg.host, cfg.port)  # before the (slow) load: a busy port fails at once
     t0 = time.perf_counter()
     try:
-        app, scheduler = build(workspace, cfg, device, dtype, verify)
+        app, scheduler = build(workspace, cfg, device, dtype, verify, head)
     except BaseException:
         sock.close()
         raise

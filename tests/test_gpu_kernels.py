@@ -16,6 +16,7 @@ pytest.importorskip("triton", reason="triton is not installed: the GPU path's ke
 from qconv.convert.layout import interleave_pairs, pack_words  # noqa: E402
 from qconv.convert.quant import dequantize, kv_dequantize, kv_quantize  # noqa: E402
 from qconv.runtime.kernels.attention import counters, decode_attention, decode_attention_fused  # noqa: E402
+from qconv.runtime.kernels.gemm_int8 import Int8Config, w8_matmul  # noqa: E402
 from qconv.runtime.kernels.gemv_int4 import GemvConfig, w4_dequantize, w4_matmul  # noqa: E402
 from qconv.runtime.kernels.norm import rms_norm, silu_mul  # noqa: E402
 from qconv.runtime.kernels.rope_cache import rope_cache_write  # noqa: E402
@@ -299,3 +300,16 @@ def test_fused_decode_attention_equals_rope_then_attention(quant, qk_norm, hq, h
             assert (got[b] == 0).all()
         else:
             assert rel(got[b], want[b]) < 2e-3
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 40, 256), (3, 100, 576), (17, 24, 128)])
+def test_int8_matmul_matches_dequantized_weights(M, N, K):
+    """gemm_int8.w8_matmul (the int8 LM head) against x @ (q * s)^T; odd N and M, K not a multiple of 128."""
+    g = gen(41)
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    s = torch.rand(N, generator=g) * 0.01 + 1e-4
+    x = torch.randn(M, K, generator=g).half()
+    out = torch.full((M, N), float("nan"), dtype=torch.float16, device=DEV)
+    w8_matmul(x.to(DEV), q.to(DEV), s.to(DEV), out, Int8Config(32, 64, 4, 2))
+    want = x.float() @ (q.float() * s[:, None]).t()
+    assert rel(out.cpu(), want) < 2e-3

@@ -8,12 +8,14 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the GPU path is not tested")
 
+from qconv import QconvError  # noqa: E402
 from qconv.cli import main  # noqa: E402
 from qconv.convert.fileio import save_tensors  # noqa: E402
 from qconv.pipelines.kv_params import compute_kv_params  # noqa: E402
 from qconv.runtime.cuda_graph import DecodeBuffers, DecodeGraphs  # noqa: E402
 from qconv.runtime.engine import Engine  # noqa: E402
 from qconv.runtime.generation import GenerationConfig  # noqa: E402
+from qconv.runtime.gpu_linear import Int8Head  # noqa: E402
 from qconv.runtime.gpu_model import GpuTransformer  # noqa: E402
 from qconv.runtime.kernels import gemv_int4  # noqa: E402
 from qconv.runtime.kernels.gemv_int4 import GemvConfig  # noqa: E402
@@ -55,9 +57,10 @@ def w4kv(tmp_path_factory, make_tiny):
 
 
 def test_gpu_model_matches_cpu_runtime(w4kv):
-    cpu = load_workspace(w4kv, "cpu", "float32")
+    cpu = load_workspace(w4kv, "cpu", "float32", head="int8")  # the GPU path's default head for int4 workspaces
     gpu = load_workspace(w4kv, str(DEV), "float16", gpu_path=True)
     assert isinstance(gpu.model, GpuTransformer) and gpu.model.layers[0].w13.int4
+    assert isinstance(gpu.model.head, Int8Head) and gpu.model.head.codes.dtype == torch.int8
     c = cpu.cfg
 
     def cache(ws, dt):
@@ -124,7 +127,7 @@ def test_engine_decode_paths(w4kv, monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"multi_processor_count": 132}))
         monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
         monkeypatch.setattr(torch.cuda, "Event", Stub)
-    cpu = Engine.from_workspace(w4kv, device="cpu", dtype="float32", batch_size=4)
+    cpu = Engine.from_workspace(w4kv, device="cpu", dtype="float32", batch_size=4, head="int8")
     gpu = Engine(load_workspace(w4kv, str(DEV), "float16", gpu_path=True), batch_size=4)
     if not CUDA:
         gpu.decoder = gpu.model.decoder = DecodeGraphs(gpu.model, gpu.cache, use_graphs=False)
@@ -189,3 +192,18 @@ def test_engine_on_cuda_uses_graphs_and_generates_like_cpu(w4kv):
     for i, r in enumerate(rows):
         single = eng.decode_batch([toks[r]], [12], [r])
         assert rel(batch[i], single[0]) < 1e-2
+
+
+def test_head_formats_on_the_cpu_path(w4kv):
+    """head="auto" keeps the workspace's head on the CPU path; "int8" computes with the int8 head's values
+    (one scale per vocabulary row, within half a step of the weights); int4 and unknown names are refused."""
+    fp = load_workspace(w4kv, "cpu", "float32")
+    q8 = load_workspace(w4kv, "cpu", "float32", head="int8")
+    assert torch.equal(q8.model.tok_embeddings, fp.model.tok_embeddings)  # only the head is quantized
+    w = fp.model.output.float()
+    step = w.abs().amax(dim=1, keepdim=True) / 127
+    err = (q8.model.output.float() - w).abs()
+    assert (err <= step / 2 + 1e-6).all() and err.max() > 0
+    for bad in ("int4", "int3"):
+        with pytest.raises(QconvError, match="head"):
+            load_workspace(w4kv, "cpu", "float32", head=bad)

@@ -5,7 +5,9 @@
                    SiLU(gate) * up of w13's row pairs); whole-weight dequantize for prefill
     norm.py        RMSNorm of the fp32 residual, SiLU(gate) * up
     rope_cache.py  rotary (+ q/k norm) and the KV-cache write, int8-quantized with quant_policy 4
-    attention.py   decode attention over the static cache, split along the keys, lengths read on the device
+    attention.py   decode attention over the static cache, split along the keys, lengths read on the device;
+                   for one-row steps fused with rotary, the cache write and the merge of the splits
+    gemm_int8.py   int8 weights with one scale per row (the LM head) times a few rows
 
 Every module imports triton at the top; check ``HAVE_TRITON`` before importing one.
 
