@@ -222,6 +222,12 @@ def variants(eng, plan) -> dict:
     measure("rope, attention splits, merge as three kernels")
     at_4096("rope, attention splits, merge as three kernels")
     gpu_model.FUSED_ATTENTION = True
+    kw = dict(gpu_model.FUSED_ATTENTION_KW)
+    for bn, warps in ((32, 2), (32, 4), (64, 2), (64, 8), (128, 4), (128, 8)):
+        gpu_model.FUSED_ATTENTION_KW.update(block_n=bn, num_warps=warps)
+        measure(f"fused attention block_n {bn}, {warps} warps")
+        at_4096(f"fused attention block_n {bn}, {warps} warps")
+    gpu_model.FUSED_ATTENTION_KW.update(kw)
     cap, attention.SPLIT_CAP = attention.SPLIT_CAP, 16
     measure("attention splits capped at 16")
     at_4096("attention splits capped at 16")

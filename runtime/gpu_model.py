@@ -37,6 +37,7 @@ if HAVE_TRITON:
 
 
 FUSED_ATTENTION = True  # one-row steps: rotary + cache write + attention + merge in one kernel (bench A/B switch)
+FUSED_ATTENTION_KW = {"block_n": 64, "num_warps": 4}  # its tile of keys and warps (bench/gpu_runtime.py sweeps them)
 
 
 def use_gpu_path(device: torch.device, dtype: torch.dtype, cfg: WorkspaceConfig) -> bool:
@@ -153,7 +154,7 @@ class GpuTransformer(nn.Module):
             if b == 1 and acc is None and FUSED_ATTENTION:  # one sequence: rotary, cache write and attention in one kernel
                 decode_attention_fused(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, attn,
                                        kvp[i], blk.q_norm, blk.k_norm, self.eps, scratch=bufs.parts[b],
-                                       splits=bufs.splits[b], count=bufs.count)
+                                       splits=bufs.splits[b], count=bufs.count, **FUSED_ATTENTION_KW)
             else:  # rows may share a cache row (a prompt's tokens): every K/V is written before any row attends
                 rope_cache_write(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, self.hkv,
                                  kvp[i], blk.q_norm, blk.k_norm, self.eps, acc=acc)

@@ -259,11 +259,12 @@ def test_decode_attention_matches_sdpa(quant, hq, hkv, d, lengths, splits):
     (True, False, 6, 2, 32, [39, 5], 4),         # GQA 3, two rows, keys over several splits
     (True, True, 4, 2, 16, [0, 70, -1], 8),      # a first token, a long row, a padding row; q/k norm
     (False, False, 8, 1, 64, [17], 1),           # one split: no merge
+    (True, False, 2, 1, 16, [150], 16),          # 10 splits hold keys: the merge reads two chunks of 8
 ])
 def test_fused_decode_attention_equals_rope_then_attention(quant, qk_norm, hq, hkv, d, positions, splits):
     """decode_attention_fused = rope_cache_write then decode_attention, on the same cache: the same codes
     written, the same output (up to the order of fp32 sums)."""
-    B, S, dt = len(positions), 96, torch.float16
+    B, S, dt = len(positions), max(96, max(positions) + 1), torch.float16
     g = gen(31)
     qkv = torch.randn(B, (hq + 2 * hkv) * d, generator=g).to(dt)
     store = torch.int8 if quant else dt

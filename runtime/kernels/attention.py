@@ -264,30 +264,31 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
             _fence(s)
         tl.debug_barrier()
         done = tl.atomic_add(cnt_ptr + b * HKV + kvh, 1, sem="acq_rel", scope="gpu")
-        if done == active - 1:  # every other split has written its partials: merge them, SC splits at a time
+        if done == active - 1:  # every other split has written its partials: merge them
             tl.store(cnt_ptr + b * HKV + kvh, 0)  # for the next launch
             if FENCE:
                 _fence(s)
             rc = tl.arange(0, RC)
-            sc_ = tl.arange(0, SC)
             rc_ok = rc < REP
             hb = (b * HQ + kvh * REP + rc) * NS  # [RC]
-            big = tl.full([RC], float("-inf"), tl.float32)
-            den = tl.zeros([RC], tl.float32)
+            # every split's max and sum at once, then the outputs SC splits at a time, unrolled: no chunk
+            # waits for the one before, so their loads can all be in flight
+            sa = tl.arange(0, NS)
+            ok = rc_ok[:, None] & (sa < active)[None, :]  # [RC, NS]
+            m_all = tl.load(m_ptr + hb[:, None] + sa[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
+            l_all = tl.load(l_ptr + hb[:, None] + sa[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+            big = tl.max(m_all, axis=1)  # [RC]; -inf only for the padding lanes of RC
+            big = tl.where(big > float("-inf"), big, 0.0)
+            den = tl.sum(tl.where(ok, tl.exp2(m_all - big[:, None]), 0.0) * l_all, axis=1)
             num = tl.zeros([RC, D], tl.float32)
-            for s0 in range(0, active, SC):
-                sp = s0 + sc_
-                ok = rc_ok[:, None] & (sp < active)[None, :]  # [RC, SC]
-                ms = tl.load(m_ptr + hb[:, None] + sp[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
-                ls = tl.load(l_ptr + hb[:, None] + sp[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+            for c in tl.static_range(NS // SC):
+                sp = c * SC + tl.arange(0, SC)
+                okc = rc_ok[:, None] & (sp < active)[None, :]  # [RC, SC]
+                ms = tl.load(m_ptr + hb[:, None] + sp[None, :], mask=okc, other=float("-inf"), cache_modifier=".cg")
                 ob = tl.load(o_ptr + (hb[:, None] + sp[None, :])[:, :, None] * D + d[None, None, :],
-                             mask=ok[:, :, None], other=0.0, cache_modifier=".cg")  # [RC, SC, D]
-                new = tl.maximum(big, tl.max(ms, axis=1))
-                a_old = tl.where(big > float("-inf"), tl.exp2(big - new), 0.0)
-                w = tl.where(ms > float("-inf"), tl.exp2(ms - new[:, None]), 0.0)  # [RC, SC]
-                den = den * a_old + tl.sum(w * ls, axis=1)
-                num = num * a_old[:, None] + tl.sum(w[:, :, None] * ob, axis=1)
-                big = new
+                             mask=okc[:, :, None], other=0.0, cache_modifier=".cg")  # [RC, SC, D]
+                w = tl.where(okc, tl.exp2(ms - big[:, None]), 0.0)
+                num += tl.sum(w[:, :, None] * ob, axis=1)
             o = tl.where(den[:, None] > 0, num / den[:, None], 0.0)
             tl.store(out_ptr + b * stride_ot + (kvh * REP + rc)[:, None] * D + d[None, :],
                      o.to(out_ptr.dtype.element_ty), mask=rc_ok[:, None])
