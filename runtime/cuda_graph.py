@@ -2,8 +2,10 @@
 
     graphs = DecodeGraphs(model, cache)           # buffers for up to max(cache.batch, PREFILL_ROWS) rows
     logits = graphs.step_host([tok], [pos], [0])  # one step for cache row 0 -> [1, V] (a view, valid until next step)
+    logits = graphs.prefill(prompts, starts, rows)  # short prompts as packed steps -> [n, V] last-token logits
     for t in graphs.greedy_stream(tok, pos, n):   # n greedy steps of row 0 on the device -> the n next tokens
         ...
+    for toks in graphs.greedy_rows(toks, poss, n, rows):  # several rows at once: a list of tokens per step
     model(ids [B, 1], pos [B, 1], cache_rows)     # GpuTransformer.forward sends one-token steps here
 
 A step of n rows replays the graph of the smallest bucket (1, 2, 4, 8, ... and the largest) holding n;
@@ -46,7 +48,7 @@ class DecodeBuffers:
     h: torch.Tensor        # [rows, hidden], the final norm's output
     logits: torch.Tensor   # [rows, vocab]
     next_tok: torch.Tensor  # int64 [rows]: greedy steps' argmax
-    ring: torch.Tensor     # int64 [BURST]: the tokens of one greedy burst
+    ring: torch.Tensor     # int64 [BURST, rows]: the tokens of one greedy burst
     count: torch.Tensor    # int32 [rows, Hkv]: the fused attention kernel's split counters (zero between steps)
     splits: dict[int, int] = field(default_factory=dict)                     # bucket -> attention splits
     parts: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # bucket -> attention partials
@@ -66,7 +68,7 @@ class DecodeBuffers:
                    h=torch.zeros(R, H, dtype=dtype, device=device),
                    logits=torch.zeros(R, cfg.vocab_size, dtype=dtype, device=device),
                    next_tok=torch.zeros(R, dtype=torch.int64, device=device),
-                   ring=torch.zeros(BURST, dtype=torch.int64, device=device),
+                   ring=torch.zeros(BURST, R, dtype=torch.int64, device=device),
                    count=counters(R, cfg.kv_head_num, device))
         for b in buckets:
             ns = num_splits(b, cfg.kv_head_num, max_len, sms=sms)
@@ -103,10 +105,10 @@ class DecodeGraphs:
         self._copied = torch.cuda.Event()
         self._copied.record()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.greedy_graph: torch.cuda.CUDAGraph | None = None  # one greedy step (bursts shorter than BURST)
-        self.burst_graph: torch.cuda.CUDAGraph | None = None   # BURST greedy steps
+        self.greedy_graphs: dict[int, torch.cuda.CUDAGraph | None] = {}  # bucket -> one greedy step
+        self.burst_graphs: dict[int, torch.cuda.CUDAGraph | None] = {}   # bucket -> BURST greedy steps
         self.burst = BURST
-        self.ring_host = [torch.zeros(BURST, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self.ring_host = [torch.zeros(BURST, self.buckets[-1], dtype=torch.int64).pin_memory() for _ in range(2)]
         self.ring_ready = [torch.cuda.Event() for _ in range(2)]
         self.pool = None
 
@@ -149,65 +151,78 @@ class DecodeGraphs:
         else:
             graph.replay()
 
-    def _greedy_step(self, i: int | None = None) -> None:
-        """Row 0: one decode step, its argmax (into ring[i] when given), and the next step's inputs (token,
-        position + 1) in idx."""
+    def _greedy_step(self, b: int, i: int | None = None) -> None:
+        """Rows 0..b-1: one decode step, each row's argmax (into ring[i] when given), and the next step's inputs
+        in idx: token = argmax, position + 1 (padding rows stay padding)."""
         bufs = self.bufs
-        self.model.decode_step(bufs, 1, self.cache)
-        torch.argmax(bufs.logits[:1], dim=-1, out=bufs.next_tok[:1])
-        bufs.idx[0, :1].copy_(bufs.next_tok[:1])
-        bufs.idx[1, :1].add_(1)
+        self.model.decode_step(bufs, b, self.cache)
+        torch.argmax(bufs.logits[:b], dim=-1, out=bufs.next_tok[:b])
+        bufs.idx[0, :b].copy_(bufs.next_tok[:b])
+        pos = bufs.idx[1, :b]
+        pos.add_((pos >= 0).long())
         if i is not None:
-            bufs.ring[i:i + 1].copy_(bufs.next_tok[:1])
+            bufs.ring[i, :b].copy_(bufs.next_tok[:b])
 
     @torch.inference_mode()
-    def _capture_greedy(self) -> None:
-        if 1 not in self.graphs:
-            self.capture(1)  # compiles the kernels; the greedy graphs share its memory pool
+    def _capture_greedy(self, b: int) -> None:
+        if b not in self.graphs:
+            self.capture(b)  # compiles the kernels; the greedy graphs share its memory pool
         if not self.use_graphs:
+            self.greedy_graphs[b] = self.burst_graphs[b] = None
             return
-        self.greedy_graph = self._capture(self._greedy_step, 1)  # its token is copied into the ring after each replay
+        # its tokens are copied into the ring after each replay
+        self.greedy_graphs[b] = self._capture(lambda: self._greedy_step(b), b)
         # no warm-up: its later steps would move off the padding position and write into the cache
-        self.burst_graph = self._capture(lambda: [self._greedy_step(i) for i in range(BURST)], 1, warmup=0)
+        self.burst_graphs[b] = self._capture(lambda: [self._greedy_step(b, i) for i in range(BURST)], b, warmup=0)
 
-    def _launch_burst(self, k: int, slot: int) -> None:
-        """k greedy steps, their tokens copied into ring_host[slot] when done (ring_ready[slot] records it)."""
-        if k == BURST and self.burst_graph is not None:
-            self.burst_graph.replay()
+    def _launch_burst(self, b: int, k: int, slot: int) -> None:
+        """k greedy steps of bucket b, their tokens copied into ring_host[slot] when done (ring_ready[slot])."""
+        if k == BURST and self.burst_graphs[b] is not None:
+            self.burst_graphs[b].replay()
         else:
             for i in range(k):
-                if self.greedy_graph is None:  # eager (use_graphs=False)
-                    self._greedy_step(i)
+                if self.greedy_graphs[b] is None:  # eager (use_graphs=False)
+                    self._greedy_step(b, i)
                 else:
-                    self.greedy_graph.replay()
-                    self.bufs.ring[i:i + 1].copy_(self.bufs.next_tok[:1])
-        self.ring_host[slot][:k].copy_(self.bufs.ring[:k], non_blocking=True)
+                    self.greedy_graphs[b].replay()
+                    self.bufs.ring[i, :b].copy_(self.bufs.next_tok[:b])
+        self.ring_host[slot][:k, :b].copy_(self.bufs.ring[:k, :b], non_blocking=True)
         self.ring_ready[slot].record()
 
     @torch.inference_mode()
-    def greedy_stream(self, token: int, position: int, steps: int) -> Iterator[int]:
-        """Greedy decoding of cache row 0: feeds ``token`` at ``position`` and each step's argmax after it, for
-        ``steps`` steps -> their tokens, one at a time. After the j-th token is taken, the cache holds the inputs
-        at positions position .. position + j - 1 (and possibly up to two bursts more, computed ahead)."""
+    def greedy_rows(self, tokens: list[int], positions: list[int], steps: int,
+                    rows: list[int] | None = None) -> Iterator[list[int]]:
+        """Greedy decoding of several sequences at once: row j feeds tokens[j] at positions[j] into cache row
+        rows[j] (default j), then each step's argmax, for ``steps`` steps -> each step's tokens (a list per
+        step). The steps run in bursts of BURST on the device; the next burst is launched before the host
+        reads the last one's tokens, so up to two bursts past the caller's last read are computed (and
+        written into the cache) anyway."""
+        n = len(tokens)
         if steps <= 0:
             return
-        if self.greedy_graph is None and self.burst_graph is None:
-            self._capture_greedy()
-        self._upload([token], [position])
+        b = self.bucket(n)
+        if b not in self.greedy_graphs:
+            self._capture_greedy(b)
+        self._upload(tokens, positions, rows)
         pending: deque[tuple[int, int]] = deque()  # (slot, steps) of launched bursts, oldest first
         left, launched = steps, 0
         while left or pending:
             if left and len(pending) < 2:  # keep one burst queued behind the one the host waits for
                 k = min(self.burst, left)
                 slot = launched % 2
-                self._launch_burst(k, slot)
+                self._launch_burst(b, k, slot)
                 pending.append((slot, k))
                 left, launched = left - k, launched + 1
                 if len(pending) < 2 and left:
                     continue
             slot, k = pending.popleft()
             self.ring_ready[slot].synchronize()
-            yield from self.ring_host[slot][:k].tolist()
+            yield from self.ring_host[slot][:k, :n].tolist()
+
+    def greedy_stream(self, token: int, position: int, steps: int) -> Iterator[int]:
+        """Greedy decoding of cache row 0 (greedy_rows with one row): the next ``steps`` tokens, one at a time."""
+        for step in self.greedy_rows([token], [position], steps):
+            yield step[0]
 
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -221,6 +236,23 @@ class DecodeGraphs:
         self._upload(tokens, positions, rows)
         self._replay(b)
         return self.bufs.logits[:n]
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], starts: list[int], rows: list[int]) -> torch.Tensor:
+        """Feed prompts[j] into cache row rows[j] from position starts[j], packed into decode steps of up to
+        prefill_rows rows (a prompt may span steps: its earlier positions go first) -> each prompt's
+        next-token logits after its last token, [n, V] float32."""
+        flat = [(tok, starts[j] + i, rows[j], j if i == len(p) - 1 else -1)
+                for j, p in enumerate(prompts) for i, tok in enumerate(p)]
+        out = torch.empty(len(prompts), self.model.cfg.vocab_size, device=self.bufs.logits.device)
+        step = self.prefill_rows
+        for c in range(0, len(flat), step):
+            part = flat[c:c + step]
+            logits = self.step_host([f[0] for f in part], [f[1] for f in part], [f[2] for f in part])
+            lasts = [(k, f[3]) for k, f in enumerate(part) if f[3] >= 0]
+            if lasts:
+                out[[j for _, j in lasts]] = logits[[k for k, _ in lasts]].float()
+        return out
 
     def _upload(self, tokens: list[int], positions: list[int], rows: list[int] | None = None) -> None:
         """idx <- (token, position, cache row) of rows 0..n-1, the others padding; one host-to-device copy."""

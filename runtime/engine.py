@@ -176,7 +176,7 @@ class Engine:
         float32. On the GPU path a short prompt is one graph replay whose rows are its tokens (DecodeGraphs)."""
         S = len(tokens)
         if self.decoder is not None and S <= self.decoder.prefill_rows:
-            return self.decoder.step_host(tokens, list(range(start, start + S)), [0] * S)[-1:].float()
+            return self.decoder.prefill([tokens], [start], [0])
         ids = torch.tensor(tokens, device=self.device)[None]  # [1, S]
         pos = torch.arange(start, start + S, device=self.device)[None]
         return self.model(ids, pos, self.cache, last_only=True)[:, -1].float()
@@ -187,6 +187,65 @@ class Engine:
             return self.decoder.step_host([tok], [position])  # compute dtype: sample() upcasts when it must
         pos = torch.tensor([[position]], device=self.device)
         return self.model(torch.tensor([[tok]], device=self.device), pos, self.cache, last_only=True)[:, -1].float()
+
+    def generate_batch(self, prompts: list[list[int]], gen: GenerationConfig | None = None) -> list[list[int]]:
+        """Answer several prompts at once, prompt j in cache row j: the answers' token ids (stop ids excluded),
+        each cut at its first stop id or max_new_tokens. Greedy on the GPU path runs bursts of steps for all
+        rows on the device (DecodeGraphs.greedy_rows); otherwise one decode_batch step at a time. The cache
+        rows are left holding the prompts and answers (generate's reuse of row 0 starts afresh)."""
+        gen = gen or GenerationConfig()
+        n, limit = len(prompts), self.cfg.session_len
+        if not 1 <= n <= self.cache.batch:
+            raise QconvError(f"{n} prompts at once, but the engine holds {self.cache.batch} (--batch-size)")
+        if min(map(len, prompts)) == 0:
+            raise QconvError("a prompt is empty")
+        budget = min(gen.max_new_tokens, limit - max(map(len, prompts)))
+        if budget <= 0:
+            raise QconvError(f"the longest prompt has {max(map(len, prompts))} tokens but session_len is {limit}; "
+                             f"shorten it or convert with a larger --session-len")
+        self._cached = []
+        stops = set(gen.stop_ids if gen.stop_ids is not None else self.cfg.end_id)
+        generator = torch.Generator(device=self.device).manual_seed(gen.seed) if gen.seed is not None else None
+        seen = torch.zeros(n, self.cfg.vocab_size, dtype=torch.bool, device=self.device)  # repetition penalty
+        for j, p in enumerate(prompts):
+            seen[j, torch.tensor(p, device=self.device)] = True
+        if self.decoder is not None and max(map(len, prompts)) <= self.decoder.prefill_rows:
+            logits = self.decoder.prefill(prompts, [0] * n, list(range(n)))
+        else:
+            logits = torch.cat([self._prefill_row(p, j) for j, p in enumerate(prompts)])
+        toks = sample(logits, gen, seen, generator).tolist()
+        answers: list[list[int]] = [[] for _ in range(n)]
+        live = [True] * n
+
+        def take(step: list[int]) -> bool:  # one step's tokens -> whether any row still runs
+            for j, t in enumerate(step):
+                if live[j]:
+                    if t in stops or len(answers[j]) == budget:
+                        live[j] = False
+                    else:
+                        answers[j].append(t)
+            return any(live)
+        if not take(toks) or budget == 1:
+            return answers
+        pos = [len(p) for p in prompts]
+        if self.decoder is not None and gen.temperature == 0 and gen.repetition_penalty == 1.0:
+            for step in self.decoder.greedy_rows(toks, pos, budget - 1):
+                if not take(step):
+                    break
+            return answers
+        for i in range(budget - 1):
+            seen[torch.arange(n), torch.tensor(toks, device=self.device)] = True
+            logits = self.decode_batch(toks, [q + i for q in pos])
+            toks = sample(logits, gen, seen, generator).tolist()
+            if not take(toks):
+                break
+        return answers
+
+    def _prefill_row(self, tokens: list[int], row: int) -> torch.Tensor:
+        """A fresh prompt into cache row ``row`` (the model's prefill on a one-row view) -> [1, V] float32."""
+        ids = torch.tensor(tokens, device=self.device)[None]
+        pos = torch.arange(len(tokens), device=self.device)[None]
+        return self.model(ids, pos, self.cache.rows(row, row + 1), last_only=True)[:, -1].float()
 
     def decode_batch(self, tokens: list[int], positions: list[int], rows: list[int] | None = None) -> torch.Tensor:
         """One decode step for several sequences: tokens[i] enters cache row rows[i] (default i) at

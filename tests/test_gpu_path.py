@@ -102,6 +102,18 @@ def stepwise(engine: Engine, prompt: list[int], n: int) -> list[int]:
     return toks
 
 
+def stepwise_batch(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """n greedy tokens after each prompt (cache rows 0..), through packed prefill and one decode_batch step
+    at a time."""
+    toks = engine.decoder.prefill(prompts, [0] * len(prompts), list(range(len(prompts)))).argmax(-1).tolist()
+    out = [[t] for t in toks]
+    for i in range(n - 1):
+        toks = engine.decode_batch(toks, [len(p) + i for p in prompts]).argmax(-1).tolist()
+        for o, t in zip(out, toks):
+            o.append(t)
+    return out
+
+
 def rows_view(cache: KVCache, first: int, stop: int) -> KVCache:
     """Rows first..stop-1 sharing the cache's storage, as a server hands one run of rows to the model."""
     view = KVCache.__new__(KVCache)
@@ -156,6 +168,9 @@ def test_engine_decode_paths(w4kv, monkeypatch):
     gpu.reset()
     assert rel(reused, gpu._prefill(follow, 0)) < 5e-3
     gpu.reset()
+    # several prompts at once: packed prefill, then device-side greedy bursts for both rows
+    two = [ids((9,), 21).tolist(), ids((5,), 22).tolist()]
+    assert gpu.generate_batch(two, gen) == stepwise_batch(gpu, two, n)
     gpu.decoder.burst = 8
     # three rows prefilled, then one step with rows in another order and at their own positions
     x, pos = ids((3, 8), 6), torch.arange(8).expand(3, 8)

@@ -147,6 +147,20 @@ def test_prefix_reuse_gives_the_same_answer(tiny_engine):
     assert list(tiny_engine.generate(follow, GREEDY)) == again and tiny_engine.last_stats.reused_tokens == 0
 
 
+def test_generate_batch_answers_each_prompt_as_generate_does(tiny_engine):
+    """Two prompts of different lengths at once (CPU: one decode_batch step at a time) give each prompt's
+    own answer, each cut at its own stop id."""
+    a, b = random_ids(7, seed=11)[0].tolist(), random_ids(4, seed=12)[0].tolist()
+    gen = GenerationConfig(max_new_tokens=6, temperature=0, stop_ids=())
+    want = [list(tiny_engine.generate(p, gen)) for p in (a, b)]
+    assert tiny_engine.generate_batch([a, b], gen) == want
+    stop = GenerationConfig(max_new_tokens=6, temperature=0, stop_ids=(want[1][2],))
+    cut = [w[:w.index(want[1][2])] if want[1][2] in w else w for w in want]
+    assert tiny_engine.generate_batch([a, b], stop) == cut
+    with pytest.raises(QconvError, match="holds 2"):
+        tiny_engine.generate_batch([a, b, a], gen)
+
+
 def test_session_len_bounds_prompt_and_answer(tiny_engine):
     with pytest.raises(QconvError, match="session_len is 24"):
         tiny_engine.generate(list(range(24)), GREEDY)
