@@ -49,7 +49,7 @@ class Plan:
     batch: int = 8
     prefill_len: int = 2048
     ctx_len: int = 4096
-    ctx_new: int = 64
+    ctx_new: int = 128
     hf_tokens: int = 64
     runs: int = 3
     session_len: int = 4608
@@ -203,8 +203,10 @@ def variants(eng, plan) -> dict:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             list(eng.generate(prompt, gen))
+            s = eng.last_stats
             out[label] = {"graph_step_us": graph_step_us(eng, plan.prompt_len),
-                          "decode_tok_s": plan.new_tokens / (time.perf_counter() - t0)}
+                          "decode_tok_s": plan.new_tokens / (time.perf_counter() - t0),
+                          "decode_only_tok_s": s.new_tokens / s.decode_s}
             log(f"    variant {label}: {out[label]}")
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
@@ -223,11 +225,29 @@ def variants(eng, plan) -> dict:
     at_4096("rope, attention splits, merge as three kernels")
     gpu_model.FUSED_ATTENTION = True
     kw = dict(gpu_model.FUSED_ATTENTION_KW)
-    for bn, warps in ((32, 2), (32, 4), (64, 2), (64, 8), (128, 4), (128, 8)):
+    for bn, warps in ((64, 4), (128, 8)):
         gpu_model.FUSED_ATTENTION_KW.update(block_n=bn, num_warps=warps)
         measure(f"fused attention block_n {bn}, {warps} warps")
         at_4096(f"fused attention block_n {bn}, {warps} warps")
     gpu_model.FUSED_ATTENTION_KW.update(kw)
+    from qconv.runtime import cuda_graph
+    burst = cuda_graph.BURST
+    for n in (4, 16):  # greedy steps per graph launch
+        cuda_graph.BURST = n
+        measure(f"greedy bursts of {n} steps")
+    cuda_graph.BURST = burst
+    measure("greedy bursts of 8 steps (again)")
+    dec = eng.decoder  # host time of one launch of the burst graph (1000+ kernel nodes), and its device time
+    g = dec.burst_graphs.get(1)
+    if g is not None:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        g.replay()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        out["burst graph launch"] = {"host_us": 1e6 * (t1 - t0), "launch_and_run_us": 1e6 * (time.perf_counter() - t0)}
+        log(f"    burst graph: host {out['burst graph launch']['host_us']:.0f} µs to launch, "
+            f"{out['burst graph launch']['launch_and_run_us']:.0f} µs to finish")
     cap, attention.SPLIT_CAP = attention.SPLIT_CAP, 16
     measure("attention splits capped at 16")
     at_4096("attention splits capped at 16")
