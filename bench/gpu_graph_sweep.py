@@ -41,12 +41,31 @@ ROLES = {"qkv": "wqkv", "o": "wo", "w13": "w13", "w2": "w2"}
 RESIDUAL = {"o", "w2"}  # += residual epilogue: split-K allowed (atomic adds)
 
 
-def candidates(role: str, group: int, split: int) -> list[GemvConfig]:
-    """_gemv shapes (rows per program x words per thread x warps) at the given split-K. (A first sweep also
-    tried 16 rows, 4 warps and 8 words per thread: never better, often far worse.)"""
+def candidates(role: str, group: int, split: int, rows: int) -> list[GemvConfig]:
+    """One row: _gemv shapes (rows per program x words per thread x warps) at the given split-K (a first
+    sweep also tried 16 rows, 4 warps and 8 words per thread: never better, often far worse). Several rows:
+    _gemm (tl.dot) tiles x warps x pipeline stages."""
+    if rows > 1:
+        return [GemvConfig(bn, split, w, st, True) for bn in (16, 32, 64, 128) for w in (4, 8) for st in (3, 4)]
     wg = group // 8
     return [GemvConfig(bn, split, w, 1, False, v) for bn in (1, 2, 4, 8) for v in (1, 2, 4) for w in (1, 2)
             if wg % v == 0 and (32 * w) % (wg // v) == 0 and (bn >= 2 or role != "w13")]  # SiLU: row pairs
+
+
+def rows_step_us(eng, rows: int, position: int, reps: int = 50) -> float:
+    """Device time of one decode step of ``rows`` rows (cache rows 0.., all at ``position``), graph replays."""
+    dec = eng.decoder
+    dec.step_host([11] * rows, [position] * rows, list(range(rows)))
+    graph = dec.graphs[dec.bucket(rows)]
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / reps
 
 
 def main():
@@ -57,13 +76,16 @@ def main():
     ap.add_argument("--roles", default="w13,w2,qkv,o")
     ap.add_argument("--position", type=int, default=160, help="the step's position (the protocol run's mean)")
     ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=1, help="the step's rows (1, or several: tl.dot configs, bucket 16)")
     ap.add_argument("--budget-s", type=float, default=420, help="stop sweeping after this many seconds")
     args = ap.parse_args()
     t_start = time.perf_counter()
     path = (lambda p: Path(p) if Path(p).is_absolute() else ROOT / p)
     cfg = json.loads(path(args.config).read_text())
     spaces = build_workspaces(cfg, str(path(args.tokenizer)), Path(args.work) / "model", 4608, 8, 128, "cuda")
-    eng = Engine.from_workspace(spaces["W4A16 + KV int8"], device="cuda", verify=False)
+    rows = args.rows
+    eng = Engine.from_workspace(spaces["W4A16 + KV int8"], device="cuda", verify=False, batch_size=max(rows, 1))
+    key_m = 1 if rows == 1 else 16  # gemv_int4.TUNED's M bucket
     layers = eng.model.layers
 
     def lins(role):
@@ -71,8 +93,11 @@ def main():
 
     def step_us() -> tuple[float, torch.Tensor]:
         eng.decoder = eng.model.decoder = DecodeGraphs(eng.model, eng.cache)
-        times = [graph_step_us(eng, args.position, reps=100) for _ in range(3)]
-        return statistics.median(times), eng.decoder.bufs.logits[:1].float().clone()
+        if rows == 1:
+            times = [graph_step_us(eng, args.position, reps=100) for _ in range(3)]
+        else:
+            times = [rows_step_us(eng, rows, args.position) for _ in range(3)]
+        return statistics.median(times), eng.decoder.bufs.logits[:rows].float().clone()
 
     base_us, base_logits = step_us()
     log(f"baseline (gemv_int4.TUNED): {base_us:.1f} µs per step at position {args.position}")
@@ -83,12 +108,13 @@ def main():
     for p in range(args.passes):
         for role in roles:
             lin0 = lins(role)[0]
-            current = best[role] or TUNED.get((1, lin0.out_features, lin0.in_features))
+            current = best[role] or TUNED.get((key_m, lin0.out_features, lin0.in_features))
             split = current.split_k if current else 1
-            cands = candidates(role, lin0.group, split)
-            if role in RESIDUAL and current is not None:
-                cands += [GemvConfig(current.block_n, s, current.num_warps, 1, False, current.v) for s in (1, 2, 4, 8, 16)
-                          if s != split and lin0.in_features // lin0.group >= 2 * s]
+            cands = candidates(role, lin0.group, split, rows)
+            splittable = role in RESIDUAL or (rows > 1 and role == "qkv")  # several rows: qkv sums through rope
+            if splittable and current is not None:
+                cands += [GemvConfig(current.block_n, s, current.num_warps, current.num_stages, current.dot, current.v)
+                          for s in (1, 2, 4, 8, 16) if s != split and lin0.in_features // lin0.group >= 2 * s]
             for c in cands:
                 if time.perf_counter() - t_start > args.budget_s:
                     break
@@ -112,12 +138,12 @@ def main():
     res["final_us"] = final_us
     res["best"] = {role: asdict(c) if c else None for role, c in best.items()}
     log(f"final: {final_us:.1f} µs per step (baseline {base_us:.1f})")
-    log("TUNED entries (one row):")
+    log(f"TUNED entries ({rows} rows):")
     for role in ROLES:
         c = best[role]
         if c is not None:
             lin = lins(role)[0]
-            log(f"    (1, {lin.out_features}, {lin.in_features}): {c},  # {role}")
+            log(f"    ({key_m}, {lin.out_features}, {lin.in_features}): {c},  # {role}")
     res.update(provenance())
     res["command"] = "python3 bench/gpu_graph_sweep.py " + " ".join(sys.argv[1:])
     out = write_result("gpu_graph_sweep", res)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .kernels.attention import counters, num_splits, partials
+from .kernels.greedy import greedy_feed
+from .kernels.greedy import scratch as greedy_scratch
 from .kv_cache import KVCache
 
 
@@ -50,6 +52,7 @@ class DecodeBuffers:
     next_tok: torch.Tensor  # int64 [rows]: greedy steps' argmax
     ring: torch.Tensor     # int64 [BURST, rows]: the tokens of one greedy burst
     count: torch.Tensor    # int32 [rows, Hkv]: the fused attention kernel's split counters (zero between steps)
+    greedy: tuple[torch.Tensor, ...]  # kernels/greedy.py's scratch: per-slice maxima, their indices, counters
     splits: dict[int, int] = field(default_factory=dict)                     # bucket -> attention splits
     parts: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # bucket -> attention partials
 
@@ -69,7 +72,7 @@ class DecodeBuffers:
                    logits=torch.zeros(R, cfg.vocab_size, dtype=dtype, device=device),
                    next_tok=torch.zeros(R, dtype=torch.int64, device=device),
                    ring=torch.zeros(BURST, R, dtype=torch.int64, device=device),
-                   count=counters(R, cfg.kv_head_num, device))
+                   count=counters(R, cfg.kv_head_num, device), greedy=greedy_scratch(R, device))
         for b in buckets:
             ns = num_splits(b, cfg.kv_head_num, max_len, sms=sms)
             bufs.splits[b] = ns
@@ -156,12 +159,7 @@ class DecodeGraphs:
         in idx: token = argmax, position + 1 (padding rows stay padding)."""
         bufs = self.bufs
         self.model.decode_step(bufs, b, self.cache)
-        torch.argmax(bufs.logits[:b], dim=-1, out=bufs.next_tok[:b])
-        bufs.idx[0, :b].copy_(bufs.next_tok[:b])
-        pos = bufs.idx[1, :b]
-        pos.add_((pos >= 0).long())
-        if i is not None:
-            bufs.ring[i, :b].copy_(bufs.next_tok[:b])
+        greedy_feed(bufs.logits[:b], bufs.idx, bufs.next_tok, None if i is None else bufs.ring[i], bufs.greedy)
 
     @torch.inference_mode()
     def _capture_greedy(self, b: int) -> None:
@@ -186,7 +184,7 @@ class DecodeGraphs:
                 else:
                     self.greedy_graphs[b].replay()
                     self.bufs.ring[i, :b].copy_(self.bufs.next_tok[:b])
-        self.ring_host[slot][:k, :b].copy_(self.bufs.ring[:k, :b], non_blocking=True)
+        self.ring_host[slot][:k].copy_(self.bufs.ring[:k], non_blocking=True)  # contiguous: stays asynchronous
         self.ring_ready[slot].record()
 
     @torch.inference_mode()

@@ -17,6 +17,8 @@ from qconv.convert.layout import interleave_pairs, pack_words  # noqa: E402
 from qconv.convert.quant import dequantize, kv_dequantize, kv_quantize  # noqa: E402
 from qconv.runtime.kernels.attention import counters, decode_attention, decode_attention_fused  # noqa: E402
 from qconv.runtime.kernels.gemm_int8 import Int8Config, w8_matmul  # noqa: E402
+from qconv.runtime.kernels.greedy import greedy_feed  # noqa: E402
+from qconv.runtime.kernels.greedy import scratch as greedy_scratch  # noqa: E402
 from qconv.runtime.kernels.gemv_int4 import GemvConfig, w4_dequantize, w4_matmul  # noqa: E402
 from qconv.runtime.kernels.norm import rms_norm, silu_mul  # noqa: E402
 from qconv.runtime.kernels.rope_cache import rope_cache_write  # noqa: E402
@@ -314,3 +316,21 @@ def test_int8_matmul_matches_dequantized_weights(M, N, K):
     w8_matmul(x.to(DEV), q.to(DEV), s.to(DEV), out, Int8Config(32, 64, 4, 2))
     want = x.float() @ (q.float() * s[:, None]).t()
     assert rel(out.cpu(), want) < 2e-3
+
+
+def test_greedy_feed_takes_the_first_argmax_and_moves_rows_on():
+    """kernels/greedy.py: argmax per row (ties: the first index, as torch.argmax), written as the next token,
+    position + 1 except for padding rows, and into the ring; twice (the counters reset)."""
+    V = 1000
+    logits = torch.randn(3, V, generator=gen(51)).half()
+    logits[0, 700] = logits[0, 5] = 9.0  # a tie: index 5 wins
+    idx = torch.tensor([[1, 2, 3, 0], [10, -1, 4, 0], [0, 1, 2, 0]])
+    want = logits.float().argmax(-1)
+    work = greedy_scratch(4, DEV)
+    ring, tok = torch.zeros(4, dtype=torch.int64, device=DEV), torch.zeros(4, dtype=torch.int64, device=DEV)
+    idx_d = idx.to(DEV)
+    for step in range(2):
+        greedy_feed(logits.to(DEV), idx_d, tok, ring, work)
+        assert int(tok[0]) == 5 and torch.equal(tok[:3].cpu(), want) and torch.equal(ring[:3].cpu(), want)
+        assert idx_d[0, :3].tolist() == want.tolist() and idx_d[1, :3].tolist() == [11 + step, -1, 5 + step]
+        assert (work[2] == 0).all()
