@@ -284,16 +284,17 @@ class GemvConfig:
 # Per-shape choices on the H100: {(M bucket, N, K): config}. Shapes not listed use ``default_config``.
 # M bucket: 1, or 16 for 2..16 rows. One row: chosen inside the decode graph (bench/gpu_graph_sweep.py, H100,
 # 2026-11-22: the step at position 160 went 1273 -> 1063 µs, mostly from 4 rows per program instead of 8; a
-# sweep of each GEMV alone had picked 8); several rows: a sweep at M=8 of the same day (bench/RESULTS.md).
+# sweep of each GEMV alone had picked 8); several rows: the same in-graph sweep with 8 rows (--rows 8: the
+# bucket-8 step 1721 -> 1645 µs).
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (1, 2048, 1536): GemvConfig(8, 1, 2, 1, False, 4),     # qkv
     (1, 1536, 1536): GemvConfig(4, 4, 1, 1, False, 2),     # o
     (1, 17920, 1536): GemvConfig(4, 1, 1, 1, False, 2),    # w13
     (1, 1536, 8960): GemvConfig(4, 4, 1, 1, False, 4),     # w2
-    (16, 1536, 1536): GemvConfig(64, 8, 8, 3, True),       # o
-    (16, 1536, 8960): GemvConfig(64, 8, 8, 4, True),       # w2
-    (16, 2048, 1536): GemvConfig(64, 8, 8, 3, True),       # qkv (split-K sums through the rope kernel; norm separate)
-    (16, 17920, 1536): GemvConfig(32, 1, 4, 4, True),      # w13 (its RMSNorm a separate kernel: gpu_linear)
+    (16, 2048, 1536): GemvConfig(32, 8, 4, 3, True),       # qkv (split-K sums through the rope kernel; norm separate)
+    (16, 1536, 1536): GemvConfig(64, 8, 4, 3, True),       # o
+    (16, 17920, 1536): GemvConfig(16, 1, 4, 3, True),      # w13 (its RMSNorm a separate kernel: gpu_linear)
+    (16, 1536, 8960): GemvConfig(64, 16, 8, 4, True),      # w2
 }
 
 
