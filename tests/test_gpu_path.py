@@ -192,9 +192,10 @@ def test_engine_decode_paths(w4kv, monkeypatch):
 def test_engine_on_cuda_uses_graphs_and_generates_like_cpu(w4kv):
     gen = GenerationConfig(max_new_tokens=8, temperature=0.0, stop_ids=())
     prompt = ids((12,), 4).tolist()
-    want = list(Engine.from_workspace(w4kv, device="cpu", dtype="float32").generate(prompt, gen))
+    # the CPU engine computes with the int8 head the GPU path loads by default for an int4 workspace
+    want = list(Engine.from_workspace(w4kv, device="cpu", dtype="float32", head="int8").generate(prompt, gen))
     eng = Engine.from_workspace(w4kv, device="cuda", batch_size=4)
-    assert eng.decoder is not None
+    assert eng.decoder is not None and isinstance(eng.model.head, Int8Head)
     assert list(eng.generate(prompt, gen)) == want
     assert 1 in eng.decoder.graphs  # the bucket of one row was captured
     # decode_batch: three rows at once equal three single-row steps
