@@ -220,10 +220,12 @@ def variants(eng, plan) -> dict:
             log(f"      at {plan.ctx_len + plan.ctx_new}: {out[label]['graph_step_us_ctx4096']:.1f} µs")
     measure("as configured")
     at_4096("as configured")
-    gpu_model.FUSED_ATTENTION = False
-    measure("rope, attention splits, merge as three kernels")
-    at_4096("rope, attention splits, merge as three kernels")
-    gpu_model.FUSED_ATTENTION = True
+    fused = gpu_model.FUSED_ATTENTION
+    for mode, label in (("one", "rope + attention + merge in one kernel"), ("three", "rope, attention, merge: three kernels")):
+        gpu_model.FUSED_ATTENTION = mode
+        measure(label)
+        at_4096(label)
+    gpu_model.FUSED_ATTENTION = fused
     kw = dict(gpu_model.FUSED_ATTENTION_KW)
     for bn, warps in ((64, 4), (128, 8)):
         gpu_model.FUSED_ATTENTION_KW.update(block_n=bn, num_warps=warps)

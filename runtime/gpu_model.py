@@ -10,8 +10,8 @@ every row writes positions 0..S-1, attention is SDPA with is_causal over the new
 query position), as runtime/model.py does.
 
 Decode (``decode_step``): one token per row on static buffers, no host work, so that runtime/cuda_graph.py
-captures it once per batch bucket. One row (five kernels per layer):
-    qkv GEMV (RMSNorm fused) -> rope + cache write + attention splits + merge (kernels/attention.py, fused)
+captures it once per batch bucket. One row (six kernels per layer; FUSED_ATTENTION):
+    qkv GEMV (RMSNorm fused) -> rope + cache write + attention splits (kernels/attention.py, fused) -> merge
     -> o GEMV (+= residual) -> w13 GEMV (RMSNorm fused, SiLU-mul epilogue) -> w2 GEMV (+= residual)
 Several rows (seven): rope + cache write, attention splits and their merge are three kernels, so that rows
 sharing a cache row (a short prompt prefilled as one step) see each other's K/V; when the tuned qkv config
@@ -36,7 +36,11 @@ if HAVE_TRITON:
     from .kernels.rope_cache import rope_cache_write
 
 
-FUSED_ATTENTION = True  # one-row steps: rotary + cache write + attention + merge in one kernel (bench A/B switch)
+# One-row steps: rotary + cache write + attention splits in one kernel, and the splits merged by a second
+# ("two") or by the last split to finish in the same kernel ("one"); "three": rope, splits, merge (the several-row
+# path). H100, W4 + KV int8 graph steps at 32 / 4160 tokens: one 903 / 1099 µs, three 986 / 1064 µs, with equal
+# end-to-end decode over the protocol's 32..288 tokens (the in-kernel merge is slow once several splits hold keys)
+FUSED_ATTENTION = "two"
 # its tile of keys and warps: H100, W4 + KV int8 step 899 µs at 32 tokens and 1088 at 4160 with 8 warps, against
 # 933 / 1175 with 4 (block_n 32 or 128 no better; bench/gpu_runtime.py's variants sweep them)
 FUSED_ATTENTION_KW = {"block_n": 64, "num_warps": 8}
@@ -153,10 +157,11 @@ class GpuTransformer(nn.Module):
             acc = bufs.qkv_acc[:b] if blk.wqkv.accumulates(b) else None  # split-K sums, read and zeroed by rope
             blk.wqkv.run(x, qkv if acc is None else acc, prologue="rmsnorm", norm_weight=blk.attention_norm,
                          eps=self.eps, epilogue="store" if acc is None else "residual")
-            if b == 1 and acc is None and FUSED_ATTENTION:  # one sequence: rotary, cache write and attention in one kernel
+            if b == 1 and acc is None and FUSED_ATTENTION != "three":  # one sequence: rotary, cache write, attention
                 decode_attention_fused(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, attn,
                                        kvp[i], blk.q_norm, blk.k_norm, self.eps, scratch=bufs.parts[b],
-                                       splits=bufs.splits[b], count=bufs.count, **FUSED_ATTENTION_KW)
+                                       splits=bufs.splits[b], count=bufs.count, merge=FUSED_ATTENTION == "one",
+                                       **FUSED_ATTENTION_KW)
             else:  # rows may share a cache row (a prompt's tokens): every K/V is written before any row attends
                 rope_cache_write(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, self.hkv,
                                  kvp[i], blk.q_norm, blk.k_norm, self.eps, acc=acc)

@@ -99,20 +99,25 @@ def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stri
 
 
 @triton.jit
-def _attn_combine_kernel(m_ptr, l_ptr, o_ptr, out_ptr, stride_ot, HQ: tl.constexpr, D: tl.constexpr, NS: tl.constexpr,
-                         PDL: tl.constexpr):
+def _attn_combine_kernel(m_ptr, l_ptr, o_ptr, out_ptr, stride_ot, pos_ptr, HQ: tl.constexpr, D: tl.constexpr,
+                         NS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """Merges the splits that hold keys (the fused kernel writes no partials for the others)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     b, h = tl.program_id(0), tl.program_id(1)
+    length = tl.maximum(tl.load(pos_ptr + b) + 1, 0)
+    active = tl.cdiv(length, tl.maximum(tl.cdiv(tl.cdiv(length, NS), BLOCK_N) * BLOCK_N, 1))
     base = (b * HQ + h) * NS
     sidx = tl.arange(0, NS)
+    ok = sidx < active
     d = tl.arange(0, D)
-    m = tl.load(m_ptr + base + sidx)
-    l = tl.load(l_ptr + base + sidx)
+    m = tl.load(m_ptr + base + sidx, mask=ok, other=float("-inf"))
+    l = tl.load(l_ptr + base + sidx, mask=ok, other=0.0)
     big = tl.max(m, axis=0)
+    big = tl.where(big > float("-inf"), big, 0.0)
     w = tl.where(m > float("-inf"), tl.exp2(m - big), 0.0)  # empty splits (and padding rows) weigh 0
-    acc = tl.load(o_ptr + (base + sidx)[:, None] * D + d[None, :])  # [NS, D]
+    acc = tl.load(o_ptr + (base + sidx)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)  # [NS, D]
     num = tl.sum(w[:, None] * acc, axis=0)
     den = tl.sum(w * l, axis=0)
     out = tl.where(den > 0, num / den, 0.0)
@@ -156,7 +161,7 @@ def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
                        out_ptr, stride_ot, qk_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                        REP: tl.constexpr, REP_PAD: tl.constexpr, RC: tl.constexpr, SC: tl.constexpr,
                        BLOCK_N: tl.constexpr, NS: tl.constexpr, QUANT: tl.constexpr, QK_NORM: tl.constexpr,
-                       FENCE: tl.constexpr, PDL: tl.constexpr):
+                       MERGE: tl.constexpr, FENCE: tl.constexpr, PDL: tl.constexpr):
     """Rotary + cache write + attention splits + merge of one decode step, for rows that are distinct
     sequences (each row's new K/V is written by the one split that holds its position, which then reads it
     back; no other row reads it). Only the splits that hold keys run; one alone writes the output, several
@@ -173,7 +178,7 @@ def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
         _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps, kc_ptr, vc_ptr,
                           stride_cb, stride_ch, stride_cs, kvp_ptr, m_ptr, l_ptr, o_ptr, cnt_ptr, out_ptr, stride_ot,
                           qk_scale, b, kvh, s, p, length, chunk, active, HQ, HKV, D, REP, REP_PAD, RC, SC, BLOCK_N,
-                          NS, QUANT, QK_NORM, FENCE)
+                          NS, QUANT, QK_NORM, MERGE, FENCE)
 
 
 @triton.jit
@@ -182,7 +187,7 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
                       s, p, length, chunk, active, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       REP: tl.constexpr, REP_PAD: tl.constexpr, RC: tl.constexpr, SC: tl.constexpr,
                       BLOCK_N: tl.constexpr, NS: tl.constexpr, QUANT: tl.constexpr, QK_NORM: tl.constexpr,
-                      FENCE: tl.constexpr):
+                      MERGE: tl.constexpr, FENCE: tl.constexpr):
     """Split s of (row b, kv head kvh) of _attn_fused_kernel, one of the ``active`` splits."""
     HALF: tl.constexpr = D // 2
     dt = qkv_ptr.dtype.element_ty
@@ -252,7 +257,7 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     o_rows = out_ptr + b * stride_ot + (kvh * REP + r)[:, None] * D + d[None, :]
-    if active <= 1:  # the only split: no partials to merge
+    if MERGE and active <= 1:  # the only split: no partials to merge
         tl.store(o_rows, tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0).to(out_ptr.dtype.element_ty),
                  mask=r_ok[:, None])
     else:
@@ -260,6 +265,7 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
         tl.store(m_ptr + idx, m_i, mask=r_ok)
         tl.store(l_ptr + idx, l_i, mask=r_ok)
         tl.store(o_ptr + idx[:, None] * D + d[None, :], acc, mask=r_ok[:, None])
+    if MERGE and active > 1:
         if FENCE:
             _fence(s)
         tl.debug_barrier()
@@ -344,8 +350,8 @@ def decode_attention(q: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, k_c
         kv_params if quant else m, m, l, acc, LOG2E / math.sqrt(D), HQ=num_heads, HKV=hkv, D=D, REP=rep,
         REP_PAD=max(16, triton.next_power_of_2(rep)), BLOCK_N=block_n, NS=ns, QUANT=quant, PDL=on, num_warps=num_warps,
         num_stages=num_stages, launch_pdl=on)
-    _attn_combine_kernel[(B, num_heads)](m, l, acc, out, out.stride(0), HQ=num_heads, D=D, NS=ns, PDL=on, num_warps=2,
-                                         launch_pdl=on)
+    _attn_combine_kernel[(B, num_heads)](m, l, acc, out, out.stride(0), pos, HQ=num_heads, D=D, NS=ns,
+                                         BLOCK_N=block_n, PDL=on, num_warps=2, launch_pdl=on)
     return out
 
 
@@ -360,10 +366,11 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
                            k_norm: torch.Tensor | None = None, eps: float = 0.0,
                            scratch: tuple[torch.Tensor, ...] | None = None, splits: int | None = None,
                            count: torch.Tensor | None = None, block_n: int = 64, num_warps: int = 4,
-                           num_stages: int = 2) -> torch.Tensor:
-    """One kernel for rope_cache_write + decode_attention of a decode step whose rows are distinct sequences
-    (cache rows): qkv [B, (Hq + 2 Hkv) * D] as the qkv GEMV stored it (not rotated); the new K/V go into the
-    cache at pos, and out [B, Hq * D] gets the attention over positions 0..pos. ``count``: counters(B, Hkv)."""
+                           num_stages: int = 2, merge: bool = True) -> torch.Tensor:
+    """rope_cache_write + decode_attention for a decode step whose rows are distinct sequences (cache rows):
+    qkv [B, (Hq + 2 Hkv) * D] as the qkv GEMV stored it (not rotated); the new K/V go into the cache at pos,
+    and out [B, Hq * D] gets the attention over positions 0..pos. ``merge``: the splits merge in the same
+    kernel (one launch; ``count``: counters(B, Hkv)); else a second kernel merges them."""
     B = qkv.shape[0]
     hkv, D = k_cache.shape[1], k_cache.shape[-1]
     rep = num_heads // hkv
@@ -390,6 +397,9 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), kv_params if quant else m,
         m, l, acc, count, out, out.stride(0), LOG2E / math.sqrt(D), HQ=num_heads, HKV=hkv, D=D, REP=rep,
         REP_PAD=max(16, triton.next_power_of_2(rep)), RC=triton.next_power_of_2(rep), SC=min(ns, 8), BLOCK_N=block_n,
-        NS=ns, QUANT=quant, QK_NORM=qk_norm, FENCE=not INTERPRET, PDL=on, num_warps=num_warps, num_stages=num_stages,
-        launch_pdl=on)
+        NS=ns, QUANT=quant, QK_NORM=qk_norm, MERGE=merge, FENCE=not INTERPRET, PDL=on, num_warps=num_warps,
+        num_stages=num_stages, launch_pdl=on)
+    if not merge:
+        _attn_combine_kernel[(B, num_heads)](m, l, acc, out, out.stride(0), pos, HQ=num_heads, D=D, NS=ns,
+                                             BLOCK_N=block_n, PDL=on, num_warps=2, launch_pdl=on)
     return out
