@@ -38,11 +38,13 @@ if HAVE_TRITON:
 
 # One-row steps: rotary + cache write + attention splits in one kernel, and the splits merged by a second
 # ("two") or by the last split to finish in the same kernel ("one"); "three": rope, splits, merge (the several-row
-# path). H100, W4 + KV int8 graph steps at 32 / 4160 tokens: one 903 / 1099 µs, three 986 / 1064 µs, with equal
-# end-to-end decode over the protocol's 32..288 tokens (the in-kernel merge is slow once several splits hold keys)
+# path). H100, W4 + KV int8, graph step at 32 / 4160 tokens and decode-only tok/s over 32..288 tokens: one 913 /
+# 1111 µs, 990.8; two 975 / 1060 µs, 1022.9; three 1003 / 1074 µs, 992.8 (the in-kernel merge is slow once
+# several splits hold keys; bench/RESULTS.md)
 FUSED_ATTENTION = "two"
-# its tile of keys and warps: H100, W4 + KV int8 step 899 µs at 32 tokens and 1088 at 4160 with 8 warps, against
-# 933 / 1175 with 4 (block_n 32 or 128 no better; bench/gpu_runtime.py's variants sweep them)
+# its tile of keys and warps: H100, 8 warps beat 4 (decode-only 1022.9 against 1015.9 tok/s; with the in-kernel
+# merge, steps 899 / 1088 µs at 32 / 4160 tokens against 933 / 1175); block_n 32 was slower, 128 with 8 warps
+# took 1005 µs at 4160 against 1060 in one run (bench/gpu_runtime.py's variants sweep them)
 FUSED_ATTENTION_KW = {"block_n": 64, "num_warps": 8}
 
 

@@ -301,8 +301,8 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
 
 
 # ----------------------------------------------------------------------------------------------
-SPLIT_CAP = 64  # at most this many splits per (row, kv head). H100, W4 + KV int8 step at 4160 tokens: 1379 µs
-# with 64, 1520 with 16 (fewer, longer splits cost more than the fused kernel's merge of 64 partials)
+SPLIT_CAP = 64  # at most this many splits per (row, kv head). H100, W4 + KV int8 step at 4160 tokens: 1060 µs
+# with 64, 1243 with 16 (fewer, longer splits cost more than merging 64 partials)
 
 
 def num_splits(rows: int, kv_heads: int, max_len: int, block_n: int = 64, sms: int = 132, cap: int | None = None) -> int:
