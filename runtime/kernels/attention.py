@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, pdl
+from .rope_cache import _rint
 
 LOG2E = 1.4426950408889634
 
@@ -36,30 +37,21 @@ def _int8_as(x, dt):
 
 
 @triton.jit
-def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr,
-                       m_ptr, l_ptr, o_ptr, qk_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                       REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
-                       QUANT: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    b, kvh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    dt = q_ptr.dtype.element_ty
-    length = tl.maximum(tl.load(pos_ptr + b) + 1, 0)
-    chunk = tl.cdiv(tl.cdiv(length, NS), BLOCK_N) * BLOCK_N
-    start = s * chunk
-    end = tl.minimum(start + chunk, length)
-    r = tl.arange(0, REP_PAD)
-    r_ok = r < REP
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + b * stride_qt + (kvh * REP + r)[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
-    if QUANT:  # kvp: [4, HKV] = k_scale, k_zp, v_scale, v_zp
-        k_scale = tl.load(kvp_ptr + kvh)
-        k_zp = tl.load(kvp_ptr + HKV + kvh)
-        v_scale = tl.load(kvp_ptr + 2 * HKV + kvh)
-        v_zp = tl.load(kvp_ptr + 3 * HKV + kvh)
+def _kv_params(kvp_ptr, kvh, HKV: tl.constexpr):
+    """(k_scale, k_zp, v_scale, v_zp) of kv head kvh from kvp [4, HKV]."""
+    return (tl.load(kvp_ptr + kvh), tl.load(kvp_ptr + HKV + kvh), tl.load(kvp_ptr + 2 * HKV + kvh),
+            tl.load(kvp_ptr + 3 * HKV + kvh))
+
+
+@triton.jit
+def _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, HKV: tl.constexpr,
+            REP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr):
+    """Rows q [REP_PAD, D] (activation dtype) over the keys start..end-1 of one cache row and kv head (base) ->
+    (m, l, acc) in log2 units: m = max score, l = sum 2^(score - m), acc = sum 2^(score - m) v."""
+    dt = q.dtype
+    if QUANT:
+        k_scale, k_zp, v_scale, v_zp = _kv_params(kvp_ptr, kvh, HKV)
         q_sum = tl.sum(q.to(tl.float32), axis=1)  # [REP_PAD]
-    base = tl.load(slot_ptr + b).to(tl.int64) * stride_cb + kvh * stride_ch
     m_i = tl.full([REP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([REP_PAD], tl.float32)
     acc = tl.zeros([REP_PAD, D], tl.float32)
@@ -92,6 +84,30 @@ def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stri
             pv = tl.dot(p16, v.to(dt))
         acc = acc * alpha[:, None] + pv
         m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr,
+                       m_ptr, l_ptr, o_ptr, qk_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                       REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
+                       QUANT: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    b, kvh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    dt = q_ptr.dtype.element_ty
+    length = tl.maximum(tl.load(pos_ptr + b) + 1, 0)
+    chunk = tl.cdiv(tl.cdiv(length, NS), BLOCK_N) * BLOCK_N
+    start = s * chunk
+    end = tl.minimum(start + chunk, length)
+    r = tl.arange(0, REP_PAD)
+    r_ok = r < REP
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qt + (kvh * REP + r)[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
+    base = tl.load(slot_ptr + b).to(tl.int64) * stride_cb + kvh * stride_ch
+    m_i, l_i, acc = _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, HKV, REP_PAD, D,
+                            BLOCK_N, QUANT)
     idx = (b * HQ + kvh * REP + r) * NS + s  # [REP_PAD] into [B, HQ, NS]
     tl.store(m_ptr + idx, m_i, mask=r_ok)
     tl.store(l_ptr + idx, l_i, mask=r_ok)
@@ -122,15 +138,6 @@ def _attn_combine_kernel(m_ptr, l_ptr, o_ptr, out_ptr, stride_ot, pos_ptr, HQ: t
     den = tl.sum(w * l, axis=0)
     out = tl.where(den > 0, num / den, 0.0)
     tl.store(out_ptr + b * stride_ot + h * D + d, out.to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _rint(x):
-    """Round half to even (torch.round), as the rope kernel quantizes."""
-    f = tl.floor(x)
-    d = x - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
 
 
 @triton.jit
@@ -202,12 +209,6 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
     q1 = tl.load(row + qh + d[None, :], mask=r_ok[:, None], other=0.0).to(tl.float32)
     q2 = tl.load(row + qh + ((d + HALF) % D)[None, :], mask=r_ok[:, None], other=0.0).to(tl.float32)
     q = _rope_rows(q1, q2, d, cos_ptr + pc * D, sin_ptr + pc * D, qn_ptr, eps, dt, D, HALF, QK_NORM).to(dt)
-    if QUANT:  # kvp: [4, HKV] = k_scale, k_zp, v_scale, v_zp
-        k_scale = tl.load(kvp_ptr + kvh)
-        k_zp = tl.load(kvp_ptr + HKV + kvh)
-        v_scale = tl.load(kvp_ptr + 2 * HKV + kvh)
-        v_zp = tl.load(kvp_ptr + 3 * HKV + kvh)
-        q_sum = tl.sum(q.to(tl.float32), axis=1)  # [REP_PAD]
     base = tl.load(slot_ptr + b).to(tl.int64) * stride_cb + kvh * stride_ch
     if (p >= start) & (p < end):  # this split holds the new token: rotary on k, both into the cache
         one = tl.arange(0, 1)
@@ -218,44 +219,15 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
         v = tl.load(row + (HQ + HKV + kvh + one)[:, None] * D + d[None, :]).to(tl.float32)
         dst = base + p * stride_cs + one[:, None] * 0 + d[None, :]
         if QUANT:
+            k_scale, k_zp, v_scale, v_zp = _kv_params(kvp_ptr, kvh, HKV)
             tl.store(kc_ptr + dst, tl.minimum(tl.maximum(_rint((k - k_zp) / k_scale), -128.0), 127.0).to(tl.int8))
             tl.store(vc_ptr + dst, tl.minimum(tl.maximum(_rint((v - v_zp) / v_scale), -128.0), 127.0).to(tl.int8))
         else:
             tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty))
             tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty))
     tl.debug_barrier()  # the block's own cache stores are visible to its loads below
-    m_i = tl.full([REP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([REP_PAD], tl.float32)
-    acc = tl.zeros([REP_PAD, D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < end
-        offs = base + n[:, None] * stride_cs + d[None, :]  # [BN, D]
-        kt = tl.load(kc_ptr + offs, mask=n_ok[:, None], other=0)
-        if QUANT:
-            sc = tl.dot(q, tl.trans(_int8_as(kt, dt)))  # [REP_PAD, BN] fp32
-            if dt == tl.float16:
-                sc -= 1152.0 * q_sum[:, None]
-            sc = sc * k_scale + k_zp * q_sum[:, None]
-        else:
-            sc = tl.dot(q, tl.trans(kt.to(dt)))
-        sc = tl.where(n_ok[None, :], sc * qk_scale, float("-inf"))  # log2 units
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        pr = tl.exp2(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        vt = tl.load(vc_ptr + offs, mask=n_ok[:, None], other=0)
-        p16 = pr.to(dt)
-        if QUANT:
-            pv = tl.dot(p16, _int8_as(vt, dt))  # [REP_PAD, D]
-            p_sum = tl.sum(p16.to(tl.float32), axis=1)[:, None]
-            if dt == tl.float16:
-                pv -= 1152.0 * p_sum
-            pv = pv * v_scale + v_zp * p_sum
-        else:
-            pv = tl.dot(p16, vt.to(dt))
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    m_i, l_i, acc = _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, HKV, REP_PAD, D,
+                            BLOCK_N, QUANT)
     o_rows = out_ptr + b * stride_ot + (kvh * REP + r)[:, None] * D + d[None, :]
     if MERGE and active <= 1:  # the only split: no partials to merge
         tl.store(o_rows, tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0).to(out_ptr.dtype.element_ty),
