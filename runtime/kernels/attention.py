@@ -88,6 +88,14 @@ def _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_sca
 
 
 @triton.jit
+def _split_size(length, NS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys per split for a row of ``length`` keys (ceil(length / NS) rounded up to BLOCK_N), and how many
+    splits hold keys (0 for a padding row): every kernel of a step must cut the keys the same way."""
+    chunk = tl.cdiv(tl.cdiv(length, NS), BLOCK_N) * BLOCK_N
+    return chunk, tl.cdiv(length, tl.maximum(chunk, 1))
+
+
+@triton.jit
 def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr,
                        m_ptr, l_ptr, o_ptr, qk_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                        REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
@@ -98,7 +106,7 @@ def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stri
     b, kvh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     dt = q_ptr.dtype.element_ty
     length = tl.maximum(tl.load(pos_ptr + b) + 1, 0)
-    chunk = tl.cdiv(tl.cdiv(length, NS), BLOCK_N) * BLOCK_N
+    chunk, _ = _split_size(length, NS, BLOCK_N)
     start = s * chunk
     end = tl.minimum(start + chunk, length)
     r = tl.arange(0, REP_PAD)
@@ -123,7 +131,7 @@ def _attn_combine_kernel(m_ptr, l_ptr, o_ptr, out_ptr, stride_ot, pos_ptr, HQ: t
         tl.extra.cuda.gdc_wait()
     b, h = tl.program_id(0), tl.program_id(1)
     length = tl.maximum(tl.load(pos_ptr + b) + 1, 0)
-    active = tl.cdiv(length, tl.maximum(tl.cdiv(tl.cdiv(length, NS), BLOCK_N) * BLOCK_N, 1))
+    _, active = _split_size(length, NS, BLOCK_N)
     base = (b * HQ + h) * NS
     sidx = tl.arange(0, NS)
     ok = sidx < active
@@ -179,8 +187,7 @@ def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
     b, kvh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p = tl.load(pos_ptr + b)
     length = tl.maximum(p + 1, 0)
-    chunk = tl.cdiv(tl.cdiv(length, NS), BLOCK_N) * BLOCK_N
-    active = tl.cdiv(length, tl.maximum(chunk, 1))  # the splits that hold keys (0 for a padding row)
+    chunk, active = _split_size(length, NS, BLOCK_N)
     if s < tl.maximum(active, 1):  # the others do nothing; split 0 writes a padding row's zeros
         _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps, kc_ptr, vc_ptr,
                           stride_cb, stride_ch, stride_cs, kvp_ptr, m_ptr, l_ptr, o_ptr, cnt_ptr, out_ptr, stride_ot,
@@ -301,19 +308,9 @@ def decode_attention(q: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, k_c
     position, whose K/V is already in the cache, and its cache row); caches [rows, Hkv, S, D] (int8 with
     kv_params [4, Hkv]); out: [B, Hq * D] = softmax(q k^T / sqrt(D)) v over positions 0..pos."""
     B = q.shape[0]
-    hkv, D = k_cache.shape[1], k_cache.shape[-1]
-    rep = num_heads // hkv
-    assert num_heads % hkv == 0 and q.stride(-1) == 1 and q.shape[1] >= num_heads * D
-    assert pos.shape == slot.shape == (B,) and pos.is_contiguous() and slot.is_contiguous()
-    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    assert D >= 16 and D & (D - 1) == 0, f"head_dim {D}: a power of two >= 16"
-    assert out.shape == (B, num_heads * D) and out.stride(-1) == 1
-    quant = k_cache.dtype == torch.int8
-    assert not quant or (kv_params is not None and kv_params.shape == (4, hkv) and kv_params.dtype == torch.float32)
-    ns = splits or num_splits(B, hkv, k_cache.shape[2], block_n)
-    assert ns & (ns - 1) == 0, f"splits {ns}: a power of two"
-    m, l, acc = scratch if scratch is not None else partials(B, num_heads, ns, D, q.device)
-    assert m.shape[0] >= B and m.shape[1:] == (num_heads, ns) and acc.shape[1:] == (num_heads, ns, D)
+    assert q.stride(-1) == 1 and q.shape[1] >= num_heads * k_cache.shape[-1]
+    hkv, D, rep, quant, ns, (m, l, acc) = _checked(B, pos, slot, k_cache, v_cache, num_heads, out, kv_params, scratch,
+                                                   splits, block_n)
     if B == 0:
         return out
     on = pdl(q)
@@ -322,9 +319,31 @@ def decode_attention(q: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, k_c
         kv_params if quant else m, m, l, acc, LOG2E / math.sqrt(D), HQ=num_heads, HKV=hkv, D=D, REP=rep,
         REP_PAD=max(16, triton.next_power_of_2(rep)), BLOCK_N=block_n, NS=ns, QUANT=quant, PDL=on, num_warps=num_warps,
         num_stages=num_stages, launch_pdl=on)
-    _attn_combine_kernel[(B, num_heads)](m, l, acc, out, out.stride(0), pos, HQ=num_heads, D=D, NS=ns,
-                                         BLOCK_N=block_n, PDL=on, num_warps=2, launch_pdl=on)
+    _combine(m, l, acc, out, pos, num_heads, ns, block_n, on)
     return out
+
+
+def _checked(B: int, pos, slot, k_cache, v_cache, num_heads: int, out, kv_params, scratch, splits, block_n: int):
+    """The checks both decode-attention entry points make -> (Hkv, D, rep, quantized, splits, (m, l, acc))."""
+    hkv, D = k_cache.shape[1], k_cache.shape[-1]
+    assert num_heads % hkv == 0
+    assert pos.shape == slot.shape == (B,) and pos.is_contiguous() and slot.is_contiguous()
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    assert D >= 16 and D & (D - 1) == 0, f"head_dim {D}: a power of two >= 16"
+    assert out.shape == (B, num_heads * D) and out.stride(-1) == 1
+    quant = k_cache.dtype == torch.int8
+    assert not quant or (kv_params is not None and kv_params.shape == (4, hkv) and kv_params.dtype == torch.float32)
+    ns = splits or num_splits(B, hkv, k_cache.shape[2], block_n)
+    assert ns & (ns - 1) == 0, f"splits {ns}: a power of two"
+    m, l, acc = scratch if scratch is not None else partials(B, num_heads, ns, D, out.device)
+    assert m.shape[0] >= B and m.shape[1:] == (num_heads, ns) and acc.shape[1:] == (num_heads, ns, D)
+    return hkv, D, num_heads // hkv, quant, ns, (m, l, acc)
+
+
+def _combine(m, l, acc, out, pos, num_heads: int, ns: int, block_n: int, on: bool) -> None:
+    """The merge of the splits' partials into out, one program per (row, query head)."""
+    _attn_combine_kernel[(out.shape[0], num_heads)](m, l, acc, out, out.stride(0), pos, HQ=num_heads, D=acc.shape[-1],
+                                                    NS=ns, BLOCK_N=block_n, PDL=on, num_warps=2, launch_pdl=on)
 
 
 def counters(rows: int, kv_heads: int, device) -> torch.Tensor:
@@ -344,20 +363,10 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
     and out [B, Hq * D] gets the attention over positions 0..pos. ``merge``: the splits merge in the same
     kernel (one launch; ``count``: counters(B, Hkv)); else a second kernel merges them."""
     B = qkv.shape[0]
-    hkv, D = k_cache.shape[1], k_cache.shape[-1]
-    rep = num_heads // hkv
-    assert num_heads % hkv == 0 and qkv.stride(-1) == 1 and qkv.shape[1] == (num_heads + 2 * hkv) * D
-    assert pos.shape == slot.shape == (B,) and pos.is_contiguous() and slot.is_contiguous()
-    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    assert D >= 16 and D & (D - 1) == 0, f"head_dim {D}: a power of two >= 16"
-    assert out.shape == (B, num_heads * D) and out.stride(-1) == 1
+    hkv, D, rep, quant, ns, (m, l, acc) = _checked(B, pos, slot, k_cache, v_cache, num_heads, out, kv_params, scratch,
+                                                   splits, block_n)
+    assert qkv.stride(-1) == 1 and qkv.shape[1] == (num_heads + 2 * hkv) * D
     assert cos.dtype == sin.dtype == torch.float32 and cos.shape[1] == D and cos.is_contiguous() and sin.is_contiguous()
-    quant = k_cache.dtype == torch.int8
-    assert not quant or (kv_params is not None and kv_params.shape == (4, hkv) and kv_params.dtype == torch.float32)
-    ns = splits or num_splits(B, hkv, k_cache.shape[2], block_n)
-    assert ns & (ns - 1) == 0, f"splits {ns}: a power of two"
-    m, l, acc = scratch if scratch is not None else partials(B, num_heads, ns, D, qkv.device)
-    assert m.shape[0] >= B and m.shape[1:] == (num_heads, ns) and acc.shape[1:] == (num_heads, ns, D)
     count = count if count is not None else counters(B, hkv, qkv.device)
     assert count.dtype == torch.int32 and count.shape[0] >= B and count.shape[1] == hkv and count.is_contiguous()
     if B == 0:
@@ -372,6 +381,5 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
         NS=ns, QUANT=quant, QK_NORM=qk_norm, MERGE=merge, FENCE=not INTERPRET, PDL=on, num_warps=num_warps,
         num_stages=num_stages, launch_pdl=on)
     if not merge:
-        _attn_combine_kernel[(B, num_heads)](m, l, acc, out, out.stride(0), pos, HQ=num_heads, D=D, NS=ns,
-                                             BLOCK_N=block_n, PDL=on, num_warps=2, launch_pdl=on)
+        _combine(m, l, acc, out, pos, num_heads, ns, block_n, on)
     return out
