@@ -171,15 +171,16 @@ class Engine:
             return next(stream)
         return advance
 
-    def _prefill(self, tokens: list[int], start: int) -> torch.Tensor:
-        """Feed ``tokens`` into cache row 0 from position ``start`` -> the last one's next-token logits [1, V]
-        float32. On the GPU path a short prompt is one graph replay whose rows are its tokens (DecodeGraphs)."""
+    def _prefill(self, tokens: list[int], start: int, row: int = 0) -> torch.Tensor:
+        """Feed ``tokens`` into cache row ``row`` from position ``start`` -> the last one's next-token logits
+        [1, V] float32. On the GPU path a short prompt is one graph replay whose rows are its tokens
+        (DecodeGraphs.prefill); otherwise the model's prefill on a one-row view of the cache."""
         S = len(tokens)
         if self.decoder is not None and S <= self.decoder.prefill_rows:
-            return self.decoder.prefill([tokens], [start], [0])
+            return self.decoder.prefill([tokens], [start], [row])
         ids = torch.tensor(tokens, device=self.device)[None]  # [1, S]
         pos = torch.arange(start, start + S, device=self.device)[None]
-        return self.model(ids, pos, self.cache, last_only=True)[:, -1].float()
+        return self.model(ids, pos, self.cache.rows(row, row + 1), last_only=True)[:, -1].float()
 
     def _decode(self, tok: int, position: int) -> torch.Tensor:
         """Row 0's next-token logits [1, V] float32 after feeding ``tok`` at ``position``."""
@@ -212,7 +213,7 @@ class Engine:
         if self.decoder is not None and max(map(len, prompts)) <= self.decoder.prefill_rows:
             logits = self.decoder.prefill(prompts, [0] * n, list(range(n)))
         else:
-            logits = torch.cat([self._prefill_row(p, j) for j, p in enumerate(prompts)])
+            logits = torch.cat([self._prefill(p, 0, j) for j, p in enumerate(prompts)])
         toks = sample(logits, gen, seen, generator).tolist()
         answers: list[list[int]] = [[] for _ in range(n)]
         live = [True] * n
@@ -240,12 +241,6 @@ class Engine:
             if not take(toks):
                 break
         return answers
-
-    def _prefill_row(self, tokens: list[int], row: int) -> torch.Tensor:
-        """A fresh prompt into cache row ``row`` (the model's prefill on a one-row view) -> [1, V] float32."""
-        ids = torch.tensor(tokens, device=self.device)[None]
-        pos = torch.arange(len(tokens), device=self.device)[None]
-        return self.model(ids, pos, self.cache.rows(row, row + 1), last_only=True)[:, -1].float()
 
     def decode_batch(self, tokens: list[int], positions: list[int], rows: list[int] | None = None) -> torch.Tensor:
         """One decode step for several sequences: tokens[i] enters cache row rows[i] (default i) at

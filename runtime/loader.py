@@ -104,9 +104,10 @@ def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool
         head = "int8" if gpu and cfg.weight_type == "int4" else "fp"
     if head == "int4" and not gpu:
         raise QconvError("an int4 head needs the GPU path (CUDA with triton); use head int8 or fp")
-    if head == "int8" and not gpu:  # the CPU model computes with the int8 head's values
-        codes, scales = _rows_int8(glob.pop(OUTPUT) if OUTPUT in glob else glob[EMBED])
-        glob[OUTPUT] = (codes.to(scales.dtype) * scales[:, None]).to(dt)
+    if head == "int8":
+        codes, scales = _rows_int8(_head_weight(glob))
+        if not gpu:  # the CPU model computes with the int8 head's values
+            glob[OUTPUT] = (codes.to(scales.dtype) * scales[:, None]).to(dt)
     if gpu:
         from .gpu_linear import DequantScratch, Int8Head, make_gpu_linear
 
@@ -126,7 +127,7 @@ def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool
         layers.append(_layer_params(cfg, load_tensors(ws / name, "workspace weights"), name, dev, dt, build))
     if gpu:
         lm = {"fp": lambda: None, "int4": lambda: _int4_head(glob, cfg, build),
-              "int8": lambda: Int8Head(*_rows_int8(glob.pop(OUTPUT) if OUTPUT in glob else glob[EMBED]), dt)}[head]()
+              "int8": lambda: Int8Head(codes, scales, dt)}[head]()
         model = GpuTransformer(cfg, glob, layers, max_len or cfg.session_len, lm).eval()
     else:
         model = Transformer(cfg, glob, layers, max_len or cfg.session_len).eval()
@@ -138,6 +139,12 @@ def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool
     except (OSError, ValueError) as e:
         raise QconvError(f"the tokenizer in {ws / 'tokenizer'} cannot be loaded ({str(e).splitlines()[0]})") from None
     return LoadedWorkspace(ws, cfg, model, tok, kv, dev, dt)
+
+
+def _head_weight(glob: dict) -> torch.Tensor:
+    """The output projection's weight for requantizing: an untied head leaves ``glob`` (its quantized form
+    replaces it); a tied one is the embedding table, which stays."""
+    return glob.pop(OUTPUT) if OUTPUT in glob else glob[EMBED]
 
 
 def _rows_int8(w: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +163,7 @@ def _rows_int8(w: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.
 def _int4_head(glob: dict, cfg: WorkspaceConfig, build):
     """The output projection (or the tied embedding) as int4 codes: RTN with the largest power-of-two group
     <= 128 that divides hidden; an untied fp16 head is dropped from ``glob``."""
-    w = glob.pop(OUTPUT) if OUTPUT in glob else glob[EMBED]
+    w = _head_weight(glob)
     group = next((g for g in (128, 64, 32) if cfg.hidden_units % g == 0), None)
     if group is None:
         raise QconvError(f"an int4 head needs hidden_units ({cfg.hidden_units}) divisible by 32")
