@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -41,22 +41,35 @@ ROLES = {"qkv": "wqkv", "o": "wo", "w13": "w13", "w2": "w2"}
 RESIDUAL = {"o", "w2"}  # += residual epilogue: split-K allowed (atomic adds)
 
 
-def candidates(role: str, group: int, split: int, rows: int) -> list[GemvConfig]:
+def candidates(role: str, group: int, split: int, rows: int, tc: bool = False) -> list[GemvConfig]:
     """One row: _gemv shapes (rows per program x words per thread x warps) at the given split-K (a first
     sweep also tried 16 rows, 4 warps and 8 words per thread: never better, often far worse). Several rows:
-    _gemm (tl.dot) tiles x warps x pipeline stages."""
+    _gemm (tl.dot) tiles x warps x pipeline stages. ``tc``: _w4_tc_kernel tiles (>= 64 rows: wgmma) x warps
+    x stages, for any number of rows."""
+    if rows > 1:  # also the GEMV with a program per row (its RMSNorm fused; split-K only with += residual)
+        gemv = [GemvConfig(bn, split if role in RESIDUAL else 1, w, 1, False, v) for bn in (4, 8) for v in (2, 4)
+                for w in (1, 2)]
+    else:
+        gemv = []
+    if tc:
+        return gemv + [GemvConfig(bn, split, w, 1, True, tc=True, gpi=gpi, xvec=xv)
+                       for bn, w in ((64, 4), (128, 4), (128, 8)) for gpi in (1, 2) for xv in (False, True)]
     if rows > 1:
-        return [GemvConfig(bn, split, w, st, True) for bn in (16, 32, 64, 128) for w in (4, 8) for st in (3, 4)]
+        return gemv + [GemvConfig(bn, split, w, st, True) for bn in (16, 32, 64, 128) for w in (4, 8) for st in (3, 4)]
     wg = group // 8
     return [GemvConfig(bn, split, w, 1, False, v) for bn in (1, 2, 4, 8) for v in (1, 2, 4) for w in (1, 2)
             if wg % v == 0 and (32 * w) % (wg // v) == 0 and (bn >= 2 or role != "w13")]  # SiLU: row pairs
 
 
 def rows_step_us(eng, rows: int, position: int, reps: int = 50) -> float:
-    """Device time of one decode step of ``rows`` rows (cache rows 0.., all at ``position``), graph replays."""
+    """Device time of one greedy step of ``rows`` distinct sequences (cache rows 0.., from ``position``; each
+    replay moves them on), as generate_batch's bursts run it: the greedy step graph's replays."""
     dec = eng.decoder
-    dec.step_host([11] * rows, [position] * rows, list(range(rows)))
-    graph = dec.graphs[dec.bucket(rows)]
+    b = dec.bucket(rows)
+    if b not in dec.greedy_graphs:
+        dec._capture_greedy(b)
+    dec._upload([11] * rows, [position] * rows, list(range(rows)))
+    graph = dec.greedy_graphs[b]
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
@@ -76,14 +89,20 @@ def main():
     ap.add_argument("--roles", default="w13,w2,qkv,o")
     ap.add_argument("--position", type=int, default=160, help="the step's position (the protocol run's mean)")
     ap.add_argument("--passes", type=int, default=2)
-    ap.add_argument("--rows", type=int, default=1, help="the step's rows (1, or several: tl.dot configs, bucket 16)")
-    ap.add_argument("--budget-s", type=float, default=420, help="stop sweeping after this many seconds")
+    ap.add_argument("--rows", default="1", help="the step's rows (1, or several: tl.dot configs, bucket 16); "
+                    "a comma list sweeps each in turn")
+    ap.add_argument("--tc", action="store_true", help="sweep the tensor-core kernel's configs (_w4_tc_kernel)")
+    ap.add_argument("--budget-s", type=float, default=420, help="stop sweeping a row count after this many seconds")
     args = ap.parse_args()
     t_start = time.perf_counter()
     path = (lambda p: Path(p) if Path(p).is_absolute() else ROOT / p)
     cfg = json.loads(path(args.config).read_text())
     spaces = build_workspaces(cfg, str(path(args.tokenizer)), Path(args.work) / "model", 4608, 8, 128, "cuda")
-    rows = args.rows
+    for rows in (int(r) for r in args.rows.split(",")):
+        sweep(args, spaces, rows, time.perf_counter())
+
+
+def sweep(args, spaces, rows: int, t_start: float) -> None:
     eng = Engine.from_workspace(spaces["W4A16 + KV int8"], device="cuda", verify=False, batch_size=max(rows, 1))
     key_m = 1 if rows == 1 else 16  # gemv_int4.TUNED's M bucket
     layers = eng.model.layers
@@ -95,8 +114,12 @@ def main():
         eng.decoder = eng.model.decoder = DecodeGraphs(eng.model, eng.cache)
         if rows == 1:
             times = [graph_step_us(eng, args.position, reps=100) for _ in range(3)]
-        else:
+        else:  # the greedy replays move the rows along their own (config-dependent) tokens: compare the logits
+            # of one step from a fixed state instead (positions < args.position are never written here)
             times = [rows_step_us(eng, rows, args.position) for _ in range(3)]
+            dec = eng.decoder
+            dec._upload([11] * rows, [args.position] * rows, list(range(rows)))
+            dec.greedy_graphs[dec.bucket(rows)].replay()
         return statistics.median(times), eng.decoder.bufs.logits[:rows].float().clone()
 
     base_us, base_logits = step_us()
@@ -110,10 +133,10 @@ def main():
             lin0 = lins(role)[0]
             current = best[role] or TUNED.get((key_m, lin0.out_features, lin0.in_features))
             split = current.split_k if current else 1
-            cands = candidates(role, lin0.group, split, rows)
+            cands = candidates(role, lin0.group, split, rows, args.tc)
             splittable = role in RESIDUAL or (rows > 1 and role == "qkv")  # several rows: qkv sums through rope
             if splittable and current is not None:
-                cands += [GemvConfig(current.block_n, s, current.num_warps, current.num_stages, current.dot, current.v)
+                cands += [replace(current, split_k=s)
                           for s in (1, 2, 4, 8, 16) if s != split and lin0.in_features // lin0.group >= 2 * s]
             for c in cands:
                 if time.perf_counter() - t_start > args.budget_s:
@@ -146,7 +169,8 @@ def main():
             log(f"    ({key_m}, {lin.out_features}, {lin.in_features}): {c},  # {role}")
     res.update(provenance())
     res["command"] = "python3 bench/gpu_graph_sweep.py " + " ".join(sys.argv[1:])
-    out = write_result("gpu_graph_sweep", res)
+    res["rows"] = rows
+    out = write_result(f"gpu_graph_sweep_rows{rows}", res)
     if os.environ.get("OUT"):
         shutil.copy(out, os.environ["OUT"])
     log(f"{out}  ({time.perf_counter() - t_start:.0f}s)")

@@ -158,7 +158,7 @@ class DecodeGraphs:
         """Rows 0..b-1: one decode step, each row's argmax (into ring[i] when given), and the next step's inputs
         in idx: token = argmax, position + 1 (padding rows stay padding)."""
         bufs = self.bufs
-        self.model.decode_step(bufs, b, self.cache)
+        self.model.decode_step(bufs, b, self.cache, distinct=True)  # greedy_rows' rows are distinct sequences
         greedy_feed(bufs.logits[:b], bufs.idx, bufs.next_tok, None if i is None else bufs.ring[i], bufs.greedy)
 
     @torch.inference_mode()
@@ -191,13 +191,14 @@ class DecodeGraphs:
     def greedy_rows(self, tokens: list[int], positions: list[int], steps: int,
                     rows: list[int] | None = None) -> Iterator[list[int]]:
         """Greedy decoding of several sequences at once: row j feeds tokens[j] at positions[j] into cache row
-        rows[j] (default j), then each step's argmax, for ``steps`` steps -> each step's tokens (a list per
-        step). The steps run in bursts of BURST on the device; the next burst is launched before the host
+        rows[j] (default j; the rows distinct), then each step's argmax, for ``steps`` steps -> each step's
+        tokens (a list per step). The steps run in bursts of BURST on the device; the next burst is launched before the host
         reads the last one's tokens, so up to two bursts past the caller's last read are computed (and
         written into the cache) anyway."""
         n = len(tokens)
         if steps <= 0:
             return
+        assert rows is None or len(set(rows)) == len(rows), f"greedy_rows needs distinct cache rows, got {rows}"
         b = self.bucket(n)
         if b not in self.greedy_graphs:
             self._capture_greedy(b)

@@ -114,14 +114,18 @@ class GpuLinear(nn.Module):
         """A decode step: out = h(x) W^T (+ b); out += h(x) W^T (``epilogue="residual"``, out fp32); or
         out = silu(y[:, 0::2]) * y[:, 1::2] (``"silu"``, the pair-interleaved w13: out [M, N/2])."""
         fused = self.int4 and self.backend == "triton"
-        if prologue == "rmsnorm" and not (fused and x.shape[0] == 1):
-            # a norm kernel first: for the other backends, and for several rows, where a plain tl.dot GEMM after it
-            # beats the GEMM's fused prologue (H100, M=8: w13 21.7 against 27.6 µs); one row keeps the fused GEMV
-            x = rms_norm(x, norm_weight, eps, torch.empty(x.shape, device=x.device, dtype=self.dtype))
-            prologue = "none"
+        cfg = None
         if fused:
             cfg = self.config or default_config(x.shape[0], self.out_features, self.in_features, self.group,
                                                 epilogue, self.sms, prologue)
+        if prologue == "rmsnorm" and not (fused and not cfg.dot):
+            # a norm kernel first: for the other backends, and before the tl.dot kernels, where a plain GEMM after it
+            # beats the GEMM's fused prologue (H100, M=8: w13 21.7 against 27.6 µs); the GEMV keeps its fused norm
+            x = rms_norm(x, norm_weight, eps, torch.empty(x.shape, device=x.device, dtype=self.dtype))
+            prologue = "none"
+            if fused and self.config is None:
+                cfg = default_config(x.shape[0], self.out_features, self.in_features, self.group, epilogue, self.sms)
+        if fused:
             w4_matmul(x, self.words, self.scales, self.zeros, self.group, out, bias=self.bias, prologue=prologue,
                       norm_weight=norm_weight, eps=eps, epilogue=epilogue, config=cfg)
             return

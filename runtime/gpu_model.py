@@ -10,12 +10,15 @@ every row writes positions 0..S-1, attention is SDPA with is_causal over the new
 query position), as runtime/model.py does.
 
 Decode (``decode_step``): one token per row on static buffers, no host work, so that runtime/cuda_graph.py
-captures it once per batch bucket. One row (six kernels per layer; FUSED_ATTENTION):
+captures it once per batch bucket. One row, or rows that are distinct sequences (six kernels per layer;
+FUSED_ATTENTION):
     qkv GEMV (RMSNorm fused) -> rope + cache write + attention splits (kernels/attention.py, fused) -> merge
     -> o GEMV (+= residual) -> w13 GEMV (RMSNorm fused, SiLU-mul epilogue) -> w2 GEMV (+= residual)
-Several rows (seven): rope + cache write, attention splits and their merge are three kernels, so that rows
-sharing a cache row (a short prompt prefilled as one step) see each other's K/V; when the tuned qkv config
-splits K, the qkv GEMM adds into an fp32 buffer that the rope kernel reads and zeroes.
+Rows that may share a cache row (a short prompt prefilled as one step), or a qkv GEMM that splits K: rope +
+cache write, attention splits and their merge are three kernels, so that every row's K/V is written before
+any row attends; a split-K qkv GEMM adds into an fp32 buffer that the rope kernel reads and zeroes. Several
+rows take the tl.dot / tensor-core GEMMs after a separate RMSNorm kernel, or the GEMV with a program per row
+(gemv_int4.TUNED's choice per shape).
 When a decoder (DecodeGraphs) is attached, forward sends one-token steps on its cache to the graphs.
 """
 from __future__ import annotations
@@ -144,10 +147,12 @@ class GpuTransformer(nn.Module):
         return o.transpose(1, 2).reshape(B * S, hq * D)
 
     # ------------------------------------------------------------------------------------------
-    def decode_step(self, bufs, b: int, cache: KVCache) -> None:
+    def decode_step(self, bufs, b: int, cache: KVCache, distinct: bool = False) -> None:
         """One token for rows 0..b-1 of the static buffers ``bufs`` (runtime/cuda_graph.DecodeBuffers):
         reads bufs.idx[:, :b] (token, position, cache row; position < 0 = padding) and leaves the
-        next-token logits in bufs.logits[:b]. Launches kernels only: safe to capture in a CUDA graph."""
+        next-token logits in bufs.logits[:b]. ``distinct``: the rows are distinct sequences (cache rows), so no
+        row reads another's new K/V and the fused attention serves them all. Launches kernels only: safe to
+        capture in a CUDA graph."""
         idx = bufs.idx[:, :b]
         ids, pos, slot = idx[0], idx[1], idx[2]
         x = bufs.x[:b]  # [b, hidden] fp32 residual
@@ -159,7 +164,7 @@ class GpuTransformer(nn.Module):
             acc = bufs.qkv_acc[:b] if blk.wqkv.accumulates(b) else None  # split-K sums, read and zeroed by rope
             blk.wqkv.run(x, qkv if acc is None else acc, prologue="rmsnorm", norm_weight=blk.attention_norm,
                          eps=self.eps, epilogue="store" if acc is None else "residual")
-            if b == 1 and acc is None and FUSED_ATTENTION != "three":  # one sequence: rotary, cache write, attention
+            if (b == 1 or distinct) and acc is None and FUSED_ATTENTION != "three":  # rotary, cache write, attention
                 decode_attention_fused(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, attn,
                                        kvp[i], blk.q_norm, blk.k_norm, self.eps, scratch=bufs.parts[b],
                                        splits=bufs.splits[b], count=bufs.count, merge=FUSED_ATTENTION == "one",

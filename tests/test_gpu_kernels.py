@@ -58,17 +58,22 @@ GEMV_CASES = {
     "gemm-split-with-empty-slice": (5, 40, 576, 64, "none", "residual", False, GemvConfig(16, 4)),
     "gemm-rmsnorm-silu": (4, 48, 256, 64, "rmsnorm", "silu", False, GemvConfig(16)),
     "gemm-17-rows": (17, 24, 256, 64, "none", "store", False, GemvConfig(16)),
+    # 64- and 128-row tiles: Hopper's wgmma in the tensor-core kernel
+    "wide-rmsnorm-silu": (8, 256, 512, 128, "rmsnorm", "silu", False, GemvConfig(128, num_warps=8)),
+    "wide-1-row-residual-split": (1, 192, 384, 128, "none", "residual", False, GemvConfig(64, 2)),
+    "wide-2-rows-bias": (2, 160, 256, 64, "none", "store", True, GemvConfig(64)),
+    "wide-2-groups-per-step-x-in-order": (1, 128, 640, 64, "rmsnorm", "store", False, GemvConfig(64, gpi=2, xvec=True)),
+    "wide-2-groups-per-step-split": (3, 128, 640, 64, "none", "residual", False, GemvConfig(64, 2, gpi=2)),
 }
 
 
-@pytest.mark.parametrize("dot", [False, True], ids=["cuda-cores", "tl.dot"])
+@pytest.mark.parametrize("kernel", ["cuda-cores", "tl.dot", "tensor-cores"])
 @pytest.mark.parametrize("case", GEMV_CASES)
-def test_int4_matmul_matches_dequantized_weights(case, dot):
+def test_int4_matmul_matches_dequantized_weights(case, kernel):
     M, N, K, g, pro, epi, bias, cfg = GEMV_CASES[case]
-    if M > 1 and not dot:
-        pytest.skip("several rows always take the tl.dot kernel")
-    if cfg is not None:
-        cfg = dataclasses.replace(cfg, dot=dot)
+    if M > 1 and kernel == "cuda-cores":
+        pytest.skip("several rows take a tl.dot kernel")
+    cfg = dataclasses.replace(cfg, dot=kernel != "cuda-cores", tc=kernel == "tensor-cores")
     dt = torch.float16
     words, s, z, W = int4_weight(N, K, g, seed=len(case))
     b = torch.randn(N, generator=gen(3)).to(dt) if bias else None

@@ -171,6 +171,13 @@ def test_engine_decode_paths(w4kv, monkeypatch):
     # several prompts at once: packed prefill, then device-side greedy bursts for both rows
     two = [ids((9,), 21).tolist(), ids((5,), 22).tolist()]
     assert gpu.generate_batch(two, gen) == stepwise_batch(gpu, two, n)
+    # the same with a qkv that does not split K: the bursts' rows (distinct sequences) take the fused attention,
+    # and the several-row qkv the GEMV with its RMSNorm fused (one program per row)
+    monkeypatch.setitem(gemv_int4.TUNED, (16, qkv.out_features, qkv.in_features), GemvConfig(8, 1, dot=False))
+    gpu.decoder = gpu.model.decoder = DecodeGraphs(gpu.model, gpu.cache, use_graphs=CUDA)
+    assert not qkv.accumulates(2)
+    assert gpu.generate_batch(two, gen) == stepwise_batch(gpu, two, n)
+    monkeypatch.setitem(gemv_int4.TUNED, (16, qkv.out_features, qkv.in_features), GemvConfig(32, 2))
     gpu.decoder.burst = 8
     # three rows prefilled, then one step with rows in another order and at their own positions
     x, pos = ids((3, 8), 6), torch.arange(8).expand(3, 8)

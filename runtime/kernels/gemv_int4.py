@@ -7,9 +7,10 @@ vector load), and ``(word & 0xF << 4i) | (150 - 4i) << 23`` is exactly the float
 then a constant subtraction, with no int-to-float conversion (I2F runs at 16/clk/SM and capped the byte
 layout's kernel near 1 TB/s). scales fp16 [N, K/G], zeros uint8 [N, K/G]; w = (q - z) * s.
 
-  _w4_gemv_kernel  one input row per program, CUDA cores. Tile [C, BLOCK_N, V]: C = 32 * num_warps
-         thread-columns of V consecutive words (one 4V-byte load per row), all BLOCK_N rows in each thread's
-         registers, so x is loaded and prepared once per thread. Per group and row:
+  _w4_gemv_kernel  one input row per program, CUDA cores (several rows: a program per row and block of
+         outputs, the weights re-read from L2). Tile [C, BLOCK_N, V]: C = 32 * num_warps thread-columns of V
+         consecutive words (one 4V-byte load per row), all BLOCK_N rows in each thread's registers, so x is
+         loaded and prepared once per thread. Per group and row:
              sum_k (q - z) s h = s * (sum_k q h - z sum_k h).
          The next step's words, scales and zeros load before this step's arithmetic; with PDL the first
          step's load precedes the wait for the previous kernel (weights are never written).
@@ -258,6 +259,129 @@ def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
 
 
 @triton.jit
+def _half(w, i: tl.constexpr):
+    """Nibble i of words as fp16 1024 + q."""
+    return (((w >> (4 * i)) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _halves(w, ASM: tl.constexpr):
+    """Words [R, WG] -> fp16 1024 + q [R, WG * 8], element w * 8 + p holding nibble REV(p) (p's three bits
+    reversed) of word w (_tc_cols gives its column). Per word four LOP3 and three shifts, no conversion:
+    (w >> 4a) & 0x000F000F | 0x64006400 is the pair of fp16 1024 + q for nibbles a and a + 4, and the pair
+    lands on adjacent elements (tl.join stacks on a new last axis, so the flattened joins reverse the bits)."""
+    R: tl.constexpr = w.shape[0]
+    WG: tl.constexpr = w.shape[1]
+    if ASM:
+        h = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, s;\n"
+            "lop3.b32 t, $8, 0x000F000F, 0x64006400, 0xea; mov.b32 {$0, $4}, t;\n"
+            "shr.u32 s, $8, 4; lop3.b32 t, s, 0x000F000F, 0x64006400, 0xea; mov.b32 {$1, $5}, t;\n"
+            "shr.u32 s, $8, 8; lop3.b32 t, s, 0x000F000F, 0x64006400, 0xea; mov.b32 {$2, $6}, t;\n"
+            "shr.u32 s, $8, 12; lop3.b32 t, s, 0x000F000F, 0x64006400, 0xea; mov.b32 {$3, $7}, t; }",
+            "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    else:
+        h = (_half(w, 0), _half(w, 1), _half(w, 2), _half(w, 3), _half(w, 4), _half(w, 5), _half(w, 6), _half(w, 7))
+    q = tl.join(tl.join(tl.join(h[0], h[1]), tl.join(h[2], h[3])), tl.join(tl.join(h[4], h[5]), tl.join(h[6], h[7])))
+    return tl.reshape(q, [R, WG * 8])  # q[r, w, c, d, e] = h[c + 2d + 4e] sits at flat w * 8 + 4c + 2d + e
+
+
+@triton.jit
+def _tc_cols(GPI: tl.constexpr, G: tl.constexpr):
+    """Column, from the first group's, of _halves' element j over GPI groups: the group j // G, then within it
+    REV(j % 8) * WG + (j // 8) % WG."""
+    j = tl.arange(0, GPI * G)
+    p = j % 8
+    return (j // G) * G + (((p & 1) << 2) | (p & 2) | (p >> 2)) * (G // 8) + (j // 8) % (G // 8)
+
+
+@triton.jit
+def _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g, g_hi, GPI: tl.constexpr, G: tl.constexpr):
+    """Groups g .. g+GPI-1 (those < g_hi) of rows rn: words [BN, GPI*WG], scales and zeros [BN, GPI]."""
+    WG: tl.constexpr = G // 8
+    wi = tl.arange(0, GPI * WG)
+    w = tl.load(w_ptr + rn[:, None] * stride_w + (g * WG + wi)[None, :],
+                mask=n_ok[:, None] & (g + wi // WG < g_hi)[None, :], other=0)
+    gi = g + tl.arange(0, GPI)
+    ok = n_ok[:, None] & (gi < g_hi)[None, :]
+    s = tl.load(s_ptr + rn[:, None] * stride_s + gi[None, :], mask=ok, other=0.0)
+    z = tl.load(z_ptr + rn[:, None] * stride_s + gi[None, :], mask=ok, other=0)
+    return w, s, z
+
+
+@triton.jit
+def _tc_x(x_rows, m_ok, nw_ptr, g, g_hi, PRO: tl.constexpr, GPI: tl.constexpr, G: tl.constexpr, XVEC: tl.constexpr):
+    """x [BM, GPI*G] of groups g .. g+GPI-1 in _halves' order (fp32; 0 past g_hi), and with the RMSNorm prologue
+    its weight [1, GPI*G] (else zeros). XVEC: loaded in column order, contiguous along each nibble's WG
+    columns, then reordered in registers; else gathered element by element."""
+    WG: tl.constexpr = G // 8
+    BM: tl.constexpr = x_rows.shape[0]
+    k = g * G + _tc_cols(GPI, G)[None, :]
+    if XVEC:  # [BM, GPI, nibble bit 2, bit 1, bit 0, WG] -> [BM, GPI, WG, bit 0, bit 1, bit 2] = _halves' order
+        k6 = (tl.arange(0, GPI)[:, None, None, None, None] * G + tl.arange(0, 2)[None, :, None, None, None] * 4 * WG
+              + tl.arange(0, 2)[None, None, :, None, None] * 2 * WG + tl.arange(0, 2)[None, None, None, :, None] * WG
+              + tl.arange(0, WG)[None, None, None, None, :])
+        ok6 = (g + tl.arange(0, GPI) < g_hi)[:, None, None, None, None]
+        xv = tl.load(tl.reshape(x_rows, [BM, 1, 1, 1, 1, 1]) + g * G + k6[None],
+                     mask=tl.reshape(m_ok, [BM, 1, 1, 1, 1, 1]) & ok6[None], other=0.0)
+        x = tl.reshape(tl.permute(xv, [0, 1, 5, 4, 3, 2]), [BM, GPI * G])
+    else:
+        j = tl.arange(0, GPI * G)[None, :]
+        x = tl.load(x_rows + k, mask=m_ok & (g + j // G < g_hi), other=0.0)
+    nw = tl.zeros([1, GPI * G], tl.float32)
+    if PRO == 1:
+        nw = tl.load(nw_ptr + k, mask=k < g_hi * G, other=0.0).to(tl.float32)
+    return x.to(tl.float32), nw
+
+
+@triton.jit
+def _w4_tc_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym,
+                  M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr, ATOMIC: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  K_POW2: tl.constexpr, CHUNK: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+                  GPI: tl.constexpr = 1, XVEC: tl.constexpr = False):
+    """Tensor cores with the weights as the left operand: y^T [BLOCK_N, BLOCK_M] += W [BLOCK_N, GPI*G] x^T per
+    GPI groups, W = (1024 + q - (1024 + z)) * s dequantized in registers from _halves (exact difference, one
+    rounding), x in _halves' column order; the next step's weights and x load before this step's arithmetic.
+    BLOCK_N >= 64 gives Hopper's wgmma with the weights from registers; the rows up to BLOCK_M share one pass
+    over the weights."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    x_rows = x_ptr + rm[:, None] * stride_xm  # [BM, 1]
+    g_lo, g_hi = _slice(K, SPLIT_K, pid_k, G)
+    # the first weights do not depend on the previous kernel: with PDL they load before waiting for it
+    w, s, z = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g_lo, g_hi, GPI, G)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    rstd = tl.full([BLOCK_M, 1], 1.0, tl.float32)
+    if PRO == 1:
+        rstd = _rstd(x_rows, m_ok[:, None], K, eps, BLOCK_M, K_POW2, CHUNK)
+    x, nw = _tc_x(x_rows, m_ok[:, None], nw_ptr, g_lo, g_hi, PRO, GPI, G, XVEC)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for g in range(g_lo, g_hi, GPI):
+        w_n, s_n, z_n = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g + GPI, g_hi, GPI, G)
+        x_n, nw_n = _tc_x(x_rows, m_ok[:, None], nw_ptr, g + GPI, g_hi, PRO, GPI, G, XVEC)
+        h = _halves(w, ASM)                                                     # [BN, GPI*G] fp16 1024 + q
+        zh = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)            # 1024 + z  [BN, GPI]
+        zh = tl.reshape(tl.broadcast_to(zh[:, :, None], [BLOCK_N, GPI, G]), [BLOCK_N, GPI * G])
+        se = tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_N, GPI, G]), [BLOCK_N, GPI * G])
+        if PRO == 1:
+            x = _act(_act(x * rstd, ACT_BF16) * nw, ACT_BF16)
+        if ACT_BF16:
+            wd = ((h - zh).to(tl.float32) * se.to(tl.float32)).to(tl.bfloat16)
+            acc += tl.dot(wd, tl.trans(x.to(tl.bfloat16)))
+        else:
+            acc += tl.dot((h - zh) * se, tl.trans(x.to(tl.float16)))
+        w, s, z, x, nw = w_n, s_n, z_n, x_n, nw_n
+    _epilogue(tl.trans(acc), y_ptr, stride_ym, rm, m_ok, b_ptr, rn, n_ok, pid_k, EPI, ATOMIC, HAS_BIAS, ACT_BF16)
+
+
+@triton.jit
 def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, stride_w, stride_s, out_ptr, stride_o, N, G: tl.constexpr,
                        BLOCK_N: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -279,13 +403,17 @@ class GemvConfig:
     num_stages: int = 3   # _gemm's pipeline depth
     dot: bool = True      # one row through _gemm (padded to 16) rather than _gemv
     v: int = 2            # _gemv: words per thread-column (one 4v-byte load per row)
+    tc: bool = False      # _w4_tc_kernel (weights as the left tensor-core operand) rather than _gemv / _gemm
+    gpi: int = 1          # _w4_tc_kernel: groups per step
+    xvec: bool = False    # _w4_tc_kernel: x loaded in column order and reordered in registers (else gathered)
 
 
 # Per-shape choices on the H100: {(M bucket, N, K): config}. Shapes not listed use ``default_config``.
 # M bucket: 1, or 16 for 2..16 rows. One row: chosen inside the decode graph (bench/gpu_graph_sweep.py, H100,
 # 2026-11-22: the step at position 160 went 1273 -> 1063 µs, mostly from 4 rows per program instead of 8; a
 # sweep of each GEMV alone had picked 8); several rows: the same in-graph sweep with 8 rows (--rows 8: the
-# bucket-8 step 1721 -> 1645 µs).
+# bucket-8 step 1721 -> 1645 µs), then with the tensor-core kernel (--tc --rows 8,1, 2026-11-22): w13 and w2
+# through _w4_tc_kernel, 1650 -> ~1515-1550 µs; for one row it never beat _gemv (w13 1311 against 963 µs).
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (1, 2048, 1536): GemvConfig(8, 1, 2, 1, False, 4),     # qkv
     (1, 1536, 1536): GemvConfig(4, 4, 1, 1, False, 2),     # o
@@ -293,8 +421,8 @@ TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (1, 1536, 8960): GemvConfig(4, 4, 1, 1, False, 4),     # w2
     (16, 2048, 1536): GemvConfig(32, 8, 4, 3, True),       # qkv (split-K sums through the rope kernel; norm separate)
     (16, 1536, 1536): GemvConfig(64, 8, 4, 3, True),       # o
-    (16, 17920, 1536): GemvConfig(16, 1, 4, 3, True),      # w13 (its RMSNorm a separate kernel: gpu_linear)
-    (16, 1536, 8960): GemvConfig(64, 16, 8, 4, True),      # w2
+    (16, 17920, 1536): GemvConfig(128, 1, 8, 1, True, tc=True, xvec=True),   # w13 (its RMSNorm a separate kernel)
+    (16, 1536, 8960): GemvConfig(128, 16, 8, 1, True, tc=True, xvec=True),   # w2
 }
 
 
@@ -308,7 +436,7 @@ def default_config(M: int, N: int, K: int, group: int, epilogue: str = "store", 
     (BLOCK_N 32, 64 when that still gives 4 programs per SM); split-K only with the residual epilogue (atomic
     adds) and, for one row, no RMSNorm prologue, until there are about four (one row) / two programs per SM."""
     tuned = TUNED.get((1 if M <= 1 else 16, N, K))
-    if tuned is not None and (tuned.split_k == 1 or (epilogue == "residual" and not (M == 1 and prologue == "rmsnorm"))):
+    if tuned is not None and (tuned.split_k == 1 or (epilogue == "residual" and (tuned.dot or prologue != "rmsnorm"))):
         return tuned
     groups = K // group
     if M == 1:
@@ -359,10 +487,17 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
                   num_stages=cfg.num_stages, PDL=on, launch_pdl=on)
     weights = (words, scales, zeros, words.stride(0), scales.stride(0))
     n_blocks = triton.cdiv(N, cfg.block_n)
-    if M == 1 and not cfg.dot:
-        assert pro != 1 or cfg.split_k == 1, "one row with RMSNorm: the norm is applied at the end, no split-K"
+    if cfg.tc:
+        block_m = min(64, max(16, _pow2_at_least(M)))
+        k_pow2 = triton.next_power_of_2(K)
+        _w4_tc_kernel[(n_blocks, cfg.split_k, triton.cdiv(M, block_m))](
+            x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), M, N, K, cfg.split_k, BLOCK_M=block_m,
+            K_POW2=k_pow2, CHUNK=min(k_pow2, 4096 // block_m), ASM=not INTERPRET, GPI=cfg.gpi, XVEC=cfg.xvec,
+            **common)
+    elif not cfg.dot:  # one program per row and block of outputs (several rows re-read the weights from L2)
+        assert pro != 1 or cfg.split_k == 1, "_gemv with RMSNorm: the norm is applied at the end, no split-K"
         assert (group // 8) % cfg.v == 0 and (32 * cfg.num_warps) % (group // 8 // cfg.v) == 0, f"v={cfg.v}, group {group}"
-        _w4_gemv_kernel[(n_blocks, cfg.split_k, 1)](x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), N, K,
+        _w4_gemv_kernel[(n_blocks, cfg.split_k, M)](x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), N, K,
                                                     cfg.split_k, V=cfg.v, C=32 * cfg.num_warps, ASM=not INTERPRET,
                                                     **common)
     else:  # the RMSNorm pass takes [BLOCK_M, CHUNK] elements at a time: 32 per thread with 4 warps
