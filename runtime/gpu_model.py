@@ -14,11 +14,11 @@ captures it once per batch bucket. One row, or rows that are distinct sequences 
 FUSED_ATTENTION):
     qkv GEMV (RMSNorm fused) -> rope + cache write + attention splits (kernels/attention.py, fused) -> merge
     -> o GEMV (+= residual) -> w13 GEMV (RMSNorm fused, SiLU-mul epilogue) -> w2 GEMV (+= residual)
-Rows that may share a cache row (a short prompt prefilled as one step), or a qkv GEMM that splits K: rope +
-cache write, attention splits and their merge are three kernels, so that every row's K/V is written before
-any row attends; a split-K qkv GEMM adds into an fp32 buffer that the rope kernel reads and zeroes. Several
-rows take the tl.dot / tensor-core GEMMs after a separate RMSNorm kernel, or the GEMV with a program per row
-(gemv_int4.TUNED's choice per shape).
+A qkv GEMM that splits K adds into an fp32 buffer that the fused kernel reads and the merge kernel zeroes.
+Rows that may share a cache row (a short prompt prefilled as one step): rope + cache write, attention splits
+and their merge are three kernels, so that every row's K/V is written before any row attends (the rope
+kernel then reads and zeroes the split-K sums). Several rows take the tl.dot / tensor-core GEMMs after a
+separate RMSNorm kernel, or the GEMV with a program per row (gemv_int4.TUNED's choice per shape).
 When a decoder (DecodeGraphs) is attached, forward sends one-token steps on its cache to the graphs.
 """
 from __future__ import annotations
@@ -164,11 +164,13 @@ class GpuTransformer(nn.Module):
             acc = bufs.qkv_acc[:b] if blk.wqkv.accumulates(b) else None  # split-K sums, read and zeroed by rope
             blk.wqkv.run(x, qkv if acc is None else acc, prologue="rmsnorm", norm_weight=blk.attention_norm,
                          eps=self.eps, epilogue="store" if acc is None else "residual")
-            if (b == 1 or distinct) and acc is None and FUSED_ATTENTION != "three":  # rotary, cache write, attention
-                decode_attention_fused(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, attn,
-                                       kvp[i], blk.q_norm, blk.k_norm, self.eps, scratch=bufs.parts[b],
-                                       splits=bufs.splits[b], count=bufs.count, merge=FUSED_ATTENTION == "one",
-                                       **FUSED_ATTENTION_KW)
+            merge = FUSED_ATTENTION == "one"
+            if (b == 1 or distinct) and FUSED_ATTENTION != "three" and (acc is None or not merge):
+                # rotary, cache write, attention; split-K qkv sums are read here and zeroed by the merge kernel
+                decode_attention_fused(qkv if acc is None else acc, pos, slot, self.cos, self.sin, cache.k[i],
+                                       cache.v[i], self.hq, attn, kvp[i], blk.q_norm, blk.k_norm, self.eps,
+                                       scratch=bufs.parts[b], splits=bufs.splits[b], count=bufs.count, merge=merge,
+                                       sums=acc is not None, **FUSED_ATTENTION_KW)
             else:  # rows may share a cache row (a prompt's tokens): every K/V is written before any row attends
                 rope_cache_write(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, self.hkv,
                                  kvp[i], blk.q_norm, blk.k_norm, self.eps, acc=acc)

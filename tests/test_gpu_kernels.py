@@ -295,14 +295,17 @@ def test_fused_decode_attention_equals_rope_then_attention(quant, qk_norm, hq, h
     decode_attention(q_ref, args[0], args[1], kc_ref, vc_ref, hq, want, to(kvp), splits=splits, block_n=16)
     # fused, twice (the split counters must be back at zero after a launch)
     want = want.cpu()
-    for merge in (True, False):  # the splits merged in the same kernel, or by the combine kernel
+    # the splits merged in the same kernel, or by the combine kernel; or q|k|v read from a split-K GEMM's fp32
+    # sums (which the combine kernel leaves zeroed for the next layer)
+    for merge, sums in ((True, False), (False, False), (False, True)):
         kc_f, vc_f = kc.clone().to(DEV), vc.clone().to(DEV)
         count = counters(B, hkv, DEV)
         for _ in range(2):
             got = torch.full((B, hq * d), float("nan"), dtype=dt, device=DEV)
-            decode_attention_fused(qkv.to(DEV), *args, kc_f, vc_f, hq, got, to(kvp), to(qn), to(kn), 1e-6,
-                                   splits=splits, count=count, block_n=16, merge=merge)
-            assert (count == 0).all()
+            src = qkv.float().to(DEV) if sums else qkv.to(DEV)
+            decode_attention_fused(src, *args, kc_f, vc_f, hq, got, to(kvp), to(qn), to(kn), 1e-6,
+                                   splits=splits, count=count, block_n=16, merge=merge, sums=sums)
+            assert (count == 0).all() and (not sums or (src == 0).all())
         assert torch.equal(kc_f.cpu(), kc_ref.cpu()) and torch.equal(vc_f.cpu(), vc_ref.cpu())
         got = got.cpu()
         for b, p in enumerate(positions):

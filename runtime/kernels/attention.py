@@ -123,13 +123,23 @@ def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stri
 
 
 @triton.jit
-def _attn_combine_kernel(m_ptr, l_ptr, o_ptr, out_ptr, stride_ot, pos_ptr, HQ: tl.constexpr, D: tl.constexpr,
-                         NS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-    """Merges the splits that hold keys (the fused kernel writes no partials for the others)."""
+def _attn_combine_kernel(m_ptr, l_ptr, o_ptr, out_ptr, stride_ot, pos_ptr, acc_ptr, stride_at, HQ: tl.constexpr,
+                         HKV: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, BLOCK_N: tl.constexpr,
+                         ZERO: tl.constexpr, PDL: tl.constexpr):
+    """Merges the splits that hold keys (the fused kernel writes no partials for the others). ZERO: the fused
+    kernel read q|k|v from split-K sums (acc [B, (HQ + 2 HKV) * D] fp32); every split is done with them now,
+    so program (b, h) zeroes row b's q head h and, for h < HKV, its k and v heads h, for the next layer's sums."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     b, h = tl.program_id(0), tl.program_id(1)
+    if ZERO:
+        zero = tl.zeros([D], tl.float32)
+        arow = acc_ptr + b * stride_at + tl.arange(0, D)
+        tl.store(arow + h * D, zero)
+        if h < HKV:
+            tl.store(arow + (HQ + h) * D, zero)
+            tl.store(arow + (HQ + HKV + h) * D, zero)
     length = tl.maximum(tl.load(pos_ptr + b) + 1, 0)
     _, active = _split_size(length, NS, BLOCK_N)
     base = (b * HQ + h) * NS
@@ -180,7 +190,9 @@ def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
     """Rotary + cache write + attention splits + merge of one decode step, for rows that are distinct
     sequences (each row's new K/V is written by the one split that holds its position, which then reads it
     back; no other row reads it). Only the splits that hold keys run; one alone writes the output, several
-    leave partials and the last of them to finish (a counter per (row, kv head)) merges them."""
+    leave partials and the last of them to finish (a counter per (row, kv head)) merges them. qkv_ptr may
+    be the fp32 split-K sums of the qkv GEMM: q, k, v are rounded to the activation dtype (out's) as a stored
+    qkv would be, and the combine kernel zeroes the sums."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -204,7 +216,7 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
                       MERGE: tl.constexpr, FENCE: tl.constexpr):
     """Split s of (row b, kv head kvh) of _attn_fused_kernel, one of the ``active`` splits."""
     HALF: tl.constexpr = D // 2
-    dt = qkv_ptr.dtype.element_ty
+    dt = out_ptr.dtype.element_ty
     start = s * chunk
     end = tl.minimum(start + chunk, length)
     pc = tl.maximum(p, 0)  # padding rows read row 0 of the tables and use nothing
@@ -213,17 +225,17 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
     d = tl.arange(0, D)
     row = qkv_ptr + b * stride_t
     qh = (kvh * REP + r)[:, None] * D
-    q1 = tl.load(row + qh + d[None, :], mask=r_ok[:, None], other=0.0).to(tl.float32)
-    q2 = tl.load(row + qh + ((d + HALF) % D)[None, :], mask=r_ok[:, None], other=0.0).to(tl.float32)
+    q1 = tl.load(row + qh + d[None, :], mask=r_ok[:, None], other=0.0).to(dt).to(tl.float32)
+    q2 = tl.load(row + qh + ((d + HALF) % D)[None, :], mask=r_ok[:, None], other=0.0).to(dt).to(tl.float32)
     q = _rope_rows(q1, q2, d, cos_ptr + pc * D, sin_ptr + pc * D, qn_ptr, eps, dt, D, HALF, QK_NORM).to(dt)
     base = tl.load(slot_ptr + b).to(tl.int64) * stride_cb + kvh * stride_ch
     if (p >= start) & (p < end):  # this split holds the new token: rotary on k, both into the cache
         one = tl.arange(0, 1)
         kh = (HQ + kvh + one)[:, None] * D
-        k1 = tl.load(row + kh + d[None, :]).to(tl.float32)
-        k2 = tl.load(row + kh + ((d + HALF) % D)[None, :]).to(tl.float32)
+        k1 = tl.load(row + kh + d[None, :]).to(dt).to(tl.float32)
+        k2 = tl.load(row + kh + ((d + HALF) % D)[None, :]).to(dt).to(tl.float32)
         k = _rope_rows(k1, k2, d, cos_ptr + pc * D, sin_ptr + pc * D, kn_ptr, eps, dt, D, HALF, QK_NORM)
-        v = tl.load(row + (HQ + HKV + kvh + one)[:, None] * D + d[None, :]).to(tl.float32)
+        v = tl.load(row + (HQ + HKV + kvh + one)[:, None] * D + d[None, :]).to(dt).to(tl.float32)
         dst = base + p * stride_cs + one[:, None] * 0 + d[None, :]
         if QUANT:
             k_scale, k_zp, v_scale, v_zp = _kv_params(kvp_ptr, kvh, HKV)
@@ -340,10 +352,14 @@ def _checked(B: int, pos, slot, k_cache, v_cache, num_heads: int, out, kv_params
     return hkv, D, num_heads // hkv, quant, ns, (m, l, acc)
 
 
-def _combine(m, l, acc, out, pos, num_heads: int, ns: int, block_n: int, on: bool) -> None:
-    """The merge of the splits' partials into out, one program per (row, query head)."""
-    _attn_combine_kernel[(out.shape[0], num_heads)](m, l, acc, out, out.stride(0), pos, HQ=num_heads, D=acc.shape[-1],
-                                                    NS=ns, BLOCK_N=block_n, PDL=on, num_warps=2, launch_pdl=on)
+def _combine(m, l, acc, out, pos, num_heads: int, ns: int, block_n: int, on: bool, sums: torch.Tensor | None = None,
+             hkv: int = 1) -> None:
+    """The merge of the splits' partials into out, one program per (row, query head); ``sums``: the split-K qkv
+    sums the splits read, zeroed here (after every split is done with them)."""
+    _attn_combine_kernel[(out.shape[0], num_heads)](
+        m, l, acc, out, out.stride(0), pos, sums if sums is not None else m, sums.stride(0) if sums is not None else 0,
+        HQ=num_heads, HKV=hkv, D=acc.shape[-1], NS=ns, BLOCK_N=block_n, ZERO=sums is not None, PDL=on, num_warps=2,
+        launch_pdl=on)
 
 
 def counters(rows: int, kv_heads: int, device) -> torch.Tensor:
@@ -357,15 +373,17 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
                            k_norm: torch.Tensor | None = None, eps: float = 0.0,
                            scratch: tuple[torch.Tensor, ...] | None = None, splits: int | None = None,
                            count: torch.Tensor | None = None, block_n: int = 64, num_warps: int = 4,
-                           num_stages: int = 2, merge: bool = True) -> torch.Tensor:
+                           num_stages: int = 2, merge: bool = True, sums: bool = False) -> torch.Tensor:
     """rope_cache_write + decode_attention for a decode step whose rows are distinct sequences (cache rows):
     qkv [B, (Hq + 2 Hkv) * D] as the qkv GEMV stored it (not rotated); the new K/V go into the cache at pos,
     and out [B, Hq * D] gets the attention over positions 0..pos. ``merge``: the splits merge in the same
-    kernel (one launch; ``count``: counters(B, Hkv)); else a second kernel merges them."""
+    kernel (one launch; ``count``: counters(B, Hkv)); else a second kernel merges them. ``sums``: qkv is the
+    fp32 buffer a split-K qkv GEMM added into; the second kernel zeroes it (merge=False)."""
     B = qkv.shape[0]
     hkv, D, rep, quant, ns, (m, l, acc) = _checked(B, pos, slot, k_cache, v_cache, num_heads, out, kv_params, scratch,
                                                    splits, block_n)
     assert qkv.stride(-1) == 1 and qkv.shape[1] == (num_heads + 2 * hkv) * D
+    assert not sums or (qkv.dtype == torch.float32 and not merge), "split-K sums: fp32, merged by a second kernel"
     assert cos.dtype == sin.dtype == torch.float32 and cos.shape[1] == D and cos.is_contiguous() and sin.is_contiguous()
     count = count if count is not None else counters(B, hkv, qkv.device)
     assert count.dtype == torch.int32 and count.shape[0] >= B and count.shape[1] == hkv and count.is_contiguous()
@@ -381,5 +399,5 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
         NS=ns, QUANT=quant, QK_NORM=qk_norm, MERGE=merge, FENCE=not INTERPRET, PDL=on, num_warps=num_warps,
         num_stages=num_stages, launch_pdl=on)
     if not merge:
-        _combine(m, l, acc, out, pos, num_heads, ns, block_n, on)
+        _combine(m, l, acc, out, pos, num_heads, ns, block_n, on, qkv if sums else None, hkv)
     return out
