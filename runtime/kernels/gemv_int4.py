@@ -16,6 +16,9 @@ layout's kernel near 1 TB/s). scales fp16 [N, K/G], zeros uint8 [N, K/G]; w = (q
          step's load precedes the wait for the previous kernel (weights are never written).
   _w4_gemm_kernel  BLOCK_M (>= 16) rows per program through tl.dot (a group's words unpack to [BLOCK_N, G]
          in column order); also used for a single row, padded
+  _w4_tc_kernel    the weights as the left tensor-core operand (Hopper's wgmma takes them from registers at
+         BLOCK_N >= 64): one LOP3 makes two fp16 1024 + q of a word's nibbles a and a+4, x is loaded in that
+         (bit-reversed nibble) column order, and up to BLOCK_M rows share one pass over the weights
 Fused around y = h W^T:
   prologue  none:      h = x                                               x: [M, K] activations
             rmsnorm:   h = x * rsqrt(mean(x^2) + eps) * norm_w             x: the fp32 residual [M, K]
@@ -413,14 +416,15 @@ class GemvConfig:
 # 2026-11-22: the step at position 160 went 1273 -> 1063 µs, mostly from 4 rows per program instead of 8; a
 # sweep of each GEMV alone had picked 8); several rows: the same in-graph sweep with 8 rows (--rows 8: the
 # bucket-8 step 1721 -> 1645 µs), then with the tensor-core kernel (--tc --rows 8,1, 2026-11-22): w13 and w2
-# through _w4_tc_kernel, 1650 -> ~1515-1550 µs; for one row it never beat _gemv (w13 1311 against 963 µs).
+# through _w4_tc_kernel, 1650 -> ~1515-1550 µs; for one row it never beat _gemv (w13 1311 against 963 µs);
+# with the fused attention reading the split-K qkv sums, o through it too: 1536 -> 1512-1526 µs.
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (1, 2048, 1536): GemvConfig(8, 1, 2, 1, False, 4),     # qkv
     (1, 1536, 1536): GemvConfig(4, 4, 1, 1, False, 2),     # o
     (1, 17920, 1536): GemvConfig(4, 1, 1, 1, False, 2),    # w13
     (1, 1536, 8960): GemvConfig(4, 4, 1, 1, False, 4),     # w2
     (16, 2048, 1536): GemvConfig(32, 8, 4, 3, True),       # qkv (split-K sums through the rope kernel; norm separate)
-    (16, 1536, 1536): GemvConfig(64, 8, 4, 3, True),       # o
+    (16, 1536, 1536): GemvConfig(128, 8, 8, 1, True, tc=True, xvec=True),    # o
     (16, 17920, 1536): GemvConfig(128, 1, 8, 1, True, tc=True, xvec=True),   # w13 (its RMSNorm a separate kernel)
     (16, 1536, 8960): GemvConfig(128, 16, 8, 1, True, tc=True, xvec=True),   # w2
 }
