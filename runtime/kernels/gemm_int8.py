@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
+from . import INTERPRET, pdl
 from .attention import _int8_as
 
 
@@ -30,6 +30,9 @@ class Int8Config:
 
 # H100, qwen2.5-1.5b head (151936 x 1536), one row: bench/gpu_runtime.py's head sweep (bench/RESULTS.md)
 TUNED_INT8 = Int8Config(64, 128, 4, 4)
+# Triton's interpreter runs programs one after another: wide tiles, few programs (tests/test_gpu_path.py's
+# test_engine_decode_paths on 2 CPU cores: 409 -> 180 s)
+INTERPRETER_INT8 = Int8Config(4096, 128)
 SWEEP_INT8 = [Int8Config(bn, bk, w, st) for bn, bk, w, st in
               ((64, 128, 4, 4), (128, 128, 4, 4), (64, 256, 4, 3), (128, 256, 8, 3), (32, 256, 4, 4), (256, 64, 8, 4),
                (128, 64, 4, 6), (64, 128, 4, 6))]
@@ -73,7 +76,7 @@ def w8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out: t
     assert scales.shape == (N,) and scales.dtype == torch.float32 and scales.is_contiguous()
     assert x.dtype in (torch.float16, torch.bfloat16) and x.stride(-1) == 1
     assert out.shape == (M, N) and out.stride(-1) == 1
-    cfg = config or TUNED_INT8
+    cfg = config or (INTERPRETER_INT8 if INTERPRET else TUNED_INT8)
     block_m = min(64, max(16, triton.next_power_of_2(M)))
     on = pdl(x)
     _w8_kernel[(triton.cdiv(N, cfg.block_n), triton.cdiv(M, block_m))](
