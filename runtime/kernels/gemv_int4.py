@@ -227,6 +227,15 @@ def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
 
 
 @triton.jit
+def _tile(x_ptr, stride_xm, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (n block, K-slice, m block)'s outputs rn [BN] and rows rm [BM] with their masks, and the rows'
+    x pointers [BM, 1]."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rn, rn < N, rm, rm < M, x_ptr + rm[:, None] * stride_xm
+
+
+@triton.jit
 def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym,
                     M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr,
                     ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -234,12 +243,8 @@ def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = rm < M
-    x_rows = x_ptr + rm[:, None] * stride_xm  # [BM, 1]
+    pid_k = tl.program_id(1)
+    rn, n_ok, rm, m_ok, x_rows = _tile(x_ptr, stride_xm, M, N, BLOCK_M, BLOCK_N)
     rstd = tl.full([BLOCK_M, 1], 1.0, tl.float32)
     if PRO == 1:  # first: h is rounded to fp16 / bf16 for tl.dot, so it must be normalized before
         rstd = _rstd(x_rows, m_ok[:, None], K, eps, BLOCK_M, K_POW2, CHUNK)
@@ -350,12 +355,8 @@ def _w4_tc_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, 
     over the weights."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = rm < M
-    x_rows = x_ptr + rm[:, None] * stride_xm  # [BM, 1]
+    pid_k = tl.program_id(1)
+    rn, n_ok, rm, m_ok, x_rows = _tile(x_ptr, stride_xm, M, N, BLOCK_M, BLOCK_N)
     g_lo, g_hi = _slice(K, SPLIT_K, pid_k, G)
     # the first weights do not depend on the previous kernel: with PDL they load before waiting for it
     w, s, z = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g_lo, g_hi, GPI, G)
