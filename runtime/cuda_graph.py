@@ -1,6 +1,6 @@
 """Decode steps as CUDA graphs: GpuTransformer.decode_step captured once per batch bucket.
 
-    graphs = DecodeGraphs(model, cache)           # buffers for up to max(cache.batch, PREFILL_ROWS) rows
+    graphs = DecodeGraphs(model, cache)           # buffers for up to max(cache.batch, pack_rows) rows
     logits = graphs.step_host([tok], [pos], [0])  # one step for cache row 0 -> [1, V] (a view, valid until next step)
     logits = graphs.prefill(prompts, starts, rows)  # short prompts as packed steps -> [n, V] last-token logits
     for t in graphs.greedy_stream(tok, pos, n):   # n greedy steps of row 0 on the device -> the n next tokens
@@ -82,6 +82,8 @@ class DecodeBuffers:
 
 BURST = 8  # greedy steps per graph launch (runtime/engine.py streams their tokens as they arrive)
 PREFILL_ROWS = 64  # prompts up to this many tokens are prefilled as one decode step (rows = tokens)
+PACK_ROWS = 256  # several short prompts (generate_batch) are packed into steps of up to this many rows, when
+# the cache holds that many prompts' worth (a step's fixed cost, ~1.5 ms of kernel-to-kernel latency, is paid once)
 
 
 def default_buckets(rows: int) -> list[int]:
@@ -98,7 +100,8 @@ class DecodeGraphs:
         self.model, self.cache, self.use_graphs = model, cache, use_graphs
         self.rows = cache.batch
         self.prefill_rows = prefill_rows
-        self.buckets = sorted(set(buckets or default_buckets(max(self.rows, prefill_rows))))
+        self.pack_rows = min(PACK_ROWS, max(prefill_rows, self.rows * prefill_rows))
+        self.buckets = sorted(set(buckets or default_buckets(max(self.rows, self.pack_rows))))
         assert self.buckets[-1] >= self.rows, f"buckets {self.buckets} do not reach {self.rows} rows"
         dev = cache.k[0].device
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -239,12 +242,12 @@ class DecodeGraphs:
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], starts: list[int], rows: list[int]) -> torch.Tensor:
         """Feed prompts[j] into cache row rows[j] from position starts[j], packed into decode steps of up to
-        prefill_rows rows (a prompt may span steps: its earlier positions go first) -> each prompt's
+        pack_rows rows (a prompt may span steps: its earlier positions go first) -> each prompt's
         next-token logits after its last token, [n, V] float32."""
         flat = [(tok, starts[j] + i, rows[j], j if i == len(p) - 1 else -1)
                 for j, p in enumerate(prompts) for i, tok in enumerate(p)]
         out = torch.empty(len(prompts), self.model.cfg.vocab_size, device=self.bufs.logits.device)
-        step = self.prefill_rows
+        step = min(self.pack_rows, self.buckets[-1])
         for c in range(0, len(flat), step):
             part = flat[c:c + step]
             logits = self.step_host([f[0] for f in part], [f[1] for f in part], [f[2] for f in part])
