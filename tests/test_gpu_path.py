@@ -178,6 +178,13 @@ def test_engine_decode_paths(w4kv, monkeypatch):
     assert not qkv.accumulates(2)
     assert gpu.generate_batch(two, gen) == stepwise_batch(gpu, two, n)
     monkeypatch.setitem(gemv_int4.TUNED, (16, qkv.out_features, qkv.in_features), GemvConfig(32, 2))
+    # packed prefill whose steps hold 8 rows: the 9-token prompt spans two steps (its first positions go first),
+    # against each prompt prefilled alone
+    small = DecodeGraphs(gpu.model, gpu.cache, use_graphs=CUDA, prefill_rows=2)
+    assert small.pack_rows == 8
+    packed = small.prefill(two, [0, 0], [0, 1])
+    alone = torch.cat([gpu._prefill(p, 0, j) for j, p in enumerate(two)])
+    assert rel(packed.cpu(), alone.cpu()) < 5e-3
     gpu.decoder.burst = 8
     # three rows prefilled, then one step with rows in another order and at their own positions
     x, pos = ids((3, 8), 6), torch.arange(8).expand(3, 8)
