@@ -195,9 +195,9 @@ class DecodeGraphs:
                     rows: list[int] | None = None) -> Iterator[list[int]]:
         """Greedy decoding of several sequences at once: row j feeds tokens[j] at positions[j] into cache row
         rows[j] (default j; the rows distinct), then each step's argmax, for ``steps`` steps -> each step's
-        tokens (a list per step). The steps run in bursts of BURST on the device; the next burst is launched before the host
-        reads the last one's tokens, so up to two bursts past the caller's last read are computed (and
-        written into the cache) anyway."""
+        tokens (a list per step). The steps run in bursts of BURST on the device; the next burst is launched
+        before the host reads the last one's tokens, so up to two bursts past the caller's last read are
+        computed (and written into the cache) anyway."""
         n = len(tokens)
         if steps <= 0:
             return
