@@ -161,7 +161,7 @@ class GpuTransformer(nn.Module):
         qkv, attn, ffn = bufs.qkv[:b], bufs.attn[:b], bufs.ffn[:b]
         kvp = self.kv_params(cache)
         for i, blk in enumerate(self.layers):
-            acc = bufs.qkv_acc[:b] if blk.wqkv.accumulates(b) else None  # split-K sums, read and zeroed by rope
+            acc = bufs.qkv_acc[:b] if blk.wqkv.accumulates(b) else None  # split-K sums (zeroed after reading)
             blk.wqkv.run(x, qkv if acc is None else acc, prologue="rmsnorm", norm_weight=blk.attention_norm,
                          eps=self.eps, epilogue="store" if acc is None else "residual")
             merge = FUSED_ATTENTION == "one"

@@ -424,7 +424,7 @@ TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (1, 1536, 1536): GemvConfig(4, 4, 1, 1, False, 2),     # o
     (1, 17920, 1536): GemvConfig(4, 1, 1, 1, False, 2),    # w13
     (1, 1536, 8960): GemvConfig(4, 4, 1, 1, False, 4),     # w2
-    (16, 2048, 1536): GemvConfig(32, 8, 4, 3, True),       # qkv (split-K sums through the rope kernel; norm separate)
+    (16, 2048, 1536): GemvConfig(32, 8, 4, 3, True),       # qkv (split-K sums read by the attention; norm separate)
     (16, 1536, 1536): GemvConfig(128, 8, 8, 1, True, tc=True, xvec=True),    # o
     (16, 17920, 1536): GemvConfig(128, 1, 8, 1, True, tc=True, xvec=True),   # w13 (its RMSNorm a separate kernel)
     (16, 1536, 8960): GemvConfig(128, 16, 8, 1, True, tc=True, xvec=True),   # w2
@@ -492,25 +492,24 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
                   num_stages=cfg.num_stages, PDL=on, launch_pdl=on)
     weights = (words, scales, zeros, words.stride(0), scales.stride(0))
     n_blocks = triton.cdiv(N, cfg.block_n)
-    if cfg.tc:
-        block_m = min(64, max(16, _pow2_at_least(M)))
-        k_pow2 = triton.next_power_of_2(K)
-        _w4_tc_kernel[(n_blocks, cfg.split_k, triton.cdiv(M, block_m))](
-            x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), M, N, K, cfg.split_k, BLOCK_M=block_m,
-            K_POW2=k_pow2, CHUNK=min(k_pow2, 4096 // block_m), ASM=not INTERPRET, GPI=cfg.gpi, XVEC=cfg.xvec,
-            **common)
-    elif not cfg.dot:  # one program per row and block of outputs (several rows re-read the weights from L2)
+    if not (cfg.dot or cfg.tc):  # one program per row and block of outputs (several rows re-read the weights from L2)
         assert pro != 1 or cfg.split_k == 1, "_gemv with RMSNorm: the norm is applied at the end, no split-K"
         assert (group // 8) % cfg.v == 0 and (32 * cfg.num_warps) % (group // 8 // cfg.v) == 0, f"v={cfg.v}, group {group}"
         _w4_gemv_kernel[(n_blocks, cfg.split_k, M)](x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), N, K,
                                                     cfg.split_k, V=cfg.v, C=32 * cfg.num_warps, ASM=not INTERPRET,
                                                     **common)
-    else:  # the RMSNorm pass takes [BLOCK_M, CHUNK] elements at a time: 32 per thread with 4 warps
-        block_m = min(64, max(16, _pow2_at_least(M)))
-        k_pow2 = triton.next_power_of_2(K)
-        _w4_gemm_kernel[(n_blocks, cfg.split_k, triton.cdiv(M, block_m))](
-            x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), M, N, K, cfg.split_k, BLOCK_M=block_m,
-            K_POW2=k_pow2, CHUNK=min(k_pow2, 4096 // block_m), **common)
+        return out
+    # the tl.dot kernels: BLOCK_M rows per program; the RMSNorm pass takes [BLOCK_M, CHUNK] elements at a time
+    # (32 per thread with 4 warps)
+    block_m = min(64, max(16, _pow2_at_least(M)))
+    k_pow2 = triton.next_power_of_2(K)
+    grid = (n_blocks, cfg.split_k, triton.cdiv(M, block_m))
+    args = (x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), M, N, K, cfg.split_k)
+    tiles = dict(BLOCK_M=block_m, K_POW2=k_pow2, CHUNK=min(k_pow2, 4096 // block_m))
+    if cfg.tc:
+        _w4_tc_kernel[grid](*args, **tiles, ASM=not INTERPRET, GPI=cfg.gpi, XVEC=cfg.xvec, **common)
+    else:
+        _w4_gemm_kernel[grid](*args, **tiles, **common)
     return out
 
 
