@@ -81,6 +81,17 @@ def rows_step_us(eng, rows: int, position: int, reps: int = 50) -> float:
     return start.elapsed_time(end) * 1000 / reps
 
 
+def row_counts(text: str) -> list[int]:
+    """--rows: one count or a comma list of counts >= 1."""
+    try:
+        counts = [int(r) for r in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give row counts >= 1, e.g. 1 or 1,8")
+    return counts
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=".carry/configs/qwen2.5-1.5b.json")
@@ -89,7 +100,7 @@ def main():
     ap.add_argument("--roles", default="w13,w2,qkv,o")
     ap.add_argument("--position", type=int, default=160, help="the step's position (the protocol run's mean)")
     ap.add_argument("--passes", type=int, default=2)
-    ap.add_argument("--rows", default="1", help="the step's rows (1, or several: tl.dot configs, bucket 16); "
+    ap.add_argument("--rows", default=[1], type=row_counts, help="the step's rows (1, or several: tl.dot configs, bucket 16); "
                     "a comma list sweeps each in turn")
     ap.add_argument("--tc", action="store_true", help="sweep the tensor-core kernel's configs (_w4_tc_kernel)")
     ap.add_argument("--budget-s", type=float, default=420, help="stop sweeping a row count after this many seconds")
@@ -98,7 +109,7 @@ def main():
     path = (lambda p: Path(p) if Path(p).is_absolute() else ROOT / p)
     cfg = json.loads(path(args.config).read_text())
     spaces = build_workspaces(cfg, str(path(args.tokenizer)), Path(args.work) / "model", 4608, 8, 128, "cuda")
-    for rows in (int(r) for r in args.rows.split(",")):
+    for rows in args.rows:
         sweep(args, spaces, rows, time.perf_counter())
 
 
