@@ -45,15 +45,16 @@ def candidates(role: str, group: int, split: int, rows: int, tc: bool = False) -
     """One row: _gemv shapes (rows per program x words per thread x warps) at the given split-K (a first
     sweep also tried 16 rows, 4 warps and 8 words per thread: never better, often far worse). Several rows:
     _gemm (tl.dot) tiles x warps x pipeline stages. ``tc``: _w4_tc_kernel tiles (>= 64 rows: wgmma) x warps
-    x stages, for any number of rows."""
+    x x's load order x how far ahead the weights load, for any number of rows."""
     if rows > 1:  # also the GEMV with a program per row (its RMSNorm fused; split-K only with += residual)
         gemv = [GemvConfig(bn, split if role in RESIDUAL else 1, w, 1, False, v) for bn in (4, 8) for v in (2, 4)
                 for w in (1, 2)]
     else:
         gemv = []
-    if tc:
-        return gemv + [GemvConfig(bn, split, w, 1, True, tc=True, gpi=gpi, xvec=xv)
-                       for bn, w in ((64, 4), (128, 4), (128, 8)) for gpi in (1, 2) for xv in (False, True)]
+    if tc:  # (a first sweep also tried 128 rows with 4 warps and two groups per step: never the best)
+        return gemv + [GemvConfig(bn, split, w, 1, True, tc=True, xvec=xv, pf=pf)
+                       for bn, w in ((64, 4), (128, 8)) for xv in (False, True) for pf in (1, 2, 3)] + [
+            GemvConfig(128, split, 8, st, True, tc=True, xvec=True, pf=pf) for st in (2, 3) for pf in (1, 3)]
     if rows > 1:
         return gemv + [GemvConfig(bn, split, w, st, True) for bn in (16, 32, 64, 128) for w in (4, 8) for st in (3, 4)]
     wg = group // 8
@@ -148,7 +149,7 @@ def sweep(args, spaces, rows: int, t_start: float) -> None:
             splittable = role in RESIDUAL or (rows > 1 and role == "qkv")  # several rows: qkv sums through rope
             if splittable and current is not None:
                 cands += [replace(current, split_k=s)
-                          for s in (1, 2, 4, 8, 16) if s != split and lin0.in_features // lin0.group >= 2 * s]
+                          for s in (1, 2, 4, 8, 16, 32) if s != split and lin0.in_features // lin0.group >= 2 * s]
             for c in cands:
                 if time.perf_counter() - t_start > args.budget_s:
                     break

@@ -64,6 +64,9 @@ GEMV_CASES = {
     "wide-2-rows-bias": (2, 160, 256, 64, "none", "store", True, GemvConfig(64)),
     "wide-2-groups-per-step-x-in-order": (1, 128, 640, 64, "rmsnorm", "store", False, GemvConfig(64, gpi=2, xvec=True)),
     "wide-2-groups-per-step-split": (3, 128, 640, 64, "none", "residual", False, GemvConfig(64, 2, gpi=2)),
+    # weights loaded 2 / 3 steps ahead: slices of 2 and 3 groups (the loads past a slice's end are masked)
+    "wide-prefetch-2-split": (8, 192, 640, 64, "none", "residual", False, GemvConfig(64, 4, pf=2, xvec=True)),
+    "wide-prefetch-3-rmsnorm-silu": (5, 256, 384, 64, "rmsnorm", "silu", False, GemvConfig(128, num_warps=8, pf=3)),
 }
 
 

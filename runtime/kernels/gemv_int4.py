@@ -347,10 +347,11 @@ def _w4_tc_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, 
                   M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr, ATOMIC: tl.constexpr,
                   HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   K_POW2: tl.constexpr, CHUNK: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
-                  GPI: tl.constexpr = 1, XVEC: tl.constexpr = False):
+                  GPI: tl.constexpr = 1, XVEC: tl.constexpr = False, PF: tl.constexpr = 1):
     """Tensor cores with the weights as the left operand: y^T [BLOCK_N, BLOCK_M] += W [BLOCK_N, GPI*G] x^T per
     GPI groups, W = (1024 + q - (1024 + z)) * s dequantized in registers from _halves (exact difference, one
-    rounding), x in _halves' column order; the next step's weights and x load before this step's arithmetic.
+    rounding), x in _halves' column order; the weights PF steps ahead (PF = 1, 2, 3: up to three steps' words
+    in flight, a few registers each) and the next step's x load before this step's arithmetic.
     BLOCK_N >= 64 gives Hopper's wgmma with the weights from registers; the rows up to BLOCK_M share one pass
     over the weights."""
     if PDL:
@@ -360,6 +361,12 @@ def _w4_tc_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, 
     g_lo, g_hi = _slice(K, SPLIT_K, pid_k, G)
     # the first weights do not depend on the previous kernel: with PDL they load before waiting for it
     w, s, z = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g_lo, g_hi, GPI, G)
+    w1, s1, z1 = w, s, z
+    w2, s2, z2 = w, s, z
+    if PF >= 2:
+        w1, s1, z1 = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g_lo + GPI, g_hi, GPI, G)
+    if PF >= 3:
+        w2, s2, z2 = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g_lo + 2 * GPI, g_hi, GPI, G)
     if PDL:
         tl.extra.cuda.gdc_wait()
     rstd = tl.full([BLOCK_M, 1], 1.0, tl.float32)
@@ -368,7 +375,7 @@ def _w4_tc_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, 
     x, nw = _tc_x(x_rows, m_ok[:, None], nw_ptr, g_lo, g_hi, PRO, GPI, G, XVEC)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for g in range(g_lo, g_hi, GPI):
-        w_n, s_n, z_n = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g + GPI, g_hi, GPI, G)
+        w_n, s_n, z_n = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g + PF * GPI, g_hi, GPI, G)
         x_n, nw_n = _tc_x(x_rows, m_ok[:, None], nw_ptr, g + GPI, g_hi, PRO, GPI, G, XVEC)
         h = _halves(w, ASM)                                                     # [BN, GPI*G] fp16 1024 + q
         zh = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)            # 1024 + z  [BN, GPI]
@@ -381,7 +388,13 @@ def _w4_tc_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, 
             acc += tl.dot(wd, tl.trans(x.to(tl.bfloat16)))
         else:
             acc += tl.dot((h - zh) * se, tl.trans(x.to(tl.float16)))
-        w, s, z, x, nw = w_n, s_n, z_n, x_n, nw_n
+        if PF == 1:
+            w, s, z = w_n, s_n, z_n
+        elif PF == 2:
+            w, s, z, w1, s1, z1 = w1, s1, z1, w_n, s_n, z_n
+        else:
+            w, s, z, w1, s1, z1, w2, s2, z2 = w1, s1, z1, w2, s2, z2, w_n, s_n, z_n
+        x, nw = x_n, nw_n
     _epilogue(tl.trans(acc), y_ptr, stride_ym, rm, m_ok, b_ptr, rn, n_ok, pid_k, EPI, ATOMIC, HAS_BIAS, ACT_BF16)
 
 
@@ -410,6 +423,7 @@ class GemvConfig:
     tc: bool = False      # _w4_tc_kernel (weights as the left tensor-core operand) rather than _gemv / _gemm
     gpi: int = 1          # _w4_tc_kernel: groups per step
     xvec: bool = False    # _w4_tc_kernel: x loaded in column order and reordered in registers (else gathered)
+    pf: int = 1           # _w4_tc_kernel: how many steps ahead the weights load (1 to 3)
 
 
 # Per-shape choices on the H100: {(M bucket, N, K): config}. Shapes not listed use ``default_config``.
@@ -418,7 +432,9 @@ class GemvConfig:
 # sweep of each GEMV alone had picked 8); several rows: the same in-graph sweep with 8 rows (--rows 8: the
 # bucket-8 step 1721 -> 1645 µs), then with the tensor-core kernel (--tc --rows 8,1, 2026-11-22): w13 and w2
 # through _w4_tc_kernel, 1650 -> ~1515-1550 µs; for one row it never beat _gemv (w13 1311 against 963 µs);
-# with the fused attention reading the split-K qkv sums, o through it too: 1536 -> 1512-1526 µs.
+# with the fused attention reading the split-K qkv sums, o through it too: 1536 -> 1512-1526 µs; w2's weights
+# loaded three steps ahead (pf=3): 1524 -> 1496-1512 µs (pf never helped w13, o or one row; Triton's own
+# pipelining, num_stages 2 / 3, neither).
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (1, 2048, 1536): GemvConfig(8, 1, 2, 1, False, 4),     # qkv
     (1, 1536, 1536): GemvConfig(4, 4, 1, 1, False, 2),     # o
@@ -427,7 +443,7 @@ TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (16, 2048, 1536): GemvConfig(32, 8, 4, 3, True),       # qkv (split-K sums read by the attention; norm separate)
     (16, 1536, 1536): GemvConfig(128, 8, 8, 1, True, tc=True, xvec=True),    # o
     (16, 17920, 1536): GemvConfig(128, 1, 8, 1, True, tc=True, xvec=True),   # w13 (its RMSNorm a separate kernel)
-    (16, 1536, 8960): GemvConfig(128, 16, 8, 1, True, tc=True, xvec=True),   # w2
+    (16, 1536, 8960): GemvConfig(128, 16, 8, 1, True, tc=True, xvec=True, pf=3),   # w2
 }
 
 
@@ -507,7 +523,8 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
     args = (x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), M, N, K, cfg.split_k)
     tiles = dict(BLOCK_M=block_m, K_POW2=k_pow2, CHUNK=min(k_pow2, 4096 // block_m))
     if cfg.tc:
-        _w4_tc_kernel[grid](*args, **tiles, ASM=not INTERPRET, GPI=cfg.gpi, XVEC=cfg.xvec, **common)
+        assert 1 <= cfg.pf <= 3, f"pf={cfg.pf}: the weights load 1 to 3 steps ahead"
+        _w4_tc_kernel[grid](*args, **tiles, ASM=not INTERPRET, GPI=cfg.gpi, XVEC=cfg.xvec, PF=cfg.pf, **common)
     else:
         _w4_gemm_kernel[grid](*args, **tiles, **common)
     return out
