@@ -1,0 +1,160 @@
+"""Decode step time by attention merge mode, rows and context; the kernels of one step (issue 5).
+
+    python bench/gpu_step_probe.py                       # qwen2.5-1.5b config, W4A16 (RTN g128) + KV int8
+    python bench/gpu_step_probe.py --modes two,one --positions 32,160,288,4160
+
+For each gpu_model.FUSED_ATTENTION mode: the graph step (µs) of one row and of ``--rows`` distinct rows (the
+greedy graph generate_batch replays) at each position, then the protocol's decode (32-token prompt, 256 new
+tokens, median of 3) at batch 1 and batch ``--rows``, and their ratio; the logits of one step from a fixed
+state are compared with the first mode's. Last, a profile of one eager step of one row and of ``--rows`` rows
+(the last mode's): device time per kernel, summed by name, and the first layer's kernels in order. Writes
+bench/results/gpu_step_probe.json and prints the table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import provenance, write_result  # noqa: E402
+from gpu_graph_sweep import row_counts, rows_step_us  # noqa: E402
+from gpu_micro import log  # noqa: E402
+from gpu_rows import build_workspaces, graph_step_us, median_time, rand_ids  # noqa: E402
+
+from qconv.runtime import gpu_model  # noqa: E402
+from qconv.runtime.cuda_graph import DecodeGraphs  # noqa: E402
+from qconv.runtime.engine import Engine  # noqa: E402
+from qconv.runtime.generation import GenerationConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def modes(text: str) -> list[str]:
+    """--modes: a comma list of gpu_model.FUSED_ATTENTION modes."""
+    out = [m for m in text.split(",") if m]
+    bad = [m for m in out if m not in ("one", "two", "three")]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: give modes from one, two, three, e.g. two,one")
+    return out
+
+
+def fixed_logits(eng, rows: int, position: int) -> torch.Tensor:
+    """The logits of one greedy step of ``rows`` rows from a fixed state (zeroed caches, token 11)."""
+    for t in (*eng.cache.k, *eng.cache.v):
+        t.zero_()
+    dec = eng.decoder
+    b = dec.bucket(rows)
+    if b not in dec.greedy_graphs:
+        dec._capture_greedy(b)
+    dec._upload([11] * rows, [position] * rows, list(range(rows)))
+    dec.greedy_graphs[b].replay()
+    torch.cuda.synchronize()
+    return dec.bufs.logits[:rows].float().clone()
+
+
+def decode_rates(eng, rows: int, runs: int = 3) -> tuple[float, float]:
+    """The protocol's decode: tok/s at batch 1 and at batch ``rows`` (32-token prompts, 256 new tokens)."""
+    gen = GenerationConfig(max_new_tokens=256, temperature=0.0, stop_ids=())
+    V = eng.cfg.vocab_size
+    prompt = rand_ids(32, V, 1)
+    prompts = [rand_ids(32, V, 10 + j) for j in range(rows)]
+
+    def one():
+        eng.reset()
+        assert sum(1 for _ in eng.generate(prompt, gen)) == 256
+
+    def batch():
+        assert [len(a) for a in eng.generate_batch(prompts, gen)] == [256] * rows
+    one()
+    batch()  # warm-up: captures
+    return 256 / median_time(one, runs), rows * 256 / median_time(batch, runs)
+
+
+def profile_rows(eng, rows: int, position: int) -> dict:
+    """Device time per kernel of one eager greedy step of ``rows`` distinct rows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dec = eng.decoder
+    dec._upload([11] * rows, [position] * rows, list(range(rows)))
+    b = dec.bucket(rows)
+    torch.cuda.synchronize()
+    steps = 3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.model.decode_step(dec.bufs, b, dec.cache, distinct=True)
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if str(e.device_type).endswith("CUDA")), key=lambda e: e.time_range.start)
+    totals: dict[str, float] = {}
+    for e in kernels:
+        totals[e.name[:40]] = totals.get(e.name[:40], 0.0) + e.time_range.elapsed_us() / steps
+    per_step = len(kernels) // steps
+    return {"rows": rows, "bucket": b, "kernels_per_step": per_step, "kernel_us_per_step": sum(totals.values()),
+            "top": dict(sorted(totals.items(), key=lambda kv: -kv[1])[:10]),
+            "first_layer": [(e.name[:32], round(e.time_range.elapsed_us(), 1)) for e in kernels[2:9]]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=".carry/configs/qwen2.5-1.5b.json")
+    ap.add_argument("--tokenizer", default=".carry/qwen-tokenizer")
+    ap.add_argument("--work", default="/tmp/qconv-gpu-bench")
+    ap.add_argument("--modes", default=["two", "one"], type=modes, help="gpu_model.FUSED_ATTENTION modes, in turn")
+    ap.add_argument("--rows", default=8, type=int, help="the several-row step's rows (the batch of the ratio)")
+    ap.add_argument("--positions", default=[32, 160, 288, 1024, 4160], type=row_counts,
+                    help="the steps' positions, a comma list")
+    ap.add_argument("--no-decode", action="store_true", help="only the graph steps (no protocol decode runs)")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    path = (lambda p: Path(p) if Path(p).is_absolute() else ROOT / p)
+    cfg = json.loads(path(args.config).read_text())
+    spaces = build_workspaces(cfg, str(path(args.tokenizer)), Path(args.work) / "model", 4608, max(8, args.rows), 128,
+                              "cuda")
+    eng = Engine.from_workspace(spaces["W4A16 + KV int8"], device="cuda", verify=False, batch_size=args.rows)
+    res = {**provenance(), "rows": args.rows, "modes": {}}
+    ref = None
+    for mode in args.modes:
+        gpu_model.FUSED_ATTENTION = mode
+        eng.decoder = eng.model.decoder = DecodeGraphs(eng.model, eng.cache)
+        r = {"step_us_1": {}, f"step_us_{args.rows}": {}}
+        for p in args.positions:
+            r["step_us_1"][p] = graph_step_us(eng, p, reps=100)
+            r[f"step_us_{args.rows}"][p] = rows_step_us(eng, args.rows, p, reps=100)
+            log(f"  {mode} @ {p}: 1 row {r['step_us_1'][p]:.1f} µs, {args.rows} rows "
+                f"{r[f'step_us_{args.rows}'][p]:.1f} µs")
+        logits = fixed_logits(eng, args.rows, 160)
+        ref = logits if ref is None else ref
+        r["rel_err_vs_first"] = float((logits - ref).norm() / ref.norm())
+        if not args.no_decode:
+            r["bs1_tok_s"], r["bsN_tok_s"] = decode_rates(eng, args.rows)
+            r["ratio"] = r["bsN_tok_s"] / r["bs1_tok_s"]
+            log(f"  {mode}: bs1 {r['bs1_tok_s']:.1f}, bs{args.rows} {r['bsN_tok_s']:.1f} tok/s ({r['ratio']:.2f}x)")
+        res["modes"][mode] = r
+    res["profile"] = profile_rows(eng, args.rows, 160)
+    res["profile_1"] = profile_rows(eng, 1, 160)
+    res["wall_s"] = time.perf_counter() - t0
+    out = write_result("gpu_step_probe", res)
+    if (o := __import__("os").environ.get("OUT")):
+        Path(o, out.name).write_text(out.read_text())
+    for key in ("profile_1", "profile"):
+        pr = res[key]
+        print(f"\n{pr['rows']} rows (bucket {pr['bucket']}): {pr['kernels_per_step']} kernels, "
+              f"{pr['kernel_us_per_step']:.0f} µs of kernel time per step (eager)")
+        for name, us in pr["top"].items():
+            print(f"  {us:8.1f}  {name}")
+        print("  first layer: " + ", ".join(f"{n} {t}" for n, t in pr["first_layer"]))
+    print("\n| mode | rows | " + " | ".join(f"@{p}" for p in args.positions) + " | bs1 tok/s | bsN tok/s | ratio | rel err |")
+    print("|---" * (len(args.positions) + 6) + "|")
+    for mode, r in res["modes"].items():
+        for n in (1, args.rows):
+            print(f"| {mode} | {n} | " + " | ".join(f"{r[f'step_us_{n}'][p]:.1f}" for p in args.positions) +
+                  f" | {r.get('bs1_tok_s', float('nan')):.1f} | {r.get('bsN_tok_s', float('nan')):.1f} | "
+                  f"{r.get('ratio', float('nan')):.3f} | {r['rel_err_vs_first']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
