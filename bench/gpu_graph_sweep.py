@@ -51,7 +51,7 @@ def candidates(role: str, group: int, split: int, rows: int, tc: bool = False) -
                 for w in (1, 2)]
     else:
         gemv = []
-    if tc:  # (a first sweep also tried 128 rows with 4 warps and two groups per step: never the best)
+    if tc:  # (a first sweep also tried 128 outputs per program with 4 warps, and two groups per step: never best)
         return gemv + [GemvConfig(bn, split, w, 1, True, tc=True, xvec=xv, pf=pf)
                        for bn, w in ((64, 4), (128, 8)) for xv in (False, True) for pf in (1, 2, 3)] + [
             GemvConfig(128, split, 8, st, True, tc=True, xvec=True, pf=pf) for st in (2, 3) for pf in (1, 3)]
