@@ -88,7 +88,8 @@ def profile_rows(eng, rows: int, position: int) -> dict:
         for _ in range(steps):
             eng.model.decode_step(dec.bufs, b, dec.cache, distinct=True)
         torch.cuda.synchronize()
-    kernels = sorted((e for e in prof.events() if str(e.device_type).endswith("CUDA")), key=lambda e: e.time_range.start)
+    kernels = sorted((e for e in prof.events() if str(e.device_type).endswith("CUDA")),
+                     key=lambda e: e.time_range.start)
     totals: dict[str, float] = {}
     for e in kernels:
         totals[e.name[:40]] = totals.get(e.name[:40], 0.0) + e.time_range.elapsed_us() / steps
@@ -147,7 +148,8 @@ def main():
         for name, us in pr["top"].items():
             print(f"  {us:8.1f}  {name}")
         print("  first layer: " + ", ".join(f"{n} {t}" for n, t in pr["first_layer"]))
-    print("\n| mode | rows | " + " | ".join(f"@{p}" for p in args.positions) + " | bs1 tok/s | bsN tok/s | ratio | rel err |")
+    print("\n| mode | rows | " + " | ".join(f"@{p}" for p in args.positions)
+          + " | bs1 tok/s | bsN tok/s | ratio | rel err |")
     print("|---" * (len(args.positions) + 6) + "|")
     for mode, r in res["modes"].items():
         for n in (1, args.rows):
