@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -27,7 +28,18 @@ def machine() -> str:
 
 
 def provenance() -> dict:
-    root = Path(__file__).resolve().parent.parent
+    """Date, machine, commit and command of a run. QCONV_COMMIT names the commit where git cannot (a copy of
+    the tree on a lent device machine carries stale git metadata): export QCONV_COMMIT=$(git rev-parse --short
+    HEAD) here, pass it in the device command."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "commit": os.environ.get("QCONV_COMMIT") or _git_commit(Path(__file__).resolve().parent.parent),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def _git_commit(root: Path) -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                                 text=True).stdout.strip() or "unknown"
@@ -36,12 +48,7 @@ def provenance() -> dict:
             commit += "+dirty"
     except OSError:
         commit = "unknown"
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
-        "commit": commit,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
+    return commit
 
 
 def write_result(name: str, payload: dict) -> Path:
