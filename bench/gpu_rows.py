@@ -40,6 +40,27 @@ def median_time(fn, runs: int = 3) -> float:
     return statistics.median(times)
 
 
+def profile_kernels(step, steps: int = 3, top: int = 12) -> dict:
+    """Device time per kernel of ``step()`` (eager launches, under torch.profiler), over ``steps`` calls: kernels
+    per call, their total µs per call, the ``top`` kernel names by time, and one call's kernels in order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if str(e.device_type).endswith("CUDA")),
+                     key=lambda e: e.time_range.start)
+    totals: dict[str, float] = {}
+    for e in kernels:
+        totals[e.name[:60]] = totals.get(e.name[:60], 0.0) + e.time_range.elapsed_us() / steps
+    per_step = len(kernels) // steps
+    return {"kernels_per_step": per_step, "kernel_us_per_step": sum(totals.values()),
+            "top": dict(sorted(totals.items(), key=lambda kv: -kv[1])[:top]),
+            "sequence": [(e.name[:40], round(e.time_range.elapsed_us(), 1)) for e in kernels[:per_step]]}
+
+
 def rand_ids(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(100, vocab - 100, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import provenance, write_result  # noqa: E402
 from gpu_micro import bench_attention, bench_linears, log, print_tuned, tuned_from_json, tuned_json  # noqa: E402
-from gpu_rows import build_workspaces, gate, graph_step_us, measure_hf, measure_row  # noqa: E402
+from gpu_rows import build_workspaces, gate, graph_step_us, measure_hf, measure_row, profile_kernels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOL = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -285,31 +285,17 @@ def variants(eng, plan) -> dict:
 def profile_step(eng, position: int) -> dict:
     """Device time per kernel of one bucket-1 decode step (eager, under torch.profiler): totals by kernel
     name and the first layer's sequence (its kernels in order, so the GEMV roles can be told apart)."""
-    from torch.profiler import ProfilerActivity, profile
-
     try:
         dec = eng.decoder
         dec.step_host([11], [position])
-        torch.cuda.synchronize()
-        steps = 3
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                eng.model.decode_step(dec.bufs, 1, dec.cache)
-            torch.cuda.synchronize()
-        kernels = sorted((e for e in prof.events() if str(e.device_type).endswith("CUDA")),
-                         key=lambda e: e.time_range.start)
-        totals: dict[str, float] = {}
-        for e in kernels:
-            totals[e.name[:60]] = totals.get(e.name[:60], 0.0) + e.time_range.elapsed_us() / steps
-        per_step = len(kernels) // steps
-        first = [(e.name[:40], round(e.time_range.elapsed_us(), 1)) for e in kernels[:min(per_step, 12)]]
-        top = dict(sorted(totals.items(), key=lambda kv: -kv[1])[:12])
-        log(f"    profile: {per_step} kernels per step, {sum(totals.values()):.0f} µs of kernel time per step")
-        for name, us in top.items():
+        p = profile_kernels(lambda: eng.model.decode_step(dec.bufs, 1, dec.cache))
+        first = p.pop("sequence")[:12]
+        log(f"    profile: {p['kernels_per_step']} kernels per step, {p['kernel_us_per_step']:.0f} µs of kernel time "
+            f"per step")
+        for name, us in p["top"].items():
             log(f"      {us:8.1f} µs/step  {name}")
         log("    first kernels of a step: " + ", ".join(f"{n} {t}" for n, t in first))
-        return {"kernels_per_step": per_step, "kernel_us_per_step": sum(totals.values()), "top": top,
-                "first_kernels": first}
+        return {**p, "first_kernels": first}
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         return {"error": f"{type(e).__name__}: {e}"}

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import provenance, write_result  # noqa: E402
 from gpu_graph_sweep import row_counts, rows_step_us  # noqa: E402
 from gpu_micro import log  # noqa: E402
-from gpu_rows import build_workspaces, graph_step_us, median_time, rand_ids  # noqa: E402
+from gpu_rows import build_workspaces, graph_step_us, median_time, profile_kernels, rand_ids  # noqa: E402
 
 from qconv.runtime import gpu_model  # noqa: E402
 from qconv.runtime.cuda_graph import DecodeGraphs  # noqa: E402
@@ -77,26 +77,12 @@ def decode_rates(eng, rows: int, runs: int = 3) -> tuple[float, float]:
 
 def profile_rows(eng, rows: int, position: int) -> dict:
     """Device time per kernel of one eager greedy step of ``rows`` distinct rows."""
-    from torch.profiler import ProfilerActivity, profile
-
     dec = eng.decoder
     dec._upload([11] * rows, [position] * rows, list(range(rows)))
     b = dec.bucket(rows)
-    torch.cuda.synchronize()
-    steps = 3
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            eng.model.decode_step(dec.bufs, b, dec.cache, distinct=True)
-        torch.cuda.synchronize()
-    kernels = sorted((e for e in prof.events() if str(e.device_type).endswith("CUDA")),
-                     key=lambda e: e.time_range.start)
-    totals: dict[str, float] = {}
-    for e in kernels:
-        totals[e.name[:40]] = totals.get(e.name[:40], 0.0) + e.time_range.elapsed_us() / steps
-    per_step = len(kernels) // steps
-    return {"rows": rows, "bucket": b, "kernels_per_step": per_step, "kernel_us_per_step": sum(totals.values()),
-            "top": dict(sorted(totals.items(), key=lambda kv: -kv[1])[:10]),
-            "first_layer": [(e.name[:32], round(e.time_range.elapsed_us(), 1)) for e in kernels[2:9]]}
+    p = profile_kernels(lambda: eng.model.decode_step(dec.bufs, b, dec.cache, distinct=True), top=10)
+    first_layer = p.pop("sequence")[2:9]
+    return {"rows": rows, "bucket": b, **p, "first_layer": first_layer}
 
 
 def main():
