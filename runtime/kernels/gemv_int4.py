@@ -97,6 +97,12 @@ def _words_group(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g, G: tl.con
 
 
 @triton.jit
+def _f16_1024(v):
+    """Integers 0 <= v < 1024 as fp16 1024 + v, exactly: the bits 0x6400 | v (no int-to-float conversion)."""
+    return (v.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+
+
+@triton.jit
 def _nibbles(w, i: tl.constexpr):
     """Codes of nibble i of words [R, WG] as float32 [R, WG]: columns i * WG + (0 .. WG-1) of the group."""
     return ((w >> (4 * i)) & 0xF).to(tl.float32)
@@ -259,8 +265,8 @@ def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
             acc += tl.dot(x.to(tl.bfloat16), tl.trans(wd))
         else:  # q | 0x6400 read as fp16 is 1024 + q (no int-to-float conversion); the difference q - z is
             # exact in fp16 and s is fp16: one rounding, as in fp32
-            qh = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            zh = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+            qh = _f16_1024(q)
+            zh = _f16_1024(z)
             wd = (qh - zh[:, None]) * s[:, None]
             acc += tl.dot(x.to(tl.float16), tl.trans(wd))
     _epilogue(acc, y_ptr, stride_ym, rm, m_ok, b_ptr, rn, n_ok, pid_k, EPI, ATOMIC, HAS_BIAS, ACT_BF16)
@@ -269,7 +275,7 @@ def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
 @triton.jit
 def _half(w, i: tl.constexpr):
     """Nibble i of words as fp16 1024 + q."""
-    return (((w >> (4 * i)) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    return _f16_1024((w >> (4 * i)) & 0xF)
 
 
 @triton.jit
@@ -378,7 +384,7 @@ def _w4_tc_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, 
         w_n, s_n, z_n = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g + PF * GPI, g_hi, GPI, G)
         x_n, nw_n = _tc_x(x_rows, m_ok[:, None], nw_ptr, g + GPI, g_hi, PRO, GPI, G, XVEC)
         h = _halves(w, ASM)                                                     # [BN, GPI*G] fp16 1024 + q
-        zh = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)            # 1024 + z  [BN, GPI]
+        zh = _f16_1024(z)                                                       # 1024 + z  [BN, GPI]
         zh = tl.reshape(tl.broadcast_to(zh[:, :, None], [BLOCK_N, GPI, G]), [BLOCK_N, GPI * G])
         se = tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_N, GPI, G]), [BLOCK_N, GPI * G])
         if PRO == 1:
