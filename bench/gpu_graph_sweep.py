@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import provenance, write_result  # noqa: E402
 from gpu_micro import log  # noqa: E402
-from gpu_rows import build_workspaces, graph_step_us  # noqa: E402
+from gpu_rows import build_workspaces, graph_step_us, replay_us  # noqa: E402
 
 from qconv.runtime.cuda_graph import DecodeGraphs  # noqa: E402
 from qconv.runtime.engine import Engine  # noqa: E402
@@ -62,24 +62,28 @@ def candidates(role: str, group: int, split: int, rows: int, tc: bool = False) -
             if wg % v == 0 and (32 * w) % (wg // v) == 0 and (bn >= 2 or role != "w13")]  # SiLU: row pairs
 
 
-def rows_step_us(eng, rows: int, position: int, reps: int = 50) -> float:
-    """Device time of one greedy step of ``rows`` distinct sequences (cache rows 0.., from ``position``; each
-    replay moves them on), as generate_batch's bursts run it: the greedy step graph's replays."""
+def greedy_graph(eng, rows: int, position: int):
+    """The greedy step graph of ``rows`` distinct sequences (captured if need be), its inputs set to cache rows
+    0.. at ``position`` with token 11."""
     dec = eng.decoder
     b = dec.bucket(rows)
     if b not in dec.greedy_graphs:
         dec._capture_greedy(b)
     dec._upload([11] * rows, [position] * rows, list(range(rows)))
-    graph = dec.greedy_graphs[b]
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    return dec.greedy_graphs[b]
+
+
+def rows_step_us(eng, rows: int, position: int, reps: int = 50) -> float:
+    """Device time of one greedy step of ``rows`` distinct sequences (cache rows 0.., from ``position``; each
+    replay moves them on), as generate_batch's bursts run it: the greedy step graph's replays."""
+    return replay_us(greedy_graph(eng, rows, position).replay, reps)
+
+
+def greedy_logits(eng, rows: int, position: int) -> torch.Tensor:
+    """The logits of one greedy step of ``rows`` rows from cache rows 0.. at ``position``, token 11."""
+    greedy_graph(eng, rows, position).replay()
     torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / reps
+    return eng.decoder.bufs.logits[:rows].float().clone()
 
 
 def row_counts(text: str) -> list[int]:
@@ -101,12 +105,11 @@ def main():
     ap.add_argument("--roles", default="w13,w2,qkv,o")
     ap.add_argument("--position", type=int, default=160, help="the step's position (the protocol run's mean)")
     ap.add_argument("--passes", type=int, default=2)
-    ap.add_argument("--rows", default=[1], type=row_counts, help="the step's rows (1, or several: tl.dot configs, bucket 16); "
-                    "a comma list sweeps each in turn")
+    ap.add_argument("--rows", default=[1], type=row_counts,
+                    help="the step's rows (1, or several: tl.dot configs, bucket 16); a comma list sweeps each in turn")
     ap.add_argument("--tc", action="store_true", help="sweep the tensor-core kernel's configs (_w4_tc_kernel)")
     ap.add_argument("--budget-s", type=float, default=420, help="stop sweeping a row count after this many seconds")
     args = ap.parse_args()
-    t_start = time.perf_counter()
     path = (lambda p: Path(p) if Path(p).is_absolute() else ROOT / p)
     cfg = json.loads(path(args.config).read_text())
     spaces = build_workspaces(cfg, str(path(args.tokenizer)), Path(args.work) / "model", 4608, 8, 128, "cuda")
@@ -126,13 +129,11 @@ def sweep(args, spaces, rows: int, t_start: float) -> None:
         eng.decoder = eng.model.decoder = DecodeGraphs(eng.model, eng.cache)
         if rows == 1:
             times = [graph_step_us(eng, args.position, reps=100) for _ in range(3)]
-        else:  # the greedy replays move the rows along their own (config-dependent) tokens: compare the logits
-            # of one step from a fixed state instead (positions < args.position are never written here)
-            times = [rows_step_us(eng, rows, args.position) for _ in range(3)]
-            dec = eng.decoder
-            dec._upload([11] * rows, [args.position] * rows, list(range(rows)))
-            dec.greedy_graphs[dec.bucket(rows)].replay()
-        return statistics.median(times), eng.decoder.bufs.logits[:rows].float().clone()
+            return statistics.median(times), eng.decoder.bufs.logits[:rows].float().clone()
+        # the greedy replays move the rows along their own (config-dependent) tokens: compare the logits of one
+        # step from a fixed state instead (positions < args.position are never written here)
+        times = [rows_step_us(eng, rows, args.position) for _ in range(3)]
+        return statistics.median(times), greedy_logits(eng, rows, args.position)
 
     base_us, base_logits = step_us()
     log(f"baseline (gemv_int4.TUNED): {base_us:.1f} µs per step at position {args.position}")

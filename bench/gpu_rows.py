@@ -259,7 +259,12 @@ def graph_step_us(eng, position: int, reps: int = 50) -> float:
     dec = eng.decoder
     dec.step_host([11], [position])  # sets the static inputs (and captures the bucket if needed)
     graph = dec.graphs[dec.bucket(1)]
-    replay = graph.replay if graph is not None else (lambda: eng.model.decode_step(dec.bufs, 1, dec.cache))
+    return replay_us(graph.replay if graph is not None else (lambda: eng.model.decode_step(dec.bufs, 1, dec.cache)),
+                     reps)
+
+
+def replay_us(replay, reps: int = 50) -> float:
+    """Device µs per call of ``replay()`` (a graph replay), one warm-up call then ``reps`` timed by events."""
     replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()

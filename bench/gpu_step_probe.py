@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import provenance, write_result  # noqa: E402
-from gpu_graph_sweep import row_counts, rows_step_us  # noqa: E402
+from gpu_graph_sweep import greedy_logits, rows_step_us  # noqa: E402
 from gpu_micro import log  # noqa: E402
 from gpu_rows import build_workspaces, graph_step_us, median_time, profile_kernels, rand_ids  # noqa: E402
 
@@ -43,18 +43,33 @@ def modes(text: str) -> list[str]:
     return out
 
 
+SESSION = 4608  # the workspaces' session length
+REPS = 100  # timed replays per step time (each moves the rows one position on)
+
+
+def positions(text: str) -> list[int]:
+    """--positions: a comma list of positions from which REPS + 1 steps still fit in the session."""
+    try:
+        out = [int(p) for p in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or min(out) < 0 or max(out) + REPS + 1 > SESSION:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positions 0..{SESSION - REPS - 1}, e.g. 32,160")
+    return out
+
+
+def rows_count(text: str) -> int:
+    """--rows: 2..16 (the several-row bucket)."""
+    if not text.isdigit() or not 2 <= int(text) <= 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 2 to 16 rows")
+    return int(text)
+
+
 def fixed_logits(eng, rows: int, position: int) -> torch.Tensor:
     """The logits of one greedy step of ``rows`` rows from a fixed state (zeroed caches, token 11)."""
     for t in (*eng.cache.k, *eng.cache.v):
         t.zero_()
-    dec = eng.decoder
-    b = dec.bucket(rows)
-    if b not in dec.greedy_graphs:
-        dec._capture_greedy(b)
-    dec._upload([11] * rows, [position] * rows, list(range(rows)))
-    dec.greedy_graphs[b].replay()
-    torch.cuda.synchronize()
-    return dec.bufs.logits[:rows].float().clone()
+    return greedy_logits(eng, rows, position)
 
 
 def decode_rates(eng, rows: int, runs: int = 3) -> tuple[float, float]:
@@ -91,16 +106,16 @@ def main():
     ap.add_argument("--tokenizer", default=".carry/qwen-tokenizer")
     ap.add_argument("--work", default="/tmp/qconv-gpu-bench")
     ap.add_argument("--modes", default=["two", "one"], type=modes, help="gpu_model.FUSED_ATTENTION modes, in turn")
-    ap.add_argument("--rows", default=8, type=int, help="the several-row step's rows (the batch of the ratio)")
-    ap.add_argument("--positions", default=[32, 160, 288, 1024, 4160], type=row_counts,
+    ap.add_argument("--rows", default=8, type=rows_count, help="the several-row step's rows (the batch of the ratio)")
+    ap.add_argument("--positions", default=[32, 160, 288, 1024, 4160], type=positions,
                     help="the steps' positions, a comma list")
     ap.add_argument("--no-decode", action="store_true", help="only the graph steps (no protocol decode runs)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     path = (lambda p: Path(p) if Path(p).is_absolute() else ROOT / p)
     cfg = json.loads(path(args.config).read_text())
-    spaces = build_workspaces(cfg, str(path(args.tokenizer)), Path(args.work) / "model", 4608, max(8, args.rows), 128,
-                              "cuda")
+    spaces = build_workspaces(cfg, str(path(args.tokenizer)), Path(args.work) / "model", SESSION, max(8, args.rows),
+                              128, "cuda")
     eng = Engine.from_workspace(spaces["W4A16 + KV int8"], device="cuda", verify=False, batch_size=args.rows)
     res = {**provenance(), "rows": args.rows, "modes": {}}
     ref = None
@@ -109,8 +124,8 @@ def main():
         eng.decoder = eng.model.decoder = DecodeGraphs(eng.model, eng.cache)
         r = {"step_us_1": {}, f"step_us_{args.rows}": {}}
         for p in args.positions:
-            r["step_us_1"][p] = graph_step_us(eng, p, reps=100)
-            r[f"step_us_{args.rows}"][p] = rows_step_us(eng, args.rows, p, reps=100)
+            r["step_us_1"][p] = graph_step_us(eng, p, reps=REPS)
+            r[f"step_us_{args.rows}"][p] = rows_step_us(eng, args.rows, p, reps=REPS)
             log(f"  {mode} @ {p}: 1 row {r['step_us_1'][p]:.1f} µs, {args.rows} rows "
                 f"{r[f'step_us_{args.rows}'][p]:.1f} µs")
         logits = fixed_logits(eng, args.rows, 160)
