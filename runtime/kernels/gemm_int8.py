@@ -28,8 +28,9 @@ class Int8Config:
     num_stages: int = 4
 
 
-# H100, qwen2.5-1.5b head (151936 x 1536), one row: bench/gpu_runtime.py's head sweep (bench/RESULTS.md)
-TUNED_INT8 = Int8Config(64, 128, 4, 4)
+# qwen2.5-1.5b head (151936 x 1536), one row: bench/gpu_runtime.py's head sweep (graph step µs, bench/results):
+# 128 outputs per program against 64, H100 973 / 971 against 975 / 981 (two runs), H200 937 against 955
+TUNED_INT8 = Int8Config(128, 128, 4, 4)
 # Triton's interpreter runs programs one after another: wide tiles, few programs (tests/test_gpu_path.py's
 # test_engine_decode_paths on 2 CPU cores: 409 -> 180 s)
 INTERPRETER_INT8 = Int8Config(4096, 128)
