@@ -240,11 +240,12 @@ def measure_row(ws: Path, plan, device: str, bw: float | None, head: str = "auto
 
     ctx_gen = GenerationConfig(max_new_tokens=plan.ctx_new, temperature=0.0, stop_ids=())
     ctx_prompt = rand_ids(plan.ctx_len, V, 3)
-    for _ in range(2):  # warm-up, then the measured run
+    rates = []
+    for _ in range(1 + plan.runs):  # warm-up, then the median of the measured runs (the protocol's decode)
         eng.reset()
         list(eng.generate(ctx_prompt, ctx_gen))
-    s = eng.last_stats
-    r[f"decode_tok_s_ctx{plan.ctx_len}"] = s.new_tokens / s.decode_s
+        rates.append(eng.last_stats.new_tokens / eng.last_stats.decode_s)
+    r[f"decode_tok_s_ctx{plan.ctx_len}"] = statistics.median(rates[1:])
     if eng.decoder is not None:
         r[f"graph_step_us_ctx{plan.ctx_len}"] = graph_step_us(eng, plan.ctx_len + plan.ctx_new)
     log(f"    ctx {plan.ctx_len}: {r[f'decode_tok_s_ctx{plan.ctx_len}']:.1f} tok/s")
