@@ -39,6 +39,9 @@ from qconv.runtime.kernels.gemv_int4 import TUNED, GemvConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 ROLES = {"qkv": "wqkv", "o": "wo", "w13": "w13", "w2": "w2"}
 RESIDUAL = {"o", "w2"}  # += residual epilogue: split-K allowed (atomic adds)
+# split-K counts tried around the current config; the odd ones let a slice fill whole steps of the one-row
+# GEMV (w2: 70 groups in 9 slices of <= 8, one step of 8 groups at 4 words per thread; o: 12 groups in 3 of 4)
+SPLITS = (1, 2, 3, 4, 5, 6, 8, 9, 12, 16, 18, 32)
 
 
 def candidates(role: str, group: int, split: int, rows: int, tc: bool = False) -> list[GemvConfig]:
@@ -150,7 +153,7 @@ def sweep(args, spaces, rows: int, t_start: float) -> None:
             splittable = role in RESIDUAL or (rows > 1 and role == "qkv")  # several rows: qkv sums through rope
             if splittable and current is not None:
                 cands += [replace(current, split_k=s)
-                          for s in (1, 2, 4, 8, 16, 32) if s != split and lin0.in_features // lin0.group >= 2 * s]
+                          for s in SPLITS if s != split and lin0.in_features // lin0.group >= 2 * s]
             for c in cands:
                 if time.perf_counter() - t_start > args.budget_s:
                     break

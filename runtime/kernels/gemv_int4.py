@@ -432,7 +432,7 @@ class GemvConfig:
     pf: int = 1           # _w4_tc_kernel: how many steps ahead the weights load (1 to 3)
 
 
-# Per-shape choices on the H100: {(M bucket, N, K): config}. Shapes not listed use ``default_config``.
+# Per-shape choices (H100, and H200 where said): {(M bucket, N, K): config}. Shapes not listed use ``default_config``.
 # M bucket: 1, or 16 for 2..16 rows. One row: chosen inside the decode graph (bench/gpu_graph_sweep.py, H100,
 # 2026-11-22: the step at position 160 went 1273 -> 1063 µs, mostly from 4 rows per program instead of 8; a
 # sweep of each GEMV alone had picked 8); several rows: the same in-graph sweep with 8 rows (--rows 8: the
@@ -440,16 +440,18 @@ class GemvConfig:
 # through _w4_tc_kernel, 1650 -> ~1515-1550 µs; for one row it never beat _gemv (w13 1311 against 963 µs);
 # with the fused attention reading the split-K qkv sums, o through it too: 1536 -> 1512-1526 µs; w2's weights
 # loaded three steps ahead (pf=3): 1524 -> 1496-1512 µs (pf never helped w13, o or one row; Triton's own
-# pipelining, num_stages 2 / 3, neither).
+# pipelining, num_stages 2 / 3, neither). H200, 2026-12-02, the same sweeps with split-K counts that are not
+# powers of two: one row, w2 in 9 slices (70 groups, <= 8 per slice: one step of 8 groups at 4 words per
+# thread) and o with 8 rows per program, 936 -> 894 µs; eight rows, w2 in 18 slices, 1483 -> 1470 µs.
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (1, 2048, 1536): GemvConfig(8, 1, 2, 1, False, 4),     # qkv
-    (1, 1536, 1536): GemvConfig(4, 4, 1, 1, False, 2),     # o
+    (1, 1536, 1536): GemvConfig(8, 4, 1, 1, False, 2),     # o
     (1, 17920, 1536): GemvConfig(4, 1, 1, 1, False, 2),    # w13
-    (1, 1536, 8960): GemvConfig(4, 4, 1, 1, False, 4),     # w2
+    (1, 1536, 8960): GemvConfig(4, 9, 1, 1, False, 4),     # w2
     (16, 2048, 1536): GemvConfig(32, 8, 4, 3, True),       # qkv (split-K sums read by the attention; norm separate)
     (16, 1536, 1536): GemvConfig(128, 8, 8, 1, True, tc=True, xvec=True),    # o
     (16, 17920, 1536): GemvConfig(128, 1, 8, 1, True, tc=True, xvec=True),   # w13 (its RMSNorm a separate kernel)
-    (16, 1536, 8960): GemvConfig(128, 16, 8, 1, True, tc=True, xvec=True, pf=3),   # w2
+    (16, 1536, 8960): GemvConfig(128, 18, 8, 1, True, tc=True, xvec=True, pf=3),   # w2
 }
 
 
