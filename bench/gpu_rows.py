@@ -202,7 +202,7 @@ def measure_row(ws: Path, plan, device: str, bw: float | None, head: str = "auto
     t = median_time(decode1, plan.runs)
     s = eng.last_stats
     r["decode_tok_s"] = plan.new_tokens / t
-    r["decode_only_tok_s"] = s.new_tokens / s.decode_s
+    r["decode_only_tok_s"] = decode_rate(s)
     if bw:  # roofline: copy bandwidth / bytes per step (weights + the KV at the mean context)
         step_bytes = per_step + kv_bytes(cfg, plan.prompt_len + plan.new_tokens // 2, q)
         r["roofline_tok_s"] = bw / step_bytes
@@ -244,7 +244,7 @@ def measure_row(ws: Path, plan, device: str, bw: float | None, head: str = "auto
     for _ in range(1 + plan.runs):  # warm-up, then the median of the measured runs (the protocol's decode)
         eng.reset()
         list(eng.generate(ctx_prompt, ctx_gen))
-        rates.append(eng.last_stats.new_tokens / eng.last_stats.decode_s)
+        rates.append(decode_rate(eng.last_stats))
     r[f"decode_tok_s_ctx{plan.ctx_len}"] = statistics.median(rates[1:])
     if eng.decoder is not None:
         r[f"graph_step_us_ctx{plan.ctx_len}"] = graph_step_us(eng, plan.ctx_len + plan.ctx_new)
@@ -253,6 +253,12 @@ def measure_row(ws: Path, plan, device: str, bw: float | None, head: str = "auto
         r["peak_bytes"] = torch.cuda.max_memory_allocated()
     r["_engine"] = eng  # the caller measures variants on it, then drops it
     return r
+
+
+def decode_rate(stats) -> float:
+    """Decode steps per second of one answer: its first token comes from the prefill (GenerationStats.prefill_s
+    ends when that token is on the host), so new_tokens - 1 steps ran in decode_s."""
+    return (stats.new_tokens - 1) / stats.decode_s
 
 
 def graph_step_us(eng, position: int, reps: int = 50) -> float:

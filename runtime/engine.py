@@ -127,7 +127,6 @@ class Engine:
             self._cached = self._cached[:reuse]
             logits = self._prefill(prompt[reuse:], reuse)
             self._cached = prompt
-            stats.prefill_s = time.perf_counter() - t0
             penalize = gen.repetition_penalty != 1.0  # else `seen` is never read: no per-token update
             seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
             if penalize:
@@ -143,6 +142,9 @@ class Engine:
                     self._cached.append(tok)
                     return int(sample(nxt, gen, seen, generator)[0])
             tok = int(sample(logits, gen, seen, generator)[0])
+            # the first token is on the host only now: on a GPU the prefill's kernels may still have been
+            # running when its launches returned, and that time is the prefill's, not the decode's
+            stats.prefill_s = time.perf_counter() - t0
             for step in range(budget):
                 if tok in stops:
                     stats.finish = "stop"
@@ -154,7 +156,8 @@ class Engine:
                     return
                 tok = advance(tok, budget - step - 1)
         finally:
-            stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
+            if stats.prefill_s:  # else the prefill itself failed or was interrupted
+                stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
             stats.kv_used = len(self._cached)
 
     def _burst_advance(self):

@@ -175,6 +175,25 @@ def test_generation_stops_on_every_stop_id(tiny_engine):
     assert list(tiny_engine.generate(prompt, gen)) == first[:2] and tiny_engine.last_stats.finish == "stop"
 
 
+def test_prefill_time_lasts_until_the_first_token_is_known(tiny_engine, monkeypatch):
+    """On a GPU the prefill's launches return before its kernels finish; the first token's sampling waits for
+    them. That wait is the prefill's (time to first token), not the decode's."""
+    import time
+    from qconv.runtime import engine as E
+    calls = []
+
+    def slow_first(logits, *a):
+        if not calls:
+            time.sleep(0.3)  # a device still busy with the prefill
+        calls.append(1)
+        return S.sample(logits, *a)
+    monkeypatch.setattr(E, "sample", slow_first)
+    gen = GenerationConfig(max_new_tokens=3, temperature=0.7, stop_ids=(), seed=0)
+    assert len(list(tiny_engine.generate(random_ids(5, seed=4)[0].tolist(), gen))) == 3
+    s = tiny_engine.last_stats
+    assert s.prefill_s >= 0.3 > s.decode_s and len(calls) == 3
+
+
 def test_chat_drops_the_oldest_rounds_first(tiny_engine):
     long = "lorem ipsum " * 4
     msgs = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "first " + long},
