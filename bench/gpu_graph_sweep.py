@@ -111,6 +111,7 @@ def main():
     ap.add_argument("--rows", default=[1], type=row_counts,
                     help="the step's rows (1, or several: tl.dot configs, bucket 16); a comma list sweeps each in turn")
     ap.add_argument("--tc", action="store_true", help="sweep the tensor-core kernel's configs (_w4_tc_kernel)")
+    ap.add_argument("--splits-only", action="store_true", help="only other split-K counts of each role's current config")
     ap.add_argument("--budget-s", type=float, default=420, help="stop sweeping a row count after this many seconds")
     args = ap.parse_args()
     path = (lambda p: Path(p) if Path(p).is_absolute() else ROOT / p)
@@ -149,8 +150,9 @@ def sweep(args, spaces, rows: int, t_start: float) -> None:
             lin0 = lins(role)[0]
             current = best[role] or TUNED.get((key_m, lin0.out_features, lin0.in_features))
             split = current.split_k if current else 1
-            cands = candidates(role, lin0.group, split, rows, args.tc)
-            splittable = role in RESIDUAL or (rows > 1 and role == "qkv")  # several rows: qkv sums through rope
+            cands = [] if args.splits_only else candidates(role, lin0.group, split, rows, args.tc)
+            # several rows: qkv sums through rope; w13's last K-slice of a tile applies the SiLU-mul
+            splittable = role in RESIDUAL or (rows > 1 and role in ("qkv", "w13"))
             if splittable and current is not None:
                 cands += [replace(current, split_k=s)
                           for s in SPLITS if s != split and lin0.in_features // lin0.group >= 2 * s]

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .kernels.attention import counters, num_splits, partials
+from .kernels.gemv_int4 import sum_buffers
 from .kernels.greedy import greedy_feed
 from .kernels.greedy import scratch as greedy_scratch
 from .kv_cache import KVCache
@@ -47,6 +48,7 @@ class DecodeBuffers:
     qkv_acc: torch.Tensor  # fp32 [rows, (Hq + 2 Hkv) * D], zero between uses (split-K qkv sums)
     attn: torch.Tensor     # [rows, Hq * D]
     ffn: torch.Tensor      # [rows, inter]: silu(gate) * up, written by the w13 GEMV's epilogue
+    ffn_sums: tuple[torch.Tensor, torch.Tensor]  # w13 under split-K: fp32 sums [rows, 2 inter] and tile counters
     h: torch.Tensor        # [rows, hidden], the final norm's output
     logits: torch.Tensor   # [rows, vocab]
     next_tok: torch.Tensor  # int64 [rows]: greedy steps' argmax
@@ -68,6 +70,7 @@ class DecodeBuffers:
                                        device=device),
                    attn=torch.zeros(R, cfg.head_num * D, dtype=dtype, device=device),
                    ffn=torch.zeros(R, cfg.inter_size, dtype=dtype, device=device),
+                   ffn_sums=sum_buffers(R, 2 * cfg.inter_size, device),
                    h=torch.zeros(R, H, dtype=dtype, device=device),
                    logits=torch.zeros(R, cfg.vocab_size, dtype=dtype, device=device),
                    next_tok=torch.zeros(R, dtype=torch.int64, device=device),

@@ -110,9 +110,10 @@ class GpuLinear(nn.Module):
         return cfg is not None and cfg.split_k > 1
 
     def run(self, x: torch.Tensor, out: torch.Tensor, prologue: str = "none", norm_weight: torch.Tensor | None = None,
-            eps: float = 0.0, epilogue: str = "store") -> None:
+            eps: float = 0.0, epilogue: str = "store", sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """A decode step: out = h(x) W^T (+ b); out += h(x) W^T (``epilogue="residual"``, out fp32); or
-        out = silu(y[:, 0::2]) * y[:, 1::2] (``"silu"``, the pair-interleaved w13: out [M, N/2])."""
+        out = silu(y[:, 0::2]) * y[:, 1::2] (``"silu"``, the pair-interleaved w13: out [M, N/2]; ``sums``: the
+        zeroed buffers a split-K config adds into, kernels/gemv_int4.sum_buffers)."""
         fused = self.int4 and self.backend == "triton"
         cfg = None
         if fused:
@@ -127,7 +128,7 @@ class GpuLinear(nn.Module):
                 cfg = default_config(x.shape[0], self.out_features, self.in_features, self.group, epilogue, self.sms)
         if fused:
             w4_matmul(x, self.words, self.scales, self.zeros, self.group, out, bias=self.bias, prologue=prologue,
-                      norm_weight=norm_weight, eps=eps, epilogue=epilogue, config=cfg)
+                      norm_weight=norm_weight, eps=eps, epilogue=epilogue, config=cfg, sums=sums)
             return
         h = x
         if epilogue == "store" and not self.int4 and out.dtype == self.dtype:  # cuBLAS writes out directly

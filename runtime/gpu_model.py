@@ -177,7 +177,8 @@ class GpuTransformer(nn.Module):
                 decode_attention(qkv, pos, slot, cache.k[i], cache.v[i], self.hq, attn, kvp[i], scratch=bufs.parts[b],
                                  splits=bufs.splits[b])
             blk.wo.run(attn, x, epilogue="residual")
-            blk.w13.run(x, ffn, prologue="rmsnorm", norm_weight=blk.ffn_norm, eps=self.eps, epilogue="silu")
+            blk.w13.run(x, ffn, prologue="rmsnorm", norm_weight=blk.ffn_norm, eps=self.eps, epilogue="silu",
+                        sums=bufs.ffn_sums)
             blk.w2.run(ffn, x, epilogue="residual")
         if self.head is not None:  # final RMSNorm fused into the head's GEMV
             self.head.run(x, bufs.logits[:b], prologue="rmsnorm", norm_weight=self.norm, eps=self.eps)

@@ -105,6 +105,31 @@ def test_int4_matmul_matches_dequantized_weights(case, kernel):
     assert rel(out.cpu(), want) < 3e-3
 
 
+@pytest.mark.parametrize("split", [2, 4])  # 6 groups: slices of 3; of 2, the fourth empty
+def test_split_k_silu_epilogue_merges_in_the_last_slice(split):
+    """w13 under split-K (tensor-core kernel): each K-slice adds into fp32 sums, the last slice of a tile to
+    finish applies SiLU-mul; the sums and counters are left zero, so one pair of buffers serves call after call."""
+    from qconv.runtime.kernels.gemv_int4 import sum_buffers
+    M, N, K, g, dt = 5, 256, 384, 64, torch.float16
+    words, s, z, W = int4_weight(N, K, g, seed=61)
+    nw = (torch.rand(K, generator=gen(62)) + 0.5).to(dt)
+    cfg = GemvConfig(128, split, 8, dot=True, tc=True, xvec=True)
+    sums = sum_buffers(M, N, DEV)
+    for seed in (63, 64):
+        x = torch.randn(M, K, generator=gen(seed))
+        y = ref_rms_norm(x.to(dt), nw, 1e-6).float() @ W.t()
+        want = (F.silu(y[:, 0::2].to(dt)) * y[:, 1::2].to(dt)).float()
+        out = torch.full((M, N // 2), float("nan"), dtype=dt, device=DEV)
+        w4_matmul(x.to(DEV), words, s, z, g, out, prologue="rmsnorm", norm_weight=nw.to(DEV), eps=1e-6,
+                  epilogue="silu", config=cfg, sums=sums)
+        assert rel(out.cpu(), want) < 3e-3
+        assert (sums[0] == 0).all() and (sums[1] == 0).all()
+    out2 = torch.full((M, N // 2), float("nan"), dtype=dt, device=DEV)  # no buffers given: the call makes its own
+    w4_matmul(x.to(DEV), words, s, z, g, out2, prologue="rmsnorm", norm_weight=nw.to(DEV), eps=1e-6,
+              epilogue="silu", config=cfg)
+    assert rel(out2.cpu(), out.cpu()) < 1e-3  # (atomic adds on a GPU: any order)
+
+
 def test_interleaved_pairs_feed_the_silu_epilogue():
     """interleave_pairs (gate | up -> pairs) then the silu epilogue = silu(x Wg^T) * (x Wu^T)."""
     from qconv.convert.layout import QuantLinear

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, pdl
+from .attention import _fence
 
 PROLOGUES = {"none": 0, "rmsnorm": 1}
 EPILOGUES = {"store": 0, "residual": 1, "silu": 2}
@@ -353,7 +354,8 @@ def _w4_tc_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, 
                   M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr, ATOMIC: tl.constexpr,
                   HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   K_POW2: tl.constexpr, CHUNK: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
-                  GPI: tl.constexpr = 1, XVEC: tl.constexpr = False, PF: tl.constexpr = 1):
+                  GPI: tl.constexpr = 1, XVEC: tl.constexpr = False, PF: tl.constexpr = 1, sa_ptr=None, stride_sa=0,
+                  cnt_ptr=None, SPLIT_SILU: tl.constexpr = False, FENCE: tl.constexpr = False):
     """Tensor cores with the weights as the left operand: y^T [BLOCK_N, BLOCK_M] += W [BLOCK_N, GPI*G] x^T per
     GPI groups, W = (1024 + q - (1024 + z)) * s dequantized in registers from _halves (exact difference, one
     rounding), x in _halves' column order; the weights PF steps ahead (PF = 1, 2, 3: up to three steps' words
@@ -401,7 +403,34 @@ def _w4_tc_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, 
         else:
             w, s, z, w1, s1, z1, w2, s2, z2 = w1, s1, z1, w2, s2, z2, w_n, s_n, z_n
         x, nw = x_n, nw_n
-    _epilogue(tl.trans(acc), y_ptr, stride_ym, rm, m_ok, b_ptr, rn, n_ok, pid_k, EPI, ATOMIC, HAS_BIAS, ACT_BF16)
+    if SPLIT_SILU:
+        _silu_last_slice(tl.trans(acc), sa_ptr, stride_sa, cnt_ptr, SPLIT_K, y_ptr, stride_ym, rm, m_ok, rn, n_ok,
+                         ACT_BF16, FENCE)
+    else:
+        _epilogue(tl.trans(acc), y_ptr, stride_ym, rm, m_ok, b_ptr, rn, n_ok, pid_k, EPI, ATOMIC, HAS_BIAS, ACT_BF16)
+
+
+@triton.jit
+def _silu_last_slice(acc, sa_ptr, stride_sa, cnt_ptr, SPLIT_K, y_ptr, stride_ym, rm, m_ok, rn, n_ok,
+                     ACT_BF16: tl.constexpr, FENCE: tl.constexpr):
+    """The SiLU-mul epilogue under split-K: each K-slice adds its sums acc [R, BN] into the fp32 buffer sa; the
+    last slice of the tile to finish (a counter per tile) reads the totals, stores silu(gate) * up, and leaves
+    its tile of sa and its counter at zero for the next call."""
+    mask = m_ok[:, None] & n_ok[None, :]
+    sums = sa_ptr + rm[:, None] * stride_sa + rn[None, :]
+    tl.atomic_add(sums, acc, mask=mask, sem="relaxed")
+    tile = tl.program_id(0) + tl.num_programs(0) * tl.program_id(2)
+    if FENCE:
+        _fence(tile)
+    tl.debug_barrier()
+    done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if done == SPLIT_K - 1:  # every other slice's sums are in
+        tl.store(cnt_ptr + tile, 0)
+        if FENCE:
+            _fence(tile)
+        total = tl.load(sums, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(sums, tl.zeros_like(total), mask=mask)
+        _epilogue(total, y_ptr, stride_ym, rm, m_ok, y_ptr, rn, n_ok, 0, 2, False, False, ACT_BF16)
 
 
 @triton.jit
@@ -430,6 +459,7 @@ class GemvConfig:
     gpi: int = 1          # _w4_tc_kernel: groups per step
     xvec: bool = False    # _w4_tc_kernel: x loaded in column order and reordered in registers (else gathered)
     pf: int = 1           # _w4_tc_kernel: how many steps ahead the weights load (1 to 3)
+    maxnreg: int | None = None  # registers per thread at most (ptxas spills above): more programs per SM
 
 
 # Per-shape choices (H100, and H200 where said): {(M bucket, N, K): config}. Shapes not listed use ``default_config``.
@@ -442,7 +472,10 @@ class GemvConfig:
 # loaded three steps ahead (pf=3): 1524 -> 1496-1512 µs (pf never helped w13, o or one row; Triton's own
 # pipelining, num_stages 2 / 3, neither). H200, 2026-12-02, the same sweeps with split-K counts that are not
 # powers of two: one row, w2 in 9 slices (70 groups, <= 8 per slice: one step of 8 groups at 4 words per
-# thread) and o with 8 rows per program, 936 -> 894 µs; eight rows, w2 in 18 slices, 1483 -> 1470 µs.
+# thread) and o with 8 rows per program, 936 -> 894 µs; eight rows, w2 in 18 slices, 1483 -> 1470 µs. H100,
+# 2026-12-02: eight rows of w13 launched 140 programs of 128 outputs on 132 SMs, and alone it took 21.2 µs against
+# 15.1 for 132 programs (bench/gpu_wave_probe.py); in 3 K-slices (its last slice applies SiLU-mul) the bucket-8
+# step went 1509.5 -> 1452.5 µs (2: 1479, 4: 1471, 6: 1539).
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (1, 2048, 1536): GemvConfig(8, 1, 2, 1, False, 4),     # qkv
     (1, 1536, 1536): GemvConfig(8, 4, 1, 1, False, 2),     # o
@@ -450,7 +483,7 @@ TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (1, 1536, 8960): GemvConfig(4, 9, 1, 1, False, 4),     # w2
     (16, 2048, 1536): GemvConfig(32, 8, 4, 3, True),       # qkv (split-K sums read by the attention; norm separate)
     (16, 1536, 1536): GemvConfig(128, 8, 8, 1, True, tc=True, xvec=True),    # o
-    (16, 17920, 1536): GemvConfig(128, 1, 8, 1, True, tc=True, xvec=True),   # w13 (its RMSNorm a separate kernel)
+    (16, 17920, 1536): GemvConfig(128, 3, 8, 1, True, tc=True, xvec=True),   # w13 (its RMSNorm a separate kernel)
     (16, 1536, 8960): GemvConfig(128, 18, 8, 1, True, tc=True, xvec=True, pf=3),   # w2
 }
 
@@ -465,7 +498,8 @@ def default_config(M: int, N: int, K: int, group: int, epilogue: str = "store", 
     (BLOCK_N 32, 64 when that still gives 4 programs per SM); split-K only with the residual epilogue (atomic
     adds) and, for one row, no RMSNorm prologue, until there are about four (one row) / two programs per SM."""
     tuned = TUNED.get((1 if M <= 1 else 16, N, K))
-    if tuned is not None and (tuned.split_k == 1 or (epilogue == "residual" and (tuned.dot or prologue != "rmsnorm"))):
+    if tuned is not None and (tuned.split_k == 1 or (epilogue == "residual" and (tuned.dot or prologue != "rmsnorm"))
+                              or (epilogue == "silu" and tuned.tc)):
         return tuned
     groups = K // group
     if M == 1:
@@ -486,10 +520,12 @@ def default_config(M: int, N: int, K: int, group: int, epilogue: str = "store", 
 def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
               out: torch.Tensor, bias: torch.Tensor | None = None, prologue: str = "none",
               norm_weight: torch.Tensor | None = None, eps: float = 0.0, epilogue: str = "store",
-              config: GemvConfig | None = None) -> torch.Tensor:
+              config: GemvConfig | None = None, sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """out = h(x) W^T (+ bias); out += h(x) W^T (``epilogue="residual"``, out fp32); or out = silu(y[:, 0::2]) *
     y[:, 1::2] of y = h(x) W^T (``"silu"``: the pair-interleaved w13, out [M, N/2]). x: [M, K]; words: int32
-    [N, K/8] (convert/layout.pack_words)."""
+    [N, K/8] (convert/layout.pack_words). ``"silu"`` with split-K (the tensor-core kernel only) adds the slices'
+    sums into ``sums`` = (fp32 [>= M, N], int32 counters [>= one per tile]), both zero, and leaves them zero
+    (sum_buffers makes them; without, this call makes its own)."""
     N, K = words.shape[0], 8 * words.shape[1]
     M = x.shape[0]
     pro, epi = PROLOGUES[prologue], EPILOGUES[epilogue]
@@ -507,13 +543,17 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
     act = out.dtype if epi != 1 else (x.dtype if pro != 1 else norm_weight.dtype)
     assert act in (torch.float16, torch.bfloat16), f"activations must be fp16 or bf16, got {act}"
     cfg = config or default_config(M, N, K, group, epilogue, prologue=prologue)
-    assert cfg.split_k == 1 or epi == 1, "split-K needs the residual epilogue (atomic adds)"
+    split_silu = epi == 2 and cfg.split_k > 1
+    assert cfg.split_k == 1 or epi == 1 or (split_silu and cfg.tc), \
+        "split-K needs the residual epilogue (atomic adds), or SiLU-mul in the tensor-core kernel"
     nw = norm_weight if norm_weight is not None else scales  # unused pointer when the prologue has no norm
     b = bias if bias is not None else scales
     on = pdl(x)
     common = dict(G=group, PRO=pro, EPI=epi, ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None,
                   ACT_BF16=act == torch.bfloat16, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages, PDL=on, launch_pdl=on)
+    if cfg.maxnreg is not None:
+        common["maxnreg"] = cfg.maxnreg
     weights = (words, scales, zeros, words.stride(0), scales.stride(0))
     n_blocks = triton.cdiv(N, cfg.block_n)
     if not (cfg.dot or cfg.tc):  # one program per row and block of outputs (several rows re-read the weights from L2)
@@ -532,10 +572,25 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
     tiles = dict(BLOCK_M=block_m, K_POW2=k_pow2, CHUNK=min(k_pow2, 4096 // block_m))
     if cfg.tc:
         assert 1 <= cfg.pf <= 3, f"pf={cfg.pf}: the weights load 1 to 3 steps ahead"
-        _w4_tc_kernel[grid](*args, **tiles, ASM=not INTERPRET, GPI=cfg.gpi, XVEC=cfg.xvec, PF=cfg.pf, **common)
+        extra = {}
+        if split_silu:
+            acc, cnt = sums if sums is not None else sum_buffers(M, N, x.device)
+            assert acc.dtype == torch.float32 and acc.shape[0] >= M and acc.shape[1] == N and acc.stride(-1) == 1
+            assert cnt.dtype == torch.int32 and cnt.numel() >= n_blocks * grid[2], "one counter per tile"
+            extra = dict(sa_ptr=acc, stride_sa=acc.stride(0), cnt_ptr=cnt, SPLIT_SILU=True, FENCE=not INTERPRET)
+        _w4_tc_kernel[grid](*args, **tiles, ASM=not INTERPRET, GPI=cfg.gpi, XVEC=cfg.xvec, PF=cfg.pf, **extra,
+                            **common)
     else:
         _w4_gemm_kernel[grid](*args, **tiles, **common)
     return out
+
+
+def sum_buffers(rows: int, n: int, device, min_block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zeroed buffers of w4_matmul's SiLU-mul epilogue under split-K: fp32 sums [rows, n] and a counter per
+    tile of >= min_block_n outputs and 16 rows."""
+    tiles = -(-n // min_block_n) * -(-rows // 16)
+    return (torch.zeros(rows, n, device=device, dtype=torch.float32),
+            torch.zeros(tiles, device=device, dtype=torch.int32))
 
 
 def w4_dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
