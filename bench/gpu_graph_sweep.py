@@ -65,6 +65,16 @@ def candidates(role: str, group: int, split: int, rows: int, tc: bool = False) -
             if wg % v == 0 and (32 * w) % (wg // v) == 0 and (bn >= 2 or role != "w13")]  # SiLU: row pairs
 
 
+def gemv_rows_candidates(role: str, lin, rows: int) -> list[GemvConfig]:
+    """Several rows through _gemv with all of them in one program (their codes made once per step): a few
+    tiles x words per thread x warps, at the one-row config's split-K where the epilogue adds."""
+    one = TUNED.get((1, lin.out_features, lin.in_features))
+    split = one.split_k if one is not None and role in RESIDUAL else 1
+    r = 1 << (rows - 1).bit_length()
+    return [GemvConfig(bn, split, w, 1, False, v, rows=r) for bn, v, w in ((2, 2, 1), (2, 4, 1), (4, 1, 1), (4, 2, 1),
+                                                                           (4, 2, 2))]
+
+
 def greedy_graph(eng, rows: int, position: int):
     """The greedy step graph of ``rows`` distinct sequences (captured if need be), its inputs set to cache rows
     0.. at ``position`` with token 11."""
@@ -112,6 +122,8 @@ def main():
                     help="the step's rows (1, or several: tl.dot configs, bucket 16); a comma list sweeps each in turn")
     ap.add_argument("--tc", action="store_true", help="sweep the tensor-core kernel's configs (_w4_tc_kernel)")
     ap.add_argument("--splits-only", action="store_true", help="only other split-K counts of each role's current config")
+    ap.add_argument("--gemv-rows", action="store_true",
+                    help="only the CUDA-core GEMV with all the step's rows in one program (several rows)")
     ap.add_argument("--budget-s", type=float, default=420, help="stop sweeping a row count after this many seconds")
     args = ap.parse_args()
     path = (lambda p: Path(p) if Path(p).is_absolute() else ROOT / p)
@@ -150,7 +162,10 @@ def sweep(args, spaces, rows: int, t_start: float) -> None:
             lin0 = lins(role)[0]
             current = best[role] or TUNED.get((key_m, lin0.out_features, lin0.in_features))
             split = current.split_k if current else 1
-            cands = [] if args.splits_only else candidates(role, lin0.group, split, rows, args.tc)
+            if args.gemv_rows:
+                cands, current = gemv_rows_candidates(role, lin0, rows), None  # (no split-K variants of current)
+            else:
+                cands = [] if args.splits_only else candidates(role, lin0.group, split, rows, args.tc)
             # several rows: qkv sums through rope; w13's last K-slice of a tile applies the SiLU-mul
             splittable = role in RESIDUAL or (rows > 1 and role in ("qkv", "w13"))
             if splittable and current is not None:

@@ -69,6 +69,10 @@ GEMV_CASES = {
     # weights loaded 2 / 3 steps ahead: slices of 2 and 3 groups (the loads past a slice's end are masked)
     "wide-prefetch-2-split": (8, 192, 640, 64, "none", "residual", False, GemvConfig(64, 4, pf=2, xvec=True)),
     "wide-prefetch-3-rmsnorm-silu": (5, 256, 384, 64, "rmsnorm", "silu", False, GemvConfig(128, num_warps=8, pf=3)),
+    # CUDA cores, several rows per program (one step's codes serve them all); a last program with padding rows
+    "gemv-4-rows-per-program-silu": (8, 48, 256, 64, "none", "silu", False, GemvConfig(8, v=2, rows=4)),
+    "gemv-rows-rmsnorm-bias-padded": (5, 40, 384, 128, "rmsnorm", "store", True, GemvConfig(8, 1, 2, v=4, rows=4)),
+    "gemv-rows-residual-split": (3, 40, 576, 64, "none", "residual", False, GemvConfig(4, 3, 1, v=4, rows=2)),
 }
 
 
@@ -76,8 +80,8 @@ GEMV_CASES = {
 @pytest.mark.parametrize("case", GEMV_CASES)
 def test_int4_matmul_matches_dequantized_weights(case, kernel):
     M, N, K, g, pro, epi, bias, cfg = GEMV_CASES[case]
-    if M > 1 and kernel == "cuda-cores":
-        pytest.skip("several rows take a tl.dot kernel")
+    if M > 1 and kernel == "cuda-cores" and cfg.rows == 1:
+        pytest.skip("several rows take a tl.dot kernel, or the GEMV with rows per program")
     cfg = dataclasses.replace(cfg, dot=kernel != "cuda-cores", tc=kernel == "tensor-cores")
     dt = torch.float16
     words, s, z, W = int4_weight(N, K, g, seed=len(case))

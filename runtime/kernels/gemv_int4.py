@@ -7,9 +7,9 @@ vector load), and ``(word & 0xF << 4i) | (150 - 4i) << 23`` is exactly the float
 then a constant subtraction, with no int-to-float conversion (I2F runs at 16/clk/SM and capped the byte
 layout's kernel near 1 TB/s). scales fp16 [N, K/G], zeros uint8 [N, K/G]; w = (q - z) * s.
 
-  _w4_gemv_kernel  one input row per program, CUDA cores (several rows: a program per row and block of
-         outputs, the weights re-read from L2). Tile [C, BLOCK_N, V]: C = 32 * num_warps thread-columns of V
-         consecutive words (one 4V-byte load per row), all BLOCK_N rows in each thread's registers, so x is
+  _w4_gemv_kernel  ROWS input rows per program (default one), CUDA cores: each step's codes are made once
+         for them (more rows than that: more programs, the weights re-read from L2). Tile [C, BLOCK_N, V]:
+         C = 32 * num_warps thread-columns of V consecutive words (one 4V-byte load per row), all BLOCK_N rows in each thread's registers, so x is
          loaded and prepared once per thread. Per group and row:
              sum_k (q - z) s h = s * (sum_k q h - z sum_k h).
          The next step's words, scales and zeros load before this step's arithmetic; with PDL the first
@@ -179,11 +179,12 @@ def _epilogue(acc, y_ptr, stride_ym, rm, m_ok, b_ptr, rn, n_ok, pid_k, EPI: tl.c
 
 @triton.jit
 def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym,
-                    N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr, ATOMIC: tl.constexpr,
+                    M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr, ATOMIC: tl.constexpr,
                     HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, V: tl.constexpr,
-                    C: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
-    """One row m = program_id(2); C = 32 * num_warps. With PRO == 1 (SPLIT_K == 1): y = rstd * (x * norm_w) W^T, sum(x^2) in the loop."""
-    pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                    C: tl.constexpr, ROWS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """Rows ROWS * program_id(2) .. + ROWS - 1; C = 32 * num_warps. The codes of a step are made once for the
+    ROWS rows. With PRO == 1 (SPLIT_K == 1): y = rstd * (x * norm_w) W^T, sum(x^2) in the loop."""
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     WG: tl.constexpr = G // 8            # words per group
@@ -191,10 +192,13 @@ def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
     GPS: tl.constexpr = C // TPG         # groups per step
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
+    rm = pid_m * ROWS + tl.arange(0, ROWS)
+    m_ok = rm < M
     c = tl.arange(0, C)
     v = tl.arange(0, V)
     g_lo, g_hi = _slice(K, SPLIT_K, pid_k, G)
-    x_row = x_ptr + m * stride_xm
+    x_rows = (x_ptr + rm * stride_xm)[:, None, None, None]                # [R, 1, 1, 1]
+    x_ok = m_ok[:, None, None, None]
     wcol = ((c % TPG) * V)[:, None, None] + v[None, None, :]           # word within its group [C, 1, V]
     w_rows = w_ptr + rn[None, :, None] * stride_w + wcol                # [C, BN, V]
     s_rows = rn[None, :] * stride_s                                     # [1, BN]
@@ -206,31 +210,30 @@ def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
     zp = tl.load(z_ptr + s_rows + g[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0)
     if PDL:
         tl.extra.cuda.gdc_wait()
-    acc = tl.zeros([C, BLOCK_N], tl.float32)
-    sq = tl.zeros([C, 1, V], tl.float32)
+    acc = tl.zeros([ROWS, C, BLOCK_N], tl.float32)
+    sq = tl.zeros([ROWS, C, 1, V], tl.float32)
     for g0 in range(g_lo, g_hi, GPS):
         gn = g + GPS                                                    # the next step's weights, loading now
         gn_ok = gn < g_hi
         w_n = tl.load(w_rows + (gn * WG)[:, None, None], mask=gn_ok[:, None, None] & n_ok[None, :, None], other=0)
         sc_n = tl.load(s_ptr + s_rows + gn[:, None], mask=gn_ok[:, None] & n_ok[None, :], other=0.0)
         zp_n = tl.load(z_ptr + s_rows + gn[:, None], mask=gn_ok[:, None] & n_ok[None, :], other=0)
-        p = tl.zeros([C, BLOCK_N, V], tl.float32)
-        xs = tl.zeros([C, 1, V], tl.float32)
+        p = tl.zeros([ROWS, C, BLOCK_N, V], tl.float32)
+        xs = tl.zeros([ROWS, C, 1, V], tl.float32)
         for i in tl.static_range(8):
             col = (g * G)[:, None, None] + i * WG + wcol
-            xi = tl.load(x_row + col, mask=c_ok[:, None, None], other=0.0).to(tl.float32)
+            xi = tl.load(x_rows + col[None], mask=x_ok & c_ok[None, :, None, None], other=0.0).to(tl.float32)
             if PRO == 1:  # h = x * norm_w now, times rstd at the end
                 sq += xi * xi
-                xi = xi * tl.load(nw_ptr + col, mask=c_ok[:, None, None], other=0.0).to(tl.float32)
+                xi = xi * tl.load(nw_ptr + col, mask=c_ok[:, None, None], other=0.0).to(tl.float32)[None]
             xs += xi
-            p += _codes(w, i, ASM) * xi
-        acc += sc.to(tl.float32) * (tl.sum(p, axis=2) - zp.to(tl.float32) * tl.sum(xs, axis=2))
+            p += _codes(w, i, ASM)[None] * xi
+        acc += sc.to(tl.float32)[None] * (tl.sum(p, axis=3) - zp.to(tl.float32)[None] * tl.sum(xs, axis=3))
         w, sc, zp, g, c_ok = w_n, sc_n, zp_n, gn, gn_ok
-    out = tl.sum(acc, axis=0)                                           # [BN]
+    out = tl.sum(acc, axis=1)                                           # [R, BN]
     if PRO == 1:
-        out = out / tl.sqrt(tl.sum(tl.sum(tl.sum(sq, axis=2), axis=1), axis=0) / K + eps)
-    _epilogue(out[None, :], y_ptr, stride_ym, m + tl.zeros([1], tl.int32), tl.full([1], 1, tl.int1), b_ptr, rn, n_ok,
-              pid_k, EPI, ATOMIC, HAS_BIAS, ACT_BF16)
+        out = out / tl.sqrt(tl.sum(tl.sum(tl.sum(sq, axis=3), axis=2), axis=1) / K + eps)[:, None]
+    _epilogue(out, y_ptr, stride_ym, rm, m_ok, b_ptr, rn, n_ok, pid_k, EPI, ATOMIC, HAS_BIAS, ACT_BF16)
 
 
 @triton.jit
@@ -459,6 +462,9 @@ class GemvConfig:
     gpi: int = 1          # _w4_tc_kernel: groups per step
     xvec: bool = False    # _w4_tc_kernel: x loaded in column order and reordered in registers (else gathered)
     pf: int = 1           # _w4_tc_kernel: how many steps ahead the weights load (1 to 3)
+    rows: int = 1         # _gemv: input rows per program (their codes made once). H100, 2026-12-02, eight rows
+    # in one program lost to the tensor-core kernel in every config tried (bucket-8 step 1558-6799 µs against 1445;
+    # bench/results/gpu_graph_sweep_gemv_rows8.json), so TUNED keeps rows 1
     maxnreg: int | None = None  # registers per thread at most (ptxas spills above): more programs per SM
 
 
@@ -556,12 +562,13 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
         common["maxnreg"] = cfg.maxnreg
     weights = (words, scales, zeros, words.stride(0), scales.stride(0))
     n_blocks = triton.cdiv(N, cfg.block_n)
-    if not (cfg.dot or cfg.tc):  # one program per row and block of outputs (several rows re-read the weights from L2)
+    if not (cfg.dot or cfg.tc):  # a program per ``rows`` rows and block of outputs (more rows re-read the weights)
         assert pro != 1 or cfg.split_k == 1, "_gemv with RMSNorm: the norm is applied at the end, no split-K"
         assert (group // 8) % cfg.v == 0 and (32 * cfg.num_warps) % (group // 8 // cfg.v) == 0, f"v={cfg.v}, group {group}"
-        _w4_gemv_kernel[(n_blocks, cfg.split_k, M)](x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), N, K,
-                                                    cfg.split_k, V=cfg.v, C=32 * cfg.num_warps, ASM=not INTERPRET,
-                                                    **common)
+        assert cfg.rows >= 1 and cfg.rows & (cfg.rows - 1) == 0, f"rows={cfg.rows}: a power of two"
+        _w4_gemv_kernel[(n_blocks, cfg.split_k, triton.cdiv(M, cfg.rows))](
+            x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), M, N, K, cfg.split_k, V=cfg.v,
+            C=32 * cfg.num_warps, ROWS=cfg.rows, ASM=not INTERPRET, **common)
         return out
     # the tl.dot kernels: BLOCK_M rows per program; the RMSNorm pass takes [BLOCK_M, CHUNK] elements at a time
     # (32 per thread with 4 warps)
