@@ -2,6 +2,7 @@
 
     python bench/gpu_step_probe.py                       # qwen2.5-1.5b config, W4A16 (RTN g128) + KV int8
     python bench/gpu_step_probe.py --modes two,one --positions 32,160,288,4160
+    python bench/gpu_step_probe.py --modes two --workspaces "fp16,fp16 + KV int8" --positions 160,4160 --no-decode
 
 For each gpu_model.FUSED_ATTENTION mode: the graph step (µs) of one row and of ``--rows`` distinct rows (the
 greedy graph generate_batch replays) at each position, then the protocol's decode (32-token prompt, 256 new
@@ -110,14 +111,45 @@ def main():
     ap.add_argument("--positions", default=[32, 160, 288, 1024, 4160], type=positions,
                     help="the steps' positions, a comma list")
     ap.add_argument("--no-decode", action="store_true", help="only the graph steps (no protocol decode runs)")
+    ap.add_argument("--workspaces", default=["W4A16 + KV int8"], type=lambda t: [w for w in t.split(",") if w],
+                    help="comma list of: fp16, W4A16, fp16 + KV int8, W4A16 + KV int8")
+    ap.add_argument("--profile-last", action="store_true", help="profile at the last position (else at 160)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     path = (lambda p: Path(p) if Path(p).is_absolute() else ROOT / p)
     cfg = json.loads(path(args.config).read_text())
     spaces = build_workspaces(cfg, str(path(args.tokenizer)), Path(args.work) / "model", SESSION, max(8, args.rows),
                               128, "cuda")
-    eng = Engine.from_workspace(spaces["W4A16 + KV int8"], device="cuda", verify=False, batch_size=args.rows)
-    res = {**provenance(), "rows": args.rows, "modes": {}}
+    res = {**provenance(), "rows": args.rows, "workspaces": {}}
+    for ws in args.workspaces:
+        res["workspaces"][ws] = probe(spaces[ws], args)
+    res["wall_s"] = time.perf_counter() - t0
+    out = write_result("gpu_step_probe", res)
+    if (o := __import__("os").environ.get("OUT")):
+        Path(o, out.name).write_text(out.read_text())
+    for ws, w in res["workspaces"].items():
+        for key in ("profile_1", "profile"):
+            pr = w[key]
+            print(f"\n{ws}, {pr['rows']} rows (bucket {pr['bucket']}): {pr['kernels_per_step']} kernels, "
+                  f"{pr['kernel_us_per_step']:.0f} µs of kernel time per step (eager)")
+            for name, us in pr["top"].items():
+                print(f"  {us:8.1f}  {name}")
+            print("  first layer: " + ", ".join(f"{n} {t}" for n, t in pr["first_layer"]))
+    print("\n| workspace | mode | rows | " + " | ".join(f"@{p}" for p in args.positions)
+          + " | bs1 tok/s | bsN tok/s | ratio | rel err |")
+    print("|---" * (len(args.positions) + 7) + "|")
+    for ws, w in res["workspaces"].items():
+        for mode, r in w["modes"].items():
+            for n in (1, args.rows):
+                print(f"| {ws} | {mode} | {n} | " + " | ".join(f"{r[f'step_us_{n}'][p]:.1f}" for p in args.positions)
+                      + f" | {r.get('bs1_tok_s', float('nan')):.1f} | {r.get('bsN_tok_s', float('nan')):.1f} | "
+                      f"{r.get('ratio', float('nan')):.3f} | {r['rel_err_vs_first']:.1e} |")
+
+
+def probe(space: Path, args) -> dict:
+    """One workspace: each mode's graph steps (and protocol decodes), then the profiles (the last mode's)."""
+    eng = Engine.from_workspace(space, device="cuda", verify=False, batch_size=args.rows)
+    res = {"modes": {}}
     ref = None
     for mode in args.modes:
         gpu_model.FUSED_ATTENTION = mode
@@ -126,7 +158,7 @@ def main():
         for p in args.positions:
             r["step_us_1"][p] = graph_step_us(eng, p, reps=REPS)
             r[f"step_us_{args.rows}"][p] = rows_step_us(eng, args.rows, p, reps=REPS)
-            log(f"  {mode} @ {p}: 1 row {r['step_us_1'][p]:.1f} µs, {args.rows} rows "
+            log(f"  {space.name} {mode} @ {p}: 1 row {r['step_us_1'][p]:.1f} µs, {args.rows} rows "
                 f"{r[f'step_us_{args.rows}'][p]:.1f} µs")
         logits = fixed_logits(eng, args.rows, 160)
         ref = logits if ref is None else ref
@@ -136,28 +168,12 @@ def main():
             r["ratio"] = r["bsN_tok_s"] / r["bs1_tok_s"]
             log(f"  {mode}: bs1 {r['bs1_tok_s']:.1f}, bs{args.rows} {r['bsN_tok_s']:.1f} tok/s ({r['ratio']:.2f}x)")
         res["modes"][mode] = r
-    res["profile"] = profile_rows(eng, args.rows, 160)
-    res["profile_1"] = profile_rows(eng, 1, 160)
-    res["wall_s"] = time.perf_counter() - t0
-    out = write_result("gpu_step_probe", res)
-    if (o := __import__("os").environ.get("OUT")):
-        Path(o, out.name).write_text(out.read_text())
-    for key in ("profile_1", "profile"):
-        pr = res[key]
-        print(f"\n{pr['rows']} rows (bucket {pr['bucket']}): {pr['kernels_per_step']} kernels, "
-              f"{pr['kernel_us_per_step']:.0f} µs of kernel time per step (eager)")
-        for name, us in pr["top"].items():
-            print(f"  {us:8.1f}  {name}")
-        print("  first layer: " + ", ".join(f"{n} {t}" for n, t in pr["first_layer"]))
-    print("\n| mode | rows | " + " | ".join(f"@{p}" for p in args.positions)
-          + " | bs1 tok/s | bsN tok/s | ratio | rel err |")
-    print("|---" * (len(args.positions) + 6) + "|")
-    for mode, r in res["modes"].items():
-        for n in (1, args.rows):
-            print(f"| {mode} | {n} | " + " | ".join(f"{r[f'step_us_{n}'][p]:.1f}" for p in args.positions) +
-                  f" | {r.get('bs1_tok_s', float('nan')):.1f} | {r.get('bsN_tok_s', float('nan')):.1f} | "
-                  f"{r.get('ratio', float('nan')):.3f} | {r['rel_err_vs_first']:.1e} |")
-
+    res["profile"] = profile_rows(eng, args.rows, args.positions[-1] if args.profile_last else 160)
+    res["profile_1"] = profile_rows(eng, 1, args.positions[-1] if args.profile_last else 160)
+    gpu_model.FUSED_ATTENTION = "two"
+    del eng
+    torch.cuda.empty_cache()
+    return res
 
 if __name__ == "__main__":
     main()
