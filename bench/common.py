@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,17 @@ def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"
     out.write_text(json.dumps(payload, indent=2) + "\n")
+    return out
+
+
+def save_device_result(name: str, payload: dict) -> Path:
+    """A GPU probe's result with its provenance and device name -> bench/results/<name>.json, copied to $OUT
+    when set (what a lent device machine sends back)."""
+    payload.update(provenance())
+    payload["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    out = write_result(name, payload)
+    if os.environ.get("OUT"):
+        shutil.copy(out, os.environ["OUT"])
     return out
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, write_result  # noqa: E402
+from common import save_device_result  # noqa: E402
 from gpu_graph_sweep import rows_step_us  # noqa: E402
 from gpu_micro import log  # noqa: E402
 from gpu_rows import build_workspaces, graph_step_us  # noqa: E402
@@ -83,12 +81,7 @@ def main():
         gpu_model.FUSED_ATTENTION_KW, attention.SPLIT_CAP = VARIANTS["default"]
         del eng
         torch.cuda.empty_cache()
-    res.update(provenance())
-    res["command"] = "python3 bench/gpu_attn_probe.py " + " ".join(sys.argv[1:])
-    res["device"] = torch.cuda.get_device_name(0)
-    out = write_result("gpu_attn_probe", res)
-    if os.environ.get("OUT"):
-        shutil.copy(out, os.environ["OUT"])
+    out = save_device_result("gpu_attn_probe", res)
     cols = [f"{n}@{p}" for p in args.positions for n in (1, args.rows)]
     print(f"\n{out}  ({time.perf_counter() - t0:.0f}s)  {res['device']}\n")
     print("| cache | variant | " + " | ".join(f"{c} µs" for c in cols) + " | rel err |")

@@ -14,8 +14,6 @@ blocks per SM) is timed at 4224 and 4480 programs too. Writes bench/results/gpu_
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, write_result  # noqa: E402
+from common import save_device_result  # noqa: E402
 from gpu_micro import copies_for, graph_us, log  # noqa: E402
 
 from qconv.runtime.kernels import gemv_int4  # noqa: E402
@@ -81,12 +79,7 @@ def main():
         log(f"w13 one row, N {n} ({n // one.block_n} programs): {us:.2f} µs")
     res["tc_kernels"] = compiled(gemv_int4._w4_tc_kernel)
     res["gemv_kernels"] = compiled(gemv_int4._w4_gemv_kernel)
-    res.update(provenance())
-    res["command"] = "python3 bench/gpu_wave_probe.py " + " ".join(sys.argv[1:])
-    res["device"] = torch.cuda.get_device_name(0)
-    out = write_result("gpu_wave_probe", res)
-    if os.environ.get("OUT"):
-        shutil.copy(out, os.environ["OUT"])
+    out = save_device_result("gpu_wave_probe", res)
     print(f"\n{out}  ({time.perf_counter() - t0:.0f}s)  {res['device']}")
     print("compiled _w4_tc_kernel:", res["tc_kernels"])
     print("compiled _w4_gemv_kernel:", res["gemv_kernels"])
