@@ -181,6 +181,22 @@ def _fence(x):
 
 
 @triton.jit
+def _last_to_arrive(cnt_ptr, n, FENCE: tl.constexpr):
+    """Whether this program is the last of the ``n`` that count on the counter at cnt_ptr: every program's
+    stores before the call are then visible to the last one, which resets the counter to 0 for the next launch.
+    FENCE: real fences (not in the interpreter)."""
+    if FENCE:
+        _fence(tl.program_id(0))  # (the fence's operand only anchors the asm: any runtime value)
+    tl.debug_barrier()
+    last = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == n - 1
+    if last:
+        tl.store(cnt_ptr, 0)
+        if FENCE:
+            _fence(tl.program_id(0))
+    return last
+
+
+@triton.jit
 def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps,
                        kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr, m_ptr, l_ptr, o_ptr, cnt_ptr,
                        out_ptr, stride_ot, qk_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
@@ -257,14 +273,7 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
         tl.store(l_ptr + idx, l_i, mask=r_ok)
         tl.store(o_ptr + idx[:, None] * D + d[None, :], acc, mask=r_ok[:, None])
     if MERGE and active > 1:
-        if FENCE:
-            _fence(s)
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + b * HKV + kvh, 1, sem="acq_rel", scope="gpu")
-        if done == active - 1:  # every other split has written its partials: merge them
-            tl.store(cnt_ptr + b * HKV + kvh, 0)  # for the next launch
-            if FENCE:
-                _fence(s)
+        if _last_to_arrive(cnt_ptr + b * HKV + kvh, active, FENCE):  # every split's partials are in: merge them
             rc = tl.arange(0, RC)
             rc_ok = rc < REP
             hb = (b * HQ + kvh * REP + rc) * NS  # [RC]

@@ -9,8 +9,8 @@ layout's kernel near 1 TB/s). scales fp16 [N, K/G], zeros uint8 [N, K/G]; w = (q
 
   _w4_gemv_kernel  ROWS input rows per program (default one), CUDA cores: each step's codes are made once
          for them (more rows than that: more programs, the weights re-read from L2). Tile [C, BLOCK_N, V]:
-         C = 32 * num_warps thread-columns of V consecutive words (one 4V-byte load per row), all BLOCK_N rows in each thread's registers, so x is
-         loaded and prepared once per thread. Per group and row:
+         C = 32 * num_warps thread-columns of V consecutive words (one 4V-byte load per row), all BLOCK_N
+         rows in each thread's registers, so x is loaded and prepared once per thread. Per group and row:
              sum_k (q - z) s h = s * (sum_k q h - z sum_k h).
          The next step's words, scales and zeros load before this step's arithmetic; with PDL the first
          step's load precedes the wait for the previous kernel (weights are never written).
@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, pdl
-from .attention import _fence
+from .attention import _last_to_arrive
 
 PROLOGUES = {"none": 0, "rmsnorm": 1}
 EPILOGUES = {"store": 0, "residual": 1, "silu": 2}
@@ -423,14 +423,7 @@ def _silu_last_slice(acc, sa_ptr, stride_sa, cnt_ptr, SPLIT_K, y_ptr, stride_ym,
     sums = sa_ptr + rm[:, None] * stride_sa + rn[None, :]
     tl.atomic_add(sums, acc, mask=mask, sem="relaxed")
     tile = tl.program_id(0) + tl.num_programs(0) * tl.program_id(2)
-    if FENCE:
-        _fence(tile)
-    tl.debug_barrier()
-    done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if done == SPLIT_K - 1:  # every other slice's sums are in
-        tl.store(cnt_ptr + tile, 0)
-        if FENCE:
-            _fence(tile)
+    if _last_to_arrive(cnt_ptr + tile, SPLIT_K, FENCE):  # every other slice's sums are in
         total = tl.load(sums, mask=mask, other=0.0, cache_modifier=".cg")
         tl.store(sums, tl.zeros_like(total), mask=mask)
         _epilogue(total, y_ptr, stride_ym, rm, m_ok, y_ptr, rn, n_ok, 0, 2, False, False, ACT_BF16)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, pdl
-from .attention import _fence
+from .attention import _last_to_arrive
 
 SLICES = 64  # programs per row
 
@@ -35,14 +35,7 @@ def _greedy_kernel(logits_ptr, stride_l, V, idx_ptr, stride_idx, tok_ptr, ring_p
     a = tl.min(tl.where(x == m, offs, 2147483647), axis=0)  # the first index of the maximum
     tl.store(val_ptr + b * P + p, m)
     tl.store(arg_ptr + b * P + p, a)
-    if FENCE:
-        _fence(p)
-    tl.debug_barrier()
-    done = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
-    if done == P - 1:
-        tl.store(cnt_ptr + b, 0)  # for the next launch
-        if FENCE:
-            _fence(p)
+    if _last_to_arrive(cnt_ptr + b, P, FENCE):  # every slice's maximum is in
         j = tl.arange(0, P)
         vals = tl.load(val_ptr + b * P + j, cache_modifier=".cg")
         args = tl.load(arg_ptr + b * P + j, cache_modifier=".cg")
