@@ -121,7 +121,8 @@ def main():
     ap.add_argument("--rows", default=[1], type=row_counts,
                     help="the step's rows (1, or several: tl.dot configs, bucket 16); a comma list sweeps each in turn")
     ap.add_argument("--tc", action="store_true", help="sweep the tensor-core kernel's configs (_w4_tc_kernel)")
-    ap.add_argument("--splits-only", action="store_true", help="only other split-K counts of each role's current config")
+    ap.add_argument("--splits-only", action="store_true",
+                    help="only other split-K counts of each role's current config")
     ap.add_argument("--gemv-rows", action="store_true",
                     help="only the CUDA-core GEMV with all the step's rows in one program (several rows)")
     ap.add_argument("--budget-s", type=float, default=420, help="stop sweeping a row count after this many seconds")

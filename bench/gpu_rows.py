@@ -86,6 +86,9 @@ def kv_bytes(cfg, tokens: int, quantized: bool) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+WORKSPACES = ("fp16", "W4A16", "fp16 + KV int8", "W4A16 + KV int8")  # build_workspaces' names
+
+
 def build_workspaces(config: dict, tokenizer: str, work: Path, session_len: int, batch: int, group: int,
                      device: str) -> dict[str, Path]:
     """Random HF model (transformers' init, std 0.02) -> fp16, int4 (RTN), and both with int8 KV params

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, write_result  # noqa: E402
+from common import save_device_result  # noqa: E402
 from gpu_graph_sweep import greedy_logits, rows_step_us  # noqa: E402
 from gpu_micro import log  # noqa: E402
-from gpu_rows import build_workspaces, graph_step_us, median_time, profile_kernels, rand_ids  # noqa: E402
+from gpu_rows import WORKSPACES, build_workspaces, graph_step_us, median_time, profile_kernels, rand_ids  # noqa: E402
 
 from qconv.runtime import gpu_model  # noqa: E402
 from qconv.runtime.cuda_graph import DecodeGraphs  # noqa: E402
@@ -112,21 +112,21 @@ def main():
                     help="the steps' positions, a comma list")
     ap.add_argument("--no-decode", action="store_true", help="only the graph steps (no protocol decode runs)")
     ap.add_argument("--workspaces", default=["W4A16 + KV int8"], type=lambda t: [w for w in t.split(",") if w],
-                    help="comma list of: fp16, W4A16, fp16 + KV int8, W4A16 + KV int8")
+                    help="comma list of: " + ", ".join(WORKSPACES))
     ap.add_argument("--profile-last", action="store_true", help="profile at the last position (else at 160)")
     args = ap.parse_args()
+    if not args.workspaces or any(w not in WORKSPACES for w in args.workspaces):
+        ap.error(f"--workspaces: a comma list of {', '.join(WORKSPACES)}")
     t0 = time.perf_counter()
     path = (lambda p: Path(p) if Path(p).is_absolute() else ROOT / p)
     cfg = json.loads(path(args.config).read_text())
     spaces = build_workspaces(cfg, str(path(args.tokenizer)), Path(args.work) / "model", SESSION, max(8, args.rows),
                               128, "cuda")
-    res = {**provenance(), "rows": args.rows, "workspaces": {}}
+    res = {"rows": args.rows, "workspaces": {}}
     for ws in args.workspaces:
         res["workspaces"][ws] = probe(spaces[ws], args)
     res["wall_s"] = time.perf_counter() - t0
-    out = write_result("gpu_step_probe", res)
-    if (o := __import__("os").environ.get("OUT")):
-        Path(o, out.name).write_text(out.read_text())
+    save_device_result("gpu_step_probe", res)
     for ws, w in res["workspaces"].items():
         for key in ("profile_1", "profile"):
             pr = w[key]
@@ -150,7 +150,7 @@ def probe(space: Path, args) -> dict:
     """One workspace: each mode's graph steps (and protocol decodes), then the profiles (the last mode's)."""
     eng = Engine.from_workspace(space, device="cuda", verify=False, batch_size=args.rows)
     res = {"modes": {}}
-    ref = None
+    ref, shipped = None, gpu_model.FUSED_ATTENTION
     for mode in args.modes:
         gpu_model.FUSED_ATTENTION = mode
         eng.decoder = eng.model.decoder = DecodeGraphs(eng.model, eng.cache)
@@ -168,12 +168,14 @@ def probe(space: Path, args) -> dict:
             r["ratio"] = r["bsN_tok_s"] / r["bs1_tok_s"]
             log(f"  {mode}: bs1 {r['bs1_tok_s']:.1f}, bs{args.rows} {r['bsN_tok_s']:.1f} tok/s ({r['ratio']:.2f}x)")
         res["modes"][mode] = r
-    res["profile"] = profile_rows(eng, args.rows, args.positions[-1] if args.profile_last else 160)
-    res["profile_1"] = profile_rows(eng, 1, args.positions[-1] if args.profile_last else 160)
-    gpu_model.FUSED_ATTENTION = "two"
+    at = args.positions[-1] if args.profile_last else 160
+    res["profile"] = profile_rows(eng, args.rows, at)
+    res["profile_1"] = profile_rows(eng, 1, at)
+    gpu_model.FUSED_ATTENTION = shipped
     del eng
     torch.cuda.empty_cache()
     return res
+
 
 if __name__ == "__main__":
     main()
