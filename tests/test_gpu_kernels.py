@@ -44,6 +44,20 @@ def int4_weight(N, K, g, seed):
     return (pack_words(q, g).to(DEV), s.to(DEV), z.to(torch.uint8).to(DEV), dequantize(q, s.float(), z.float()))
 
 
+def expected_and_output(y, epi, dt, seed):
+    """The wanted result of an int4 GEMM whose plain product (fp32) is y, under epilogue ``epi``, and the output
+    the kernel writes into: poisoned with NaN, or (residual) a random fp32 residual that y is added to. silu:
+    rows 2n, 2n + 1 of y are gate n and up n."""
+    M, N = y.shape
+    if epi == "silu":
+        return (F.silu(y[:, 0::2].to(dt)) * y[:, 1::2].to(dt)).float(), torch.full((M, N // 2), float("nan"),
+                                                                                   dtype=dt, device=DEV)
+    if epi == "residual":
+        r0 = torch.randn(M, N, generator=gen(seed))
+        return y + r0, r0.clone().to(DEV)
+    return y, torch.full((M, N), float("nan"), dtype=dt, device=DEV)
+
+
 # (M, N, K, group, prologue, epilogue, bias, config)
 GEMV_CASES = {
     "gemv-bias": (1, 48, 256, 64, "none", "store", True, GemvConfig(32, v=2)),
@@ -94,16 +108,7 @@ def test_int4_matmul_matches_dequantized_weights(case, kernel):
     else:
         x = torch.randn(M, K, generator=gen(4)).to(dt)
         h = x.float()
-    want = h @ W.t() + (b.float() if bias else 0)
-    if epi == "silu":  # rows 2n, 2n + 1 are gate n, up n
-        gate, up = want[:, 0::2].to(dt), want[:, 1::2].to(dt)
-        want = (F.silu(gate) * up).float()
-        out = torch.full((M, N // 2), float("nan"), dtype=dt, device=DEV)
-    elif epi == "residual":
-        r0 = torch.randn(M, N, generator=gen(6))
-        out, want = r0.clone().to(DEV), want + r0
-    else:
-        out = torch.full((M, N), float("nan"), dtype=dt, device=DEV)
+    want, out = expected_and_output(h @ W.t() + (b.float() if bias else 0), epi, dt, seed=6)
     w4_matmul(x.to(DEV), words, s, z, g, out, bias=None if b is None else b.to(DEV), prologue=pro,
               norm_weight=None if nw is None else nw.to(DEV), eps=1e-6, epilogue=epi, config=cfg)
     assert rel(out.cpu(), want) < 3e-3
@@ -132,6 +137,68 @@ def test_split_k_silu_epilogue_merges_in_the_last_slice(split):
     w4_matmul(x.to(DEV), words, s, z, g, out2, prologue="rmsnorm", norm_weight=nw.to(DEV), eps=1e-6,
               epilogue="silu", config=cfg)
     assert rel(out2.cpu(), out.cpu()) < 1e-3  # (atomic adds on a GPU: any order)
+
+
+# kernels/mma_int4.py (mma.sync from registers, Gluon) on CUDA; Triton's interpreter cannot run Gluon, so on the
+# CPU w4_matmul takes the tensor-core kernel for these configs (gemv_int4.mma_fallback). (M, N, K, epilogue,
+# bias, config): 8 and 16 rows per program, several row blocks, a last tile past N, K-slices of unequal size
+MMA_CASES = {
+    "8-rows-silu": (8, 256, 512, "silu", False, GemvConfig(128, 1, 4, dot=True, mma=True)),
+    "8-rows-residual-split-3-of-7-groups": (8, 200, 896, "residual", False, GemvConfig(64, 3, 2, dot=True, mma=True)),
+    "1-row-store-bias": (1, 96, 384, "store", True, GemvConfig(32, 1, 2, dot=True, mma=True)),
+    "13-rows-store-bias": (13, 80, 256, "store", True, GemvConfig(64, 1, 1, dot=True, mma=True)),
+    "40-rows-residual": (40, 128, 384, "residual", False, GemvConfig(256, 2, 8, dot=True, mma=True)),
+    "5-rows-residual-bias-split": (5, 160, 512, "residual", True, GemvConfig(32, 4, 1, dot=True, mma=True)),
+}
+
+
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", MMA_CASES)
+def test_mma_int4_matmul_matches_dequantized_weights(case, dt):
+    if dt == torch.bfloat16 and DEV == "cpu":
+        pytest.skip("bf16 tl.dot needs CUDA (the interpreter's is wrong)")
+    M, N, K, epi, bias, cfg = MMA_CASES[case]
+    words, s, z, W = int4_weight(N, K, 128, seed=len(case) + 40)
+    x = torch.randn(M, K, generator=gen(41)).to(dt)
+    b = torch.randn(N, generator=gen(42)).to(dt) if bias else None
+    want, out = expected_and_output(x.float() @ W.t() + (b.float() if bias else 0), epi, dt, seed=43)
+    w4_matmul(x.to(DEV), words, s, z, 128, out, bias=None if b is None else b.to(DEV), epilogue=epi, config=cfg)
+    assert rel(out.cpu(), want) < (3e-3 if dt == torch.float16 else 1.5e-2)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_mma_int4_split_silu_leaves_its_buffers_zero(split):
+    """w13 through the mma config at 8 rows, one K-slice and three (the last slice of a tile applies SiLU-mul):
+    call after call on the same sum buffers, which come back zero."""
+    from qconv.runtime.kernels.gemv_int4 import sum_buffers
+    M, N, K, dt = 8, 384, 768, torch.float16
+    words, s, z, W = int4_weight(N, K, 128, seed=71)
+    cfg = GemvConfig(128, split, 4, dot=True, mma=True)
+    sums = sum_buffers(M, N, DEV)
+    for seed in (72, 73):
+        x = torch.randn(M, K, generator=gen(seed)).to(dt)
+        y = x.float() @ W.t()
+        want = (F.silu(y[:, 0::2].to(dt)) * y[:, 1::2].to(dt)).float()
+        out = torch.full((M, N // 2), float("nan"), dtype=dt, device=DEV)
+        w4_matmul(x.to(DEV), words, s, z, 128, out, epilogue="silu", config=cfg, sums=sums)
+        assert rel(out.cpu(), want) < 3e-3
+        assert (sums[0] == 0).all() and (sums[1] == 0).all()
+
+
+def test_mma_config_falls_back_where_the_kernel_cannot_run():
+    """group 64 (the mma kernel takes 128), or Triton's interpreter: the tensor-core kernel with the same outputs
+    per program; a malformed mma tile is refused when the config is made."""
+    from qconv.runtime.kernels.gemv_int4 import mma_fallback
+    cfg = GemvConfig(32, 2, 1, dot=True, mma=True)
+    fb = mma_fallback(cfg)
+    assert (fb.mma, fb.tc, fb.split_k) == (False, True, 2) and fb.block_n >= 64
+    words, s, z, W = int4_weight(64, 256, 64, seed=75)
+    x = torch.randn(3, 256, generator=gen(76)).half()
+    out = torch.zeros(3, 64, dtype=torch.float32, device=DEV)
+    w4_matmul(x.to(DEV), words, s, z, 64, out, epilogue="residual", config=cfg)
+    assert rel(out.cpu(), x.float() @ W.t()) < 3e-3
+    with pytest.raises(AssertionError, match="block_n"):
+        GemvConfig(48, 1, 2, dot=True, mma=True)
 
 
 def test_interleaved_pairs_feed_the_silu_epilogue():

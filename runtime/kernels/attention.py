@@ -173,27 +173,27 @@ def _rope_rows(x1, x2, d, cs_ptr, sn_ptr, nw_ptr, eps, dt, D: tl.constexpr, HALF
     return (x1 * c + sign * (x2 * s)).to(dt).to(tl.float32)
 
 
-@triton.jit
-def _fence(x):
-    """fence.acq_rel.gpu in every thread (returns x): orders this thread's stores before a later atomic."""
-    return tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
-                                     is_pure=False, pack=1)
+_FENCE = tl.constexpr("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;")  # orders this thread's stores before a later atomic
 
 
-@triton.jit
-def _last_to_arrive(cnt_ptr, n, FENCE: tl.constexpr):
+def last_to_arrive(cnt_ptr, n, FENCE: tl.constexpr):
     """Whether this program is the last of the ``n`` that count on the counter at cnt_ptr: every program's
     stores before the call are then visible to the last one, which resets the counter to 0 for the next launch.
-    FENCE: real fences (not in the interpreter)."""
+    FENCE: real fences, fence.acq_rel.gpu in every thread (not in the interpreter). Plain Python, jitted twice:
+    _last_to_arrive for Triton kernels and mma_int4's for Gluon (a Gluon kernel can call no Triton function
+    under the interpreter), so it calls no other jitted function (the fence's operand only anchors the asm)."""
     if FENCE:
-        _fence(tl.program_id(0))  # (the fence's operand only anchors the asm: any runtime value)
+        tl.inline_asm_elementwise(_FENCE, "=r,r", [tl.program_id(0)], dtype=tl.int32, is_pure=False, pack=1)
     tl.debug_barrier()
     last = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == n - 1
     if last:
         tl.store(cnt_ptr, 0)
         if FENCE:
-            _fence(tl.program_id(0))
+            tl.inline_asm_elementwise(_FENCE, "=r,r", [tl.program_id(0)], dtype=tl.int32, is_pure=False, pack=1)
     return last
+
+
+_last_to_arrive = triton.jit(last_to_arrive)
 
 
 @triton.jit

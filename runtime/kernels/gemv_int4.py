@@ -32,26 +32,27 @@ scalar), so sum(x^2) accumulates in the main loop and no pass over x precedes th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, pdl
+from . import INTERPRET, pdl, rounding
 from .attention import _last_to_arrive
+
+try:  # Gluon (Triton >= 3.4): the mma.sync kernel; without it the tensor-core kernel takes its configs
+    from . import mma_int4
+    HAVE_MMA = True
+except ImportError:
+    HAVE_MMA = False
 
 PROLOGUES = {"none": 0, "rmsnorm": 1}
 EPILOGUES = {"store": 0, "residual": 1, "silu": 2}
 
 
-@triton.jit
-def _act(v, ACT_BF16: tl.constexpr):
-    """v rounded to the activation dtype, back in fp32."""
-    if ACT_BF16:
-        return v.to(tl.bfloat16).to(tl.float32)
-    else:
-        return v.to(tl.float16).to(tl.float32)
+_act = triton.jit(rounding.act)
+_silu_mul = triton.jit(rounding.silu_mul)
 
 
 @triton.jit
@@ -169,8 +170,7 @@ def _epilogue(acc, y_ptr, stride_ym, rm, m_ok, b_ptr, rn, n_ok, pid_k, EPI: tl.c
         R: tl.constexpr = acc.shape[0]
         BN: tl.constexpr = acc.shape[1]
         gate, up = tl.split(tl.reshape(acc, [R, BN // 2, 2]))
-        gate = _act(gate, ACT_BF16)
-        h = _act(_act(gate * tl.sigmoid(gate), ACT_BF16) * _act(up, ACT_BF16), ACT_BF16)
+        h = _silu_mul(gate, up, ACT_BF16)
         hn = tl.max(tl.reshape(rn, [BN // 2, 2]), axis=1) // 2  # output column of each pair
         h_ok = tl.max(tl.reshape(n_ok.to(tl.int32), [BN // 2, 2]), axis=1) > 0
         tl.store(y_ptr + rm[:, None] * stride_ym + hn[None, :], h.to(y_ptr.dtype.element_ty),
@@ -459,6 +459,14 @@ class GemvConfig:
     # in one program lost to the tensor-core kernel in every config tried (bucket-8 step 1558-6799 µs against 1445;
     # bench/results/gpu_graph_sweep_gemv_rows8.json), so TUNED keeps rows 1
     maxnreg: int | None = None  # registers per thread at most (ptxas spills above): more programs per SM
+    mma: bool = False     # kernels/mma_int4.py (mma.sync, operands straight into registers; Gluon): block_n =
+    # 16 * num_warps * (1, 2, 4 or 8). Where it cannot run (Triton's interpreter, no Gluon, group != 128, before
+    # sm_80) the tensor-core kernel takes the same tile (mma_fallback)
+
+    def __post_init__(self):
+        assert self.dot or not (self.tc or self.mma), "tensor-core configs run as the tl.dot kernels do (dot=True)"
+        assert not self.mma or self.block_n in [16 * self.num_warps * r for r in (1, 2, 4, 8)], \
+            f"mma: block_n {self.block_n} is 16 * num_warps * (1, 2, 4 or 8)"
 
 
 # Per-shape choices (H100, and H200 where said): {(M bucket, N, K): config}. Shapes not listed use ``default_config``.
@@ -487,6 +495,17 @@ TUNED: dict[tuple[int, int, int], GemvConfig] = {
 }
 
 
+def mma_runs(x: torch.Tensor, group: int) -> bool:
+    """Whether kernels/mma_int4.py can run for x's device and this group size."""
+    return (HAVE_MMA and not INTERPRET and x.device.type == "cuda" and group == 128
+            and torch.cuda.get_device_capability(x.device)[0] >= 8)
+
+
+def mma_fallback(cfg: GemvConfig) -> GemvConfig:
+    """The tensor-core kernel in place of an mma config that cannot run here (the same outputs per program)."""
+    return replace(cfg, mma=False, tc=True, dot=True, num_warps=max(4, cfg.num_warps), block_n=max(64, cfg.block_n))
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -498,7 +517,7 @@ def default_config(M: int, N: int, K: int, group: int, epilogue: str = "store", 
     adds) and, for one row, no RMSNorm prologue, until there are about four (one row) / two programs per SM."""
     tuned = TUNED.get((1 if M <= 1 else 16, N, K))
     if tuned is not None and (tuned.split_k == 1 or (epilogue == "residual" and (tuned.dot or prologue != "rmsnorm"))
-                              or (epilogue == "silu" and tuned.tc)):
+                              or (epilogue == "silu" and (tuned.tc or tuned.mma))):
         return tuned
     groups = K // group
     if M == 1:
@@ -542,9 +561,11 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
     act = out.dtype if epi != 1 else (x.dtype if pro != 1 else norm_weight.dtype)
     assert act in (torch.float16, torch.bfloat16), f"activations must be fp16 or bf16, got {act}"
     cfg = config or default_config(M, N, K, group, epilogue, prologue=prologue)
+    if cfg.mma and not mma_runs(x, group):
+        cfg = mma_fallback(cfg)
     split_silu = epi == 2 and cfg.split_k > 1
-    assert cfg.split_k == 1 or epi == 1 or (split_silu and cfg.tc), \
-        "split-K needs the residual epilogue (atomic adds), or SiLU-mul in the tensor-core kernel"
+    assert cfg.split_k == 1 or epi == 1 or (split_silu and (cfg.tc or cfg.mma)), \
+        "split-K needs the residual epilogue (atomic adds), or SiLU-mul in a tensor-core kernel"
     nw = norm_weight if norm_weight is not None else scales  # unused pointer when the prologue has no norm
     b = bias if bias is not None else scales
     on = pdl(x)
@@ -553,8 +574,16 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
                   num_stages=cfg.num_stages, PDL=on, launch_pdl=on)
     if cfg.maxnreg is not None:
         common["maxnreg"] = cfg.maxnreg
-    weights = (words, scales, zeros, words.stride(0), scales.stride(0))
     n_blocks = triton.cdiv(N, cfg.block_n)
+    if cfg.mma:
+        assert pro == 0, "the mma kernel takes no RMSNorm prologue (GpuLinear.run applies it first)"
+        if split_silu:
+            sums = sums if sums is not None else sum_buffers(M, N, x.device)
+            _check_sums(sums, M, N, n_blocks * triton.cdiv(M, 8))
+        mma_int4.launch(x, words, scales, zeros, group, out, bias, epi, cfg.split_k, cfg.num_warps, cfg.block_n,
+                        act == torch.bfloat16, on, sums if split_silu else None)
+        return out
+    weights = (words, scales, zeros, words.stride(0), scales.stride(0))
     if not (cfg.dot or cfg.tc):  # a program per ``rows`` rows and block of outputs (more rows re-read the weights)
         assert pro != 1 or cfg.split_k == 1, "_gemv with RMSNorm: the norm is applied at the end, no split-K"
         assert (group // 8) % cfg.v == 0 and (32 * cfg.num_warps) % (group // 8 // cfg.v) == 0, f"v={cfg.v}, group {group}"
@@ -575,8 +604,7 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
         extra = {}
         if split_silu:
             acc, cnt = sums if sums is not None else sum_buffers(M, N, x.device)
-            assert acc.dtype == torch.float32 and acc.shape[0] >= M and acc.shape[1] == N and acc.stride(-1) == 1
-            assert cnt.dtype == torch.int32 and cnt.numel() >= n_blocks * grid[2], "one counter per tile"
+            _check_sums((acc, cnt), M, N, n_blocks * grid[2])
             extra = dict(sa_ptr=acc, stride_sa=acc.stride(0), cnt_ptr=cnt, SPLIT_SILU=True, FENCE=not INTERPRET)
         _w4_tc_kernel[grid](*args, **tiles, ASM=not INTERPRET, GPI=cfg.gpi, XVEC=cfg.xvec, PF=cfg.pf, **extra,
                             **common)
@@ -585,10 +613,16 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
     return out
 
 
-def sum_buffers(rows: int, n: int, device, min_block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_sums(sums: tuple[torch.Tensor, torch.Tensor], M: int, N: int, tiles: int) -> None:
+    acc, cnt = sums
+    assert acc.dtype == torch.float32 and acc.shape[0] >= M and acc.shape[1] == N and acc.stride(-1) == 1
+    assert cnt.dtype == torch.int32 and cnt.numel() >= tiles, "one counter per tile"
+
+
+def sum_buffers(rows: int, n: int, device, min_block_n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """The zeroed buffers of w4_matmul's SiLU-mul epilogue under split-K: fp32 sums [rows, n] and a counter per
-    tile of >= min_block_n outputs and 16 rows."""
-    tiles = -(-n // min_block_n) * -(-rows // 16)
+    tile of >= min_block_n outputs and 8 rows."""
+    tiles = -(-n // min_block_n) * -(-rows // 8)
     return (torch.zeros(rows, n, device=device, dtype=torch.float32),
             torch.zeros(tiles, device=device, dtype=torch.int32))
 

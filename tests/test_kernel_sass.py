@@ -1,0 +1,50 @@
+"""What the GPU path's int4 kernels compile to for the H100 / H200 (sm_90a), built here without a GPU
+(runtime/kernels/offline.py, Triton's own ptxas and cuobjdump).
+
+The mma.sync kernel's point is its main loop: operands loaded straight into the registers that feed the
+tensor cores, so no shared memory, no barrier and no local memory there, and few instructions per weight.
+A Triton or code change that brings a layout conversion back through shared memory fails here, on the CPU.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon", reason="Gluon (Triton >= 3.4) is not installed")
+
+from qconv.runtime.kernels import gemv_int4, offline  # noqa: E402
+from qconv.runtime.kernels.gemv_int4 import GemvConfig, w4_matmul  # noqa: E402
+
+
+def compiled(M, N, K, epilogue, cfg):
+    """The cubin w4_matmul launches for a decode role (its launch recorded on CPU tensors, built for sm_90a)."""
+    x = torch.zeros(M, K, dtype=torch.float16)
+    words = torch.zeros(N, K // 8, dtype=torch.int32)
+    s, z = torch.zeros(N, K // 128, dtype=torch.float16), torch.zeros(N, K // 128, dtype=torch.uint8)
+    out = torch.zeros(M, N // 2 if epilogue == "silu" else N,
+                      dtype=torch.float32 if epilogue == "residual" else torch.float16)
+    runs, gemv_int4.mma_runs = gemv_int4.mma_runs, lambda *_: True  # the GPU's path, not the CPU's fallback
+    try:
+        fn, _, args, kw = offline.record(gemv_int4.mma_int4, "_w4_mma_kernel", lambda: w4_matmul(
+            x, words, s, z, 128, out, epilogue=epilogue, config=cfg))
+    finally:
+        gemv_int4.mma_runs = runs
+    try:
+        return offline.compile_sm90(fn, args, kw).asm["cubin"]
+    except (FileNotFoundError, RuntimeError) as e:  # no NVIDIA backend tools in this Triton build
+        pytest.skip(f"cannot build for sm_90a here: {e}")
+
+
+@pytest.mark.parametrize("M,N,K,epilogue,cfg", [
+    (8, 17920, 1536, "silu", GemvConfig(128, 3, 4, dot=True, mma=True)),     # w13 of qwen2.5-1.5b, 8 rows
+    (8, 1536, 8960, "residual", GemvConfig(64, 9, 4, dot=True, mma=True)),   # w2
+    (16, 2048, 1536, "residual", GemvConfig(64, 4, 2, dot=True, mma=True)),  # qkv, 16 rows (two mma columns)
+])
+def test_mma_main_loop_takes_no_shared_memory(M, N, K, epilogue, cfg):
+    cubin = compiled(M, N, K, epilogue, cfg)
+    res = offline.resources(cubin)
+    assert res["LOCAL"] == 0 and res["STACK"] == 0, res
+    loop = offline.hot_loop(offline.instructions(cubin))
+    ops = [offline.opcode(t) for t in loop]
+    assert ops.count("HMMA") == 8 * cfg.block_n // (16 * cfg.num_warps) * (M // 8)  # 8 chunks per tile per group
+    assert not {"LDS", "STS", "LDSM", "STSM", "BAR", "LDL", "STL"} & set(ops), sorted(set(ops))
+    weights_per_thread = cfg.block_n * 128 // (32 * cfg.num_warps)  # one group of the program's outputs
+    assert len(loop) / weights_per_thread < 2.7 * (1 if M <= 8 else 1.25)
