@@ -397,15 +397,17 @@ def test_fused_decode_attention_equals_rope_then_attention(quant, qk_norm, hq, h
     # fused, twice (the split counters must be back at zero after a launch)
     want = want.cpu()
     # the splits merged in the same kernel, or by the combine kernel; or q|k|v read from a split-K GEMM's fp32
-    # sums (which the combine kernel leaves zeroed for the next layer)
-    for merge, sums in ((True, False), (False, False), (False, True)):
+    # sums (which the combine kernel leaves zeroed for the next layer); or the same 16-key splits read as 32-key
+    # tiles (split_round)
+    for merge, sums, bn, rnd in ((True, False, 16, None), (False, False, 16, None), (False, True, 16, None),
+                                 (False, True, 32, 16)):
         kc_f, vc_f = kc.clone().to(DEV), vc.clone().to(DEV)
         count = counters(B, hkv, DEV)
         for _ in range(2):
             got = torch.full((B, hq * d), float("nan"), dtype=dt, device=DEV)
             src = qkv.float().to(DEV) if sums else qkv.to(DEV)
-            decode_attention_fused(src, *args, kc_f, vc_f, hq, got, to(kvp), to(qn), to(kn), 1e-6,
-                                   splits=splits, count=count, block_n=16, merge=merge, sums=sums)
+            decode_attention_fused(src, *args, kc_f, vc_f, hq, got, to(kvp), to(qn), to(kn), 1e-6, splits=splits,
+                                   count=count, block_n=bn, merge=merge, sums=sums, split_round=rnd)
             assert (count == 0).all() and (not sums or (src == 0).all())
         assert torch.equal(kc_f.cpu(), kc_ref.cpu()) and torch.equal(vc_f.cpu(), vc_ref.cpu())
         got = got.cpu()

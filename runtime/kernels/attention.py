@@ -202,7 +202,7 @@ def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
                        out_ptr, stride_ot, qk_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                        REP: tl.constexpr, REP_PAD: tl.constexpr, RC: tl.constexpr, SC: tl.constexpr,
                        BLOCK_N: tl.constexpr, NS: tl.constexpr, QUANT: tl.constexpr, QK_NORM: tl.constexpr,
-                       MERGE: tl.constexpr, FENCE: tl.constexpr, PDL: tl.constexpr):
+                       MERGE: tl.constexpr, FENCE: tl.constexpr, PDL: tl.constexpr, ROUND: tl.constexpr):
     """Rotary + cache write + attention splits + merge of one decode step, for rows that are distinct
     sequences (each row's new K/V is written by the one split that holds its position, which then reads it
     back; no other row reads it). Only the splits that hold keys run; one alone writes the output, several
@@ -215,7 +215,7 @@ def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
     b, kvh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p = tl.load(pos_ptr + b)
     length = tl.maximum(p + 1, 0)
-    chunk, active = _split_size(length, NS, BLOCK_N)
+    chunk, active = _split_size(length, NS, ROUND)  # whole ROUND-key pieces per split, read BLOCK_N at a time
     if s < tl.maximum(active, 1):  # the others do nothing; split 0 writes a padding row's zeros
         _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps, kc_ptr, vc_ptr,
                           stride_cb, stride_ch, stride_cs, kvp_ptr, m_ptr, l_ptr, o_ptr, cnt_ptr, out_ptr, stride_ot,
@@ -382,15 +382,20 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
                            k_norm: torch.Tensor | None = None, eps: float = 0.0,
                            scratch: tuple[torch.Tensor, ...] | None = None, splits: int | None = None,
                            count: torch.Tensor | None = None, block_n: int = 64, num_warps: int = 4,
-                           num_stages: int = 2, merge: bool = True, sums: bool = False) -> torch.Tensor:
+                           num_stages: int = 2, merge: bool = True, sums: bool = False,
+                           split_round: int | None = None) -> torch.Tensor:
     """rope_cache_write + decode_attention for a decode step whose rows are distinct sequences (cache rows):
     qkv [B, (Hq + 2 Hkv) * D] as the qkv GEMV stored it (not rotated); the new K/V go into the cache at pos,
     and out [B, Hq * D] gets the attention over positions 0..pos. ``merge``: the splits merge in the same
     kernel (one launch; ``count``: counters(B, Hkv)); else a second kernel merges them. ``sums``: qkv is the
-    fp32 buffer a split-K qkv GEMM added into; the second kernel zeroes it (merge=False)."""
+    fp32 buffer a split-K qkv GEMM added into; the second kernel zeroes it (merge=False). ``split_round``: each
+    split holds a multiple of this many keys (default block_n), read block_n at a time, e.g. 64-key splits read
+    as one 128-key tile (the last half masked where a split holds an odd number of 64-key pieces)."""
     B = qkv.shape[0]
+    rnd = split_round or block_n
+    assert block_n % rnd == 0, f"split_round {rnd} must divide block_n {block_n}"
     hkv, D, rep, quant, ns, (m, l, acc) = _checked(B, pos, slot, k_cache, v_cache, num_heads, out, kv_params, scratch,
-                                                   splits, block_n)
+                                                   splits, rnd)
     assert qkv.stride(-1) == 1 and qkv.shape[1] == (num_heads + 2 * hkv) * D
     assert not sums or (qkv.dtype == torch.float32 and not merge), "split-K sums: fp32, merged by a second kernel"
     assert cos.dtype == sin.dtype == torch.float32 and cos.shape[1] == D and cos.is_contiguous() and sin.is_contiguous()
@@ -405,8 +410,8 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), kv_params if quant else m,
         m, l, acc, count, out, out.stride(0), LOG2E / math.sqrt(D), HQ=num_heads, HKV=hkv, D=D, REP=rep,
         REP_PAD=max(16, triton.next_power_of_2(rep)), RC=triton.next_power_of_2(rep), SC=min(ns, 8), BLOCK_N=block_n,
-        NS=ns, QUANT=quant, QK_NORM=qk_norm, MERGE=merge, FENCE=not INTERPRET, PDL=on, num_warps=num_warps,
-        num_stages=num_stages, launch_pdl=on)
+        NS=ns, QUANT=quant, QK_NORM=qk_norm, MERGE=merge, FENCE=not INTERPRET, PDL=on, ROUND=rnd,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
     if not merge:
-        _combine(m, l, acc, out, pos, num_heads, ns, block_n, on, qkv if sums else None, hkv)
+        _combine(m, l, acc, out, pos, num_heads, ns, rnd, on, qkv if sums else None, hkv)
     return out
