@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
     "default": (dict(gpu_model.FUSED_ATTENTION_KW), attention.SPLIT_CAP),
     "bn128 w8": ({"block_n": 128, "num_warps": 8}, attention.SPLIT_CAP),
+    # 128-key tiles over splits of whole 64-key pieces: as many splits as 64-key tiles at short contexts
+    "bn128 w8 round64": ({"block_n": 128, "num_warps": 8, "split_round": 64}, attention.SPLIT_CAP),
     "bn64 w8 cap128": ({"block_n": 64, "num_warps": 8}, 128),
     "bn64 w8 stages3": ({"block_n": 64, "num_warps": 8, "num_stages": 3}, attention.SPLIT_CAP),
     "bn64 w8 stages1": ({"block_n": 64, "num_warps": 8, "num_stages": 1}, attention.SPLIT_CAP),
@@ -52,6 +54,8 @@ def main():
     ap.add_argument("--positions", type=positions, default=[160, 1056, 4160])
     ap.add_argument("--rows", type=rows_count, default=8, help="the several-row step's distinct rows (2..16)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
+    ap.add_argument("--workspaces", default="W4A16,W4A16 + KV int8",
+                    help="comma list of build_workspaces' names: fp16, W4A16, fp16 + KV int8, W4A16 + KV int8")
     args = ap.parse_args()
     names = [v for v in args.variants.split(",") if v]
     if not names or any(v not in VARIANTS for v in names):
@@ -60,8 +64,10 @@ def main():
     path = (lambda p: Path(p) if Path(p).is_absolute() else ROOT / p)
     cfg = json.loads(path(args.config).read_text())
     spaces = build_workspaces(cfg, str(path(args.tokenizer)), Path(args.work) / "model", 4608, 8, 128, "cuda")
+    if any(w not in spaces for w in args.workspaces.split(",") if w):
+        ap.error(f"--workspaces: choose from {', '.join(spaces)}")
     res = {"positions": args.positions, "rows": args.rows, "variants": {}}
-    for ws in ("W4A16", "W4A16 + KV int8"):
+    for ws in [w for w in args.workspaces.split(",") if w]:
         eng = Engine.from_workspace(spaces[ws], device="cuda", verify=False, batch_size=args.rows)
         ref = None
         for name in names:

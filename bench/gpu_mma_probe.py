@@ -148,11 +148,11 @@ def time_role(role: str, M: int, cfg: GemvConfig | None) -> float:
     return graph_us(call, copies)
 
 
-def timing(quick: bool) -> dict:
+def timing(quick: bool, row_counts: list[int]) -> dict:
     tiles = [(32, 2), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8), (64, 1), (128, 2)]
     splits = {"qkv": (1, 2, 4), "o": (1, 2, 4, 8), "w13": (1, 2, 3), "w2": (3, 6, 9, 18)}
     out = {}
-    for M in (8, 1):
+    for M in row_counts:
         for role in ROLES:
             epi = epilogue(role, M)
             key = f"{role} M={M}"
@@ -180,6 +180,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--quick", action="store_true", help="fewer tiles in the timing sweep")
+    ap.add_argument("--rows", default="8,1", help="row counts of the timing sweep (comma list)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     res = {"command": "python3 bench/gpu_mma_probe.py " + " ".join(sys.argv[1:])}
@@ -188,7 +189,7 @@ def main():
     save_device_result("gpu_mma_probe", res)
     if not args.skip_timing:
         log("[2] timing, each role alone (µs per call)")
-        res["timing_us"] = timing(args.quick)
+        res["timing_us"] = timing(args.quick, [int(r) for r in args.rows.split(",")])
         save_device_result("gpu_mma_probe", res)
     res["wall_s"] = time.perf_counter() - t0
     save_device_result("gpu_mma_probe", res)
