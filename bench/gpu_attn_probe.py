@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_device_result  # noqa: E402
 from gpu_graph_sweep import rows_step_us  # noqa: E402
 from gpu_micro import log  # noqa: E402
-from gpu_rows import build_workspaces, graph_step_us  # noqa: E402
+from gpu_rows import WORKSPACES, build_workspaces, graph_step_us  # noqa: E402
 from gpu_step_probe import fixed_logits, positions, rows_count  # noqa: E402
 
 from qconv.runtime import gpu_model  # noqa: E402
@@ -54,20 +54,20 @@ def main():
     ap.add_argument("--positions", type=positions, default=[160, 1056, 4160])
     ap.add_argument("--rows", type=rows_count, default=8, help="the several-row step's distinct rows (2..16)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
-    ap.add_argument("--workspaces", default="W4A16,W4A16 + KV int8",
-                    help="comma list of build_workspaces' names: fp16, W4A16, fp16 + KV int8, W4A16 + KV int8")
+    ap.add_argument("--workspaces", default="W4A16,W4A16 + KV int8", help="comma list of: " + ", ".join(WORKSPACES))
     args = ap.parse_args()
     names = [v for v in args.variants.split(",") if v]
     if not names or any(v not in VARIANTS for v in names):
         ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    workspaces = [w for w in args.workspaces.split(",") if w]
+    if not workspaces or any(w not in WORKSPACES for w in workspaces):
+        ap.error(f"--workspaces: a comma list of {', '.join(WORKSPACES)}")
     t0 = time.perf_counter()
     path = (lambda p: Path(p) if Path(p).is_absolute() else ROOT / p)
     cfg = json.loads(path(args.config).read_text())
     spaces = build_workspaces(cfg, str(path(args.tokenizer)), Path(args.work) / "model", 4608, 8, 128, "cuda")
-    if any(w not in spaces for w in args.workspaces.split(",") if w):
-        ap.error(f"--workspaces: choose from {', '.join(spaces)}")
     res = {"positions": args.positions, "rows": args.rows, "variants": {}}
-    for ws in [w for w in args.workspaces.split(",") if w]:
+    for ws in workspaces:
         eng = Engine.from_workspace(spaces[ws], device="cuda", verify=False, batch_size=args.rows)
         ref = None
         for name in names:
