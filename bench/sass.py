@@ -67,9 +67,8 @@ def attention_role(rows: int, quant: bool, block_n: int = 64, num_warps: int = 4
         num_warps=num_warps), others=("_attn_combine_kernel",))
 
 
-MMA = {"qkv": gemv_int4.GemvConfig(64, 4, 4, dot=True, mma=True), "o": gemv_int4.GemvConfig(64, 4, 4, dot=True, mma=True),
-       "w13": gemv_int4.GemvConfig(128, 1, 4, dot=True, mma=True),
-       "w2": gemv_int4.GemvConfig(64, 9, 4, dot=True, mma=True)}
+MMA = {role: gemv_int4.GemvConfig(bn, split, warps, dot=True, mma=True)  # (bench/gpu_graph_sweep.py --mma sweeps)
+       for role, (bn, split, warps) in {"qkv": (64, 4, 4), "o": (64, 4, 4), "w13": (128, 1, 4), "w2": (64, 9, 4)}.items()}
 ROLES = {**{f"{r}x{m}": (lambda r=r, m=m: gemv_role(r, m)) for r in SHAPES for m in (1, 8)},
          **{f"{r}x{m}-mma": (lambda r=r, m=m: gemv_role(r, m, MMA[r])) for r in SHAPES for m in (1, 8, 16)},
          "attn-int8": lambda: attention_role(1, True), "attn-fp16": lambda: attention_role(1, False),

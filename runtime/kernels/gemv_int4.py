@@ -482,16 +482,20 @@ class GemvConfig:
 # thread) and o with 8 rows per program, 936 -> 894 µs; eight rows, w2 in 18 slices, 1483 -> 1470 µs. H100,
 # 2026-12-02: eight rows of w13 launched 140 programs of 128 outputs on 132 SMs, and alone it took 21.2 µs against
 # 15.1 for 132 programs (bench/gpu_wave_probe.py); in 3 K-slices (its last slice applies SiLU-mul) the bucket-8
-# step went 1509.5 -> 1452.5 µs (2: 1479, 4: 1471, 6: 1539).
+# step went 1509.5 -> 1452.5 µs (2: 1479, 4: 1471, 6: 1539). H200, 2026-12-03: several rows through
+# kernels/mma_int4.py (bench/gpu_graph_sweep.py --mma --rows 8, raw gpu_graph_sweep_mma_rows8_h200.json):
+# bucket-8 step 1414.6 -> 1078.6 µs; alone at eight rows (bench/gpu_mma_probe.py) w13 21.3 -> 14.2 µs, w2
+# 9.3 -> 6.9, o 4.3 -> 3.0, qkv 6.0 -> 5.1. For one row it lost in every tile (best w13 988, w2 970, o 902,
+# qkv 1117 µs per step against 880 µs; gpu_graph_sweep_mma_rows1_h200.json).
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (1, 2048, 1536): GemvConfig(8, 1, 2, 1, False, 4),     # qkv
     (1, 1536, 1536): GemvConfig(8, 4, 1, 1, False, 2),     # o
     (1, 17920, 1536): GemvConfig(4, 1, 1, 1, False, 2),    # w13
     (1, 1536, 8960): GemvConfig(4, 9, 1, 1, False, 4),     # w2
-    (16, 2048, 1536): GemvConfig(32, 8, 4, 3, True),       # qkv (split-K sums read by the attention; norm separate)
-    (16, 1536, 1536): GemvConfig(128, 8, 8, 1, True, tc=True, xvec=True),    # o
-    (16, 17920, 1536): GemvConfig(128, 3, 8, 1, True, tc=True, xvec=True),   # w13 (its RMSNorm a separate kernel)
-    (16, 1536, 8960): GemvConfig(128, 18, 8, 1, True, tc=True, xvec=True, pf=3),   # w2
+    (16, 2048, 1536): GemvConfig(256, 8, 8, dot=True, mma=True),   # qkv (split-K sums read by the attention)
+    (16, 1536, 1536): GemvConfig(64, 8, 4, dot=True, mma=True),    # o
+    (16, 17920, 1536): GemvConfig(256, 3, 8, dot=True, mma=True),  # w13 (its RMSNorm a separate kernel)
+    (16, 1536, 8960): GemvConfig(128, 18, 4, dot=True, mma=True),  # w2
 }
 
 
@@ -502,8 +506,11 @@ def mma_runs(x: torch.Tensor, group: int) -> bool:
 
 
 def mma_fallback(cfg: GemvConfig) -> GemvConfig:
-    """The tensor-core kernel in place of an mma config that cannot run here (the same outputs per program)."""
-    return replace(cfg, mma=False, tc=True, dot=True, num_warps=max(4, cfg.num_warps), block_n=max(64, cfg.block_n))
+    """The tensor-core kernel in place of an mma config that cannot run here: its tile of the eighth sitting's
+    TUNED (128 outputs, 8 warps; 64 and 4 for smaller mma tiles), the same split-K."""
+    wide = cfg.block_n >= 128
+    return replace(cfg, mma=False, tc=True, dot=True, block_n=128 if wide else 64, num_warps=8 if wide else 4,
+                   xvec=True)
 
 
 def _pow2_at_least(n: int) -> int:
