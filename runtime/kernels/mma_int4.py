@@ -11,7 +11,7 @@ The words layout (convert/layout.pack_words) is unchanged: nibble j of word w of
 j * WG + w, so nibble j of the group's 16 words is a 16-column chunk (G = 128, WG = 16). A dot over a chunk
 may take its 16 columns in any order, the same for both operands, so lane (g, t) of a warp takes memory
 columns 4t .. 4t+3 of the chunk (one 16-byte load of words per row, one 8-byte load of x) for the fragment
-slots 2t, 2t+1, 2t+8, 2t+9: slot s = 8h + 2t + e holds column c = 4t + 2h + e (_slots_a / _slots_b relabel
+slots 2t, 2t+1, 2t+8, 2t+9: slot s = 8h + 2t + e holds column c = 4t + 2h + e (_slots_a / _x_chunks relabel
 the loaded tensors; the conversion to the mma operand layout is then checked to move nothing).
 
 Dequantization: one PRMT pairs byte j/2 of two words, one LOP3 makes (magic + q0, magic + q1) as fp16x2
@@ -115,7 +115,7 @@ def _w4_mma_kernel(x_ptr, stride_xm, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_
                    HAS_BIAS: ttgl.constexpr, ACT_BF16: ttgl.constexpr, W: ttgl.constexpr, R: ttgl.constexpr,
                    BM: ttgl.constexpr, SPLIT_SILU: ttgl.constexpr, PDL: ttgl.constexpr):
     """Program (n block, K-slice, m block): outputs BN = 16 W R, rows BM, the groups of its K-slice; each group's
-    weights and x load one group ahead of their use."""
+    weights load one group ahead of their use (x, read by every program, comes from L1 / L2 in its group)."""
     BN: ttgl.constexpr = 16 * W * R
     WG: ttgl.constexpr = G // 8
     mma: ttgl.constexpr = _mma(W)
