@@ -41,10 +41,11 @@ import triton.language as tl
 from . import INTERPRET, pdl, rounding
 from .attention import _last_to_arrive
 
-try:  # Gluon (Triton >= 3.4): the mma.sync kernel; without it the tensor-core kernel takes its configs
+try:  # Gluon (Triton 3.4 - 3.6): the mma.sync kernel; without it, or where its experimental API has moved (an
+    # attribute or signature its module-level layouts and jits rely on), the tensor-core kernel takes its configs
     from . import mma_int4
     HAVE_MMA = True
-except ImportError:
+except (ImportError, AttributeError, TypeError):
     HAVE_MMA = False
 
 PROLOGUES = {"none": 0, "rmsnorm": 1}
