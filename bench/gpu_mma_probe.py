@@ -26,11 +26,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_device_result  # noqa: E402
+from gpu_graph_sweep import MMA_TILES  # noqa: E402
 from gpu_micro import copies_for, graph_us, log  # noqa: E402
 
 from qconv.convert.layout import pack_words  # noqa: E402
 from qconv.convert.quant import dequantize  # noqa: E402
-from qconv.runtime.kernels.gemv_int4 import TUNED, GemvConfig, sum_buffers, w4_matmul  # noqa: E402
+from qconv.runtime.kernels.gemv_int4 import GemvConfig, sum_buffers, w4_matmul  # noqa: E402
 from qconv.runtime.kernels.norm import rms_norm  # noqa: E402
 
 ROLES = {"qkv": (2048, 1536, "store"), "o": (1536, 1536, "residual"), "w13": (17920, 1536, "silu"),
@@ -149,7 +150,6 @@ def time_role(role: str, M: int, cfg: GemvConfig | None) -> float:
 
 
 def timing(quick: bool, row_counts: list[int]) -> dict:
-    tiles = [(32, 2), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8), (64, 1), (128, 2)]
     splits = {"qkv": (1, 2, 4), "o": (1, 2, 4, 8), "w13": (1, 2, 3), "w2": (3, 6, 9, 18)}
     out = {}
     for M in row_counts:
@@ -161,7 +161,7 @@ def timing(quick: bool, row_counts: list[int]) -> dict:
                 rows["TUNED"] = time_role(role, M, None)
             except Exception as e:  # noqa: BLE001
                 rows["TUNED"] = f"{type(e).__name__}: {str(e)[:100]}"
-            for bn, w in tiles[:4] if quick else tiles:
+            for bn, w in MMA_TILES[:4] if quick else MMA_TILES:
                 for sp in splits[role]:
                     if epi == "store" and sp > 1:
                         continue  # one row's qkv stores; split-K needs an epilogue that adds

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from qconv.runtime.kernels import attention, gemv_int4
-from qconv.runtime.kernels.offline import compile_sm90, hot_loop, instructions, opcode, record, resources
+from qconv.runtime.kernels.offline import (as_on_gpu, compile_sm90, hot_loop, instructions, opcode, record,
+                                           resources)
 
 SHAPES = {"qkv": (2048, 1536), "o": (1536, 1536), "w13": (17920, 1536), "w2": (1536, 8960)}
 
@@ -42,12 +43,9 @@ def gemv_role(role: str, rows: int, cfg: gemv_int4.GemvConfig | None = None):
     if cfg.mma:  # the GPU's path (w4_matmul takes the fallback for CPU tensors), its norm a separate kernel
         x = x.half()
         pro, nw = "none", None
-        runs, gemv_int4.mma_runs = gemv_int4.mma_runs, lambda *_: True
-        try:
+        with as_on_gpu():
             return record(gemv_int4.mma_int4, "_w4_mma_kernel", lambda: gemv_int4.w4_matmul(
                 x, words, s, z, G, out, bias=bias, epilogue=epi, config=cfg))
-        finally:
-            gemv_int4.mma_runs = runs
     name = "_w4_tc_kernel" if cfg.tc else ("_w4_gemm_kernel" if cfg.dot else "_w4_gemv_kernel")
     return record(gemv_int4, name, lambda: gemv_int4.w4_matmul(x, words, s, z, G, out, bias=bias, prologue=pro,
                                                                norm_weight=nw, eps=1e-6, epilogue=epi, config=cfg))

@@ -21,12 +21,9 @@ def compiled(M, N, K, epilogue, cfg):
     s, z = torch.zeros(N, K // 128, dtype=torch.float16), torch.zeros(N, K // 128, dtype=torch.uint8)
     out = torch.zeros(M, N // 2 if epilogue == "silu" else N,
                       dtype=torch.float32 if epilogue == "residual" else torch.float16)
-    runs, gemv_int4.mma_runs = gemv_int4.mma_runs, lambda *_: True  # the GPU's path, not the CPU's fallback
-    try:
+    with offline.as_on_gpu():  # the GPU's path, not the CPU's fallback
         fn, _, args, kw = offline.record(gemv_int4.mma_int4, "_w4_mma_kernel", lambda: w4_matmul(
             x, words, s, z, 128, out, epilogue=epilogue, config=cfg))
-    finally:
-        gemv_int4.mma_runs = runs
     try:
         return offline.compile_sm90(fn, args, kw).asm["cubin"]
     except (FileNotFoundError, RuntimeError) as e:  # no NVIDIA backend tools in this Triton build

@@ -583,11 +583,13 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
     if cfg.maxnreg is not None:
         common["maxnreg"] = cfg.maxnreg
     n_blocks = triton.cdiv(N, cfg.block_n)
+    if split_silu:  # a counter per tile of block_n outputs and 8 rows (the mma kernel's; the others take 16)
+        sums = sums if sums is not None else sum_buffers(M, N, x.device)
+        acc, cnt = sums
+        assert acc.dtype == torch.float32 and acc.shape[0] >= M and acc.shape[1] == N and acc.stride(-1) == 1
+        assert cnt.dtype == torch.int32 and cnt.numel() >= n_blocks * triton.cdiv(M, 8), "one counter per tile"
     if cfg.mma:
         assert pro == 0, "the mma kernel takes no RMSNorm prologue (GpuLinear.run applies it first)"
-        if split_silu:
-            sums = sums if sums is not None else sum_buffers(M, N, x.device)
-            _check_sums(sums, M, N, n_blocks * triton.cdiv(M, 8))
         mma_int4.launch(x, words, scales, zeros, group, out, bias, epi, cfg.split_k, cfg.num_warps, cfg.block_n,
                         act == torch.bfloat16, on, sums if split_silu else None)
         return out
@@ -611,20 +613,12 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
         assert 1 <= cfg.pf <= 3, f"pf={cfg.pf}: the weights load 1 to 3 steps ahead"
         extra = {}
         if split_silu:
-            acc, cnt = sums if sums is not None else sum_buffers(M, N, x.device)
-            _check_sums((acc, cnt), M, N, n_blocks * grid[2])
             extra = dict(sa_ptr=acc, stride_sa=acc.stride(0), cnt_ptr=cnt, SPLIT_SILU=True, FENCE=not INTERPRET)
         _w4_tc_kernel[grid](*args, **tiles, ASM=not INTERPRET, GPI=cfg.gpi, XVEC=cfg.xvec, PF=cfg.pf, **extra,
                             **common)
     else:
         _w4_gemm_kernel[grid](*args, **tiles, **common)
     return out
-
-
-def _check_sums(sums: tuple[torch.Tensor, torch.Tensor], M: int, N: int, tiles: int) -> None:
-    acc, cnt = sums
-    assert acc.dtype == torch.float32 and acc.shape[0] >= M and acc.shape[1] == N and acc.stride(-1) == 1
-    assert cnt.dtype == torch.int32 and cnt.numel() >= tiles, "one counter per tile"
 
 
 def sum_buffers(rows: int, n: int, device, min_block_n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

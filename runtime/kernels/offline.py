@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import tempfile
+from contextlib import contextmanager
 
 import triton
 from triton._C.libtriton import native_specialize_impl
@@ -47,6 +48,18 @@ def record(module, name: str, call, others: tuple[str, ...] = ()) -> tuple:
     calls = recs[name].calls
     assert len(calls) == 1, f"{name}: {len(calls)} launches"
     return (recs[name].fn, *calls[0])
+
+
+@contextmanager
+def as_on_gpu():
+    """While recording, gemv_int4.w4_matmul dispatches as it does for CUDA tensors: mma configs take the mma
+    kernel, not the fallback it takes for CPU tensors."""
+    from . import gemv_int4
+    runs, gemv_int4.mma_runs = gemv_int4.mma_runs, lambda *_: True
+    try:
+        yield
+    finally:
+        gemv_int4.mma_runs = runs
 
 
 def compile_sm90(fn, args: tuple, kw: dict):
