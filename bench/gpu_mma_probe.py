@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_device_result  # noqa: E402
-from gpu_graph_sweep import MMA_TILES  # noqa: E402
+from gpu_graph_sweep import MMA_TILES, row_counts  # noqa: E402
 from gpu_micro import copies_for, graph_us, log  # noqa: E402
 
 from qconv.convert.layout import pack_words  # noqa: E402
@@ -180,7 +180,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--quick", action="store_true", help="fewer tiles in the timing sweep")
-    ap.add_argument("--rows", default="8,1", help="row counts of the timing sweep (comma list)")
+    ap.add_argument("--rows", default=[8, 1], type=row_counts, help="row counts of the timing sweep (comma list)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     res = {"command": "python3 bench/gpu_mma_probe.py " + " ".join(sys.argv[1:])}
@@ -189,7 +189,7 @@ def main():
     save_device_result("gpu_mma_probe", res)
     if not args.skip_timing:
         log("[2] timing, each role alone (µs per call)")
-        res["timing_us"] = timing(args.quick, [int(r) for r in args.rows.split(",")])
+        res["timing_us"] = timing(args.quick, args.rows)
         save_device_result("gpu_mma_probe", res)
     res["wall_s"] = time.perf_counter() - t0
     save_device_result("gpu_mma_probe", res)
