@@ -47,15 +47,18 @@ SPLITS = (1, 2, 3, 4, 5, 6, 8, 9, 12, 16, 18, 32)
 MMA_TILES = ((32, 2), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8), (64, 1), (128, 2))  # (outputs, warps)
 
 
-def candidates(role: str, group: int, split: int, rows: int, tc: bool = False, mma: bool = False) -> list[GemvConfig]:
+def candidates(role: str, group: int, split: int, rows: int, tc: bool = False, mma: bool = False,
+               pfs: tuple[int, ...] = (1,), fuse_norm: bool = False) -> list[GemvConfig]:
     """One row: _gemv shapes (rows per program x words per thread x warps) at the given split-K (a first
     sweep also tried 16 rows, 4 warps and 8 words per thread: never better, often far worse). Several rows:
     _gemm (tl.dot) tiles x warps x pipeline stages. ``tc``: _w4_tc_kernel tiles (>= 64 rows: wgmma) x warps
     x x's load order x how far ahead the weights load, for any number of rows. ``mma``: kernels/mma_int4.py's
-    tiles (outputs per program x warps), for any number of rows (its RMSNorm a kernel before it)."""
+    tiles (outputs per program x warps) x how far ahead the weights load (``pfs``), for any number of rows; qkv's
+    and w13's RMSNorm a kernel before it, or inside it (``fuse_norm``)."""
     if mma:
-        return [GemvConfig(bn, split if role != "qkv" or rows > 1 else 1, w, dot=True, mma=True)
-                for bn, w in MMA_TILES]
+        fn = fuse_norm and role in ("qkv", "w13")
+        return [GemvConfig(bn, split if role != "qkv" or rows > 1 else 1, w, dot=True, mma=True, pf=pf, fuse_norm=fn)
+                for bn, w in MMA_TILES for pf in pfs]
     if rows > 1:  # also the GEMV with a program per row (its RMSNorm fused; split-K only with += residual)
         gemv = [GemvConfig(bn, split if role in RESIDUAL else 1, w, 1, False, v) for bn in (4, 8) for v in (2, 4)
                 for w in (1, 2)]
@@ -129,12 +132,20 @@ def main():
                     help="the step's rows (1, or several: tl.dot configs, bucket 16); a comma list sweeps each in turn")
     ap.add_argument("--tc", action="store_true", help="sweep the tensor-core kernel's configs (_w4_tc_kernel)")
     ap.add_argument("--mma", action="store_true", help="sweep the mma.sync kernel's configs (kernels/mma_int4.py)")
+    ap.add_argument("--pf", default="1", help="--mma: prefetch depths to try (groups ahead, 1-3; comma list)")
+    ap.add_argument("--fuse-norm", action="store_true", help="--mma: qkv's and w13's RMSNorm inside the kernel")
     ap.add_argument("--splits-only", action="store_true",
                     help="only other split-K counts of each role's current config")
     ap.add_argument("--gemv-rows", action="store_true",
                     help="only the CUDA-core GEMV with all the step's rows in one program (several rows)")
     ap.add_argument("--budget-s", type=float, default=420, help="stop sweeping a row count after this many seconds")
     args = ap.parse_args()
+    try:
+        pfs = tuple(int(v) for v in args.pf.split(","))
+        assert pfs and all(1 <= v <= 3 for v in pfs)
+    except (ValueError, AssertionError):
+        ap.error(f"--pf {args.pf!r}: give depths 1 to 3, e.g. 1,3")
+    args.pf = pfs
     path = (lambda p: Path(p) if Path(p).is_absolute() else ROOT / p)
     cfg = json.loads(path(args.config).read_text())
     spaces = build_workspaces(cfg, str(path(args.tokenizer)), Path(args.work) / "model", 4608, 8, 128, "cuda")
@@ -174,11 +185,12 @@ def sweep(args, spaces, rows: int, t_start: float) -> None:
             if args.gemv_rows:
                 cands, current = gemv_rows_candidates(role, lin0, rows), None  # (no split-K variants of current)
             else:
-                cands = [] if args.splits_only else candidates(role, lin0.group, split, rows, args.tc, args.mma)
-            # several rows: qkv sums through rope; w13's last K-slice of a tile applies the SiLU-mul (also at
+                cands = [] if args.splits_only else candidates(role, lin0.group, split, rows, args.tc, args.mma,
+                                                               args.pf, args.fuse_norm)
+            # several rows: qkv sums through rope; w13's last K-slice of a tile applies the SiLU-mul (both also at
             # one row in the mma kernel)
             splittable = role in RESIDUAL or (rows > 1 and role in ("qkv", "w13")) or (
-                role == "w13" and current is not None and current.mma)
+                role in ("qkv", "w13") and current is not None and current.mma)
             if splittable and current is not None:
                 cands += [replace(current, split_k=s)
                           for s in SPLITS if s != split and lin0.in_features // lin0.group >= 2 * s]

@@ -6,10 +6,12 @@
 [1] Correctness: every epilogue (store + bias, residual with and without split-K, SiLU-mul with one slice and
     with split-K), fp16 and bf16, 1 to 40 rows (one or several row blocks of 8 / 16), outputs that do not
     fill the last tile, against the dequantized weights in fp32 on the GPU; outputs poisoned with NaN first.
+    The weights loaded 2 and 3 groups ahead (pf), and the RMSNorm inside the kernel (fuse_norm: a residual
+    with channels up to ~400 against the norm rounded as the dense model rounds it).
 [2] Each decode role of the qwen2.5-1.5b config at 8 rows and at 1 row, alone (a CUDA graph of calls over
     enough weight copies to overflow L2, gpu_micro.graph_us): gemv_int4.TUNED's config against mma tiles
-    (outputs per program x warps) x split-K counts; one row's TUNED GEMV fuses the RMSNorm that the mma
-    kernel needs as its own kernel (timed with it where the role has one).
+    (outputs per program x warps) x split-K counts x prefetch depths (--pf) x, for qkv and w13, the RMSNorm
+    as a kernel before (timed with it) or inside (fuse_norm); one row's TUNED GEMV fuses its RMSNorm.
 Prints tables last; writes bench/results/gpu_mma_probe.json.
 """
 from __future__ import annotations
@@ -39,8 +41,8 @@ ROLES = {"qkv": (2048, 1536, "store"), "o": (1536, 1536, "residual"), "w13": (17
 NORMED = ("qkv", "w13")  # their input is RMSNorm(residual): fused in the one-row GEMV, a kernel before the mma
 
 
-def mma(block_n: int, split: int, warps: int) -> GemvConfig:
-    return GemvConfig(block_n, split, warps, dot=True, mma=True)
+def mma(block_n: int, split: int, warps: int, pf: int = 1, fuse_norm: bool = False) -> GemvConfig:
+    return GemvConfig(block_n, split, warps, dot=True, mma=True, pf=pf, fuse_norm=fuse_norm)
 
 
 def weights(N: int, K: int, seed: int, copies: int = 1):
@@ -53,13 +55,22 @@ def weights(N: int, K: int, seed: int, copies: int = 1):
 
 
 def check(M: int, N: int, K: int, epi: str, cfg: GemvConfig, dt: torch.dtype, bias: bool, seed: int) -> float:
-    """Relative error of w4_matmul (cfg) against x @ dequantized(W)^T in fp32, with the epilogue applied."""
+    """Relative error of w4_matmul (cfg) against x @ dequantized(W)^T in fp32, with the epilogue applied; a
+    fuse_norm config takes an fp32 residual (values up to ~400) and its RMSNorm, rounded as the dense model rounds."""
     words, s, z, q, _ = weights(N, K, seed)
     W = dequantize(q, s.float(), z.float())
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     x = torch.randn(M, K, device="cuda", generator=g).to(dt)
+    norm = {}
+    if cfg.fuse_norm:
+        res = torch.randn(M, K, device="cuda", generator=g) * torch.linspace(1, 400, K, device="cuda")
+        nw = (torch.rand(K, device="cuda", generator=g) + 0.5).to(dt)
+        x = (nw.float() * (res * torch.rsqrt(res.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dt).float()).to(dt)
+        norm = dict(prologue="rmsnorm", norm_weight=nw, eps=1e-6)
     b = torch.randn(N, device="cuda", generator=g).to(dt) if bias else None
     want = x.float() @ W.t() + (b.float() if bias else 0)
+    if cfg.fuse_norm:
+        x = res
     sums = None
     if epi == "silu":
         gate, up = want[:, 0::2].to(dt), want[:, 1::2].to(dt)
@@ -75,7 +86,7 @@ def check(M: int, N: int, K: int, epi: str, cfg: GemvConfig, dt: torch.dtype, bi
     for _ in range(2 if sums is not None else 1):  # twice under split-K SiLU: the buffers must come back zero
         if epi == "residual":
             out.copy_(r0)
-        w4_matmul(x, words, s, z, 128, out, bias=b, epilogue=epi, config=cfg, sums=sums)
+        w4_matmul(x, words, s, z, 128, out, bias=b, epilogue=epi, config=cfg, sums=sums, **norm)
     torch.cuda.synchronize()
     if sums is not None:
         assert sums[0].abs().max().item() == 0 and sums[1].abs().max().item() == 0, "sums / counters left non-zero"
@@ -90,6 +101,11 @@ CASES = [  # (M, N, K, epilogue, config, bias)
     (13, 1000, 640, "residual", mma(128, 2, 8), False), (16, 512, 1024, "silu", mma(256, 1, 8), False),
     (40, 600, 768, "silu", mma(64, 2, 1), False), (3, 96, 384, "store", mma(32, 1, 1), False),
     (8, 520, 896, "residual", mma(128, 3, 2), False),
+    # weights 2 / 3 groups ahead (slices shorter than that reload their last group), and the fused RMSNorm
+    (1, 1536, 8960, "residual", mma(64, 18, 4, pf=3), False), (8, 17920, 1536, "silu", mma(128, 3, 4, pf=2), False),
+    (1, 520, 896, "residual", mma(32, 5, 2, pf=3), False), (1, 17920, 1536, "silu", mma(64, 1, 4, 3, True), False),
+    (1, 2048, 1536, "store", mma(64, 1, 2, 2, True), True), (6, 1000, 640, "silu", mma(64, 2, 2, 3, True), False),
+    (12, 600, 768, "residual", mma(128, 1, 8, 1, True), True),
 ]
 
 
@@ -106,22 +122,23 @@ def correctness() -> list[dict]:
             out.append({"M": M, "N": N, "K": K, "epilogue": epi, "config": asdict(cfg), "bias": bias,
                         "dtype": str(dt), "rel_err": err, "pass": ok})
             log(f"  {M}x{N}x{K} {epi}{' +bias' if bias else ''} bn {cfg.block_n} split {cfg.split_k} warps "
-                f"{cfg.num_warps} {str(dt)[6:]}: {err if isinstance(err, str) else f'{err:.2e}'} "
+                f"{cfg.num_warps} pf {cfg.pf}{' norm' if cfg.fuse_norm else ''} {str(dt)[6:]}: "
+                f"{err if isinstance(err, str) else f'{err:.2e}'} "
                 f"{'ok' if ok else 'FAIL'}")
     return out
 
 
-def epilogue(role: str, M: int) -> str:
-    """The role's epilogue in a decode step of M rows: several rows' qkv adds split-K sums that the attention
-    reads (GpuLinear.accumulates)."""
-    return "residual" if role == "qkv" and M > 1 else ROLES[role][2]
+def epilogue(role: str, M: int, split: int = 1) -> str:
+    """The role's epilogue in a decode step of M rows: qkv under split-K (as several rows' qkv always is) adds
+    split-K sums that the attention reads (GpuLinear.accumulates)."""
+    return "residual" if role == "qkv" and (M > 1 or split > 1) else ROLES[role][2]
 
 
 def time_role(role: str, M: int, cfg: GemvConfig | None) -> float:
     """µs per call of the role at M rows (cfg None: TUNED / default_config), with its RMSNorm kernel first
     where the config does not fuse it."""
     N, K, _ = ROLES[role]
-    epi = epilogue(role, M)
+    epi = epilogue(role, M, cfg.split_k if cfg is not None else 1)
     nbytes = N * K // 2 + N * (K // 128) * 3
     copies = copies_for(nbytes)
     words, s, z, _, more = weights(N, K, 7, copies)
@@ -135,7 +152,7 @@ def time_role(role: str, M: int, cfg: GemvConfig | None) -> float:
     out = torch.zeros(M, N // 2 if epi == "silu" else N, device="cuda",
                       dtype=torch.float32 if epi == "residual" else torch.float16)
     sums = sum_buffers(M, N, "cuda") if epi == "silu" else None
-    fused_norm = normed and M == 1 and (cfg is None or not (cfg.dot or cfg.mma))
+    fused_norm = normed and ((M == 1 and (cfg is None or not cfg.dot)) or (cfg is not None and cfg.fuse_norm))
 
     def call(i):
         if fused_norm:  # the one-row GEMV: RMSNorm of the fp32 residual inside
@@ -149,31 +166,41 @@ def time_role(role: str, M: int, cfg: GemvConfig | None) -> float:
     return graph_us(call, copies)
 
 
-def timing(quick: bool, row_counts: list[int]) -> dict:
+def timing(quick: bool, row_counts: list[int], pfs: list[int]) -> dict:
     splits = {"qkv": (1, 2, 4), "o": (1, 2, 4, 8), "w13": (1, 2, 3), "w2": (3, 6, 9, 18)}
+    splits1 = {"qkv": (1, 2, 3), "o": (2, 4, 6, 12), "w13": (1, 2, 3, 4), "w2": (9, 18, 35)}  # one row: more
     out = {}
     for M in row_counts:
         for role in ROLES:
-            epi = epilogue(role, M)
             key = f"{role} M={M}"
             rows = out.setdefault(key, {})
             try:
                 rows["TUNED"] = time_role(role, M, None)
             except Exception as e:  # noqa: BLE001
                 rows["TUNED"] = f"{type(e).__name__}: {str(e)[:100]}"
+            norms = (False, True) if role in NORMED else (False,)
             for bn, w in MMA_TILES[:4] if quick else MMA_TILES:
-                for sp in splits[role]:
-                    if epi == "store" and sp > 1:
-                        continue  # one row's qkv stores; split-K needs an epilogue that adds
-                    c = mma(bn, sp, w)
-                    try:
-                        rows[f"mma bn{bn} w{w} split{sp}"] = time_role(role, M, c)
-                    except Exception as e:  # noqa: BLE001
-                        rows[f"mma bn{bn} w{w} split{sp}"] = f"{type(e).__name__}: {str(e)[:100]}"
+                for sp in (splits1 if M == 1 else splits)[role]:
+                    for pf in pfs:
+                        for fn in norms:
+                            c = mma(bn, sp, w, pf, fn)
+                            name = f"mma bn{bn} w{w} split{sp} pf{pf}{' norm' if fn else ''}"
+                            try:
+                                rows[name] = time_role(role, M, c)
+                            except Exception as e:  # noqa: BLE001
+                                rows[name] = f"{type(e).__name__}: {str(e)[:100]}"
             best = min((v, k) for k, v in rows.items() if isinstance(v, float))
             log(f"  {key}: TUNED {rows['TUNED'] if isinstance(rows['TUNED'], str) else round(rows['TUNED'], 2)} µs; "
                 f"best {best[1]} {best[0]:.2f} µs")
     return out
+
+
+def depths(text: str) -> list[int]:
+    """--pf: a comma list of 1, 2, 3."""
+    pfs = row_counts(text)
+    if max(pfs) > 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: the weights load 1 to 3 groups ahead, e.g. 1,3")
+    return pfs
 
 
 def main():
@@ -181,6 +208,7 @@ def main():
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--quick", action="store_true", help="fewer tiles in the timing sweep")
     ap.add_argument("--rows", default=[8, 1], type=row_counts, help="row counts of the timing sweep (comma list)")
+    ap.add_argument("--pf", default=[1, 3], type=depths, help="prefetch depths to time (groups ahead, 1-3; comma list)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     res = {"command": "python3 bench/gpu_mma_probe.py " + " ".join(sys.argv[1:])}
@@ -189,7 +217,7 @@ def main():
     save_device_result("gpu_mma_probe", res)
     if not args.skip_timing:
         log("[2] timing, each role alone (µs per call)")
-        res["timing_us"] = timing(args.quick, args.rows)
+        res["timing_us"] = timing(args.quick, args.rows, args.pf)
         save_device_result("gpu_mma_probe", res)
     res["wall_s"] = time.perf_counter() - t0
     save_device_result("gpu_mma_probe", res)
@@ -200,7 +228,9 @@ def main():
             f"{c['config']['num_warps']} {c['dtype']}: {c['rel_err']}")
     for key, rows in res.get("timing_us", {}).items():
         ranked = sorted((v, k) for k, v in rows.items() if isinstance(v, float))
-        log(f"| {key} | TUNED {rows.get('TUNED')} | " + " | ".join(f"{k} {v:.2f}" for v, k in ranked[:4]) + " |")
+        tuned = rows.get("TUNED")
+        log(f"| {key} | TUNED {tuned if isinstance(tuned, str) else round(tuned, 2)} | "
+            + " | ".join(f"{k} {v:.2f}" for v, k in ranked[:4]) + " |")
     log(f"({res['wall_s']:.0f}s)")
 
 

@@ -40,12 +40,14 @@ def gemv_role(role: str, rows: int, cfg: gemv_int4.GemvConfig | None = None):
     cfg = cfg or gemv_int4.default_config(rows, N, K, G, epi, prologue=pro)
     if epi == "store":  # (one row's qkv: no split-K)
         cfg = dataclasses.replace(cfg, split_k=1)
-    if cfg.mma:  # the GPU's path (w4_matmul takes the fallback for CPU tensors), its norm a separate kernel
-        x = x.half()
-        pro, nw = "none", None
+    if cfg.mma:  # the GPU's path (w4_matmul takes the fallback for CPU tensors); its norm a separate kernel
+        if not cfg.fuse_norm:  # unless the config fuses it
+            x = x.half()
+            pro, nw = "none", None
         with as_on_gpu():
             return record(gemv_int4.mma_int4, "_w4_mma_kernel", lambda: gemv_int4.w4_matmul(
-                x, words, s, z, G, out, bias=bias, epilogue=epi, config=cfg))
+                x, words, s, z, G, out, bias=bias, prologue=pro, norm_weight=nw, eps=1e-6, epilogue=epi,
+                config=cfg))
     name = "_w4_tc_kernel" if cfg.tc else ("_w4_gemm_kernel" if cfg.dot else "_w4_gemv_kernel")
     return record(gemv_int4, name, lambda: gemv_int4.w4_matmul(x, words, s, z, G, out, bias=bias, prologue=pro,
                                                                norm_weight=nw, eps=1e-6, epilogue=epi, config=cfg))

@@ -119,9 +119,10 @@ class GpuLinear(nn.Module):
         if fused:
             cfg = self.config or default_config(x.shape[0], self.out_features, self.in_features, self.group,
                                                 epilogue, self.sms, prologue)
-        if prologue == "rmsnorm" and not (fused and not cfg.dot):
+        if prologue == "rmsnorm" and not (fused and (not cfg.dot or cfg.fuse_norm)):
             # a norm kernel first: for the other backends, and before the tl.dot kernels, where a plain GEMM after it
-            # beats the GEMM's fused prologue (H100, M=8: w13 21.7 against 27.6 µs); the GEMV keeps its fused norm
+            # beats the GEMM's fused prologue (H100, M=8: w13 21.7 against 27.6 µs); the GEMV keeps its fused norm,
+            # and so do configs that ask for it (fuse_norm)
             x = rms_norm(x, norm_weight, eps, torch.empty(x.shape, device=x.device, dtype=self.dtype))
             prologue = "none"
             if fused and self.config is None:

@@ -149,6 +149,16 @@ MMA_CASES = {
     "13-rows-store-bias": (13, 80, 256, "store", True, GemvConfig(64, 1, 1, dot=True, mma=True)),
     "40-rows-residual": (40, 128, 384, "residual", False, GemvConfig(256, 2, 8, dot=True, mma=True)),
     "5-rows-residual-bias-split": (5, 160, 512, "residual", True, GemvConfig(32, 4, 1, dot=True, mma=True)),
+    # the weights 2 and 3 groups ahead: slices of 4 groups, of 1 (the prefetch reloads its last group)
+    "1-row-residual-prefetch-3": (1, 192, 1024, "residual", False, GemvConfig(64, 2, 4, dot=True, mma=True, pf=3)),
+    "8-rows-silu-prefetch-2-split": (8, 256, 384, "silu", False, GemvConfig(64, 3, 2, dot=True, mma=True, pf=2)),
+}
+# the RMSNorm of the fp32 residual inside the kernel (fuse_norm): one row as decode's qkv (store + bias) and w13
+# (SiLU-mul, split-K) take it, and several rows
+MMA_NORM_CASES = {
+    "1-row-store-bias": (1, 96, 384, "store", True, GemvConfig(32, 1, 2, dot=True, mma=True, pf=2, fuse_norm=True)),
+    "1-row-silu-split": (1, 256, 512, "silu", False, GemvConfig(64, 2, 4, dot=True, mma=True, pf=3, fuse_norm=True)),
+    "11-rows-residual": (11, 128, 640, "residual", False, GemvConfig(128, 1, 8, dot=True, mma=True, fuse_norm=True)),
 }
 
 
@@ -163,6 +173,25 @@ def test_mma_int4_matmul_matches_dequantized_weights(case, dt):
     b = torch.randn(N, generator=gen(42)).to(dt) if bias else None
     want, out = expected_and_output(x.float() @ W.t() + (b.float() if bias else 0), epi, dt, seed=43)
     w4_matmul(x.to(DEV), words, s, z, 128, out, bias=None if b is None else b.to(DEV), epilogue=epi, config=cfg)
+    assert rel(out.cpu(), want) < (3e-3 if dt == torch.float16 else 1.5e-2)
+
+
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", MMA_NORM_CASES)
+def test_mma_int4_fused_rmsnorm_rounds_as_the_dense_model(case, dt):
+    """h = RMSNorm(residual) inside the kernel (its rstd from the whole row first), on a residual whose channels
+    reach ~300: the output of the dense model's norm, rounded as it rounds, times the weights."""
+    if dt == torch.bfloat16 and DEV == "cpu":
+        pytest.skip("bf16 tl.dot needs CUDA (the interpreter's is wrong)")
+    M, N, K, epi, bias, cfg = MMA_NORM_CASES[case]
+    words, s, z, W = int4_weight(N, K, 128, seed=len(case) + 80)
+    x = torch.randn(M, K, generator=gen(81)) * torch.linspace(1, 300, K)
+    nw = (torch.rand(K, generator=gen(82)) + 0.5).to(dt)
+    b = torch.randn(N, generator=gen(83)).to(dt) if bias else None
+    h = ref_rms_norm(x.to(dt), nw, 1e-6).float()
+    want, out = expected_and_output(h @ W.t() + (b.float() if bias else 0), epi, dt, seed=84)
+    w4_matmul(x.to(DEV), words, s, z, 128, out, bias=None if b is None else b.to(DEV), prologue="rmsnorm",
+              norm_weight=nw.to(DEV), eps=1e-6, epilogue=epi, config=cfg)
     assert rel(out.cpu(), want) < (3e-3 if dt == torch.float16 else 1.5e-2)
 
 

@@ -461,13 +461,16 @@ class GemvConfig:
     # bench/results/gpu_graph_sweep_gemv_rows8.json), so TUNED keeps rows 1
     maxnreg: int | None = None  # registers per thread at most (ptxas spills above): more programs per SM
     mma: bool = False     # kernels/mma_int4.py (mma.sync, operands straight into registers; Gluon): block_n =
-    # 16 * num_warps * (1, 2, 4 or 8). Where it cannot run (Triton's interpreter, no Gluon, group != 128, before
-    # sm_80) the tensor-core kernel takes the same tile (mma_fallback)
+    # 16 * num_warps * (1, 2, 4 or 8), the weights pf groups ahead. Where it cannot run (Triton's interpreter, no
+    # Gluon, group != 128, before sm_80) the tensor-core kernel takes the same tile (mma_fallback)
+    fuse_norm: bool = False  # tl.dot kernels: an RMSNorm prologue inside the kernel (rstd of the row first), not
+    # a norm kernel before it (GpuLinear.run)
 
     def __post_init__(self):
         assert self.dot or not (self.tc or self.mma), "tensor-core configs run as the tl.dot kernels do (dot=True)"
         assert not self.mma or self.block_n in [16 * self.num_warps * r for r in (1, 2, 4, 8)], \
             f"mma: block_n {self.block_n} is 16 * num_warps * (1, 2, 4 or 8)"
+        assert 1 <= self.pf <= 3, f"pf={self.pf}: the weights load 1 to 3 steps ahead"
 
 
 # Per-shape choices (H100, and H200 where said): {(M bucket, N, K): config}. Shapes not listed use ``default_config``.
@@ -589,9 +592,9 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
         assert acc.dtype == torch.float32 and acc.shape[0] >= M and acc.shape[1] == N and acc.stride(-1) == 1
         assert cnt.dtype == torch.int32 and cnt.numel() >= n_blocks * triton.cdiv(M, 8), "one counter per tile"
     if cfg.mma:
-        assert pro == 0, "the mma kernel takes no RMSNorm prologue (GpuLinear.run applies it first)"
         mma_int4.launch(x, words, scales, zeros, group, out, bias, epi, cfg.split_k, cfg.num_warps, cfg.block_n,
-                        act == torch.bfloat16, on, sums if split_silu else None)
+                        act == torch.bfloat16, on, sums if split_silu else None,
+                        norm_weight if pro == 1 else None, eps, cfg.pf)
         return out
     weights = (words, scales, zeros, words.stride(0), scales.stride(0))
     if not (cfg.dot or cfg.tc):  # a program per ``rows`` rows and block of outputs (more rows re-read the weights)
@@ -610,7 +613,6 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
     args = (x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), M, N, K, cfg.split_k)
     tiles = dict(BLOCK_M=block_m, K_POW2=k_pow2, CHUNK=min(k_pow2, 4096 // block_m))
     if cfg.tc:
-        assert 1 <= cfg.pf <= 3, f"pf={cfg.pf}: the weights load 1 to 3 steps ahead"
         extra = {}
         if split_silu:
             extra = dict(sa_ptr=acc, stride_sa=acc.stride(0), cnt_ptr=cnt, SPLIT_SILU=True, FENCE=not INTERPRET)

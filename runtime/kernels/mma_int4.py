@@ -34,6 +34,7 @@ from . import rounding
 from .attention import last_to_arrive
 
 _last_arrive = gluon.jit(last_to_arrive)
+_act = gluon.jit(rounding.act)
 _silu_mul = gluon.jit(rounding.silu_mul)
 
 
@@ -110,12 +111,37 @@ def _nibble_pairs(w, j: ttgl.constexpr, MAGIC: ttgl.constexpr, ACT_BF16: ttgl.co
 
 
 @gluon.jit
-def _w4_mma_kernel(x_ptr, stride_xm, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym, M, N, K, SPLIT_K,
-                   sa_ptr, stride_sa, cnt_ptr, G: ttgl.constexpr, EPI: ttgl.constexpr, ATOMIC: ttgl.constexpr,
-                   HAS_BIAS: ttgl.constexpr, ACT_BF16: ttgl.constexpr, W: ttgl.constexpr, R: ttgl.constexpr,
-                   BM: ttgl.constexpr, SPLIT_SILU: ttgl.constexpr, PDL: ttgl.constexpr):
+def _group(w_rows, z_rows, s_rows, g, WG: ttgl.constexpr):
+    """Group g's words [BN, 16] (the words layout), zeros and scales [BN]."""
+    return ttgl.load(w_rows + g * WG), ttgl.load(z_rows + g), ttgl.load(s_rows + g)
+
+
+@gluon.jit
+def _rstd(x_ptr, stride_xm, pid_m, M, K, eps, BM: ttgl.constexpr, W: ttgl.constexpr, K_POW2: ttgl.constexpr):
+    """rsqrt(mean(x^2) + eps) of the program's BM rows of the fp32 residual (rows past M: the last row's),
+    [BM]. The chunks are unrolled and summed elementwise, so their loads can all be in flight."""
+    CH: ttgl.constexpr = 128 * W if 128 * W < K_POW2 else K_POW2
+    lr: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32], warps_per_cta=[1, W],
+                                            order=[1, 0])
+    rows = x_ptr + ttgl.minimum(pid_m * BM + ttgl.arange(0, BM, layout=ttgl.SliceLayout(1, lr)), M - 1) * stride_xm
+    ss = ttgl.zeros([BM, CH], ttgl.float32, lr)
+    for c in ttgl.static_range(K_POW2 // CH):
+        k = c * CH + ttgl.arange(0, CH, layout=ttgl.SliceLayout(0, lr))
+        v = ttgl.load(rows[:, None] + k[None, :], mask=(k < K)[None, :], other=0.0)
+        ss += v * v
+    return 1.0 / ttgl.sqrt(ttgl.sum(ss, axis=1) / K + eps)
+
+
+@gluon.jit
+def _w4_mma_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym,
+                   M, N, K, SPLIT_K, sa_ptr, stride_sa, cnt_ptr, G: ttgl.constexpr, PRO: ttgl.constexpr,
+                   EPI: ttgl.constexpr, ATOMIC: ttgl.constexpr, HAS_BIAS: ttgl.constexpr, ACT_BF16: ttgl.constexpr,
+                   W: ttgl.constexpr, R: ttgl.constexpr, BM: ttgl.constexpr, PF: ttgl.constexpr,
+                   K_POW2: ttgl.constexpr, SPLIT_SILU: ttgl.constexpr, PDL: ttgl.constexpr):
     """Program (n block, K-slice, m block): outputs BN = 16 W R, rows BM, the groups of its K-slice; each group's
-    weights load one group ahead of their use (x, read by every program, comes from L1 / L2 in its group)."""
+    weights load PF groups ahead of their use (x, read by every program, comes from L1 / L2 in its group).
+    PRO == 1: x is the fp32 residual and h = RMSNorm(x): rstd of each row first (the whole row, from L2), then
+    h = weight * (x * rstd) per group, rounded to the activation dtype as runtime/model.py rounds."""
     BN: ttgl.constexpr = 16 * W * R
     WG: ttgl.constexpr = G // 8
     mma: ttgl.constexpr = _mma(W)
@@ -141,27 +167,41 @@ def _w4_mma_kernel(x_ptr, stride_xm, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_
     s_rows = s_ptr + ttgl.minimum(rn, N - 1) * stride_s
     rm_x = ttgl.minimum(pid_m * BM + ttgl.arange(0, BM, layout=ttgl.SliceLayout(0, lx)), M - 1)
     x_rows = x_ptr + rm_x[None, :] * stride_xm + ttgl.arange(0, G, layout=ttgl.SliceLayout(1, lx))[:, None]
-    # the first group's weights do not depend on the previous kernel: with PDL they load before waiting for it
-    g0 = ttgl.minimum(g_lo, g_hi - 1)  # (a slice past the last group has none and stores zeros)
-    wm = ttgl.load(w_rows + g0 * WG)
-    zq = ttgl.load(z_rows + g0)
-    sc = ttgl.load(s_rows + g0)
+    # the first PF groups' weights do not depend on the previous kernel: with PDL they load before waiting for it
+    g_last = ttgl.maximum(g_hi - 1, 0)  # (a slice past the last group has none and stores zeros)
+    wm, zq, sc = _group(w_rows, z_rows, s_rows, ttgl.minimum(g_lo, g_last), WG)
+    wm1, zq1, sc1 = wm, zq, sc
+    wm2, zq2, sc2 = wm, zq, sc
+    if PF >= 2:
+        wm1, zq1, sc1 = _group(w_rows, z_rows, s_rows, ttgl.minimum(g_lo + 1, g_last), WG)
+    if PF >= 3:
+        wm2, zq2, sc2 = _group(w_rows, z_rows, s_rows, ttgl.minimum(g_lo + 2, g_last), WG)
     if PDL:
         tl.extra.cuda.gdc_wait()
+    if PRO == 1:
+        rstd = ttgl.convert_layout(_rstd(x_ptr, stride_xm, pid_m, M, K, eps, BM, W, K_POW2), ttgl.SliceLayout(0, lx))
+        nw_cols = nw_ptr + ttgl.arange(0, G, layout=ttgl.SliceLayout(1, lx))
     total = ttgl.zeros([BN, BM], ttgl.float32, mma)
     for g in range(g_lo, g_hi):
-        gn = ttgl.minimum(g + 1, g_hi - 1)  # the next group's weights, loading while this one's arithmetic runs
-        wm_n = ttgl.load(w_rows + gn * WG)
-        zq_n = ttgl.load(z_rows + gn)
-        sc_n = ttgl.load(s_rows + gn)
-        xs = _x_chunks(ttgl.load(x_rows + g * G), BM, lb)  # x is read by every program: from L1 / L2
+        # the weights PF groups on, loading while this group's arithmetic runs (past the slice: its last again)
+        wm_n, zq_n, sc_n = _group(w_rows, z_rows, s_rows, ttgl.minimum(g + PF, g_last), WG)
+        xg = ttgl.load(x_rows + g * G)  # x is read by every program: from L1 / L2
+        if PRO == 1:
+            nwg = ttgl.load(nw_cols + g * G).to(ttgl.float32)
+            xg = _act(_act(xg * rstd[None, :], ACT_BF16) * nwg[:, None], ACT_BF16).to(dt)
+        xs = _x_chunks(xg, BM, lb)
         w = ttgl.convert_layout(_slots_a(wm, BN), la, assert_trivial=True)
         zh = ((zq.to(ttgl.int16) | MAGIC).to(dt, bitcast=True))[:, None]   # magic + z
         acc = ttgl.zeros([BN, BM], ttgl.float32, mma)
         for j in ttgl.static_range(8):
             acc = mma_v2(_nibble_pairs(w, j, MAGIC, ACT_BF16) - zh, xs[j], acc)  # (q - z) x over chunk j
         total += sc.to(ttgl.float32)[:, None] * acc
-        wm, zq, sc = wm_n, zq_n, sc_n
+        if PF == 1:
+            wm, zq, sc = wm_n, zq_n, sc_n
+        elif PF == 2:
+            wm, zq, sc, wm1, zq1, sc1 = wm1, zq1, sc1, wm_n, zq_n, sc_n
+        else:
+            wm, zq, sc, wm1, zq1, sc1, wm2, zq2, sc2 = wm1, zq1, sc1, wm2, zq2, sc2, wm_n, zq_n, sc_n
     rm = pid_m * BM + ttgl.arange(0, BM, layout=ttgl.SliceLayout(0, mma))
     m_ok = rm < M
     mask = n_ok[:, None] & m_ok[None, :]
@@ -206,17 +246,20 @@ def _silu_store(t, y_ptr, stride_ym, rm, rn, mask, BM: ttgl.constexpr, BN: ttgl.
 
 
 def launch(x, words, scales, zeros, group: int, out, bias, epi: int, split_k: int, warps: int, block_n: int,
-           act_bf16: bool, on: bool, sums=None) -> None:
+           act_bf16: bool, on: bool, sums=None, norm_weight=None, eps: float = 0.0, pf: int = 1) -> None:
     """The kernel for gemv_int4.w4_matmul, which has checked the shapes: BM = 8 or 16 rows per program (more rows:
-    more programs along the grid's third axis), block_n = 16 * warps * R outputs."""
+    more programs along the grid's third axis), block_n = 16 * warps * R outputs, the weights pf groups ahead;
+    with norm_weight, x is the fp32 residual and the kernel applies the RMSNorm."""
     M, N, K = x.shape[0], words.shape[0], 8 * words.shape[1]
     R = block_n // (16 * warps)
     assert group == 128 and R in (1, 2, 4, 8) and block_n == 16 * warps * R, f"group {group}, block_n {block_n}"
+    assert pf in (1, 2, 3), f"pf={pf}: the weights load 1 to 3 groups ahead"
     bm = 8 if M <= 8 else 16
     grid = (-(-N // block_n), split_k, -(-M // bm))
     acc, cnt = sums if sums is not None else (out, out)
-    _w4_mma_kernel[grid](x, x.stride(0), words, scales, zeros, words.stride(0), scales.stride(0),
-                         bias if bias is not None else scales, out, out.stride(0), M, N, K, split_k, acc,
-                         acc.stride(0), cnt, G=group, EPI=epi, ATOMIC=split_k > 1, HAS_BIAS=bias is not None,
-                         ACT_BF16=act_bf16, W=warps, R=R, BM=bm, SPLIT_SILU=epi == 2 and split_k > 1, PDL=on,
+    _w4_mma_kernel[grid](x, x.stride(0), norm_weight if norm_weight is not None else scales, eps, words, scales, zeros,
+                         words.stride(0), scales.stride(0), bias if bias is not None else scales, out, out.stride(0),
+                         M, N, K, split_k, acc, acc.stride(0), cnt, G=group, PRO=int(norm_weight is not None), EPI=epi,
+                         ATOMIC=split_k > 1, HAS_BIAS=bias is not None, ACT_BF16=act_bf16, W=warps, R=R, BM=bm, PF=pf,
+                         K_POW2=1 << (K - 1).bit_length(), SPLIT_SILU=epi == 2 and split_k > 1, PDL=on,
                          num_warps=warps, launch_pdl=on)
