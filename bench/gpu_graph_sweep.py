@@ -41,24 +41,29 @@ ROLES = {"qkv": "wqkv", "o": "wo", "w13": "w13", "w2": "w2"}
 RESIDUAL = {"o", "w2"}  # += residual epilogue: split-K allowed (atomic adds)
 # split-K counts tried around the current config; the odd ones let a slice fill whole steps of the one-row
 # GEMV (w2: 70 groups in 9 slices of <= 8, one step of 8 groups at 4 words per thread; o: 12 groups in 3 of 4)
-SPLITS = (1, 2, 3, 4, 5, 6, 8, 9, 12, 16, 18, 32)
+SPLITS = (1, 2, 3, 4, 5, 6, 8, 9, 12, 16, 18, 24, 32, 35)
+# one row on the mma kernel: the K-slices tried with every tile (bench/gpu_mma_probe.py --rows 1, H200,
+# 2026-12-04: alone, w2 was fastest in 35 slices of 2 groups, o in 12 of one, w13 in 4; qkv lost at any split)
+MMA_SPLITS_ONE_ROW = {"qkv": (1, 3), "o": (6, 12), "w13": (3, 4), "w2": (18, 35)}
 
 
 MMA_TILES = ((32, 2), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8), (64, 1), (128, 2))  # (outputs, warps)
 
 
 def candidates(role: str, group: int, split: int, rows: int, tc: bool = False, mma: bool = False,
-               pfs: tuple[int, ...] = (1,), fuse_norm: bool = False) -> list[GemvConfig]:
+               pfs: tuple[int, ...] = (1,), fuse_norm: bool = False, quick: bool = False) -> list[GemvConfig]:
     """One row: _gemv shapes (rows per program x words per thread x warps) at the given split-K (a first
     sweep also tried 16 rows, 4 warps and 8 words per thread: never better, often far worse). Several rows:
     _gemm (tl.dot) tiles x warps x pipeline stages. ``tc``: _w4_tc_kernel tiles (>= 64 rows: wgmma) x warps
     x x's load order x how far ahead the weights load, for any number of rows. ``mma``: kernels/mma_int4.py's
-    tiles (outputs per program x warps) x how far ahead the weights load (``pfs``), for any number of rows; qkv's
-    and w13's RMSNorm a kernel before it, or inside it (``fuse_norm``)."""
+    tiles (outputs per program x warps; ``quick``: the first four) x how far ahead the weights load (``pfs``), for
+    any number of rows (one row: x MMA_SPLITS_ONE_ROW); qkv's and w13's RMSNorm a kernel before it, or inside it
+    (``fuse_norm``)."""
     if mma:
         fn = fuse_norm and role in ("qkv", "w13")
-        return [GemvConfig(bn, split if role != "qkv" or rows > 1 else 1, w, dot=True, mma=True, pf=pf, fuse_norm=fn)
-                for bn, w in MMA_TILES for pf in pfs]
+        splits = MMA_SPLITS_ONE_ROW[role] if rows == 1 else (split,)
+        return [GemvConfig(bn, sp, w, dot=True, mma=True, pf=pf, fuse_norm=fn)
+                for bn, w in (MMA_TILES[:4] if quick else MMA_TILES) for pf in pfs for sp in splits]
     if rows > 1:  # also the GEMV with a program per row (its RMSNorm fused; split-K only with += residual)
         gemv = [GemvConfig(bn, split if role in RESIDUAL else 1, w, 1, False, v) for bn in (4, 8) for v in (2, 4)
                 for w in (1, 2)]
@@ -134,6 +139,7 @@ def main():
     ap.add_argument("--mma", action="store_true", help="sweep the mma.sync kernel's configs (kernels/mma_int4.py)")
     ap.add_argument("--pf", default="1", help="--mma: prefetch depths to try (groups ahead, 1-3; comma list)")
     ap.add_argument("--fuse-norm", action="store_true", help="--mma: qkv's and w13's RMSNorm inside the kernel")
+    ap.add_argument("--quick", action="store_true", help="--mma: the first four tiles only")
     ap.add_argument("--splits-only", action="store_true",
                     help="only other split-K counts of each role's current config")
     ap.add_argument("--gemv-rows", action="store_true",
@@ -186,14 +192,14 @@ def sweep(args, spaces, rows: int, t_start: float) -> None:
                 cands, current = gemv_rows_candidates(role, lin0, rows), None  # (no split-K variants of current)
             else:
                 cands = [] if args.splits_only else candidates(role, lin0.group, split, rows, args.tc, args.mma,
-                                                               args.pf, args.fuse_norm)
+                                                               args.pf, args.fuse_norm, args.quick)
             # several rows: qkv sums through rope; w13's last K-slice of a tile applies the SiLU-mul (both also at
             # one row in the mma kernel)
             splittable = role in RESIDUAL or (rows > 1 and role in ("qkv", "w13")) or (
                 role in ("qkv", "w13") and current is not None and current.mma)
-            if splittable and current is not None:
-                cands += [replace(current, split_k=s)
-                          for s in SPLITS if s != split and lin0.in_features // lin0.group >= 2 * s]
+            if splittable and current is not None:  # (the mma kernel's slices may be one group each)
+                cands += [replace(current, split_k=s) for s in SPLITS
+                          if s != split and lin0.in_features // lin0.group >= (1 if current.mma else 2) * s]
             for c in cands:
                 if time.perf_counter() - t_start > args.budget_s:
                     break
