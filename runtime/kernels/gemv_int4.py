@@ -490,12 +490,16 @@ class GemvConfig:
 # kernels/mma_int4.py (bench/gpu_graph_sweep.py --mma --rows 8, raw gpu_graph_sweep_mma_rows8_h200.json):
 # bucket-8 step 1414.6 -> 1078.6 µs; alone at eight rows (bench/gpu_mma_probe.py) w13 21.3 -> 14.2 µs, w2
 # 9.3 -> 6.9, o 4.3 -> 3.0, qkv 6.0 -> 5.1. For one row it lost in every tile (best w13 988, w2 970, o 902,
-# qkv 1117 µs per step against 880 µs; gpu_graph_sweep_mma_rows1_h200.json).
+# qkv 1117 µs per step against 880 µs; gpu_graph_sweep_mma_rows1_h200.json), at the old splits. H200, 2026-12-04,
+# with more K-slices (one or two groups each) and the weights up to 3 groups ahead (bench/gpu_mma_probe.py --rows 1,
+# then bench/gpu_graph_sweep.py --mma --quick --pf 1,3 --rows 1, raw gpu_graph_sweep_mma_pf_rows1_h200.json): o, w13
+# (its RMSNorm a kernel before it; inside the kernel it lost, 13.1 against 10.2 µs alone) and w2 on mma, the one-row
+# step 878.9 -> 805.7 µs. Alone: w2 7.0 -> 4.7 µs, o 3.5 -> 1.9, w13 with its norm kernel 10.9 -> 10.2; qkv stays.
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (1, 2048, 1536): GemvConfig(8, 1, 2, 1, False, 4),     # qkv
-    (1, 1536, 1536): GemvConfig(8, 4, 1, 1, False, 2),     # o
-    (1, 17920, 1536): GemvConfig(4, 1, 1, 1, False, 2),    # w13
-    (1, 1536, 8960): GemvConfig(4, 9, 1, 1, False, 4),     # w2
+    (1, 1536, 1536): GemvConfig(64, 12, 4, dot=True, mma=True, pf=3),   # o
+    (1, 17920, 1536): GemvConfig(128, 4, 4, dot=True, mma=True),        # w13 (its RMSNorm a separate kernel)
+    (1, 1536, 8960): GemvConfig(64, 35, 2, dot=True, mma=True),         # w2
     (16, 2048, 1536): GemvConfig(256, 8, 8, dot=True, mma=True),   # qkv (split-K sums read by the attention)
     (16, 1536, 1536): GemvConfig(64, 8, 4, dot=True, mma=True),    # o
     (16, 17920, 1536): GemvConfig(256, 3, 8, dot=True, mma=True),  # w13 (its RMSNorm a separate kernel)
