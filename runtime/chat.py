@@ -7,7 +7,10 @@ dim line on stderr gives the answer's tokens, tok/s and KV-cache use.
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 
 import click
 
@@ -35,10 +38,17 @@ class ChatSession:
             click.echo(click.style("assistant> ", fg="cyan", bold=True), nl=False)
         pieces: list[str] = []
         try:
-            for piece in self.engine.chat(self.messages(), self.gen, stream=True):
-                pieces.append(piece)
-                if self.stream:
-                    click.echo(piece, nl=False)
+            with _ctrl_c_sets() as stop:
+                answer = self.engine.chat(self.messages(), self.gen, stream=True)
+                for piece in answer:
+                    pieces.append(piece)
+                    if self.stream:
+                        click.echo(piece, nl=False)
+                    if stop.is_set():
+                        break
+                answer.close()
+            if stop.is_set():
+                raise KeyboardInterrupt
         except QconvError as e:  # e.g. longer than session_len: in a REPL the session goes on
             self.history.pop()
             if not self.interactive:
@@ -124,6 +134,23 @@ class ChatSession:
                 click.echo(click.style(f"[streaming {'on' if self.stream else 'off'}]", dim=True), err=True)
             else:
                 self.ask(text)
+
+
+@contextlib.contextmanager
+def _ctrl_c_sets():
+    """While an answer streams, Ctrl+C sets the event it yields and the answer stops at its next piece. A
+    KeyboardInterrupt raised wherever Python happens to check for the signal can be lost (one raised inside a
+    __del__ or a GC callback is printed and dropped), so the loop polls a flag instead. Off the main thread,
+    where no handler can be set, the default KeyboardInterrupt stays."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_chat(engine: Engine, gen: GenerationConfig, system: str | None = None, prompt: str | None = None,
