@@ -18,6 +18,11 @@ Dequantization: one PRMT pairs byte j/2 of two words, one LOP3 makes (magic + q0
 (magic 1024 for fp16, 128 for bf16: exact), one HSUB2 subtracts magic + z (exact: q - z). The group's sum
 is scaled by s in fp32. With a shift for odd nibbles: ~2.4 SASS instructions per weight, no conversions.
 
+The weights load PF = 1-3 groups ahead of their use (a ring of registers; one row's K-slices of one or two groups
+want their loads in flight at once). With PRO = 1 the kernel applies the RMSNorm of the fp32 residual itself: the
+rstd of its rows first, then h = weight * (x * rstd) per group, rounded as runtime/model.py rounds (on the H200
+that lost to a norm kernel before it: the per-group norm costs more than the launch it saves).
+
 Epilogues as gemv_int4's: store (+ bias), residual (+= into the fp32 residual, atomic under split-K; bias
 from the first slice), silu (w13's gate/up row pairs; under split-K the slices add into fp32 sums and the
 last to finish applies it). Triton's interpreter cannot run Gluon: gemv_int4.w4_matmul takes its other
