@@ -5,29 +5,53 @@ The mma.sync kernel's point is its main loop: operands loaded straight into the 
 tensor cores, so no shared memory, no barrier and no local memory there, and few instructions per weight.
 A Triton or code change that brings a layout conversion back through shared memory fails here, on the CPU.
 """
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
 import pytest
-import torch
 
 pytest.importorskip("triton.experimental.gluon", reason="Gluon (Triton >= 3.4) is not installed")
 
-from qconv.runtime.kernels import gemv_int4, offline  # noqa: E402
-from qconv.runtime.kernels.gemv_int4 import GemvConfig, w4_matmul  # noqa: E402
+from qconv.runtime.kernels.gemv_int4 import GemvConfig  # noqa: E402
+
+
+_BUILD = """
+import json, sys, torch
+from qconv.runtime.kernels import gemv_int4, offline
+from qconv.runtime.kernels.gemv_int4 import GemvConfig, w4_matmul
+M, N, K, epilogue, cfg = sys.argv[1:]
+M, N, K, cfg = int(M), int(N), int(K), GemvConfig(**json.loads(cfg))
+x = torch.zeros(M, K, dtype=torch.float16)
+words = torch.zeros(N, K // 8, dtype=torch.int32)
+s, z = torch.zeros(N, K // 128, dtype=torch.float16), torch.zeros(N, K // 128, dtype=torch.uint8)
+out = torch.zeros(M, N // 2 if epilogue == "silu" else N, dtype=torch.float32 if epilogue == "residual" else torch.float16)
+with offline.as_on_gpu():  # the GPU's path, not the CPU's fallback
+    fn, _, args, kw = offline.record(gemv_int4.mma_int4, "_w4_mma_kernel", lambda: w4_matmul(
+        x, words, s, z, 128, out, epilogue=epilogue, config=cfg))
+try:
+    cubin = offline.compile_sm90(fn, args, kw).asm["cubin"]
+except (FileNotFoundError, RuntimeError) as e:  # no NVIDIA backend tools in this Triton build
+    print(json.dumps({"skip": str(e)[:300]})); sys.exit(0)
+print(json.dumps({"resources": offline.resources(cubin),
+                  "loop": [offline.opcode(t) for t in offline.hot_loop(offline.instructions(cubin))]}))
+"""
 
 
 def compiled(M, N, K, epilogue, cfg):
-    """The cubin w4_matmul launches for a decode role (its launch recorded on CPU tensors, built for sm_90a)."""
-    x = torch.zeros(M, K, dtype=torch.float16)
-    words = torch.zeros(N, K // 8, dtype=torch.int32)
-    s, z = torch.zeros(N, K // 128, dtype=torch.float16), torch.zeros(N, K // 128, dtype=torch.uint8)
-    out = torch.zeros(M, N // 2 if epilogue == "silu" else N,
-                      dtype=torch.float32 if epilogue == "residual" else torch.float16)
-    with offline.as_on_gpu():  # the GPU's path, not the CPU's fallback
-        fn, _, args, kw = offline.record(gemv_int4.mma_int4, "_w4_mma_kernel", lambda: w4_matmul(
-            x, words, s, z, 128, out, epilogue=epilogue, config=cfg))
-    try:
-        return offline.compile_sm90(fn, args, kw).asm["cubin"]
-    except (FileNotFoundError, RuntimeError) as e:  # no NVIDIA backend tools in this Triton build
-        pytest.skip(f"cannot build for sm_90a here: {e}")
+    """(resources, hot-loop opcodes) of the cubin w4_matmul launches for a decode role: its launch recorded on CPU
+    tensors and built for sm_90a in a fresh process, since Triton's interpreter (which the other kernel tests run
+    in this one) patches triton.language for good once it has run a kernel."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    r = subprocess.run([sys.executable, "-c", _BUILD, str(M), str(N), str(K), epilogue,
+                        json.dumps(dataclasses.asdict(cfg))], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    if "skip" in res:
+        pytest.skip(f"cannot build for sm_90a here: {res['skip']}")
+    return res["resources"], res["loop"]
 
 
 @pytest.mark.parametrize("M,N,K,epilogue,cfg,per_weight", [
@@ -40,13 +64,11 @@ def compiled(M, N, K, epilogue, cfg):
     (1, 1536, 8960, "residual", GemvConfig(64, 35, 2, dot=True, mma=True), 2.7),
 ])
 def test_mma_main_loop_takes_no_shared_memory(M, N, K, epilogue, cfg, per_weight):
-    cubin = compiled(M, N, K, epilogue, cfg)
-    res = offline.resources(cubin)
+    res, ops = compiled(M, N, K, epilogue, cfg)
     assert res["LOCAL"] == 0 and res["STACK"] == 0, res
-    loop = offline.hot_loop(offline.instructions(cubin))
-    ops = [offline.opcode(t) for t in loop]
+
     bm = 8 if M <= 8 else 16  # rows per program (one row: 7 of the mma's 8 columns unused)
     assert ops.count("HMMA") == 8 * cfg.block_n // (16 * cfg.num_warps) * (bm // 8)  # 8 chunks per tile per group
     assert not {"LDS", "STS", "LDSM", "STSM", "BAR", "LDL", "STL"} & set(ops), sorted(set(ops))
     weights_per_thread = cfg.block_n * 128 // (32 * cfg.num_warps)  # one group of the program's outputs
-    assert len(loop) / weights_per_thread < per_weight, f"{len(loop)} instructions for {weights_per_thread} weights"
+    assert len(ops) / weights_per_thread < per_weight, f"{len(ops)} instructions for {weights_per_thread} weights"
