@@ -32,6 +32,7 @@ from common import provenance, write_result  # noqa: E402
 from gpu_micro import log  # noqa: E402
 from gpu_rows import build_workspaces, graph_step_us, replay_us  # noqa: E402
 
+from qconv.runtime import gpu_model  # noqa: E402
 from qconv.runtime.cuda_graph import DecodeGraphs  # noqa: E402
 from qconv.runtime.engine import Engine  # noqa: E402
 from qconv.runtime.kernels.gemv_int4 import TUNED, GemvConfig  # noqa: E402
@@ -44,7 +45,7 @@ RESIDUAL = {"o", "w2"}  # += residual epilogue: split-K allowed (atomic adds)
 SPLITS = (1, 2, 3, 4, 5, 6, 8, 9, 12, 16, 18, 24, 32, 35)
 # one row on the mma kernel: the K-slices tried with every tile (bench/gpu_mma_probe.py --rows 1, H200,
 # 2026-12-04: alone, w2 was fastest in 35 slices of 2 groups, o in 12 of one, w13 in 4; qkv lost at any split)
-MMA_SPLITS_ONE_ROW = {"qkv": (1, 3), "o": (6, 12), "w13": (3, 4), "w2": (18, 35)}
+MMA_SPLITS_ONE_ROW = {"qkv": (1, 3), "o": (6, 12), "w13": (4, 6, 12), "w2": (18, 35)}
 
 
 MMA_TILES = ((32, 2), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8), (64, 1), (128, 2))  # (outputs, warps)
@@ -145,6 +146,8 @@ def main():
     ap.add_argument("--gemv-rows", action="store_true",
                     help="only the CUDA-core GEMV with all the step's rows in one program (several rows)")
     ap.add_argument("--budget-s", type=float, default=420, help="stop sweeping a row count after this many seconds")
+    ap.add_argument("--silu-modes", action="store_true",
+                    help="also time the baseline with the SiLU-mul in w13's last K-slice (gpu_model.SILU_IN_W2 off)")
     args = ap.parse_args()
     try:
         pfs = tuple(int(v) for v in args.pf.split(","))
@@ -180,6 +183,13 @@ def sweep(args, spaces, rows: int, t_start: float) -> None:
     base_us, base_logits = step_us()
     log(f"baseline (gemv_int4.TUNED): {base_us:.1f} µs per step at position {args.position}")
     res = {"baseline_us": base_us, "position": args.position, "tried": {}}
+    if args.silu_modes:  # the same configs with w13's last K-slice applying the SiLU-mul (gpu_model.SILU_IN_W2)
+        gpu_model.SILU_IN_W2 = False
+        us, logits = step_us()
+        gpu_model.SILU_IN_W2 = True
+        err = ((logits - base_logits).norm() / base_logits.norm()).item()
+        res["silu_in_last_slice_us"] = us
+        log(f"  the SiLU-mul in w13's last K-slice instead of w2: {us:.1f} µs per step (rel err {err:.1e})")
     best = {role: lins(role)[0].config for role in ROLES}  # None: gemv_int4.TUNED / default_config
     cur_us = base_us  # the step with every role at its best so far
     roles = [r for r in args.roles.split(",") if r]

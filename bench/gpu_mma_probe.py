@@ -62,6 +62,10 @@ def check(M: int, N: int, K: int, epi: str, cfg: GemvConfig, dt: torch.dtype, bi
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     x = torch.randn(M, K, device="cuda", generator=g).to(dt)
     norm = {}
+    if epi == "silu-x":  # w2 taking the SiLU-mul of w13's fp32 sums as it loads them, += into the residual
+        gu = torch.randn(M, 2 * K, device="cuda", generator=g) * 3
+        x = (F.silu(gu[:, 0::2].to(dt)) * gu[:, 1::2].to(dt))
+        epi, norm = "residual", dict(prologue="silu", dtype=dt)
     if cfg.fuse_norm:
         res = torch.randn(M, K, device="cuda", generator=g) * torch.linspace(1, 400, K, device="cuda")
         nw = (torch.rand(K, device="cuda", generator=g) + 0.5).to(dt)
@@ -71,6 +75,8 @@ def check(M: int, N: int, K: int, epi: str, cfg: GemvConfig, dt: torch.dtype, bi
     want = x.float() @ W.t() + (b.float() if bias else 0)
     if cfg.fuse_norm:
         x = res
+    if norm.get("prologue") == "silu":
+        x = gu
     sums = None
     if epi == "silu":
         gate, up = want[:, 0::2].to(dt), want[:, 1::2].to(dt)
@@ -106,6 +112,9 @@ CASES = [  # (M, N, K, epilogue, config, bias)
     (1, 520, 896, "residual", mma(32, 5, 2, pf=3), False), (1, 17920, 1536, "silu", mma(64, 1, 4, 3, True), False),
     (1, 2048, 1536, "store", mma(64, 1, 2, 2, True), True), (6, 1000, 640, "silu", mma(64, 2, 2, 3, True), False),
     (12, 600, 768, "residual", mma(128, 1, 8, 1, True), True),
+    # the SiLU-mul of w13's sums inside w2 (one row: made once, broadcast over the mma's 8 columns)
+    (1, 1536, 8960, "silu-x", mma(64, 35, 2), False), (1, 520, 896, "silu-x", mma(32, 5, 2, pf=3), False),
+    (8, 1536, 8960, "silu-x", mma(128, 18, 4), False), (13, 600, 768, "silu-x", mma(128, 2, 8), False),
 ]
 
 

@@ -24,13 +24,14 @@ from qconv.runtime.kernels.offline import (as_on_gpu, compile_sm90, hot_loop, in
 SHAPES = {"qkv": (2048, 1536), "o": (1536, 1536), "w13": (17920, 1536), "w2": (1536, 8960)}
 
 
-def gemv_role(role: str, rows: int, cfg: gemv_int4.GemvConfig | None = None):
+def gemv_role(role: str, rows: int, cfg: gemv_int4.GemvConfig | None = None, silu_x: bool = False):
     """The int4 GEMV launch of a decode role at ``rows`` rows, with ``cfg`` or TUNED's config as the runtime
-    takes it."""
+    takes it; ``silu_x``: w13 adds its K-slices into fp32 sums (no SiLU-mul) and w2 applies it to them."""
     N, K, G = *SHAPES[role], 128
-    epi = {"qkv": "residual" if rows > 1 else "store", "o": "residual", "w13": "silu", "w2": "residual"}[role]
-    pro = "rmsnorm" if role in ("qkv", "w13") and rows == 1 else "none"
-    x = torch.zeros(rows, K, dtype=torch.float32 if pro == "rmsnorm" else torch.float16)
+    epi = {"qkv": "residual" if rows > 1 else "store", "o": "residual", "w13": "residual" if silu_x else "silu",
+           "w2": "residual"}[role]
+    pro = "rmsnorm" if role in ("qkv", "w13") and rows == 1 else ("silu" if role == "w2" and silu_x else "none")
+    x = torch.zeros(rows, 2 * K if pro == "silu" else K, dtype=torch.float16 if pro == "none" else torch.float32)
     n_out = N // 2 if epi == "silu" else N
     out = torch.zeros(rows, n_out, dtype=torch.float32 if epi == "residual" else torch.float16)
     words = torch.zeros(N, K // 8, dtype=torch.int32)
@@ -41,13 +42,13 @@ def gemv_role(role: str, rows: int, cfg: gemv_int4.GemvConfig | None = None):
     if epi == "store":  # (one row's qkv: no split-K)
         cfg = dataclasses.replace(cfg, split_k=1)
     if cfg.mma:  # the GPU's path (w4_matmul takes the fallback for CPU tensors); its norm a separate kernel
-        if not cfg.fuse_norm:  # unless the config fuses it
+        if pro == "rmsnorm" and not cfg.fuse_norm:  # unless the config fuses it
             x = x.half()
             pro, nw = "none", None
         with as_on_gpu():
             return record(gemv_int4.mma_int4, "_w4_mma_kernel", lambda: gemv_int4.w4_matmul(
                 x, words, s, z, G, out, bias=bias, prologue=pro, norm_weight=nw, eps=1e-6, epilogue=epi,
-                config=cfg))
+                config=cfg, dtype=torch.float16))
     name = "_w4_tc_kernel" if cfg.tc else ("_w4_gemm_kernel" if cfg.dot else "_w4_gemv_kernel")
     return record(gemv_int4, name, lambda: gemv_int4.w4_matmul(x, words, s, z, G, out, bias=bias, prologue=pro,
                                                                norm_weight=nw, eps=1e-6, epilogue=epi, config=cfg))
@@ -71,6 +72,7 @@ MMA = {role: gemv_int4.GemvConfig(bn, split, warps, dot=True, mma=True)  # (benc
        for role, (bn, split, warps) in {"qkv": (64, 4, 4), "o": (64, 4, 4), "w13": (128, 1, 4), "w2": (64, 9, 4)}.items()}
 ROLES = {**{f"{r}x{m}": (lambda r=r, m=m: gemv_role(r, m)) for r in SHAPES for m in (1, 8)},
          **{f"{r}x{m}-mma": (lambda r=r, m=m: gemv_role(r, m, MMA[r])) for r in SHAPES for m in (1, 8, 16)},
+         **{f"{r}x{m}-silu": (lambda r=r, m=m: gemv_role(r, m, silu_x=True)) for r in ("w13", "w2") for m in (1, 8)},
          "attn-int8": lambda: attention_role(1, True), "attn-fp16": lambda: attention_role(1, False),
          "attn-int8-bn128": lambda: attention_role(1, True, 128, 8)}
 

@@ -48,7 +48,8 @@ class DecodeBuffers:
     qkv_acc: torch.Tensor  # fp32 [rows, (Hq + 2 Hkv) * D], zero between uses (split-K qkv sums)
     attn: torch.Tensor     # [rows, Hq * D]
     ffn: torch.Tensor      # [rows, inter]: silu(gate) * up, written by the w13 GEMV's epilogue
-    ffn_sums: tuple[torch.Tensor, torch.Tensor]  # w13 under split-K: fp32 sums [rows, 2 inter] and tile counters
+    ffn_sums: tuple[torch.Tensor, torch.Tensor]  # w13 under split-K: fp32 sums [rows, 2 inter] (w2 takes their
+    # SiLU-mul) and the tile counters of a SiLU-mul epilogue under split-K
     h: torch.Tensor        # [rows, hidden], the final norm's output
     logits: torch.Tensor   # [rows, vocab]
     next_tok: torch.Tensor  # int64 [rows]: greedy steps' argmax

@@ -111,27 +111,37 @@ class GpuLinear(nn.Module):
 
     def run(self, x: torch.Tensor, out: torch.Tensor, prologue: str = "none", norm_weight: torch.Tensor | None = None,
             eps: float = 0.0, epilogue: str = "store", sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """A decode step: out = h(x) W^T (+ b); out += h(x) W^T (``epilogue="residual"``, out fp32); or
-        out = silu(y[:, 0::2]) * y[:, 1::2] (``"silu"``, the pair-interleaved w13: out [M, N/2]; ``sums``: the
-        zeroed buffers a split-K config adds into, kernels/gemv_int4.sum_buffers)."""
+        """A decode step: out = h(x) W^T (+ b); out += h(x) W^T (``epilogue="residual"``, out fp32); out = h(x) W^T
+        in fp32 (``"accumulate"``: out is zeroed, by the norm kernel where one runs, and the K-slices add into it);
+        or out = silu(y[:, 0::2]) * y[:, 1::2] (``"silu"``, the pair-interleaved w13: out [M, N/2]; ``sums``: the
+        zeroed buffers a split-K config adds into, kernels/gemv_int4.sum_buffers). h = x, RMSNorm(x), or
+        (``prologue="silu"``) silu(x[:, 0::2]) * x[:, 1::2] of w13's accumulated fp32 sums."""
         fused = self.int4 and self.backend == "triton"
+        accumulate = epilogue == "accumulate"
+        epilogue = "residual" if accumulate else epilogue
         cfg = None
         if fused:
             cfg = self.config or default_config(x.shape[0], self.out_features, self.in_features, self.group,
                                                 epilogue, self.sms, prologue)
+        zeroed = False
         if prologue == "rmsnorm" and not (fused and (not cfg.dot or cfg.fuse_norm)):
             # a norm kernel first: for the other backends, and before the tl.dot kernels, where a plain GEMM after it
             # beats the GEMM's fused prologue (H100, M=8: w13 21.7 against 27.6 µs); the GEMV keeps its fused norm,
             # and so do configs that ask for it (fuse_norm)
-            x = rms_norm(x, norm_weight, eps, torch.empty(x.shape, device=x.device, dtype=self.dtype))
-            prologue = "none"
+            x = rms_norm(x, norm_weight, eps, torch.empty(x.shape, device=x.device, dtype=self.dtype),
+                         zero=out if accumulate else None)
+            prologue, zeroed = "none", accumulate
             if fused and self.config is None:
                 cfg = default_config(x.shape[0], self.out_features, self.in_features, self.group, epilogue, self.sms)
+        if accumulate and not zeroed:
+            out.zero_()
         if fused:
             w4_matmul(x, self.words, self.scales, self.zeros, self.group, out, bias=self.bias, prologue=prologue,
-                      norm_weight=norm_weight, eps=eps, epilogue=epilogue, config=cfg, sums=sums)
+                      norm_weight=norm_weight, eps=eps, epilogue=epilogue, config=cfg, sums=sums, dtype=self.dtype)
             return
         h = x
+        if prologue == "silu":
+            h = silu_mul(x, torch.empty(x.shape[0], self.in_features, device=x.device, dtype=self.dtype), pairs=True)
         if epilogue == "store" and not self.int4 and out.dtype == self.dtype:  # cuBLAS writes out directly
             if self.bias is None:
                 torch.mm(h, self.weight.t(), out=out)

@@ -14,6 +14,9 @@ captures it once per batch bucket. One row, or rows that are distinct sequences 
 FUSED_ATTENTION):
     qkv GEMV (RMSNorm fused) -> rope + cache write + attention splits (kernels/attention.py, fused) -> merge
     -> o GEMV (+= residual) -> w13 GEMV (RMSNorm fused, SiLU-mul epilogue) -> w2 GEMV (+= residual)
+A w13 that splits K (the mma kernel, after a norm kernel) adds its slices into fp32 sums instead, which the norm
+kernel zeroed, and w2 applies the SiLU-mul to them as it loads its input: a last slice that waits for the others
+(a fence, a counter, the sums read back) cost ~2.5 µs a layer at one row (H200).
 A qkv GEMM that splits K adds into an fp32 buffer that the fused kernel reads and the merge kernel zeroes.
 Rows that may share a cache row (a short prompt prefilled as one step): rope + cache write, attention splits
 and their merge are three kernels, so that every row's K/V is written before any row attends (the rope
@@ -49,6 +52,10 @@ FUSED_ATTENTION = "two"
 # merge, steps 899 / 1088 µs at 32 / 4160 tokens against 933 / 1175); block_n 32 was slower, 128 with 8 warps
 # took 1005 µs at 4160 against 1060 in one run (bench/gpu_runtime.py's variants sweep them)
 FUSED_ATTENTION_KW = {"block_n": 64, "num_warps": 8}
+# A w13 that splits K: its slices add into fp32 sums and w2 takes their SiLU-mul as it loads them (True), or the last
+# slice of each tile to finish applies it (False: a fence, a counter and the sums read back; H200, alone, w13 at one
+# row 9.27 against 6.81 µs adding only, eight rows 12.2 against 8.5; bench/experiments/layout_probe.py)
+SILU_IN_W2 = True
 
 
 def use_gpu_path(device: torch.device, dtype: torch.dtype, cfg: WorkspaceConfig) -> bool:
@@ -177,9 +184,15 @@ class GpuTransformer(nn.Module):
                 decode_attention(qkv, pos, slot, cache.k[i], cache.v[i], self.hq, attn, kvp[i], scratch=bufs.parts[b],
                                  splits=bufs.splits[b])
             blk.wo.run(attn, x, epilogue="residual")
-            blk.w13.run(x, ffn, prologue="rmsnorm", norm_weight=blk.ffn_norm, eps=self.eps, epilogue="silu",
-                        sums=bufs.ffn_sums)
-            blk.w2.run(ffn, x, epilogue="residual")
+            if SILU_IN_W2 and blk.w13.accumulates(b):  # w13's K-slices add into fp32 sums (zeroed by its norm
+                # kernel) and w2's kernel takes the SiLU-mul of them: no slice waits for the others
+                gu = bufs.ffn_sums[0][:b]
+                blk.w13.run(x, gu, prologue="rmsnorm", norm_weight=blk.ffn_norm, eps=self.eps, epilogue="accumulate")
+                blk.w2.run(gu, x, prologue="silu", epilogue="residual")
+            else:
+                blk.w13.run(x, ffn, prologue="rmsnorm", norm_weight=blk.ffn_norm, eps=self.eps, epilogue="silu",
+                            sums=bufs.ffn_sums)
+                blk.w2.run(ffn, x, epilogue="residual")
         if self.head is not None:  # final RMSNorm fused into the head's GEMV
             self.head.run(x, bufs.logits[:b], prologue="rmsnorm", norm_weight=self.norm, eps=self.eps)
             return

@@ -214,6 +214,35 @@ def test_mma_int4_split_silu_leaves_its_buffers_zero(split):
         assert (sums[0] == 0).all() and (sums[1] == 0).all()
 
 
+SILU_X_CASES = {  # w2 whose input is w13's fp32 sums: (rows, N, K, config)
+    "1-row-mma-split": (1, 160, 768, GemvConfig(64, 3, 2, dot=True, mma=True)),
+    "1-row-mma-pf3": (1, 96, 384, GemvConfig(32, 3, 2, dot=True, mma=True, pf=3)),
+    "5-rows-mma": (5, 128, 512, GemvConfig(128, 2, 8, dot=True, mma=True)),
+    "12-rows-mma": (12, 64, 256, GemvConfig(64, 1, 4, dot=True, mma=True)),
+    "1-row-gemv": (1, 64, 256, GemvConfig(8, 2, 1, dot=False)),
+}
+
+
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", SILU_X_CASES)
+def test_silu_prologue_takes_w13_sums(case, dt):
+    """prologue="silu": h = silu(gate) * up of w13's fp32 sums (gate n, up n at columns 2n, 2n + 1), rounded as
+    the dense model rounds F.silu(g) * u, then += h W^T into the residual. The mma kernel makes h as it loads its
+    input (one row: once, broadcast over its 8 columns); other kernels take a silu_mul kernel first."""
+    if dt == torch.bfloat16 and DEV == "cpu":
+        pytest.skip("bf16 tl.dot needs CUDA (the interpreter's is wrong)")
+    M, N, K, cfg = SILU_X_CASES[case]
+    words, s, z, W = int4_weight(N, K, 128 if cfg.dot else 64, seed=len(case) + 90)
+    sums = torch.randn(M, 2 * K, generator=gen(91)) * 3
+    h = (F.silu(sums[:, 0::2].to(dt)) * sums[:, 1::2].to(dt)).float()
+    want, out = expected_and_output(h @ W.t(), "residual", dt, seed=92)
+    w4_matmul(sums.to(DEV), words, s, z, 128 if cfg.dot else 64, out, prologue="silu", epilogue="residual",
+              config=cfg, dtype=dt)
+    assert rel(out.cpu(), want) < (3e-3 if dt == torch.float16 else 1.5e-2)
+    with pytest.raises(AssertionError, match="activation dtype"):
+        w4_matmul(sums.to(DEV), words, s, z, 128 if cfg.dot else 64, out, prologue="silu", epilogue="residual")
+
+
 def test_mma_config_falls_back_where_the_kernel_cannot_run():
     """group 64 (the mma kernel takes 128), or Triton's interpreter: the tensor-core kernel with the same outputs
     per program; a malformed mma tile is refused when the config is made."""
@@ -270,6 +299,11 @@ def test_rms_norm_and_silu_mul():
     w = (torch.rand(100, generator=gen(11)) + 0.5).half()
     out = rms_norm(x.to(DEV), w.to(DEV), 1e-5, torch.empty(3, 100, dtype=torch.float16, device=DEV))
     assert rel(out.cpu(), ref_rms_norm(x.half(), w, 1e-5)) < 2e-3
+    # the same launch zeroes the first rows of a buffer (w13's sums), in several programs' blocks
+    from qconv.runtime.kernels.norm import ZERO_BLOCK
+    zero = torch.ones(4, ZERO_BLOCK + 7, device=DEV)
+    again = rms_norm(x.to(DEV), w.to(DEV), 1e-5, torch.empty(3, 100, dtype=torch.float16, device=DEV), zero=zero)
+    assert torch.equal(again, out) and (zero[:3] == 0).all() and (zero[3] == 1).all()
     gu = torch.randn(3, 2 * 1500, generator=gen(12)).half()
     out = silu_mul(gu.to(DEV), torch.empty(3, 1500, dtype=torch.float16, device=DEV))
     assert rel(out.cpu(), F.silu(gu[:, :1500]) * gu[:, 1500:]) < 2e-3

@@ -92,6 +92,33 @@ def test_gpu_model_matches_cpu_runtime(w4kv):
     assert (gc.k[0][0, :, 25].cpu() == 0).all() and (gc.k[0][1, :, 25].cpu() != 0).any()
 
 
+def test_split_w13_hands_its_sums_to_w2(w4kv, monkeypatch):
+    """A w13 that splits K adds its slices into fp32 sums that its norm kernel zeroed, and w2 takes the SiLU-mul
+    of them: one-row and four-row decode steps still match the CPU runtime, step after step on the same sums."""
+    cpu = load_workspace(w4kv, "cpu", "float32", head="int8")
+    gpu = load_workspace(w4kv, str(DEV), "float16", gpu_path=True)
+    c, w13 = cpu.cfg, gpu.model.layers[0].w13
+    for bucket in (1, 16):
+        monkeypatch.setitem(gemv_int4.TUNED, (bucket, w13.out_features, w13.in_features), GemvConfig(32, 2))
+    assert w13.accumulates(1) and w13.accumulates(4)
+    cc = KVCache(c.num_layer, 4, c.kv_head_num, 64, c.size_per_head, torch.float32, cpu.device, cpu.kv_qparams)
+    gc = KVCache(c.num_layer, 4, c.kv_head_num, 64, c.size_per_head, torch.float16, gpu.device, gpu.kv_qparams)
+    x, pos = ids((4, 12), 40), torch.arange(12).expand(4, 12)
+    cpu.model(x, pos, cc)
+    gpu.model(x.to(DEV), pos.to(DEV), gc)
+    bufs = DecodeBuffers.allocate(gpu.cfg, torch.float16, DEV, [1, 4], 64)
+    nxt = torch.full((4,), 12)  # each row's next position
+    for step, rows in enumerate((1, 4, 1)):
+        tok, p = ids((rows,), 41 + step), nxt[:rows].clone()
+        want = cpu.model(tok[:, None], p[:, None], rows_view(cc, 0, rows), last_only=True)[:, -1]
+        bufs.idx[:, :rows] = torch.stack([tok, p, torch.arange(rows)]).to(DEV)
+        nxt[:rows] += 1
+        gpu.model.decode_step(bufs, rows, gc, distinct=True)
+        got = bufs.logits[:rows].cpu()
+        assert rel(got, want) < 5e-3 and torch.equal(got.argmax(-1), want.argmax(-1))
+    assert bufs.ffn_sums[0][:1].abs().sum() > 0  # the last step's sums, zeroed by the next step's norm kernel
+
+
 def stepwise(engine: Engine, prompt: list[int], n: int) -> list[int]:
     """n greedy tokens after ``prompt`` through the engine's prefill and one decode step at a time."""
     engine.reset()

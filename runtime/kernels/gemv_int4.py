@@ -40,6 +40,7 @@ import triton.language as tl
 
 from . import INTERPRET, pdl, rounding
 from .attention import _last_to_arrive
+from .norm import silu_mul
 
 try:  # Gluon (Triton 3.4 - 3.6): the mma.sync kernel; without it, or where its experimental API has moved (an
     # attribute or signature its module-level layouts and jits rely on), the tensor-core kernel takes its configs
@@ -48,7 +49,7 @@ try:  # Gluon (Triton 3.4 - 3.6): the mma.sync kernel; without it, or where its 
 except (ImportError, AttributeError, TypeError):
     HAVE_MMA = False
 
-PROLOGUES = {"none": 0, "rmsnorm": 1}
+PROLOGUES = {"none": 0, "rmsnorm": 1, "silu": 2}
 EPILOGUES = {"store": 0, "residual": 1, "silu": 2}
 
 
@@ -495,6 +496,11 @@ class GemvConfig:
 # then bench/gpu_graph_sweep.py --mma --quick --pf 1,3 --rows 1, raw gpu_graph_sweep_mma_pf_rows1_h200.json): o, w13
 # (its RMSNorm a kernel before it; inside the kernel it lost, 13.1 against 10.2 µs alone) and w2 on mma, the one-row
 # step 878.9 -> 805.7 µs. Alone: w2 7.0 -> 4.7 µs, o 3.5 -> 1.9, w13 with its norm kernel 10.9 -> 10.2; qkv stays.
+# H200, 2026-12-04 (eleventh sitting): w13's K-slices add into fp32 sums and w2 applies the SiLU-mul as it loads
+# them (gpu_model.SILU_IN_W2), the same configs: one-row step 794.0 -> 719.8 µs, eight rows 1078.6 -> 1015.1; then
+# w2 at eight rows with its weights 3 groups ahead, 987.3 (bench/gpu_graph_sweep.py --mma --quick --pf 1,3 --rows 1,8
+# --roles w13,w2 --silu-modes, raw gpu_graph_sweep_silu_w2_rows{1,8}_h200.json). w13 in 6 or 12 slices still
+# loses at one row (best 767 and 782 µs against 720).
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (1, 2048, 1536): GemvConfig(8, 1, 2, 1, False, 4),     # qkv
     (1, 1536, 1536): GemvConfig(64, 12, 4, dot=True, mma=True, pf=3),   # o
@@ -503,7 +509,7 @@ TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (16, 2048, 1536): GemvConfig(256, 8, 8, dot=True, mma=True),   # qkv (split-K sums read by the attention)
     (16, 1536, 1536): GemvConfig(64, 8, 4, dot=True, mma=True),    # o
     (16, 17920, 1536): GemvConfig(256, 3, 8, dot=True, mma=True),  # w13 (its RMSNorm a separate kernel)
-    (16, 1536, 8960): GemvConfig(128, 18, 4, dot=True, mma=True),  # w2
+    (16, 1536, 8960): GemvConfig(128, 18, 4, dot=True, mma=True, pf=3),  # w2 (SiLU-mul of w13's sums inside)
 }
 
 
@@ -553,27 +559,38 @@ def default_config(M: int, N: int, K: int, group: int, epilogue: str = "store", 
 def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
               out: torch.Tensor, bias: torch.Tensor | None = None, prologue: str = "none",
               norm_weight: torch.Tensor | None = None, eps: float = 0.0, epilogue: str = "store",
-              config: GemvConfig | None = None, sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              config: GemvConfig | None = None, sums: tuple[torch.Tensor, torch.Tensor] | None = None,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
     """out = h(x) W^T (+ bias); out += h(x) W^T (``epilogue="residual"``, out fp32); or out = silu(y[:, 0::2]) *
     y[:, 1::2] of y = h(x) W^T (``"silu"``: the pair-interleaved w13, out [M, N/2]). x: [M, K]; words: int32
-    [N, K/8] (convert/layout.pack_words). ``"silu"`` with split-K (the tensor-core kernel only) adds the slices'
-    sums into ``sums`` = (fp32 [>= M, N], int32 counters [>= one per tile]), both zero, and leaves them zero
-    (sum_buffers makes them; without, this call makes its own)."""
+    [N, K/8] (convert/layout.pack_words). h = x, RMSNorm(x) (``prologue="rmsnorm"``), or (``"silu"``) silu(x[:,
+    0::2]) * x[:, 1::2] of w13's fp32 sums x [M, 2 K], in the activation ``dtype`` (inside the mma kernel; a
+    silu_mul kernel first for the others). ``"silu"`` with split-K (the tensor-core kernels only) adds the
+    slices' sums into ``sums`` = (fp32 [>= M, N], int32 counters [>= one per tile]), both zero, and leaves them
+    zero (sum_buffers makes them; without, this call makes its own)."""
     N, K = words.shape[0], 8 * words.shape[1]
     M = x.shape[0]
     pro, epi = PROLOGUES[prologue], EPILOGUES[epilogue]
+    if pro == 2:
+        assert x.dim() == 2 and x.dtype == torch.float32 and x.shape[1] == 2 * K and x.stride(-1) == 1, \
+            f"silu prologue: x is w13's fp32 sums [M, {2 * K}], got {tuple(x.shape)} {x.dtype}"
+        assert dtype in (torch.float16, torch.bfloat16), "silu prologue: give the activation dtype"
+        cfg = config or default_config(M, N, K, group, epilogue)
+        if not (cfg.mma and mma_runs(x, group)):  # only the mma kernel applies it itself
+            h = silu_mul(x, torch.empty(M, K, device=x.device, dtype=dtype), pairs=True)
+            return w4_matmul(h, words, scales, zeros, group, out, bias, epilogue=epilogue, config=config, sums=sums)
     assert words.dtype == torch.int32 and words.stride(-1) == 1, "words: int32 [N, K/8] (pack_words), rows contiguous"
     assert scales.shape == zeros.shape == (N, K // group) and scales.stride() == zeros.stride() and scales.stride(-1) == 1
     assert zeros.dtype == torch.uint8, "zeros: uint8 [N, K/G]"
     assert group >= 32 and group & (group - 1) == 0 and K % group == 0, f"group {group}: a power of two >= 32 dividing K"
-    assert x.dim() == 2 and x.stride(-1) == 1 and x.shape[1] == K, f"x {tuple(x.shape)}, K={K}"
+    assert pro == 2 or (x.dim() == 2 and x.stride(-1) == 1 and x.shape[1] == K), f"x {tuple(x.shape)}, K={K}"
     n_out = N // 2 if epi == 2 else N
     assert out.dim() == 2 and out.shape == (M, n_out) and out.stride(-1) == 1, f"out {tuple(out.shape)} for [{M}, {n_out}]"
     assert epi != 1 or out.dtype == torch.float32, "the residual is float32"
     assert epi != 2 or (N % 2 == 0 and bias is None), "silu: gate/up pairs, no bias"
     assert pro != 1 or (norm_weight is not None and norm_weight.shape == (K,) and norm_weight.is_contiguous())
     assert bias is None or (bias.shape == (N,) and bias.is_contiguous())
-    act = out.dtype if epi != 1 else (x.dtype if pro != 1 else norm_weight.dtype)
+    act = dtype if pro == 2 else (out.dtype if epi != 1 else (x.dtype if pro != 1 else norm_weight.dtype))
     assert act in (torch.float16, torch.bfloat16), f"activations must be fp16 or bf16, got {act}"
     cfg = config or default_config(M, N, K, group, epilogue, prologue=prologue)
     if cfg.mma and not mma_runs(x, group):
@@ -598,7 +615,7 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
     if cfg.mma:
         mma_int4.launch(x, words, scales, zeros, group, out, bias, epi, cfg.split_k, cfg.num_warps, cfg.block_n,
                         act == torch.bfloat16, on, sums if split_silu else None,
-                        norm_weight if pro == 1 else None, eps, cfg.pf)
+                        norm_weight if pro == 1 else None, eps, cfg.pf, silu_x=pro == 2)
         return out
     weights = (words, scales, zeros, words.stride(0), scales.stride(0))
     if not (cfg.dot or cfg.tc):  # a program per ``rows`` rows and block of outputs (more rows re-read the weights)

@@ -116,9 +116,10 @@ def _nibble_pairs(w, j: ttgl.constexpr, MAGIC: ttgl.constexpr, ACT_BF16: ttgl.co
 
 
 @gluon.jit
-def _group(w_rows, z_rows, s_rows, g, WG: ttgl.constexpr):
-    """Group g's words [BN, 16] (the words layout), zeros and scales [BN]."""
-    return ttgl.load(w_rows + g * WG), ttgl.load(z_rows + g), ttgl.load(s_rows + g)
+def _group(w_rows, z_rows, s_rows, g, stride_g):
+    """Group g's words [BN, 16] (the words layout; stride_g words from one group of a row to the next), zeros and
+    scales [BN]."""
+    return ttgl.load(w_rows + g * stride_g), ttgl.load(z_rows + g), ttgl.load(s_rows + g)
 
 
 @gluon.jit
@@ -138,17 +139,48 @@ def _rstd(x_ptr, stride_xm, pid_m, M, K, eps, BM: ttgl.constexpr, W: ttgl.conste
 
 
 @gluon.jit
-def _w4_mma_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym,
+def _silu_x(x_ptr, stride_xm, pid_m, M, g, G: ttgl.constexpr, BM: ttgl.constexpr, W: ttgl.constexpr,
+            ONE_ROW: ttgl.constexpr, ACT_BF16: ttgl.constexpr, lx: ttgl.constexpr):
+    """x^T [G, BM] of group g (the layout lx) for a w2 whose input is w13's fp32 sums [M, 2 K] (gate n, up n at
+    columns 2n, 2n + 1): h = silu(gate) * up, rounded as rounding.silu_mul rounds. Each value is made once per
+    program in a compact layout (gate and up of a column are one 8-byte load), then moved into lx: one row is
+    made once and broadcast over the BM columns of x^T."""
+    dt: ttgl.constexpr = ttgl.bfloat16 if ACT_BF16 else ttgl.float16
+    if ONE_ROW:
+        SPT: ttgl.constexpr = G // (32 * W) if G >= 32 * W else 1
+        lc: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[SPT, 2], threads_per_warp=[32, 1],
+                                                warps_per_cta=[W, 1], order=[1, 0])
+        cols = g * G + ttgl.arange(0, G, layout=ttgl.SliceLayout(1, lc))
+        pair = ttgl.arange(0, 2, layout=ttgl.SliceLayout(0, lc))
+        gate, up = ttgl.split(ttgl.load(x_ptr + 2 * cols[:, None] + pair[None, :]))
+        h = ttgl.convert_layout(_silu_mul(gate, up, ACT_BF16).to(dt), ttgl.SliceLayout(1, lx))
+        return ttgl.expand_dims(h, 1).broadcast_to([G, BM])
+    else:
+        SPT3: ttgl.constexpr = G // (32 * W) if G >= 32 * W else 1
+        l3: ttgl.constexpr = ttgl.BlockedLayout(size_per_thread=[BM, SPT3, 2], threads_per_warp=[1, 32, 1],
+                                                warps_per_cta=[1, W, 1], order=[2, 1, 0])
+        rows = ttgl.minimum(pid_m * BM + ttgl.arange(0, BM, layout=ttgl.SliceLayout(1, ttgl.SliceLayout(2, l3))),
+                            M - 1)
+        cols = g * G + ttgl.arange(0, G, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(2, l3)))
+        pair = ttgl.arange(0, 2, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(1, l3)))
+        offs = (rows[:, None] * stride_xm + 2 * cols[None, :])[:, :, None] + pair[None, None, :]
+        gate, up = ttgl.split(ttgl.load(x_ptr + offs))  # [BM, G] each
+        return ttgl.convert_layout(ttgl.permute(_silu_mul(gate, up, ACT_BF16).to(dt), [1, 0]), lx)
+
+
+@gluon.jit
+def _w4_mma_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, b_ptr, y_ptr, stride_ym,
                    M, N, K, SPLIT_K, sa_ptr, stride_sa, cnt_ptr, G: ttgl.constexpr, PRO: ttgl.constexpr,
                    EPI: ttgl.constexpr, ATOMIC: ttgl.constexpr, HAS_BIAS: ttgl.constexpr, ACT_BF16: ttgl.constexpr,
                    W: ttgl.constexpr, R: ttgl.constexpr, BM: ttgl.constexpr, PF: ttgl.constexpr,
-                   K_POW2: ttgl.constexpr, SPLIT_SILU: ttgl.constexpr, PDL: ttgl.constexpr):
+                   K_POW2: ttgl.constexpr, SPLIT_SILU: ttgl.constexpr, ONE_ROW: ttgl.constexpr,
+                   PDL: ttgl.constexpr):
     """Program (n block, K-slice, m block): outputs BN = 16 W R, rows BM, the groups of its K-slice; each group's
     weights load PF groups ahead of their use (x, read by every program, comes from L1 / L2 in its group).
     PRO == 1: x is the fp32 residual and h = RMSNorm(x): rstd of each row first (the whole row, from L2), then
-    h = weight * (x * rstd) per group, rounded to the activation dtype as runtime/model.py rounds."""
+    h = weight * (x * rstd) per group, rounded to the activation dtype as runtime/model.py rounds. PRO == 2: x is
+    w13's fp32 sums [M, 2 K] and h = silu(gate) * up per group (_silu_x)."""
     BN: ttgl.constexpr = 16 * W * R
-    WG: ttgl.constexpr = G // 8
     mma: ttgl.constexpr = _mma(W)
     la: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     lb: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
@@ -174,13 +206,13 @@ def _w4_mma_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w,
     x_rows = x_ptr + rm_x[None, :] * stride_xm + ttgl.arange(0, G, layout=ttgl.SliceLayout(1, lx))[:, None]
     # the first PF groups' weights do not depend on the previous kernel: with PDL they load before waiting for it
     g_last = ttgl.maximum(g_hi - 1, 0)  # (a slice past the last group has none and stores zeros)
-    wm, zq, sc = _group(w_rows, z_rows, s_rows, ttgl.minimum(g_lo, g_last), WG)
+    wm, zq, sc = _group(w_rows, z_rows, s_rows, ttgl.minimum(g_lo, g_last), stride_g)
     wm1, zq1, sc1 = wm, zq, sc
     wm2, zq2, sc2 = wm, zq, sc
     if PF >= 2:
-        wm1, zq1, sc1 = _group(w_rows, z_rows, s_rows, ttgl.minimum(g_lo + 1, g_last), WG)
+        wm1, zq1, sc1 = _group(w_rows, z_rows, s_rows, ttgl.minimum(g_lo + 1, g_last), stride_g)
     if PF >= 3:
-        wm2, zq2, sc2 = _group(w_rows, z_rows, s_rows, ttgl.minimum(g_lo + 2, g_last), WG)
+        wm2, zq2, sc2 = _group(w_rows, z_rows, s_rows, ttgl.minimum(g_lo + 2, g_last), stride_g)
     if PDL:
         tl.extra.cuda.gdc_wait()
     if PRO == 1:
@@ -189,8 +221,11 @@ def _w4_mma_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w,
     total = ttgl.zeros([BN, BM], ttgl.float32, mma)
     for g in range(g_lo, g_hi):
         # the weights PF groups on, loading while this group's arithmetic runs (past the slice: its last again)
-        wm_n, zq_n, sc_n = _group(w_rows, z_rows, s_rows, ttgl.minimum(g + PF, g_last), WG)
-        xg = ttgl.load(x_rows + g * G)  # x is read by every program: from L1 / L2
+        wm_n, zq_n, sc_n = _group(w_rows, z_rows, s_rows, ttgl.minimum(g + PF, g_last), stride_g)
+        if PRO == 2:  # SiLU-mul of w13's sums (read by every program: from L2)
+            xg = _silu_x(x_ptr, stride_xm, pid_m, M, g, G, BM, W, ONE_ROW, ACT_BF16, lx)
+        else:
+            xg = ttgl.load(x_rows + g * G)  # x is read by every program: from L1 / L2
         if PRO == 1:
             nwg = ttgl.load(nw_cols + g * G).to(ttgl.float32)
             xg = _act(_act(xg * rstd[None, :], ACT_BF16) * nwg[:, None], ACT_BF16).to(dt)
@@ -251,11 +286,17 @@ def _silu_store(t, y_ptr, stride_ym, rm, rn, mask, BM: ttgl.constexpr, BN: ttgl.
 
 
 def launch(x, words, scales, zeros, group: int, out, bias, epi: int, split_k: int, warps: int, block_n: int,
-           act_bf16: bool, on: bool, sums=None, norm_weight=None, eps: float = 0.0, pf: int = 1) -> None:
+           act_bf16: bool, on: bool, sums=None, norm_weight=None, eps: float = 0.0, pf: int = 1,
+           silu_x: bool = False) -> None:
     """The kernel for gemv_int4.w4_matmul, which has checked the shapes: BM = 8 or 16 rows per program (more rows:
     more programs along the grid's third axis), block_n = 16 * warps * R outputs, the weights pf groups ahead;
-    with norm_weight, x is the fp32 residual and the kernel applies the RMSNorm."""
-    M, N, K = x.shape[0], words.shape[0], 8 * words.shape[1]
+    with norm_weight, x is the fp32 residual and the kernel applies the RMSNorm; with silu_x, x is w13's fp32 sums
+    [M, 2 K] and the kernel applies the SiLU-mul."""
+    if words.dim() == 3:  # group-major [K / G, N, G / 8]: each group of all rows contiguous
+        N, K, stride_w, stride_g = words.shape[1], group * words.shape[0], words.stride(1), words.stride(0)
+    else:                 # row-major [N, K / 8]
+        N, K, stride_w, stride_g = words.shape[0], 8 * words.shape[1], words.stride(0), group // 8
+    M = x.shape[0]
     R = block_n // (16 * warps)
     assert group == 128 and R in (1, 2, 4, 8) and block_n == 16 * warps * R, f"group {group}, block_n {block_n}"
     assert pf in (1, 2, 3), f"pf={pf}: the weights load 1 to 3 groups ahead"
@@ -263,8 +304,9 @@ def launch(x, words, scales, zeros, group: int, out, bias, epi: int, split_k: in
     grid = (-(-N // block_n), split_k, -(-M // bm))
     acc, cnt = sums if sums is not None else (out, out)
     _w4_mma_kernel[grid](x, x.stride(0), norm_weight if norm_weight is not None else scales, eps, words, scales, zeros,
-                         words.stride(0), scales.stride(0), bias if bias is not None else scales, out, out.stride(0),
-                         M, N, K, split_k, acc, acc.stride(0), cnt, G=group, PRO=int(norm_weight is not None), EPI=epi,
-                         ATOMIC=split_k > 1, HAS_BIAS=bias is not None, ACT_BF16=act_bf16, W=warps, R=R, BM=bm, PF=pf,
-                         K_POW2=1 << (K - 1).bit_length(), SPLIT_SILU=epi == 2 and split_k > 1, PDL=on,
-                         num_warps=warps, launch_pdl=on)
+                         stride_w, stride_g, scales.stride(0), bias if bias is not None else scales, out, out.stride(0),
+                         M, N, K, split_k, acc, acc.stride(0), cnt, G=group,
+                         PRO=2 if silu_x else int(norm_weight is not None), EPI=epi, ATOMIC=split_k > 1,
+                         HAS_BIAS=bias is not None, ACT_BF16=act_bf16, W=warps, R=R, BM=bm, PF=pf,
+                         K_POW2=1 << (K - 1).bit_length(), SPLIT_SILU=epi == 2 and split_k > 1, ONE_ROW=M == 1,
+                         PDL=on, num_warps=warps, launch_pdl=on)
