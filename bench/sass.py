@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from qconv.convert.layout import group_major
 from qconv.runtime.kernels import attention, gemv_int4
 from qconv.runtime.kernels.offline import (as_on_gpu, compile_sm90, hot_loop, instructions, opcode, record,
                                            resources)
@@ -34,7 +35,7 @@ def gemv_role(role: str, rows: int, cfg: gemv_int4.GemvConfig | None = None, sil
     x = torch.zeros(rows, 2 * K if pro == "silu" else K, dtype=torch.float16 if pro == "none" else torch.float32)
     n_out = N // 2 if epi == "silu" else N
     out = torch.zeros(rows, n_out, dtype=torch.float32 if epi == "residual" else torch.float16)
-    words = torch.zeros(N, K // 8, dtype=torch.int32)
+    words = group_major(torch.zeros(N, K // 8, dtype=torch.int32), G)  # the runtime's layout
     s, z = torch.zeros(N, K // G, dtype=torch.float16), torch.zeros(N, K // G, dtype=torch.uint8)
     nw = torch.ones(K, dtype=torch.float16) if pro == "rmsnorm" else None
     bias = torch.zeros(N, dtype=torch.float16) if role == "qkv" and rows == 1 else None

@@ -109,6 +109,31 @@ def unpack_words(words: torch.Tensor, group: int) -> torch.Tensor:
     return ((w >> shifts) & 0xF).reshape(out_f, n * 8)
 
 
+def group_major(words: torch.Tensor, group: int) -> torch.Tensor:
+    """Row-major words [out, in/8] -> group-major [in/g, out, g/8]: one group of every row contiguous, so a GPU
+    program's rows of one group are one stretch of memory rather than 2g/8-byte pieces a row apart (the GPU
+    runtime's layout; H200, mma kernel alone: 7-12% faster, bench/experiments/layout_probe.py)."""
+    out_f, n = words.shape
+    return words.reshape(out_f, n * 8 // group, group // 8).transpose(0, 1).contiguous()
+
+
+def rows_major(words: torch.Tensor) -> torch.Tensor:
+    """Either layout of words -> row-major [out, in/8] (``pack_words``'s)."""
+    return words if words.dim() == 2 else words.transpose(0, 1).reshape(words.shape[1], -1)
+
+
+def word_strides(words: torch.Tensor, group: int) -> tuple[int, int, int, int]:
+    """(N, K, words from one row to the next, words from one group of a row to the next) of int32 words in
+    either layout: rows [N, K/8] (pack_words) or group-major [K/G, N, G/8] (group_major,
+    the runtime's: a group of all rows is contiguous)."""
+    assert words.dtype == torch.int32 and words.stride(-1) == 1, "words: int32 (pack_words)"
+    if words.dim() == 3:
+        assert words.shape[2] == group // 8, f"group-major words [K/G, N, G/8], group {group}: {tuple(words.shape)}"
+        return words.shape[1], group * words.shape[0], words.stride(1), words.stride(0)
+    assert words.dim() == 2, f"words: [N, K/8] or [K/G, N, G/8], got {tuple(words.shape)}"
+    return words.shape[0], 8 * words.shape[1], words.stride(0), group // 8
+
+
 def interleave_pairs(w: torch.Tensor | QuantLinear) -> torch.Tensor | QuantLinear:
     """gate | up fused along out [2I, ...] -> rows 2n = gate n, 2n + 1 = up n: the order the GPU kernels'
     SiLU-mul epilogue reads (runtime/kernels/gemv_int4.py, norm.silu_mul with pairs=True)."""

@@ -1,5 +1,5 @@
-"""Linears of the GPU path: int4 codes as int32 words (convert/layout.pack_words, built at load from the
-workspace's uint8 codes), or a dense weight. w13 arrives with gate/up rows interleaved in pairs
+"""Linears of the GPU path: int4 codes as int32 words (convert/layout.pack_words, then group_major: built at load
+from the workspace's uint8 codes), or a dense weight. w13 arrives with gate/up rows interleaved in pairs
 (convert/layout.interleave_pairs, done by the loader), so its outputs are pairs too.
 
     lin(x)                       any number of rows (prefill): int4 is dequantized into a scratch buffer
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert.layout import QuantLinear, pack_int4, pack_words, unpack_int4, unpack_words
+from ..convert.layout import QuantLinear, group_major, pack_int4, pack_words, rows_major, unpack_int4, unpack_words
 from .kernels.gemm_int8 import w8_matmul
 from .kernels.gemv_int4 import TUNED, GemvConfig, default_config, w4_dequantize, w4_matmul
 from .kernels.norm import rms_norm, silu_mul
@@ -53,7 +53,8 @@ class GpuLinear(nn.Module):
         super().__init__()
         self.dtype, self.scratch, self.sms = dtype, scratch, sms
         self.bias = None if bias is None else nn.Parameter(bias.to(device, dtype), requires_grad=False)
-        for name in ("words", "scales", "zeros"):  # int4: words int32 [N, K/8], scales fp16 / zeros uint8 [N, K/G]
+        for name in ("words", "scales", "zeros"):  # int4: words int32 [K/G, N, G/8] (group-major), scales fp16 /
+            # zeros uint8 [N, K/G]
             self.register_buffer(name, None)
         self.weight = None                          # dense: [N, K] in the compute dtype
         out_f, in_f = (w.codes if isinstance(w, QuantLinear) else w).shape
@@ -61,7 +62,7 @@ class GpuLinear(nn.Module):
         group = in_f // w.scale.shape[1] if isinstance(w, QuantLinear) else 0
         if int4 and isinstance(w, QuantLinear) and fits_int4_kernel(w):
             self.group = group
-            self.words = pack_words(w.codes.to(device), group)
+            self.words = group_major(pack_words(w.codes.to(device), group), group)
             self.scales = w.scale.to(device, torch.float16)
             self.zeros = w.zero.round().to(device, torch.uint8)
             self.backend = DECODE_BACKEND["int4"]
@@ -172,7 +173,7 @@ class GpuLinear(nn.Module):
     def tinygemm(self, swap_nibbles: bool = True, inner_k_tiles: int | None = None):
         """(packed, scales_and_zeros) for torch.ops.aten._weight_int4pack_mm, built once."""
         if self._tiny is None:
-            codes = pack_int4(unpack_words(self.words, self.group))
+            codes = pack_int4(unpack_words(rows_major(self.words), self.group))
             self._tiny = tinygemm_pack(codes, self.scales, self.zeros, swap_nibbles, inner_k_tiles)
         return self._tiny
 

@@ -114,6 +114,27 @@ def test_int4_matmul_matches_dequantized_weights(case, kernel):
     assert rel(out.cpu(), want) < 3e-3
 
 
+@pytest.mark.parametrize("cfg", [GemvConfig(8, 2, 1, v=4, dot=False), GemvConfig(32, 2), GemvConfig(64, 3, tc=True, pf=2),
+                                 GemvConfig(64, 3, 2, dot=True, mma=True, pf=3)], ids=["gemv", "gemm", "tc", "mma"])
+def test_group_major_words_give_the_same_products(cfg):
+    """The runtime's group-major words [K/G, N, G/8] (convert/layout.group_major) and pack_words' rows [N, K/8]:
+    every kernel reads them through its row and group strides, to the same sums; dequantize too."""
+    from qconv.convert.layout import group_major, rows_major, word_strides
+    words, s, z, W = int4_weight(72, 768, 128, seed=95)
+    gm = group_major(words, 128)
+    assert gm.shape == (6, 72, 16) and torch.equal(rows_major(gm), words)
+    assert word_strides(gm, 128) == (72, 768, 16, 72 * 16) and word_strides(words, 128) == (72, 768, 96, 16)
+    x = torch.randn(3 if cfg.dot else 1, 768, generator=gen(96)).half().to(DEV)
+    outs = []
+    for w in (words, gm):
+        out = torch.zeros(x.shape[0], 72, device=DEV)
+        w4_matmul(x, w, s, z, 128, out, epilogue="residual", config=cfg)
+        outs.append(out.cpu())
+    assert rel(outs[1], outs[0]) < 1e-6 and rel(outs[0], x.float().cpu() @ W.t()) < 3e-3
+    out = torch.empty(72, 768, dtype=torch.float16, device=DEV)
+    assert torch.equal(w4_dequantize(gm, s, z, 128, out).cpu(), W.half())
+
+
 @pytest.mark.parametrize("split", [2, 4])  # 6 groups: slices of 3; of 2, the fourth empty
 def test_split_k_silu_epilogue_merges_in_the_last_slice(split):
     """w13 under split-K (tensor-core kernel): each K-slice adds into fp32 sums, the last slice of a tile to

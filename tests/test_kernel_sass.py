@@ -20,12 +20,13 @@ from qconv.runtime.kernels.gemv_int4 import GemvConfig  # noqa: E402
 
 _BUILD = """
 import json, sys, torch
+from qconv.convert.layout import group_major
 from qconv.runtime.kernels import gemv_int4, offline
 from qconv.runtime.kernels.gemv_int4 import GemvConfig, w4_matmul
 M, N, K, epilogue, cfg = sys.argv[1:]
 M, N, K, cfg = int(M), int(N), int(K), GemvConfig(**json.loads(cfg))
 x = torch.zeros(M, K, dtype=torch.float16)
-words = torch.zeros(N, K // 8, dtype=torch.int32)
+words = group_major(torch.zeros(N, K // 8, dtype=torch.int32), 128)  # the runtime's layout
 s, z = torch.zeros(N, K // 128, dtype=torch.float16), torch.zeros(N, K // 128, dtype=torch.uint8)
 out = torch.zeros(M, N // 2 if epilogue == "silu" else N, dtype=torch.float32 if epilogue == "residual" else torch.float16)
 with offline.as_on_gpu():  # the GPU's path, not the CPU's fallback

@@ -1,8 +1,9 @@
 """int4 weights times a few rows (decode), and the whole weight dequantized (prefill).
 
 Device layout of the codes ("words", built once at load by convert/layout.pack_words from the workspace's
-uint8 codes): int32 [N, K/8]; word w (0 .. WG-1, WG = G/8) of group g of a row holds in bits 4i .. 4i+3 the
-code of column g*G + i*WG + w. So the columns of one nibble position i are contiguous (x for them is one
+uint8 codes): int32 [N, K/8], stored group-major [K/G, N, G/8] by the runtime (convert/layout.group_major: one
+group of all rows contiguous; every kernel takes either layout through its row and group strides); word w
+(0 .. WG-1, WG = G/8) of group g of a row holds in bits 4i .. 4i+3 the code of column g*G + i*WG + w. So the columns of one nibble position i are contiguous (x for them is one
 vector load), and ``(word & 0xF << 4i) | (150 - 4i) << 23`` is exactly the float 2^(23-4i) + q: one LOP3,
 then a constant subtraction, with no int-to-float conversion (I2F runs at 16/clk/SM and capped the byte
 layout's kernel near 1 TB/s). scales fp16 [N, K/G], zeros uint8 [N, K/G]; w = (q - z) * s.
@@ -41,6 +42,7 @@ import triton.language as tl
 from . import INTERPRET, pdl, rounding
 from .attention import _last_to_arrive
 from .norm import silu_mul
+from ...convert.layout import word_strides
 
 try:  # Gluon (Triton 3.4 - 3.6): the mma.sync kernel; without it, or where its experimental API has moved (an
     # attribute or signature its module-level layouts and jits rely on), the tensor-core kernel takes its configs
@@ -91,10 +93,11 @@ def _codes(words, i: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _words_group(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g, G: tl.constexpr):
+def _words_group(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, rn, n_ok, g, G: tl.constexpr):
     """Group g of rows rn: words int32 [BLOCK_N, G/8], scales fp16 and zeros uint8 [BLOCK_N]."""
     WG: tl.constexpr = G // 8
-    w = tl.load(w_ptr + rn[:, None] * stride_w + (g * WG + tl.arange(0, WG))[None, :], mask=n_ok[:, None], other=0)
+    w = tl.load(w_ptr + rn[:, None] * stride_w + g * stride_g + tl.arange(0, WG)[None, :], mask=n_ok[:, None],
+                other=0)
     s = tl.load(s_ptr + rn * stride_s + g, mask=n_ok, other=0.0)
     z = tl.load(z_ptr + rn * stride_s + g, mask=n_ok, other=0)
     return w, s, z
@@ -180,8 +183,8 @@ def _epilogue(acc, y_ptr, stride_ym, rm, m_ok, b_ptr, rn, n_ok, pid_k, EPI: tl.c
 
 
 @triton.jit
-def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym,
-                    M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr, ATOMIC: tl.constexpr,
+def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, b_ptr, y_ptr,
+                    stride_ym, M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr, ATOMIC: tl.constexpr,
                     HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, V: tl.constexpr,
                     C: tl.constexpr, ROWS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """Rows ROWS * program_id(2) .. + ROWS - 1; C = 32 * num_warps. The codes of a step are made once for the
@@ -207,7 +210,7 @@ def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
     # the first step's weights do not depend on the previous kernel: load them before waiting for it
     g = g_lo + c // TPG
     c_ok = g < g_hi
-    w = tl.load(w_rows + (g * WG)[:, None, None], mask=c_ok[:, None, None] & n_ok[None, :, None], other=0)
+    w = tl.load(w_rows + (g * stride_g)[:, None, None], mask=c_ok[:, None, None] & n_ok[None, :, None], other=0)
     sc = tl.load(s_ptr + s_rows + g[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
     zp = tl.load(z_ptr + s_rows + g[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0)
     if PDL:
@@ -217,7 +220,8 @@ def _w4_gemv_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
     for g0 in range(g_lo, g_hi, GPS):
         gn = g + GPS                                                    # the next step's weights, loading now
         gn_ok = gn < g_hi
-        w_n = tl.load(w_rows + (gn * WG)[:, None, None], mask=gn_ok[:, None, None] & n_ok[None, :, None], other=0)
+        w_n = tl.load(w_rows + (gn * stride_g)[:, None, None], mask=gn_ok[:, None, None] & n_ok[None, :, None],
+                      other=0)
         sc_n = tl.load(s_ptr + s_rows + gn[:, None], mask=gn_ok[:, None] & n_ok[None, :], other=0.0)
         zp_n = tl.load(z_ptr + s_rows + gn[:, None], mask=gn_ok[:, None] & n_ok[None, :], other=0)
         p = tl.zeros([ROWS, C, BLOCK_N, V], tl.float32)
@@ -248,8 +252,8 @@ def _tile(x_ptr, stride_xm, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym,
-                    M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr,
+def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, b_ptr, y_ptr,
+                    stride_ym, M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr,
                     ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, K_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     if PDL:
@@ -263,7 +267,7 @@ def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
     g_lo, g_hi = _slice(K, SPLIT_K, pid_k, G)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for g in range(g_lo, g_hi):
-        w, s, z = _words_group(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g, G)
+        w, s, z = _words_group(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, rn, n_ok, g, G)
         q = _group_codes(w)                                         # [BN, G]
         x = _input(x_rows, (g * G + tl.arange(0, G))[None, :], m_ok[:, None], K, rstd, nw_ptr, PRO, ACT_BF16)
         if ACT_BF16:  # w = (q - z) * s, rounded once
@@ -316,11 +320,13 @@ def _tc_cols(GPI: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
-def _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g, g_hi, GPI: tl.constexpr, G: tl.constexpr):
+def _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, rn,
+                                n_ok, g, g_hi, GPI: tl.constexpr,
+                G: tl.constexpr):
     """Groups g .. g+GPI-1 (those < g_hi) of rows rn: words [BN, GPI*WG], scales and zeros [BN, GPI]."""
     WG: tl.constexpr = G // 8
     wi = tl.arange(0, GPI * WG)
-    w = tl.load(w_ptr + rn[:, None] * stride_w + (g * WG + wi)[None, :],
+    w = tl.load(w_ptr + rn[:, None] * stride_w + ((g + wi // WG) * stride_g + wi % WG)[None, :],
                 mask=n_ok[:, None] & (g + wi // WG < g_hi)[None, :], other=0)
     gi = g + tl.arange(0, GPI)
     ok = n_ok[:, None] & (gi < g_hi)[None, :]
@@ -355,8 +361,8 @@ def _tc_x(x_rows, m_ok, nw_ptr, g, g_hi, PRO: tl.constexpr, GPI: tl.constexpr, G
 
 
 @triton.jit
-def _w4_tc_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_s, b_ptr, y_ptr, stride_ym,
-                  M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr, ATOMIC: tl.constexpr,
+def _w4_tc_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, b_ptr, y_ptr,
+                  stride_ym, M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr, ATOMIC: tl.constexpr,
                   HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   K_POW2: tl.constexpr, CHUNK: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
                   GPI: tl.constexpr = 1, XVEC: tl.constexpr = False, PF: tl.constexpr = 1, sa_ptr=None, stride_sa=0,
@@ -373,13 +379,16 @@ def _w4_tc_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, 
     rn, n_ok, rm, m_ok, x_rows = _tile(x_ptr, stride_xm, M, N, BLOCK_M, BLOCK_N)
     g_lo, g_hi = _slice(K, SPLIT_K, pid_k, G)
     # the first weights do not depend on the previous kernel: with PDL they load before waiting for it
-    w, s, z = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g_lo, g_hi, GPI, G)
+    w, s, z = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, rn,
+                                n_ok, g_lo, g_hi, GPI, G)
     w1, s1, z1 = w, s, z
     w2, s2, z2 = w, s, z
     if PF >= 2:
-        w1, s1, z1 = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g_lo + GPI, g_hi, GPI, G)
+        w1, s1, z1 = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, rn,
+                                n_ok, g_lo + GPI, g_hi, GPI, G)
     if PF >= 3:
-        w2, s2, z2 = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g_lo + 2 * GPI, g_hi, GPI, G)
+        w2, s2, z2 = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, rn,
+                                n_ok, g_lo + 2 * GPI, g_hi, GPI, G)
     if PDL:
         tl.extra.cuda.gdc_wait()
     rstd = tl.full([BLOCK_M, 1], 1.0, tl.float32)
@@ -388,7 +397,8 @@ def _w4_tc_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, 
     x, nw = _tc_x(x_rows, m_ok[:, None], nw_ptr, g_lo, g_hi, PRO, GPI, G, XVEC)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for g in range(g_lo, g_hi, GPI):
-        w_n, s_n, z_n = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g + PF * GPI, g_hi, GPI, G)
+        w_n, s_n, z_n = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, rn,
+                                n_ok, g + PF * GPI, g_hi, GPI, G)
         x_n, nw_n = _tc_x(x_rows, m_ok[:, None], nw_ptr, g + GPI, g_hi, PRO, GPI, G, XVEC)
         h = _halves(w, ASM)                                                     # [BN, GPI*G] fp16 1024 + q
         zh = _f16_1024(z)                                                       # 1024 + z  [BN, GPI]
@@ -432,12 +442,12 @@ def _silu_last_slice(acc, sa_ptr, stride_sa, cnt_ptr, SPLIT_K, y_ptr, stride_ym,
 
 
 @triton.jit
-def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, stride_w, stride_s, out_ptr, stride_o, N, G: tl.constexpr,
+def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, out_ptr, stride_o, N, G: tl.constexpr,
                        BLOCK_N: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(1)
     n_ok = rn < N
-    w, s, z = _words_group(w_ptr, s_ptr, z_ptr, stride_w, stride_s, rn, n_ok, g, G)
+    w, s, z = _words_group(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, rn, n_ok, g, G)
     for i in tl.static_range(8):
         wd = (_nibbles(w, i) - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]  # [BN, G/8]
         kk = g * G + i * (G // 8) + tl.arange(0, G // 8)
@@ -568,7 +578,7 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
     silu_mul kernel first for the others). ``"silu"`` with split-K (the tensor-core kernels only) adds the
     slices' sums into ``sums`` = (fp32 [>= M, N], int32 counters [>= one per tile]), both zero, and leaves them
     zero (sum_buffers makes them; without, this call makes its own)."""
-    N, K = words.shape[0], 8 * words.shape[1]
+    N, K, stride_w, stride_g = word_strides(words, group)
     M = x.shape[0]
     pro, epi = PROLOGUES[prologue], EPILOGUES[epilogue]
     if pro == 2:
@@ -579,7 +589,6 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
         if not (cfg.mma and mma_runs(x, group)):  # only the mma kernel applies it itself
             h = silu_mul(x, torch.empty(M, K, device=x.device, dtype=dtype), pairs=True)
             return w4_matmul(h, words, scales, zeros, group, out, bias, epilogue=epilogue, config=config, sums=sums)
-    assert words.dtype == torch.int32 and words.stride(-1) == 1, "words: int32 [N, K/8] (pack_words), rows contiguous"
     assert scales.shape == zeros.shape == (N, K // group) and scales.stride() == zeros.stride() and scales.stride(-1) == 1
     assert zeros.dtype == torch.uint8, "zeros: uint8 [N, K/G]"
     assert group >= 32 and group & (group - 1) == 0 and K % group == 0, f"group {group}: a power of two >= 32 dividing K"
@@ -617,7 +626,7 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
                         act == torch.bfloat16, on, sums if split_silu else None,
                         norm_weight if pro == 1 else None, eps, cfg.pf, silu_x=pro == 2)
         return out
-    weights = (words, scales, zeros, words.stride(0), scales.stride(0))
+    weights = (words, scales, zeros, stride_w, stride_g, scales.stride(0))
     if not (cfg.dot or cfg.tc):  # a program per ``rows`` rows and block of outputs (more rows re-read the weights)
         assert pro != 1 or cfg.split_k == 1, "_gemv with RMSNorm: the norm is applied at the end, no split-K"
         assert (group // 8) % cfg.v == 0 and (32 * cfg.num_warps) % (group // 8 // cfg.v) == 0, f"v={cfg.v}, group {group}"
@@ -655,11 +664,12 @@ def sum_buffers(rows: int, n: int, device, min_block_n: int = 16) -> tuple[torch
 def w4_dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
                   out: torch.Tensor) -> torch.Tensor:
     """out [N, K] = (q - z) * s in out's dtype (prefill: then a dense matmul)."""
-    N, K = words.shape[0], 8 * words.shape[1]
-    assert words.dtype == torch.int32 and words.stride(-1) == 1 and scales.stride() == zeros.stride()
+    N, K, stride_w, stride_g = word_strides(words, group)
+    assert scales.stride() == zeros.stride()
     assert group >= 32 and group & (group - 1) == 0 and K % group == 0, f"group {group}: a power of two >= 32 dividing K"
     assert out.shape == (N, K) and out.stride(-1) == 1
     block_n = 32
-    _w4_dequant_kernel[(triton.cdiv(N, block_n), K // group)](words, scales, zeros, words.stride(0), scales.stride(0),
-                                                              out, out.stride(0), N, G=group, BLOCK_N=block_n)
+    _w4_dequant_kernel[(triton.cdiv(N, block_n), K // group)](words, scales, zeros, stride_w, stride_g,
+                                                              scales.stride(0), out, out.stride(0), N, G=group,
+                                                              BLOCK_N=block_n)
     return out

@@ -35,6 +35,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as ttgl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from ...convert.layout import word_strides
 from . import rounding
 from .attention import last_to_arrive
 
@@ -292,10 +293,7 @@ def launch(x, words, scales, zeros, group: int, out, bias, epi: int, split_k: in
     more programs along the grid's third axis), block_n = 16 * warps * R outputs, the weights pf groups ahead;
     with norm_weight, x is the fp32 residual and the kernel applies the RMSNorm; with silu_x, x is w13's fp32 sums
     [M, 2 K] and the kernel applies the SiLU-mul."""
-    if words.dim() == 3:  # group-major [K / G, N, G / 8]: each group of all rows contiguous
-        N, K, stride_w, stride_g = words.shape[1], group * words.shape[0], words.stride(1), words.stride(0)
-    else:                 # row-major [N, K / 8]
-        N, K, stride_w, stride_g = words.shape[0], 8 * words.shape[1], words.stride(0), group // 8
+    N, K, stride_w, stride_g = word_strides(words, group)  # row-major or group-major words
     M = x.shape[0]
     R = block_n // (16 * warps)
     assert group == 128 and R in (1, 2, 4, 8) and block_n == 16 * warps * R, f"group {group}, block_n {block_n}"
