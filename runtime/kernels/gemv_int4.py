@@ -516,8 +516,8 @@ TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (1, 1536, 1536): GemvConfig(64, 12, 4, dot=True, mma=True, pf=3),   # o
     (1, 17920, 1536): GemvConfig(128, 4, 4, dot=True, mma=True),        # w13 (its RMSNorm a separate kernel)
     (1, 1536, 8960): GemvConfig(64, 35, 2, dot=True, mma=True),         # w2
-    (16, 2048, 1536): GemvConfig(256, 8, 8, dot=True, mma=True),   # qkv (split-K sums read by the attention)
-    (16, 1536, 1536): GemvConfig(64, 8, 4, dot=True, mma=True),    # o
+    (16, 2048, 1536): GemvConfig(256, 12, 8, dot=True, mma=True),  # qkv (split-K sums read by the attention)
+    (16, 1536, 1536): GemvConfig(128, 8, 4, dot=True, mma=True, pf=3),  # o
     (16, 17920, 1536): GemvConfig(256, 3, 8, dot=True, mma=True),  # w13 (its RMSNorm a separate kernel)
     (16, 1536, 8960): GemvConfig(128, 18, 4, dot=True, mma=True, pf=3),  # w2 (SiLU-mul of w13's sums inside)
 }
