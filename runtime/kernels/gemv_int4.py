@@ -23,6 +23,7 @@ layout's kernel near 1 TB/s). scales fp16 [N, K/G], zeros uint8 [N, K/G]; w = (q
 Fused around y = h W^T:
   prologue  none:      h = x                                               x: [M, K] activations
             rmsnorm:   h = x * rsqrt(mean(x^2) + eps) * norm_w             x: the fp32 residual [M, K]
+            silu:      h = silu(x[:, 2k]) * x[:, 2k+1]    x: w13's fp32 sums [M, 2K] (mma kernel; else a kernel first)
   epilogue  store:     out = y + bias                  (SPLIT_K must be 1: one program owns an output)
             residual:  out += y   (out: the fp32 residual [M, N]; atomic adds when SPLIT_K > 1)
             silu:      out[:, n] = silu(y[:, 2n]) * y[:, 2n+1]  (w13 with gate/up rows interleaved in pairs,

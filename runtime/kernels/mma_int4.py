@@ -7,7 +7,8 @@ m16n8k16 fragments from global memory and no shared memory or barrier is used in
 
   y^T [BN, BM] += W [BN, 16] x^T [16, BM] per 16 columns, BM = 8 rows (16 for 9..16), BN = 16 * warps * R
 
-The words layout (convert/layout.pack_words) is unchanged: nibble j of word w of a group is column
+The words layout (convert/layout.pack_words; row-major or, as the runtime stores them, group-major: the kernel
+takes a row and a group stride) is unchanged: nibble j of word w of a group is column
 j * WG + w, so nibble j of the group's 16 words is a 16-column chunk (G = 128, WG = 16). A dot over a chunk
 may take its 16 columns in any order, the same for both operands, so lane (g, t) of a warp takes memory
 columns 4t .. 4t+3 of the chunk (one 16-byte load of words per row, one 8-byte load of x) for the fragment
@@ -22,6 +23,10 @@ The weights load PF = 1-3 groups ahead of their use (a ring of registers; one ro
 want their loads in flight at once). With PRO = 1 the kernel applies the RMSNorm of the fp32 residual itself: the
 rstd of its rows first, then h = weight * (x * rstd) per group, rounded as runtime/model.py rounds (on the H200
 that lost to a norm kernel before it: the per-group norm costs more than the launch it saves).
+
+With PRO = 2, x is w13's fp32 sums (gate n, up n at columns 2n, 2n + 1) and the kernel makes h = silu(gate) * up
+of each group once per program, in a compact layout moved into the x layout (w2 of a step whose w13 split K: its
+slices only add, and no slice waits for the others).
 
 Epilogues as gemv_int4's: store (+ bias), residual (+= into the fp32 residual, atomic under split-K; bias
 from the first slice), silu (w13's gate/up row pairs; under split-K the slices add into fp32 sums and the
