@@ -73,3 +73,43 @@ def test_mma_main_loop_takes_no_shared_memory(M, N, K, epilogue, cfg, per_weight
     assert not {"LDS", "STS", "LDSM", "STSM", "BAR", "LDL", "STL"} & set(ops), sorted(set(ops))
     weights_per_thread = cfg.block_n * 128 // (32 * cfg.num_warps)  # one group of the program's outputs
     assert len(ops) / weights_per_thread < per_weight, f"{len(ops)} instructions for {weights_per_thread} weights"
+
+
+_BUILD_ATTN = """
+import json, sys, torch
+from qconv.runtime.kernels import attention, offline
+quant = sys.argv[1] == "int8"
+HQ, HKV, D, S = 12, 2, 128, 4608  # qwen2.5-1.5b
+qkv = torch.zeros(1, (HQ + 2 * HKV) * D)
+pos, slot, cos = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), torch.zeros(S, D)
+cache = torch.zeros(1, HKV, S, D, dtype=torch.int8 if quant else torch.float16)
+out = torch.zeros(1, HQ * D, dtype=torch.float16)
+fn, _, args, kw = offline.record(attention, "_attn_fused_kernel", lambda: attention.decode_attention_fused(
+    qkv, pos, slot, cos, cos, cache, cache, HQ, out, kv_params=torch.ones(4, HKV) if quant else None, merge=False,
+    sums=True), others=("_attn_combine_kernel",))
+try:
+    cubin = offline.compile_sm90(fn, args, kw).asm["cubin"]
+except (FileNotFoundError, RuntimeError) as e:
+    print(json.dumps({"skip": str(e)[:300]})); sys.exit(0)
+print(json.dumps({"loop": [offline.opcode(t) for t in offline.hot_loop(offline.instructions(cubin))]}))
+"""
+
+
+def attention_loop(cache: str) -> list[str]:
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    r = subprocess.run([sys.executable, "-c", _BUILD_ATTN, cache], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    if "skip" in res:
+        pytest.skip(f"cannot build for sm_90a here: {res['skip']}")
+    return res["loop"]
+
+
+def test_int8_cache_tiles_reach_the_dots_as_fp16_does():
+    """The int8 cache's K and V tiles are converted to fp16 in the registers they were loaded into, so the tl.dot
+    operands go through shared memory as fp16 and come back by LDSM, as an fp16 cache's do. Converted after
+    shared memory instead, V is gathered byte by byte along keys: 747 hot-loop instructions with 100 LDS, against
+    504 with 20 (attention._int8_as, IN_REGISTERS)."""
+    int8, fp16 = attention_loop("int8"), attention_loop("fp16")
+    assert int8.count("LDSM") >= fp16.count("LDSM") - 4 and int8.count("LDS") <= 2 * fp16.count("LDS") + 8
+    assert len(int8) < 1.4 * len(fp16), (len(int8), len(fp16))

@@ -34,13 +34,17 @@ _ASM = tl.constexpr(not INTERPRET)
 
 
 @triton.jit
-def _int8_as(x, dt):
+def _int8_as(x, dt, IN_REGISTERS: tl.constexpr = False):
     """int8 codes -> the activation dtype. fp16: (x + 128) | 0x6400 read as fp16 is exactly 1152 + x (no
     conversion instruction; the dots subtract 1152 * sum of the other operand), packed four at a time through
-    inline PTX on the GPU; bf16: converted."""
+    inline PTX on the GPU; bf16: converted. IN_REGISTERS: convert where the codes were loaded (a cache tile), so
+    that the tl.dot operand reaches shared memory as fp16 and is read back by LDSM, as an fp16 cache is; else
+    Triton keeps the int8 tile in shared memory and gathers its bytes along the dot's K (64 LDS.U8 a thread for V)
+    before converting. The asm marked impure is what keeps Triton from moving it past the layout conversion."""
     if dt == tl.float16:
         if _ASM:
-            return tl.inline_asm_elementwise(_I8_F16, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+            return tl.inline_asm_elementwise(_I8_F16, "=r,=r,r", [x], dtype=tl.float16, is_pure=not IN_REGISTERS,
+                                             pack=4)
         return ((x.to(tl.int16) + 128) | 0x6400).to(tl.float16, bitcast=True)
     else:
         return x.to(dt)
@@ -71,7 +75,7 @@ def _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_sca
         offs = base + n[:, None] * stride_cs + d[None, :]  # [BN, D]
         k = tl.load(kc_ptr + offs, mask=n_ok[:, None], other=0)
         if QUANT:
-            sc = tl.dot(q, tl.trans(_int8_as(k, dt)))  # [REP_PAD, BN] fp32
+            sc = tl.dot(q, tl.trans(_int8_as(k, dt, True)))  # [REP_PAD, BN] fp32
             if dt == tl.float16:
                 sc -= 1152.0 * q_sum[:, None]
             sc = sc * k_scale + k_zp * q_sum[:, None]
@@ -85,7 +89,7 @@ def _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_sca
         v = tl.load(vc_ptr + offs, mask=n_ok[:, None], other=0)
         p16 = p.to(dt)
         if QUANT:
-            pv = tl.dot(p16, _int8_as(v, dt))  # [REP_PAD, D]
+            pv = tl.dot(p16, _int8_as(v, dt, True))  # [REP_PAD, D]
             p_sum = tl.sum(p16.to(tl.float32), axis=1)[:, None]
             if dt == tl.float16:
                 pv -= 1152.0 * p_sum
