@@ -43,6 +43,12 @@ VARIANTS = {
     "bn64 w8 stages3": ({"block_n": 64, "num_warps": 8, "num_stages": 3}, attention.SPLIT_CAP),
     "bn64 w8 stages1": ({"block_n": 64, "num_warps": 8, "num_stages": 1}, attention.SPLIT_CAP),
     "bn32 w4 cap128": ({"block_n": 32, "num_warps": 4}, 128),
+    # a split of 64 < keys <= 128 (one row past 4096 tokens) as one 128-key tile; the narrow loop elsewhere
+    "bn64 w8 wide": ({"block_n": 64, "num_warps": 8, "wide": True}, attention.SPLIT_CAP),
+    # int8 tiles converted after shared memory (attention._int8_as), with and without the wide tile
+    "bn64 w8 i8 smem": ({"block_n": 64, "num_warps": 8, "int8_in_registers": False}, attention.SPLIT_CAP),
+    "bn64 w8 wide i8 smem": ({"block_n": 64, "num_warps": 8, "wide": True, "int8_in_registers": False},
+                             attention.SPLIT_CAP),
 }
 
 
@@ -87,6 +93,7 @@ def main():
         gpu_model.FUSED_ATTENTION_KW, attention.SPLIT_CAP = VARIANTS["default"]
         del eng
         torch.cuda.empty_cache()
+        save_device_result("gpu_attn_probe", res)  # after each workspace: a run cut short keeps what it measured
     out = save_device_result("gpu_attn_probe", res)
     cols = [f"{n}@{p}" for p in args.positions for n in (1, args.rows)]
     print(f"\n{out}  ({time.perf_counter() - t0:.0f}s)  {res['device']}\n")

@@ -416,6 +416,8 @@ def test_rope_reads_and_zeroes_split_k_sums():
     (False, 6, 2, 32, [40], 4),
     (True, 4, 2, 16, [1, 96, 0], 8),  # one row of one key, one full row, one padding row
     (True, 8, 1, 64, [17, 80], 1),
+    (True, 6, 2, 32, [40, 20], 2),  # splits of 32 keys: one wide tile (wide=True) or two
+    (False, 6, 2, 32, [40, 20], 2),
 ])
 def test_decode_attention_matches_sdpa(quant, hq, hkv, d, lengths, splits):
     B, S, dt = len(lengths), 96, torch.float16
@@ -435,7 +437,7 @@ def test_decode_attention_matches_sdpa(quant, hq, hkv, d, lengths, splits):
     slot = torch.arange(B, 0, -1)  # rows B..1 of the cache
     out = torch.full((B, hq * d), float("nan"), dtype=dt, device=DEV)
     decode_attention(q.to(DEV), pos.to(DEV), slot.to(DEV), kc.to(DEV), vc.to(DEV), hq, out,
-                     None if kvp is None else kvp.to(DEV), splits=splits, block_n=16)
+                     None if kvp is None else kvp.to(DEV), splits=splits, block_n=16, wide=splits == 2)
     out = out.cpu()
     for b, L in enumerate(lengths):
         if L == 0:
@@ -452,6 +454,8 @@ def test_decode_attention_matches_sdpa(quant, hq, hkv, d, lengths, splits):
     (True, True, 4, 2, 16, [0, 70, -1], 8),      # a first token, a long row, a padding row; q/k norm
     (False, False, 8, 1, 64, [17], 1),           # one split: no merge
     (True, False, 2, 1, 16, [150], 16),          # 10 splits hold keys: the merge reads two chunks of 8
+    (True, False, 6, 2, 32, [39, 20], 2),        # splits of 32 keys: one wide tile (wide=True) or two
+    (False, False, 4, 2, 32, [39], 2),
 ])
 def test_fused_decode_attention_equals_rope_then_attention(quant, qk_norm, hq, hkv, d, positions, splits):
     """decode_attention_fused = rope_cache_write then decode_attention, on the same cache: the same codes
@@ -482,16 +486,19 @@ def test_fused_decode_attention_equals_rope_then_attention(quant, qk_norm, hq, h
     want = want.cpu()
     # the splits merged in the same kernel, or by the combine kernel; or q|k|v read from a split-K GEMM's fp32
     # sums (which the combine kernel leaves zeroed for the next layer); or the same 16-key splits read as 32-key
-    # tiles (split_round)
-    for merge, sums, bn, rnd in ((True, False, 16, None), (False, False, 16, None), (False, True, 16, None),
-                                 (False, True, 32, 16)):
+    # tiles (split_round); splits of 16 < keys <= 32 read as one 32-key tile (wide); int8 tiles converted after
+    # shared memory (int8_in_registers=False)
+    for merge, sums, bn, rnd, wide, regs in ((True, False, 16, None, False, True), (False, False, 16, None, False, True),
+                                             (False, True, 16, None, False, True), (False, True, 32, 16, False, True),
+                                             (True, False, 16, None, True, True), (False, True, 16, None, True, False)):
         kc_f, vc_f = kc.clone().to(DEV), vc.clone().to(DEV)
         count = counters(B, hkv, DEV)
         for _ in range(2):
             got = torch.full((B, hq * d), float("nan"), dtype=dt, device=DEV)
             src = qkv.float().to(DEV) if sums else qkv.to(DEV)
             decode_attention_fused(src, *args, kc_f, vc_f, hq, got, to(kvp), to(qn), to(kn), 1e-6, splits=splits,
-                                   count=count, block_n=bn, merge=merge, sums=sums, split_round=rnd)
+                                   count=count, block_n=bn, merge=merge, sums=sums, split_round=rnd, wide=wide,
+                                   int8_in_registers=regs)
             assert (count == 0).all() and (not sums or (src == 0).all())
         assert torch.equal(kc_f.cpu(), kc_ref.cpu()) and torch.equal(vc_f.cpu(), vc_ref.cpu())
         got = got.cpu()

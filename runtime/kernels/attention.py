@@ -8,7 +8,9 @@ int8 caches (x = q * scale + zp per kv head) are never dequantized element by el
   scores  q . k  = scale * (q . kq) + zp * sum(q)
   output  sum_n p_n v_n = scale * (p . vq) + zp * sum(p)
 and int8 -> fp16 is exact, so the dots run on the tensor cores in the activation dtype. With fp16 the
-codes become 1152 + kq by one OR (no int-to-float conversion) and the dots subtract 1152 * sum(q) / sum(p).
+codes become 1152 + kq by one OR (no int-to-float conversion), which moves the zero points by -1152 scale.
+The dots see codes only: scale and zero point of K fold into each score's one FMA, and V's are applied once
+after the last tile (sum(p) is l, summed over p as rounded for the dot).
 Each split leaves (m, l, acc) in log2 units: m = max score, l = sum 2^(score - m), acc = sum 2^(score - m) v;
 the combine kernel merges the NS splits: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
 """
@@ -58,46 +60,65 @@ def _kv_params(kvp_ptr, kvh, HKV: tl.constexpr):
 
 
 @triton.jit
-def _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, HKV: tl.constexpr,
-            REP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr):
-    """Rows q [REP_PAD, D] (activation dtype) over the keys start..end-1 of one cache row and kv head (base) ->
-    (m, l, acc) in log2 units: m = max score, l = sum 2^(score - m), acc = sum 2^(score - m) v."""
+def _tile(q, kc_ptr, vc_ptr, base, stride_cs, n0, end, d, qk_k, bias, m_i, l_i, acc, BN: tl.constexpr,
+          QUANT: tl.constexpr, I8_REGS: tl.constexpr):
+    """One tile of BN keys from n0 (those < end) into the running (m, l, acc). Scores in log2 units: the dot
+    times qk_k, plus ``bias`` per row for an int8 cache (its zero point and the fp16 codes' 1152, folded).
+    l sums the probabilities as rounded for the p.v dot, so that an int8 cache's V zero point can be applied
+    once after the last tile (v_zp * l) and the dots see codes only."""
     dt = q.dtype
+    n = n0 + tl.arange(0, BN)
+    n_ok = n < end
+    offs = base + n[:, None] * stride_cs + d[None, :]  # [BN, D]
+    k = tl.load(kc_ptr + offs, mask=n_ok[:, None], other=0)
     if QUANT:
-        k_scale, k_zp, v_scale, v_zp = _kv_params(kvp_ptr, kvh, HKV)
-        q_sum = tl.sum(q.to(tl.float32), axis=1)  # [REP_PAD]
+        sc = tl.dot(q, tl.trans(_int8_as(k, dt, I8_REGS))) * qk_k + bias[:, None]  # [REP_PAD, BN] fp32
+    else:
+        sc = tl.dot(q, tl.trans(k.to(dt))) * qk_k
+    sc = tl.where(n_ok[None, :], sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p16 = tl.exp2(sc - m_new[:, None]).to(dt)
+    l_i = l_i * alpha + tl.sum(p16.to(tl.float32), axis=1)
+    v = tl.load(vc_ptr + offs, mask=n_ok[:, None], other=0)
+    if QUANT:
+        pv = tl.dot(p16, _int8_as(v, dt, I8_REGS))  # [REP_PAD, D]
+    else:
+        pv = tl.dot(p16, v.to(dt))
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, HKV: tl.constexpr,
+            REP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
+            WIDE: tl.constexpr = False, I8_REGS: tl.constexpr = True):
+    """Rows q [REP_PAD, D] (activation dtype) over the keys start..end-1 of one cache row and kv head (base) ->
+    (m, l, acc) in log2 units: m = max score, l = sum 2^(score - m), acc = sum 2^(score - m) v.
+    int8 cache (x = scale * c + zp; as fp16 the codes read 1152 + c): q.k = k_scale * (q.c) + k_zp * sum(q),
+    sum p v = v_scale * (p.c) + v_zp * sum(p), sum(p) being l. WIDE: a range of BLOCK_N < keys <= 2 BLOCK_N (one
+    row at a long context) is read as one tile of 2 BLOCK_N keys, one dependent step instead of two."""
+    dt = q.dtype
     m_i = tl.full([REP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([REP_PAD], tl.float32)
     acc = tl.zeros([REP_PAD, D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < end
-        offs = base + n[:, None] * stride_cs + d[None, :]  # [BN, D]
-        k = tl.load(kc_ptr + offs, mask=n_ok[:, None], other=0)
-        if QUANT:
-            sc = tl.dot(q, tl.trans(_int8_as(k, dt, True)))  # [REP_PAD, BN] fp32
-            if dt == tl.float16:
-                sc -= 1152.0 * q_sum[:, None]
-            sc = sc * k_scale + k_zp * q_sum[:, None]
-        else:
-            sc = tl.dot(q, tl.trans(k.to(dt)))
-        sc = tl.where(n_ok[None, :], sc * qk_scale, float("-inf"))  # log2 units: score / sqrt(D) * log2(e)
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(vc_ptr + offs, mask=n_ok[:, None], other=0)
-        p16 = p.to(dt)
-        if QUANT:
-            pv = tl.dot(p16, _int8_as(v, dt, True))  # [REP_PAD, D]
-            p_sum = tl.sum(p16.to(tl.float32), axis=1)[:, None]
-            if dt == tl.float16:
-                pv -= 1152.0 * p_sum
-            pv = pv * v_scale + v_zp * p_sum
-        else:
-            pv = tl.dot(p16, v.to(dt))
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    qk_k = qk_scale
+    bias = l_i
+    if QUANT:
+        k_scale, k_zp, v_scale, v_zp = _kv_params(kvp_ptr, kvh, HKV)
+        if dt == tl.float16:
+            k_zp -= 1152.0 * k_scale
+            v_zp -= 1152.0 * v_scale
+        qk_k = k_scale * qk_scale
+        bias = tl.sum(q.to(tl.float32), axis=1) * (k_zp * qk_scale)  # [REP_PAD]
+    if WIDE and (end - start > BLOCK_N) and (end - start <= 2 * BLOCK_N):
+        m_i, l_i, acc = _tile(q, kc_ptr, vc_ptr, base, stride_cs, start, end, d, qk_k, bias, m_i, l_i, acc,
+                              2 * BLOCK_N, QUANT, I8_REGS)
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc = _tile(q, kc_ptr, vc_ptr, base, stride_cs, n0, end, d, qk_k, bias, m_i, l_i, acc,
+                                  BLOCK_N, QUANT, I8_REGS)
+    if QUANT:
+        acc = acc * v_scale + v_zp * l_i[:, None]
     return m_i, l_i, acc
 
 
@@ -113,7 +134,7 @@ def _split_size(length, NS: tl.constexpr, BLOCK_N: tl.constexpr):
 def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr,
                        m_ptr, l_ptr, o_ptr, qk_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                        REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
-                       QUANT: tl.constexpr, PDL: tl.constexpr):
+                       QUANT: tl.constexpr, WIDE: tl.constexpr, I8_REGS: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -129,7 +150,7 @@ def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stri
     q = tl.load(q_ptr + b * stride_qt + (kvh * REP + r)[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
     base = tl.load(slot_ptr + b).to(tl.int64) * stride_cb + kvh * stride_ch
     m_i, l_i, acc = _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, HKV, REP_PAD, D,
-                            BLOCK_N, QUANT)
+                            BLOCK_N, QUANT, WIDE, I8_REGS)
     idx = (b * HQ + kvh * REP + r) * NS + s  # [REP_PAD] into [B, HQ, NS]
     tl.store(m_ptr + idx, m_i, mask=r_ok)
     tl.store(l_ptr + idx, l_i, mask=r_ok)
@@ -216,7 +237,8 @@ def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
                        out_ptr, stride_ot, qk_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                        REP: tl.constexpr, REP_PAD: tl.constexpr, RC: tl.constexpr, SC: tl.constexpr,
                        BLOCK_N: tl.constexpr, NS: tl.constexpr, QUANT: tl.constexpr, QK_NORM: tl.constexpr,
-                       MERGE: tl.constexpr, FENCE: tl.constexpr, PDL: tl.constexpr, ROUND: tl.constexpr):
+                       MERGE: tl.constexpr, FENCE: tl.constexpr, PDL: tl.constexpr, ROUND: tl.constexpr,
+                       WIDE: tl.constexpr, I8_REGS: tl.constexpr):
     """Rotary + cache write + attention splits + merge of one decode step, for rows that are distinct
     sequences (each row's new K/V is written by the one split that holds its position, which then reads it
     back; no other row reads it). Only the splits that hold keys run; one alone writes the output, several
@@ -234,7 +256,7 @@ def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
         _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps, kc_ptr, vc_ptr,
                           stride_cb, stride_ch, stride_cs, kvp_ptr, m_ptr, l_ptr, o_ptr, cnt_ptr, out_ptr, stride_ot,
                           qk_scale, b, kvh, s, p, length, chunk, active, HQ, HKV, D, REP, REP_PAD, RC, SC, BLOCK_N,
-                          NS, QUANT, QK_NORM, MERGE, FENCE)
+                          NS, QUANT, QK_NORM, MERGE, FENCE, WIDE, I8_REGS)
 
 
 @triton.jit
@@ -243,7 +265,7 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
                       s, p, length, chunk, active, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       REP: tl.constexpr, REP_PAD: tl.constexpr, RC: tl.constexpr, SC: tl.constexpr,
                       BLOCK_N: tl.constexpr, NS: tl.constexpr, QUANT: tl.constexpr, QK_NORM: tl.constexpr,
-                      MERGE: tl.constexpr, FENCE: tl.constexpr):
+                      MERGE: tl.constexpr, FENCE: tl.constexpr, WIDE: tl.constexpr, I8_REGS: tl.constexpr):
     """Split s of (row b, kv head kvh) of _attn_fused_kernel, one of the ``active`` splits."""
     HALF: tl.constexpr = D // 2
     dt = out_ptr.dtype.element_ty
@@ -276,7 +298,7 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
             tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty))
     tl.debug_barrier()  # the block's own cache stores are visible to its loads below
     m_i, l_i, acc = _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, HKV, REP_PAD, D,
-                            BLOCK_N, QUANT)
+                            BLOCK_N, QUANT, WIDE, I8_REGS)
     o_rows = out_ptr + b * stride_ot + (kvh * REP + r)[:, None] * D + d[None, :]
     if MERGE and active <= 1:  # the only split: no partials to merge
         tl.store(o_rows, tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0).to(out_ptr.dtype.element_ty),
@@ -338,10 +360,13 @@ def partials(rows: int, heads: int, splits: int, head_dim: int, device) -> tuple
 def decode_attention(q: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, num_heads: int, out: torch.Tensor, kv_params: torch.Tensor | None = None,
                      scratch: tuple[torch.Tensor, ...] | None = None, splits: int | None = None,
-                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2, wide: bool = False,
+                     int8_in_registers: bool = True) -> torch.Tensor:
     """q: [B, >= Hq * D] rows (heads side by side, e.g. the q part of qkv); pos, slot: [B] (the row's new
     position, whose K/V is already in the cache, and its cache row); caches [rows, Hkv, S, D] (int8 with
-    kv_params [4, Hkv]); out: [B, Hq * D] = softmax(q k^T / sqrt(D)) v over positions 0..pos."""
+    kv_params [4, Hkv]); out: [B, Hq * D] = softmax(q k^T / sqrt(D)) v over positions 0..pos. ``wide``: a split of
+    block_n < keys <= 2 block_n is read as one tile of 2 block_n keys. ``int8_in_registers``: int8 tiles become fp16
+    where they were loaded (see _int8_as)."""
     B = q.shape[0]
     assert q.stride(-1) == 1 and q.shape[1] >= num_heads * k_cache.shape[-1]
     hkv, D, rep, quant, ns, (m, l, acc) = _checked(B, pos, slot, k_cache, v_cache, num_heads, out, kv_params, scratch,
@@ -352,8 +377,8 @@ def decode_attention(q: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, k_c
     _attn_split_kernel[(B, hkv, ns)](
         q, q.stride(0), pos, slot, k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         kv_params if quant else m, m, l, acc, LOG2E / math.sqrt(D), HQ=num_heads, HKV=hkv, D=D, REP=rep,
-        REP_PAD=max(16, triton.next_power_of_2(rep)), BLOCK_N=block_n, NS=ns, QUANT=quant, PDL=on, num_warps=num_warps,
-        num_stages=num_stages, launch_pdl=on)
+        REP_PAD=max(16, triton.next_power_of_2(rep)), BLOCK_N=block_n, NS=ns, QUANT=quant, WIDE=wide,
+        I8_REGS=int8_in_registers, PDL=on, num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
     _combine(m, l, acc, out, pos, num_heads, ns, block_n, on)
     return out
 
@@ -397,14 +422,16 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
                            scratch: tuple[torch.Tensor, ...] | None = None, splits: int | None = None,
                            count: torch.Tensor | None = None, block_n: int = 64, num_warps: int = 4,
                            num_stages: int = 2, merge: bool = True, sums: bool = False,
-                           split_round: int | None = None) -> torch.Tensor:
+                           split_round: int | None = None, wide: bool = False,
+                           int8_in_registers: bool = True) -> torch.Tensor:
     """rope_cache_write + decode_attention for a decode step whose rows are distinct sequences (cache rows):
     qkv [B, (Hq + 2 Hkv) * D] as the qkv GEMV stored it (not rotated); the new K/V go into the cache at pos,
     and out [B, Hq * D] gets the attention over positions 0..pos. ``merge``: the splits merge in the same
     kernel (one launch; ``count``: counters(B, Hkv)); else a second kernel merges them. ``sums``: qkv is the
     fp32 buffer a split-K qkv GEMM added into; the second kernel zeroes it (merge=False). ``split_round``: each
     split holds a multiple of this many keys (default block_n), read block_n at a time, e.g. 64-key splits read
-    as one 128-key tile (the last half masked where a split holds an odd number of 64-key pieces)."""
+    as one 128-key tile (the last half masked where a split holds an odd number of 64-key pieces). ``wide``,
+    ``int8_in_registers``: as decode_attention's."""
     B = qkv.shape[0]
     rnd = split_round or block_n
     assert block_n % rnd == 0, f"split_round {rnd} must divide block_n {block_n}"
@@ -424,8 +451,8 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), kv_params if quant else m,
         m, l, acc, count, out, out.stride(0), LOG2E / math.sqrt(D), HQ=num_heads, HKV=hkv, D=D, REP=rep,
         REP_PAD=max(16, triton.next_power_of_2(rep)), RC=triton.next_power_of_2(rep), SC=min(ns, 8), BLOCK_N=block_n,
-        NS=ns, QUANT=quant, QK_NORM=qk_norm, MERGE=merge, FENCE=not INTERPRET, PDL=on, ROUND=rnd,
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
+        NS=ns, QUANT=quant, QK_NORM=qk_norm, MERGE=merge, FENCE=not INTERPRET, PDL=on, ROUND=rnd, WIDE=wide,
+        I8_REGS=int8_in_registers, num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
     if not merge:
         _combine(m, l, acc, out, pos, num_heads, ns, rnd, on, qkv if sums else None, hkv)
     return out
