@@ -50,8 +50,10 @@ if HAVE_TRITON:
 FUSED_ATTENTION = "two"
 # its tile of keys and warps: H100, 8 warps beat 4 (decode-only 1022.9 against 1015.9 tok/s; with the in-kernel
 # merge, steps 899 / 1088 µs at 32 / 4160 tokens against 933 / 1175); block_n 32 was slower, 128 with 8 warps
-# took 1005 µs at 4160 against 1060 in one run (bench/gpu_runtime.py's variants sweep them)
-FUSED_ATTENTION_KW = {"block_n": 64, "num_warps": 8}
+# took 1005 µs at 4160 against 1060 in one run (bench/gpu_runtime.py's variants sweep them). wide: one row past
+# 4096 tokens reads each split's 128 keys as one tile (H200, W4 + KV int8 step at 4160 tokens 764.4 -> 738.0 µs,
+# fp16 KV 775.4 -> 744.9; at 160 within noise; bench/gpu_attn_probe.py, gpu_attn_probe_fold_h200.json)
+FUSED_ATTENTION_KW = {"block_n": 64, "num_warps": 8, "wide": True}
 # A w13 that splits K: its slices add into fp32 sums and w2 takes their SiLU-mul as it loads them (True), or the last
 # slice of each tile to finish applies it (False: a fence, a counter and the sums read back; H200, alone, w13 at one
 # row 9.27 against 6.81 µs adding only, eight rows 12.2 against 8.5; bench/experiments/layout_probe.py)

@@ -86,7 +86,7 @@ cache = torch.zeros(1, HKV, S, D, dtype=torch.int8 if quant else torch.float16)
 out = torch.zeros(1, HQ * D, dtype=torch.float16)
 fn, _, args, kw = offline.record(attention, "_attn_fused_kernel", lambda: attention.decode_attention_fused(
     qkv, pos, slot, cos, cos, cache, cache, HQ, out, kv_params=torch.ones(4, HKV) if quant else None, merge=False,
-    sums=True), others=("_attn_combine_kernel",))
+    sums=True, int8_in_registers=True), others=("_attn_combine_kernel",))
 try:
     cubin = offline.compile_sm90(fn, args, kw).asm["cubin"]
 except (FileNotFoundError, RuntimeError) as e:
@@ -106,10 +106,10 @@ def attention_loop(cache: str) -> list[str]:
 
 
 def test_int8_cache_tiles_reach_the_dots_as_fp16_does():
-    """The int8 cache's K and V tiles are converted to fp16 in the registers they were loaded into, so the tl.dot
-    operands go through shared memory as fp16 and come back by LDSM, as an fp16 cache's do. Converted after
-    shared memory instead, V is gathered byte by byte along keys: 747 hot-loop instructions with 100 LDS, against
-    504 with 20 (attention._int8_as, IN_REGISTERS)."""
+    """int8_in_registers: the int8 cache's K and V tiles are converted to fp16 in the registers they were loaded
+    into, so the tl.dot operands go through shared memory as fp16 and come back by LDSM, as an fp16 cache's do.
+    Converted after shared memory (the default, faster for its asynchronous copies), V is gathered byte by byte
+    along keys: 664 hot-loop instructions with 100 LDS, against 420 with 17 (attention._int8_as, IN_REGISTERS)."""
     int8, fp16 = attention_loop("int8"), attention_loop("fp16")
     assert int8.count("LDSM") >= fp16.count("LDSM") - 4 and int8.count("LDS") <= 2 * fp16.count("LDS") + 8
     assert len(int8) < 1.4 * len(fp16), (len(int8), len(fp16))

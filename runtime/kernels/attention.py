@@ -42,7 +42,10 @@ def _int8_as(x, dt, IN_REGISTERS: tl.constexpr = False):
     inline PTX on the GPU; bf16: converted. IN_REGISTERS: convert where the codes were loaded (a cache tile), so
     that the tl.dot operand reaches shared memory as fp16 and is read back by LDSM, as an fp16 cache is; else
     Triton keeps the int8 tile in shared memory and gathers its bytes along the dot's K (64 LDS.U8 a thread for V)
-    before converting. The asm marked impure is what keeps Triton from moving it past the layout conversion."""
+    before converting. The asm marked impure is what keeps Triton from moving it past the layout conversion.
+    Fewer instructions (sm_90a hot loop 420 against 664), but slower (H200, W4 + KV int8, one row at 4160 tokens
+    790.0 against 764.4 µs, eight rows 1336.9 against 1222.6): a tile loaded into registers is not copied to
+    shared memory asynchronously, so the next tile's load no longer overlaps this one's dots. Off by default."""
     if dt == tl.float16:
         if _ASM:
             return tl.inline_asm_elementwise(_I8_F16, "=r,=r,r", [x], dtype=tl.float16, is_pure=not IN_REGISTERS,
@@ -91,7 +94,7 @@ def _tile(q, kc_ptr, vc_ptr, base, stride_cs, n0, end, d, qk_k, bias, m_i, l_i, 
 @triton.jit
 def _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, HKV: tl.constexpr,
             REP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
-            WIDE: tl.constexpr = False, I8_REGS: tl.constexpr = True):
+            WIDE: tl.constexpr = False, I8_REGS: tl.constexpr = False):
     """Rows q [REP_PAD, D] (activation dtype) over the keys start..end-1 of one cache row and kv head (base) ->
     (m, l, acc) in log2 units: m = max score, l = sum 2^(score - m), acc = sum 2^(score - m) v.
     int8 cache (x = scale * c + zp; as fp16 the codes read 1152 + c): q.k = k_scale * (q.c) + k_zp * sum(q),
@@ -361,7 +364,7 @@ def decode_attention(q: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, k_c
                      v_cache: torch.Tensor, num_heads: int, out: torch.Tensor, kv_params: torch.Tensor | None = None,
                      scratch: tuple[torch.Tensor, ...] | None = None, splits: int | None = None,
                      block_n: int = 64, num_warps: int = 4, num_stages: int = 2, wide: bool = False,
-                     int8_in_registers: bool = True) -> torch.Tensor:
+                     int8_in_registers: bool = False) -> torch.Tensor:
     """q: [B, >= Hq * D] rows (heads side by side, e.g. the q part of qkv); pos, slot: [B] (the row's new
     position, whose K/V is already in the cache, and its cache row); caches [rows, Hkv, S, D] (int8 with
     kv_params [4, Hkv]); out: [B, Hq * D] = softmax(q k^T / sqrt(D)) v over positions 0..pos. ``wide``: a split of
@@ -423,7 +426,7 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
                            count: torch.Tensor | None = None, block_n: int = 64, num_warps: int = 4,
                            num_stages: int = 2, merge: bool = True, sums: bool = False,
                            split_round: int | None = None, wide: bool = False,
-                           int8_in_registers: bool = True) -> torch.Tensor:
+                           int8_in_registers: bool = False) -> torch.Tensor:
     """rope_cache_write + decode_attention for a decode step whose rows are distinct sequences (cache rows):
     qkv [B, (Hq + 2 Hkv) * D] as the qkv GEMV stored it (not rotated); the new K/V go into the cache at pos,
     and out [B, Hq * D] gets the attention over positions 0..pos. ``merge``: the splits merge in the same
