@@ -453,6 +453,8 @@ def test_decode_attention_matches_sdpa(quant, hq, hkv, d, lengths, splits):
     (True, False, 6, 2, 32, [39, 5], 4),         # GQA 3, two rows, keys over several splits
     (True, True, 4, 2, 16, [0, 70, -1], 8),      # a first token, a long row, a padding row; q/k norm
     (False, False, 8, 1, 64, [17], 1),           # one split: no merge
+    (True, True, 4, 2, 16, [0, 70, -1], 1),      # one split of several tiles per row: it writes the output and
+                                                 # zeroes the sums itself (no combine kernel runs)
     (True, False, 2, 1, 16, [150], 16),          # 10 splits hold keys: the merge reads two chunks of 8
     (True, False, 6, 2, 32, [39, 20], 2),        # splits of 32 keys: one wide tile (wide=True) or two
     (False, False, 4, 2, 32, [39], 2),
@@ -487,10 +489,12 @@ def test_fused_decode_attention_equals_rope_then_attention(quant, qk_norm, hq, h
     # the splits merged in the same kernel, or by the combine kernel; or q|k|v read from a split-K GEMM's fp32
     # sums (which the combine kernel leaves zeroed for the next layer); or the same 16-key splits read as 32-key
     # tiles (split_round); splits of 16 < keys <= 32 read as one 32-key tile (wide); int8 tiles converted after
-    # shared memory (int8_in_registers=False)
+    # shared memory (int8_in_registers=False); merged in the same kernel from split-K sums (the merging split, or
+    # the only one, zeroes them)
     for merge, sums, bn, rnd, wide, regs in ((True, False, 16, None, False, True), (False, False, 16, None, False, True),
                                              (False, True, 16, None, False, True), (False, True, 32, 16, False, True),
-                                             (True, False, 16, None, True, True), (False, True, 16, None, True, False)):
+                                             (True, False, 16, None, True, True), (False, True, 16, None, True, False),
+                                             (True, True, 16, None, False, False)):
         kc_f, vc_f = kc.clone().to(DEV), vc.clone().to(DEV)
         count = counters(B, hkv, DEV)
         for _ in range(2):

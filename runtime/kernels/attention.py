@@ -142,7 +142,6 @@ def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stri
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     b, kvh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    dt = q_ptr.dtype.element_ty
     length = tl.maximum(tl.load(pos_ptr + b) + 1, 0)
     chunk, _ = _split_size(length, NS, BLOCK_N)
     start = s * chunk
@@ -235,19 +234,28 @@ _last_to_arrive = triton.jit(last_to_arrive)
 
 
 @triton.jit
+def _zero_sums(row, qh, d, r_ok, kvh, HQ: tl.constexpr, HKV: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr):
+    """Zeroes the q heads (offsets qh, rows r_ok) and k, v heads kvh of one row of the split-K qkv sums."""
+    tl.store(row + qh + d[None, :], tl.zeros([REP_PAD, D], tl.float32), mask=r_ok[:, None])
+    kv = (HQ + kvh + tl.arange(0, 2) * HKV)[:, None] * D + d[None, :]  # k head kvh, v head kvh
+    tl.store(row + kv, tl.zeros([2, D], tl.float32))
+
+
+@triton.jit
 def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps,
                        kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr, m_ptr, l_ptr, o_ptr, cnt_ptr,
                        out_ptr, stride_ot, qk_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                        REP: tl.constexpr, REP_PAD: tl.constexpr, RC: tl.constexpr, SC: tl.constexpr,
                        BLOCK_N: tl.constexpr, NS: tl.constexpr, QUANT: tl.constexpr, QK_NORM: tl.constexpr,
                        MERGE: tl.constexpr, FENCE: tl.constexpr, PDL: tl.constexpr, ROUND: tl.constexpr,
-                       WIDE: tl.constexpr, I8_REGS: tl.constexpr):
+                       WIDE: tl.constexpr, I8_REGS: tl.constexpr, SUMS: tl.constexpr):
     """Rotary + cache write + attention splits + merge of one decode step, for rows that are distinct
     sequences (each row's new K/V is written by the one split that holds its position, which then reads it
     back; no other row reads it). Only the splits that hold keys run; one alone writes the output, several
     leave partials and the last of them to finish (a counter per (row, kv head)) merges them. qkv_ptr may
-    be the fp32 split-K sums of the qkv GEMM: q, k, v are rounded to the activation dtype (out's) as a stored
-    qkv would be, and the combine kernel zeroes the sums."""
+    be the fp32 split-K sums of the qkv GEMM (SUMS): q, k, v are rounded to the activation dtype (out's) as a
+    stored qkv would be, and the sums are zeroed by the combine kernel, or where no combine kernel follows (MERGE
+    or NS == 1) by the split that writes the output."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -259,7 +267,7 @@ def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
         _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps, kc_ptr, vc_ptr,
                           stride_cb, stride_ch, stride_cs, kvp_ptr, m_ptr, l_ptr, o_ptr, cnt_ptr, out_ptr, stride_ot,
                           qk_scale, b, kvh, s, p, length, chunk, active, HQ, HKV, D, REP, REP_PAD, RC, SC, BLOCK_N,
-                          NS, QUANT, QK_NORM, MERGE, FENCE, WIDE, I8_REGS)
+                          NS, QUANT, QK_NORM, MERGE, FENCE, WIDE, I8_REGS, SUMS)
 
 
 @triton.jit
@@ -268,7 +276,8 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
                       s, p, length, chunk, active, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       REP: tl.constexpr, REP_PAD: tl.constexpr, RC: tl.constexpr, SC: tl.constexpr,
                       BLOCK_N: tl.constexpr, NS: tl.constexpr, QUANT: tl.constexpr, QK_NORM: tl.constexpr,
-                      MERGE: tl.constexpr, FENCE: tl.constexpr, WIDE: tl.constexpr, I8_REGS: tl.constexpr):
+                      MERGE: tl.constexpr, FENCE: tl.constexpr, WIDE: tl.constexpr, I8_REGS: tl.constexpr,
+                      SUMS: tl.constexpr):
     """Split s of (row b, kv head kvh) of _attn_fused_kernel, one of the ``active`` splits."""
     HALF: tl.constexpr = D // 2
     dt = out_ptr.dtype.element_ty
@@ -302,8 +311,11 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
     tl.debug_barrier()  # the block's own cache stores are visible to its loads below
     m_i, l_i, acc = _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, HKV, REP_PAD, D,
                             BLOCK_N, QUANT, WIDE, I8_REGS)
+    alone = (MERGE or NS == 1) and active <= 1  # the only split, and no merge kernel follows
+    if SUMS and alone:  # this program read the split-K sums last: zero them for the next layer
+        _zero_sums(row, qh, d, r_ok, kvh, HQ, HKV, REP_PAD, D)
     o_rows = out_ptr + b * stride_ot + (kvh * REP + r)[:, None] * D + d[None, :]
-    if MERGE and active <= 1:  # the only split: no partials to merge
+    if alone:  # no partials to merge
         tl.store(o_rows, tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0).to(out_ptr.dtype.element_ty),
                  mask=r_ok[:, None])
     else:
@@ -313,6 +325,8 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
         tl.store(o_ptr + idx[:, None] * D + d[None, :], acc, mask=r_ok[:, None])
     if MERGE and active > 1:
         if _last_to_arrive(cnt_ptr + b * HKV + kvh, active, FENCE):  # every split's partials are in: merge them
+            if SUMS:  # and every split is done with the split-K sums
+                _zero_sums(row, qh, d, r_ok, kvh, HQ, HKV, REP_PAD, D)
             rc = tl.arange(0, RC)
             rc_ok = rc < REP
             hb = (b * HQ + kvh * REP + rc) * NS  # [RC]
@@ -431,7 +445,8 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
     qkv [B, (Hq + 2 Hkv) * D] as the qkv GEMV stored it (not rotated); the new K/V go into the cache at pos,
     and out [B, Hq * D] gets the attention over positions 0..pos. ``merge``: the splits merge in the same
     kernel (one launch; ``count``: counters(B, Hkv)); else a second kernel merges them. ``sums``: qkv is the
-    fp32 buffer a split-K qkv GEMM added into; the second kernel zeroes it (merge=False). ``split_round``: each
+    fp32 buffer a split-K qkv GEMM added into, zeroed once every split has read it: by the second kernel, or
+    (merge, or one split) by the split that writes the output. ``split_round``: each
     split holds a multiple of this many keys (default block_n), read block_n at a time, e.g. 64-key splits read
     as one 128-key tile (the last half masked where a split holds an odd number of 64-key pieces). ``wide``,
     ``int8_in_registers``: as decode_attention's."""
@@ -441,7 +456,7 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
     hkv, D, rep, quant, ns, (m, l, acc) = _checked(B, pos, slot, k_cache, v_cache, num_heads, out, kv_params, scratch,
                                                    splits, rnd)
     assert qkv.stride(-1) == 1 and qkv.shape[1] == (num_heads + 2 * hkv) * D
-    assert not sums or (qkv.dtype == torch.float32 and not merge), "split-K sums: fp32, merged by a second kernel"
+    assert not sums or qkv.dtype == torch.float32, "split-K sums: fp32"
     assert cos.dtype == sin.dtype == torch.float32 and cos.shape[1] == D and cos.is_contiguous() and sin.is_contiguous()
     count = count if count is not None else counters(B, hkv, qkv.device)
     assert count.dtype == torch.int32 and count.shape[0] >= B and count.shape[1] == hkv and count.is_contiguous()
@@ -455,7 +470,7 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
         m, l, acc, count, out, out.stride(0), LOG2E / math.sqrt(D), HQ=num_heads, HKV=hkv, D=D, REP=rep,
         REP_PAD=max(16, triton.next_power_of_2(rep)), RC=triton.next_power_of_2(rep), SC=min(ns, 8), BLOCK_N=block_n,
         NS=ns, QUANT=quant, QK_NORM=qk_norm, MERGE=merge, FENCE=not INTERPRET, PDL=on, ROUND=rnd, WIDE=wide,
-        I8_REGS=int8_in_registers, num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
-    if not merge:
+        I8_REGS=int8_in_registers, SUMS=sums, num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
+    if not merge and ns > 1:  # with one split per (row, kv head), it writes the output (and zeroes the sums)
         _combine(m, l, acc, out, pos, num_heads, ns, rnd, on, qkv if sums else None, hkv)
     return out
