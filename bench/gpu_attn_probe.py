@@ -27,15 +27,21 @@ from gpu_micro import log  # noqa: E402
 from gpu_rows import WORKSPACES, build_workspaces, graph_step_us  # noqa: E402
 from gpu_step_probe import fixed_logits, positions, rows_count  # noqa: E402
 
-from qconv.runtime import gpu_model  # noqa: E402
+from qconv.runtime import cuda_graph, gpu_model  # noqa: E402
 from qconv.runtime.cuda_graph import DecodeGraphs  # noqa: E402
 from qconv.runtime.engine import Engine  # noqa: E402
 from qconv.runtime.kernels import attention  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-# name -> (FUSED_ATTENTION_KW, SPLIT_CAP); the first is the shipped default
+# name -> (FUSED_ATTENTION_KW, SPLIT_CAP[, cuda_graph.SHORT_CONTEXT]); the first is the shipped default
 VARIANTS = {
-    "default": (dict(gpu_model.FUSED_ATTENTION_KW), attention.SPLIT_CAP),
+    "default": (dict(gpu_model.FUSED_ATTENTION_KW), attention.SPLIT_CAP, cuda_graph.SHORT_CONTEXT),
+    # short-context graphs (the splits merged in the attention kernel, no merge kernel) never, up to 1024 keys,
+    # or at every length
+    "no short graphs": (dict(gpu_model.FUSED_ATTENTION_KW), attention.SPLIT_CAP, 0),
+    "short to 256": (dict(gpu_model.FUSED_ATTENTION_KW), attention.SPLIT_CAP, 256),
+    "short to 1024": (dict(gpu_model.FUSED_ATTENTION_KW), attention.SPLIT_CAP, 1024),
+    "short everywhere": (dict(gpu_model.FUSED_ATTENTION_KW), attention.SPLIT_CAP, 1 << 30),
     "bn128 w8": ({"block_n": 128, "num_warps": 8}, attention.SPLIT_CAP),
     # 128-key tiles over splits of whole 64-key pieces: as many splits as 64-key tiles at short contexts
     "bn128 w8 round64": ({"block_n": 128, "num_warps": 8, "split_round": 64}, attention.SPLIT_CAP),
@@ -77,8 +83,9 @@ def main():
         eng = Engine.from_workspace(spaces[ws], device="cuda", verify=False, batch_size=args.rows)
         ref = None
         for name in names:
-            kw, cap = VARIANTS[name]
+            kw, cap, *short = VARIANTS[name]
             gpu_model.FUSED_ATTENTION_KW, attention.SPLIT_CAP = kw, cap
+            cuda_graph.SHORT_CONTEXT = short[0] if short else VARIANTS["default"][2]
             eng.decoder = eng.model.decoder = DecodeGraphs(eng.model, eng.cache)
             r = {"splits_1": eng.decoder.bufs.splits[1]}
             for p in args.positions:
@@ -90,7 +97,7 @@ def main():
             res["variants"].setdefault(ws, {})[name] = r
             log(f"  {ws} {name}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in r.items()))
-        gpu_model.FUSED_ATTENTION_KW, attention.SPLIT_CAP = VARIANTS["default"]
+        gpu_model.FUSED_ATTENTION_KW, attention.SPLIT_CAP, cuda_graph.SHORT_CONTEXT = VARIANTS["default"]
         del eng
         torch.cuda.empty_cache()
         save_device_result("gpu_attn_probe", res)  # after each workspace: a run cut short keeps what it measured

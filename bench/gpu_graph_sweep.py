@@ -95,11 +95,11 @@ def greedy_graph(eng, rows: int, position: int):
     """The greedy step graph of ``rows`` distinct sequences (captured if need be), its inputs set to cache rows
     0.. at ``position`` with token 11."""
     dec = eng.decoder
-    b = dec.bucket(rows)
-    if b not in dec.greedy_graphs:
-        dec._capture_greedy(b)
+    key = dec.key(rows, position + 1, distinct=True)
+    if key not in dec.greedy_graphs:
+        dec._capture_greedy(*key)
     dec._upload([11] * rows, [position] * rows, list(range(rows)))
-    return dec.greedy_graphs[b]
+    return dec.greedy_graphs[key]
 
 
 def rows_step_us(eng, rows: int, position: int, reps: int = 50) -> float:

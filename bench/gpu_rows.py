@@ -268,7 +268,7 @@ def graph_step_us(eng, position: int, reps: int = 50) -> float:
     """Device time of one bucket-1 decode step at ``position`` (graph replays, events)."""
     dec = eng.decoder
     dec.step_host([11], [position])  # sets the static inputs (and captures the bucket if needed)
-    graph = dec.graphs[dec.bucket(1)]
+    graph = dec.graphs[dec.key(1, position + 1)]
     return replay_us(graph.replay if graph is not None else (lambda: eng.model.decode_step(dec.bufs, 1, dec.cache)),
                      reps)
 

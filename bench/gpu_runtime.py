@@ -240,7 +240,7 @@ def variants(eng, plan) -> dict:
     cuda_graph.BURST = burst
     measure("greedy bursts of 8 steps (again)")
     dec = eng.decoder  # host time of one launch of the burst graph (1000+ kernel nodes), and its device time
-    g = dec.burst_graphs.get(1)
+    g = dec.burst_graphs.get((1, True)) or dec.burst_graphs.get((1, False))
     if g is not None:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -288,7 +288,8 @@ def profile_step(eng, position: int) -> dict:
     try:
         dec = eng.decoder
         dec.step_host([11], [position])
-        p = profile_kernels(lambda: eng.model.decode_step(dec.bufs, 1, dec.cache))
+        short = dec.key(1, position + 1)[1]  # the kernels the step's graph runs
+        p = profile_kernels(lambda: eng.model.decode_step(dec.bufs, 1, dec.cache, short=short))
         first = p.pop("sequence")[:12]
         log(f"    profile: {p['kernels_per_step']} kernels per step, {p['kernel_us_per_step']:.0f} µs of kernel time "
             f"per step")

@@ -84,6 +84,12 @@ class DecodeBuffers:
         return bufs
 
 
+SHORT_CONTEXT = 64  # a step whose rows all hold at most this many keys (one row, or distinct rows) replays a
+# graph whose attention splits are merged by the last of them to finish, in the same kernel: no merge kernel
+# (gpu_model.decode_step's ``short``). Up to 64 keys one split holds them all and just stores its output (H100,
+# an earlier build: one row at 32 tokens 913 against 975 µs with the merge kernel). Longer is not measured yet:
+# bench/gpu_attn_probe.py's "short to 1024" / "short everywhere" variants. One split per row at 160 tokens was
+# slower than splits plus the merge kernel (H200 739.2 against 688.5 µs; bench/RESULTS.md, twelfth sitting). 0: never
 BURST = 8  # greedy steps per graph launch (runtime/engine.py streams their tokens as they arrive)
 PREFILL_ROWS = 64  # prompts up to this many tokens are prefilled as one decode step (rows = tokens)
 PACK_ROWS = 256  # several short prompts (generate_batch) are packed into steps of up to this many rows, when
@@ -114,9 +120,10 @@ class DecodeGraphs:
         self.host_np = self.host.numpy()  # written through numpy: no torch dispatch per step
         self._copied = torch.cuda.Event()
         self._copied.record()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.greedy_graphs: dict[int, torch.cuda.CUDAGraph | None] = {}  # bucket -> one greedy step
-        self.burst_graphs: dict[int, torch.cuda.CUDAGraph | None] = {}   # bucket -> BURST greedy steps
+        # keyed (bucket, short): short graphs serve steps whose rows hold at most SHORT_CONTEXT keys (``key``)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | None] = {}
+        self.greedy_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | None] = {}  # -> one greedy step
+        self.burst_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | None] = {}   # -> BURST greedy steps
         self.burst = BURST
         self.ring_host = [torch.zeros(BURST, self.buckets[-1], dtype=torch.int64).pin_memory() for _ in range(2)]
         self.ring_ready = [torch.cuda.Event() for _ in range(2)]
@@ -126,14 +133,20 @@ class DecodeGraphs:
         assert 1 <= n <= self.buckets[-1], f"{n} rows in a decode step; the buffers hold {self.buckets[-1]}"
         return next(b for b in self.buckets if b >= n)
 
+    def key(self, n: int, keys: int, distinct: bool = False) -> tuple[int, bool]:
+        """The graph key of a step of n rows whose longest row holds ``keys`` keys (its position + 1; of a burst's
+        last step): (bucket, short). Short needs the fused attention's path: one row, or distinct rows."""
+        b = self.bucket(n)
+        return b, (b == 1 or distinct) and keys <= SHORT_CONTEXT
+
     @torch.inference_mode()
-    def capture(self, b: int) -> None:
-        """Compile (first launches) and capture the step for bucket b. Every row is padding meanwhile,
-        so neither the warm-up nor the capture touches the cache."""
+    def capture(self, b: int, short: bool = False) -> None:
+        """Compile (first launches) and capture the step for bucket b (short: for rows of at most SHORT_CONTEXT
+        keys). Every row is padding meanwhile, so neither the warm-up nor the capture touches the cache."""
         if not self.use_graphs:  # eager steps (for comparison and debugging): nothing to capture
-            self.graphs[b] = None
+            self.graphs[b, short] = None
             return
-        self.graphs[b] = self._capture(lambda: self.model.decode_step(self.bufs, b, self.cache), b)
+        self.graphs[b, short] = self._capture(lambda: self.model.decode_step(self.bufs, b, self.cache, short=short), b)
 
     def _capture(self, fn, b: int, warmup: int = 2) -> torch.cuda.CUDAGraph:
         """fn() warmed up, then captured into the shared memory pool, with rows 0..b-1 as padding; idx is restored."""
@@ -154,43 +167,48 @@ class DecodeGraphs:
         self.bufs.idx[:, :b] = idx
         return graph
 
-    def _replay(self, b: int) -> None:
-        graph = self.graphs[b]
+    def _replay(self, key: tuple[int, bool]) -> None:
+        graph = self.graphs[key]
         if graph is None:
-            self.model.decode_step(self.bufs, b, self.cache)
+            self.model.decode_step(self.bufs, key[0], self.cache, short=key[1])
         else:
             graph.replay()
 
-    def _greedy_step(self, b: int, i: int | None = None) -> None:
+    def _greedy_step(self, b: int, i: int | None = None, short: bool = False) -> None:
         """Rows 0..b-1: one decode step, each row's argmax (into ring[i] when given), and the next step's inputs
         in idx: token = argmax, position + 1 (padding rows stay padding)."""
         bufs = self.bufs
-        self.model.decode_step(bufs, b, self.cache, distinct=True)  # greedy_rows' rows are distinct sequences
+        self.model.decode_step(bufs, b, self.cache, distinct=True, short=short)  # greedy_rows' rows are distinct
         greedy_feed(bufs.logits[:b], bufs.idx, bufs.next_tok, None if i is None else bufs.ring[i], bufs.greedy)
 
     @torch.inference_mode()
-    def _capture_greedy(self, b: int) -> None:
-        if b not in self.graphs:
-            self.capture(b)  # compiles the kernels; the greedy graphs share its memory pool
+    def _capture_greedy(self, b: int, short: bool = False) -> None:
+        key = b, short
+        if key not in self.graphs:
+            self.capture(b, short)  # compiles the kernels; the greedy graphs share its memory pool
         if not self.use_graphs:
-            self.greedy_graphs[b] = self.burst_graphs[b] = None
+            self.greedy_graphs[key] = self.burst_graphs[key] = None
             return
         # its tokens are copied into the ring after each replay
-        self.greedy_graphs[b] = self._capture(lambda: self._greedy_step(b), b)
+        self.greedy_graphs[key] = self._capture(lambda: self._greedy_step(b, short=short), b)
         # no warm-up: its later steps would move off the padding position and write into the cache
-        self.burst_graphs[b] = self._capture(lambda: [self._greedy_step(b, i) for i in range(BURST)], b, warmup=0)
+        self.burst_graphs[key] = self._capture(lambda: [self._greedy_step(b, i, short) for i in range(BURST)], b,
+                                               warmup=0)
 
-    def _launch_burst(self, b: int, k: int, slot: int) -> None:
-        """k greedy steps of bucket b, their tokens copied into ring_host[slot] when done (ring_ready[slot])."""
-        if k == BURST and self.burst_graphs[b] is not None:
-            self.burst_graphs[b].replay()
+    def _launch_burst(self, key: tuple[int, bool], k: int, slot: int) -> None:
+        """k greedy steps of graph key (bucket, short), their tokens copied into ring_host[slot] when done
+        (ring_ready[slot])."""
+        if key not in self.greedy_graphs:
+            self._capture_greedy(*key)
+        if k == BURST and self.burst_graphs[key] is not None:
+            self.burst_graphs[key].replay()
         else:
             for i in range(k):
-                if self.greedy_graphs[b] is None:  # eager (use_graphs=False)
-                    self._greedy_step(b, i)
+                if self.greedy_graphs[key] is None:  # eager (use_graphs=False)
+                    self._greedy_step(key[0], i, key[1])
                 else:
-                    self.greedy_graphs[b].replay()
-                    self.bufs.ring[i, :b].copy_(self.bufs.next_tok[:b])
+                    self.greedy_graphs[key].replay()
+                    self.bufs.ring[i, :key[0]].copy_(self.bufs.next_tok[:key[0]])
         self.ring_host[slot][:k].copy_(self.bufs.ring[:k], non_blocking=True)  # contiguous: stays asynchronous
         self.ring_ready[slot].record()
 
@@ -206,19 +224,18 @@ class DecodeGraphs:
         if steps <= 0:
             return
         assert rows is None or len(set(rows)) == len(rows), f"greedy_rows needs distinct cache rows, got {rows}"
-        b = self.bucket(n)
-        if b not in self.greedy_graphs:
-            self._capture_greedy(b)
         self._upload(tokens, positions, rows)
+        longest = max(positions) + 1  # keys of the longest row at the next step
         pending: deque[tuple[int, int]] = deque()  # (slot, steps) of launched bursts, oldest first
         left, launched = steps, 0
         while left or pending:
             if left and len(pending) < 2:  # keep one burst queued behind the one the host waits for
                 k = min(self.burst, left)
                 slot = launched % 2
-                self._launch_burst(b, k, slot)
+                # a graph captured here (a first short or long burst) is queued behind the bursts in flight
+                self._launch_burst(self.key(n, longest + k - 1, distinct=True), k, slot)
                 pending.append((slot, k))
-                left, launched = left - k, launched + 1
+                left, launched, longest = left - k, launched + 1, longest + k
                 if len(pending) < 2 and left:
                     continue
             slot, k = pending.popleft()
@@ -236,11 +253,11 @@ class DecodeGraphs:
         """One decode step from host lists: token of each row, its position, its cache row (default
         0..n-1) -> logits [n, V], a view of the static buffer, valid until the next step."""
         n = len(tokens)
-        b = self.bucket(n)
-        if b not in self.graphs:
-            self.capture(b)
+        key = self.key(n, max(positions) + 1)
+        if key not in self.graphs:
+            self.capture(*key)
         self._upload(tokens, positions, rows)
-        self._replay(b)
+        self._replay(key)
         return self.bufs.logits[:n]
 
     @torch.inference_mode()
@@ -282,13 +299,13 @@ class DecodeGraphs:
         """ids, pos: [B, 1] device tensors for rows 0..B-1 of ``cache`` -> logits [B, 1, V] (a new tensor)."""
         B = ids.shape[0]
         first = (cache.k[0].storage_offset() - self.cache.k[0].storage_offset()) // self.cache.k[0].stride(0)
-        b = self.bucket(B)
-        if b not in self.graphs:
+        b = self.bucket(B)  # positions stay on the device: the general graph, never the short one
+        if (b, False) not in self.graphs:
             self.capture(b)
         idx = self.bufs.idx
         idx[0, :B].copy_(ids[:, 0])
         idx[1, :B].copy_(pos[:, 0])
         idx[2, :B].copy_(torch.arange(first, first + B, device=idx.device))
         idx[1, B:b].fill_(-1)
-        self._replay(b)
+        self._replay((b, False))
         return self.bufs.logits[:B, None].clone()

@@ -156,12 +156,13 @@ class GpuTransformer(nn.Module):
         return o.transpose(1, 2).reshape(B * S, hq * D)
 
     # ------------------------------------------------------------------------------------------
-    def decode_step(self, bufs, b: int, cache: KVCache, distinct: bool = False) -> None:
+    def decode_step(self, bufs, b: int, cache: KVCache, distinct: bool = False, short: bool = False) -> None:
         """One token for rows 0..b-1 of the static buffers ``bufs`` (runtime/cuda_graph.DecodeBuffers):
         reads bufs.idx[:, :b] (token, position, cache row; position < 0 = padding) and leaves the
         next-token logits in bufs.logits[:b]. ``distinct``: the rows are distinct sequences (cache rows), so no
-        row reads another's new K/V and the fused attention serves them all. Launches kernels only: safe to
-        capture in a CUDA graph."""
+        row reads another's new K/V and the fused attention serves them all. ``short``: every row holds at most
+        cuda_graph.SHORT_CONTEXT keys; the fused attention's last split to finish then merges (FUSED_ATTENTION
+        "one"): no merge kernel. Launches kernels only: safe to capture in a CUDA graph."""
         idx = bufs.idx[:, :b]
         ids, pos, slot = idx[0], idx[1], idx[2]
         x = bufs.x[:b]  # [b, hidden] fp32 residual
@@ -173,12 +174,12 @@ class GpuTransformer(nn.Module):
             acc = bufs.qkv_acc[:b] if blk.wqkv.accumulates(b) else None  # split-K sums (zeroed after reading)
             blk.wqkv.run(x, qkv if acc is None else acc, prologue="rmsnorm", norm_weight=blk.attention_norm,
                          eps=self.eps, epilogue="store" if acc is None else "residual")
-            merge = FUSED_ATTENTION == "one"
-            if (b == 1 or distinct) and FUSED_ATTENTION != "three" and (acc is None or not merge):
-                # rotary, cache write, attention; split-K qkv sums are read here and zeroed by the merge kernel
+            if (b == 1 or distinct) and FUSED_ATTENTION != "three":
+                # rotary, cache write, attention; split-K qkv sums are read here and zeroed by whoever merges
                 decode_attention_fused(qkv if acc is None else acc, pos, slot, self.cos, self.sin, cache.k[i],
                                        cache.v[i], self.hq, attn, kvp[i], blk.q_norm, blk.k_norm, self.eps,
-                                       scratch=bufs.parts[b], splits=bufs.splits[b], count=bufs.count, merge=merge,
+                                       scratch=bufs.parts[b], splits=bufs.splits[b], count=bufs.count,
+                                       merge=short or FUSED_ATTENTION == "one",
                                        sums=acc is not None, **FUSED_ATTENTION_KW)
             else:  # rows may share a cache row (a prompt's tokens): every K/V is written before any row attends
                 rope_cache_write(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, self.hkv,

@@ -12,6 +12,7 @@ from qconv import QconvError  # noqa: E402
 from qconv.cli import main  # noqa: E402
 from qconv.convert.fileio import save_tensors  # noqa: E402
 from qconv.pipelines.kv_params import compute_kv_params  # noqa: E402
+from qconv.runtime import cuda_graph  # noqa: E402
 from qconv.runtime.cuda_graph import DecodeBuffers, DecodeGraphs  # noqa: E402
 from qconv.runtime.engine import Engine  # noqa: E402
 from qconv.runtime.generation import GenerationConfig  # noqa: E402
@@ -152,7 +153,10 @@ def rows_view(cache: KVCache, first: int, stop: int) -> KVCache:
 def test_engine_decode_paths(w4kv, monkeypatch):
     """The engine's decode loop, decode_batch on arbitrary rows and a server's one-token forward on a run of
     rows, all through DecodeGraphs; without CUDA its few CUDA runtime calls are stubbed and steps run eagerly.
-    The qkv GEMV splits K here (its sums go through the fp32 buffer that the rope kernel zeroes)."""
+    The qkv GEMV splits K here (its sums go through the fp32 buffer that the rope kernel zeroes). Steps of up
+    to 14 keys take the short graphs (one attention split, no merge kernel), so generations cross to the
+    general ones midway, between bursts."""
+    monkeypatch.setattr(cuda_graph, "SHORT_CONTEXT", 14)
     if not CUDA:
         class Stub:
             def __init__(self, *a, **k):
@@ -198,6 +202,7 @@ def test_engine_decode_paths(w4kv, monkeypatch):
     # several prompts at once: packed prefill, then device-side greedy bursts for both rows
     two = [ids((9,), 21).tolist(), ids((5,), 22).tolist()]
     assert gpu.generate_batch(two, gen) == stepwise_batch(gpu, two, n)
+    assert {k[1] for k in gpu.decoder.greedy_graphs} == {False, True}  # bursts of both kinds ran
     # the same with a qkv that does not split K: the bursts' rows (distinct sequences) take the fused attention,
     # and the several-row qkv the GEMV with its RMSNorm fused (one program per row)
     monkeypatch.setitem(gemv_int4.TUNED, (16, qkv.out_features, qkv.in_features), GemvConfig(8, 1, dot=False))
@@ -238,7 +243,7 @@ def test_engine_on_cuda_uses_graphs_and_generates_like_cpu(w4kv):
     eng = Engine.from_workspace(w4kv, device="cuda", batch_size=4)
     assert eng.decoder is not None and isinstance(eng.model.head, Int8Head)
     assert list(eng.generate(prompt, gen)) == want
-    assert 1 in eng.decoder.graphs  # the bucket of one row was captured
+    assert (1, True) in eng.decoder.greedy_graphs  # the short-context graphs of one row were captured
     # decode_batch: three rows at once equal three single-row steps
     eng.reset()
     rows = [2, 0, 3]
