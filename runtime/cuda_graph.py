@@ -1,4 +1,5 @@
-"""Decode steps as CUDA graphs: GpuTransformer.decode_step captured once per batch bucket.
+"""Decode steps as CUDA graphs: GpuTransformer.decode_step captured once per batch bucket (and once more for
+steps whose rows hold at most SHORT_CONTEXT keys, which skip the attention merge kernel; ``key``).
 
     graphs = DecodeGraphs(model, cache)           # buffers for up to max(cache.batch, pack_rows) rows
     logits = graphs.step_host([tok], [pos], [0])  # one step for cache row 0 -> [1, V] (a view, valid until next step)
