@@ -154,8 +154,8 @@ def test_engine_decode_paths(w4kv, monkeypatch):
     """The engine's decode loop, decode_batch on arbitrary rows and a server's one-token forward on a run of
     rows, all through DecodeGraphs; without CUDA its few CUDA runtime calls are stubbed and steps run eagerly.
     The qkv GEMV splits K here (its sums go through the fp32 buffer that the rope kernel zeroes). Steps of up
-    to 14 keys take the short graphs (one attention split, no merge kernel), so generations cross to the
-    general ones midway, between bursts."""
+    to 14 keys take the short graphs (the attention splits merged in the attention kernel, no merge kernel),
+    so generations cross to the general ones midway, between bursts."""
     monkeypatch.setattr(cuda_graph, "SHORT_CONTEXT", 14)
     if not CUDA:
         class Stub:
