@@ -111,6 +111,31 @@ def test_kv_int8_workspace_ppl_within_1pct_on_smollm2(smollm2_hf, smol_ws, wiki_
     assert abs(ppl["kv"]["ppl"] / ppl["fp"]["ppl"] - 1) < 0.01
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_int8_cache_attention_equals_attention_over_the_dequantized_cache(dtype, tol):
+    """The CPU path attends over int8 codes (K's scale folded into q, its zero point dropped by the softmax, V's
+    applied to the output): against softmax over x = c * scale + zp in float64, with GQA (every kv head its
+    own params, so a wrong head mapping shows), a causal mask and two query positions."""
+    from qconv.runtime.kv_cache import cache_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, S, L, D = 2, 6, 3, 2, 37, 16
+    codes = [torch.randint(-128, 128, (B, Hkv, L, D), generator=g, dtype=torch.int8) for _ in range(2)]
+    ks, vs = (torch.rand(Hkv, generator=g) * 0.05 + 0.01 for _ in range(2))
+    kz, vz = (torch.randn(Hkv, generator=g) for _ in range(2))
+    params = tuple(p[None, :, None, None] for p in (ks, kz, vs, vz))
+    q = torch.randn(B, Hq, S, D, generator=g)
+    pos = torch.tensor([[20, 21], [35, 36]])  # row 0 sees fewer keys
+    mask = torch.arange(L)[None, None, None, :] <= pos[:, None, :, None]  # [B, 1, S, L]
+    k, v = (c.double() * p[0] + p[1] for c, p in ((codes[0], params[:2]), (codes[1], params[2:])))
+    k, v = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))
+    scores = (q.double() @ k.transpose(-1, -2)) / D ** 0.5
+    ref = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+    out = cache_attention(q.to(dtype), codes[0], codes[1], mask, qparams=params)
+    assert out.dtype == dtype
+    assert rel_err(out.double(), ref) < tol
+
+
 def test_workspace_eval_equals_model_eval(tiny_llama, wiki_path, tmp_path, run_cli):
     ws = convert(tiny_llama, tmp_path / "ws", "--session-len", 64)
     outs = [run_cli("eval", "--model", m, "--dataset", wiki_path, "--windows", 2, "--seqlen", 64, "--json")[1]
