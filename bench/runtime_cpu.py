@@ -4,7 +4,9 @@
 
 Four workspaces: fp16, W4 (the AWQ checkpoint, g64), fp16 + KV int8, W4 + KV int8; wiki ppl through the
 runtime (BENCH_PROTOCOL windows). Speed: batch 1, a 32-token prompt, 256 new tokens, greedy, EOS ignored,
-median of 3 after a warm-up, against HF transformers' generate in float32 in the same process.
+median of 3 after a warm-up, against HF transformers' generate in float32 in the same process. Long context
+(``--long-prompt``, default 2048; 0 skips it): that many prompt tokens, then 64 new ones: time to first token
+and the decode rate of the 63 after it, both medians of 3 after a warm-up.
 """
 from __future__ import annotations
 
@@ -30,13 +32,41 @@ def median_time(fn, runs: int = 3) -> float:
     return statistics.median(times)
 
 
+def long_context(generate, n_new: int = 64, runs: int = 3) -> tuple[float, float]:
+    """(TTFT s, decode tok/s after the first token) of ``generate()``, an iterator of n_new tokens; medians."""
+    def once():
+        t0 = time.perf_counter()
+        it = generate()
+        next(it)
+        t1 = time.perf_counter()
+        n = 1 + sum(1 for _ in it)
+        assert n == n_new, n
+        return t1 - t0, (n_new - 1) / (time.perf_counter() - t1)
+    once()  # warm-up
+    ttft, rate = zip(*(once() for _ in range(runs)))
+    return statistics.median(ttft), statistics.median(rate)
+
+
+def hf_stream(hf, ids: torch.Tensor, n_new: int):
+    """HF generate token by token (prefill, then one cached step per token), greedy, as an iterator."""
+    out = hf(ids, use_cache=True)
+    cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    yield int(tok)
+    for _ in range(n_new - 1):
+        out = hf(tok, past_key_values=cache, use_cache=True)
+        cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        yield int(tok)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--awq", required=True)
     ap.add_argument("--kv-params", required=True)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--work", default="/tmp/qconv-runtime")
+    ap.add_argument("--result-name", default="runtime_cpu_smollm2", help="bench/results/NAME.json")
     ap.add_argument("--skip-ppl", action="store_true")
+    ap.add_argument("--long-prompt", type=int, default=2048, help="prompt tokens of the long-context run (0: none)")
     args = ap.parse_args()
     prov = provenance()
     from transformers import AutoModelForCausalLM
@@ -73,6 +103,8 @@ def main():
 
     gen = GenerationConfig(max_new_tokens=256, temperature=0.0, stop_ids=())
     prompt = list(range(1000, 1032))  # 32 tokens
+    long_gen = GenerationConfig(max_new_tokens=64, temperature=0.0, stop_ids=())
+    long_prompt = [1000 + (7 * i) % 40000 for i in range(args.long_prompt)]
     for name, dst, dt in runs:
         eng = Engine.from_workspace(dst, device="cpu", dtype=dt)
 
@@ -81,6 +113,11 @@ def main():
             n = sum(1 for _ in eng.generate(prompt, gen))
             assert n == 256
         rows[name]["decode_tok_s"] = 256 / median_time(run)
+        if args.long_prompt:
+            def gen_long(eng=eng):
+                eng.reset()
+                return iter(eng.generate(long_prompt, long_gen))
+            rows[name]["long_ttft_s"], rows[name]["long_decode_tok_s"] = long_context(gen_long)
         del eng
     hf = AutoModelForCausalLM.from_pretrained(gguf_to_hf(Path(gguf)), dtype=torch.float32)
     ids = torch.tensor([prompt])
@@ -90,14 +127,20 @@ def main():
         assert out.shape[1] == 32 + 256
     with torch.inference_mode():
         rows["HF transformers fp32 generate"] = {"dtype": "float32", "decode_tok_s": 256 / median_time(hf_run)}
+        if args.long_prompt:
+            rows["HF transformers fp32 generate"]["long_ttft_s"], rows["HF transformers fp32 generate"][
+                "long_decode_tok_s"] = long_context(lambda: hf_stream(hf, torch.tensor([long_prompt]), 64))
     base = rows["HF transformers fp32 generate"]["decode_tok_s"]
     for r in rows.values():
         r["vs_hf"] = r["decode_tok_s"] / base
-    out = write_result("runtime_cpu_smollm2", {**prov, "threads": torch.get_num_threads(), "windows": args.windows,
-                                                "rows": rows})
-    print(f"\n{prov}\n{out}\n| configuration | wiki ppl (N={args.windows}) | decode tok/s | vs HF fp32 |\n|---|---|---|---|")
+    out = write_result(args.result_name, {**prov, "threads": torch.get_num_threads(), "windows": args.windows,
+                                          "long_prompt": args.long_prompt, "rows": rows})
+    L = args.long_prompt
+    print(f"\n{prov}\n{out}\n| configuration | wiki ppl (N={args.windows}) | decode tok/s | vs HF fp32 "
+          f"| TTFT @{L} s | decode tok/s @{L} |\n|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r.get('ppl', float('nan')):.4f} | {r['decode_tok_s']:.1f} | {r['vs_hf']:.2f}x |")
+        print(f"| {name} | {r.get('ppl', float('nan')):.4f} | {r['decode_tok_s']:.1f} | {r['vs_hf']:.2f}x "
+              f"| {r.get('long_ttft_s', float('nan')):.2f} | {r.get('long_decode_tok_s', float('nan')):.1f} |")
 
 
 if __name__ == "__main__":
