@@ -33,7 +33,7 @@ from torch import nn
 from ..convert.workspace_config import WorkspaceConfig
 from .kernels import HAVE_TRITON
 from .kv_cache import KVCache, shared_start
-from .model import LayerWeights
+from .model import LayerWeights, attention_mask
 from .rope import rotary_tables
 
 if HAVE_TRITON:
@@ -150,9 +150,8 @@ class GpuTransformer(nn.Module):
             length = int(pos.max()) + 1
             k, v = cache.read(i, B, length)  # [B, Hkv, L, D] in the compute dtype
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            keys = torch.arange(length, device=pos.device)
-            mask = keys[None, None, None, :] <= pos[:, None, :, None]  # [B, 1, S, L]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            mask, causal = attention_mask(pos, start, length)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return o.transpose(1, 2).reshape(B * S, hq * D)
 
     # ------------------------------------------------------------------------------------------

@@ -98,12 +98,11 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     dt = q.dtype
     work = torch.float32 if q.device.type == "cpu" else dt
     gqa = q.shape[1] != k.shape[1]
-    if qparams is not None:
-        rep = q.shape[1] // k.shape[1]
-        ks, _, vs, vz = (p.repeat_interleave(rep, dim=1) for p in qparams)  # [1, Hq, 1, 1]
-        q = q.float() * ks
+    if qparams is not None:  # per kv head, broadcast over its query heads: [B, Hkv, rep, S, D]
+        ks, _, vs, vz = (p.unsqueeze(2) for p in qparams)  # [1, Hkv, 1, 1, 1]
+        q = (q.unflatten(1, (k.shape[1], -1)).float() * ks).flatten(1, 2)
     o = F.scaled_dot_product_attention(q.to(work), k.to(work), v.to(work), attn_mask=mask, is_causal=causal,
                                        enable_gqa=gqa)
     if qparams is not None:
-        o = o.float() * vs + vz
+        o = (o.unflatten(1, (k.shape[1], -1)).float() * vs + vz).flatten(1, 2)
     return o.to(dt)
