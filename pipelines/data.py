@@ -1,6 +1,7 @@
 """Calibration and evaluation text: the bundled C4, local files, or ``hf:NAME[:CONFIG]:SPLIT``."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import random
@@ -39,7 +40,7 @@ def _read_file(path: Path) -> list[str]:
         return [str(t) for t in table.column("text").to_pylist() if t]
     opener = gzip.open if name.endswith(".gz") else open
     stem = name[:-3] if name.endswith(".gz") else name
-    with opener(path, "rt", encoding="utf-8") as f:
+    with _utf8(path), opener(path, "rt", encoding="utf-8") as f:
         if stem.endswith(".jsonl"):
             return _read_jsonl(f, path)
         if stem.endswith(".json"):
@@ -55,6 +56,16 @@ def _read_file(path: Path) -> list[str]:
         if stem.endswith(".txt") or "." not in stem:
             return [line.rstrip("\n") for line in f if line.strip()]
     raise QconvError(f"unsupported dataset file {path}; use .txt (one document per line), .jsonl/.json with a 'text' field, or .parquet")
+
+
+@contextlib.contextmanager
+def _utf8(path):
+    """Reading a text file that is not UTF-8 is a user error, not a traceback."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise QconvError(f"{path} is not UTF-8 text (it holds byte 0x{e.object[e.start]:02x}); "
+                         f"convert it first, e.g. iconv -f latin1 -t utf-8 {path} > fixed.txt") from None
 
 
 def _read_hf(spec: str) -> list[str]:
@@ -124,7 +135,8 @@ def eval_text(path: str) -> str:
     p = Path(path)
     if not p.is_file():
         raise QconvError(f"dataset {path} not found; pass a text file such as wiki.utf8")
-    lines = p.read_text(encoding="utf-8").split("\n")
+    with _utf8(p):
+        lines = p.read_text(encoding="utf-8").split("\n")
     text = "\n".join(l for l in lines if not l.startswith("<doc ") and l != "</doc>")
     if not text.strip():
         raise QconvError(f"dataset {path} holds no text")

@@ -80,3 +80,13 @@ def test_corrupt_calibrate_record(tiny_llama, tmp_path, run_cli):
     assert_one_line_error(code, err, "not valid JSON")
     json.loads  # the file is left as the user has it
     assert (tmp_path / "calibrate.json").read_text() == "{not json"
+
+
+def test_dataset_that_is_not_utf8(tiny_llama, tmp_path, run_cli):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("Caf\u00e9 au lait, deux fois.\n".encode("latin-1") * 50)
+    code, _, err = calib(run_cli, tiny_llama, tmp_path / "w", "--calib-dataset", bad)
+    assert_one_line_error(code, err, "not UTF-8")
+    assert "0xe9" in err and not (tmp_path / "w").exists()
+    code, _, err = run_cli("eval", "--model", tiny_llama, "--dataset", bad, "--windows", 1, "--seqlen", 16)
+    assert_one_line_error(code, err, "not UTF-8")
