@@ -22,11 +22,16 @@ def model_option(required=True):
 
 work_dir_option = click.option("--work-dir", required=True, metavar="DIR",
                                help="Folder for statistics and intermediate results (created if missing).")
+stats_dir_option = click.option("--work-dir", required=True, metavar="DIR",
+                                help="The folder qconv calibrate wrote its statistics into.")
 device_option = click.option("--device", type=DEVICES, default="auto", show_default=True,
                              help="auto picks CUDA when present.")
 dtype_option = click.option("--dtype", type=DTYPES, default="auto", show_default=True,
-                            help="auto: float32 on CPU (bfloat16 for int4 workspaces in chat/serve: torch's CPU int4 kernel); "
-                                 "the checkpoint's bf16, else float16, on GPU.")
+                            help="Compute dtype. auto: float32 on CPU; on GPU the checkpoint's bf16, else float16.")
+runtime_dtype_option = click.option(
+    "--dtype", type=DTYPES, default="auto", show_default=True,
+    help="Compute dtype. auto: on CPU bfloat16 for int4 workspaces (torch's CPU int4 kernel), else float32; "
+         "on GPU the checkpoint's bf16, else float16.")
 force_option = click.option("--force", is_flag=True, help="Recompute and overwrite existing outputs.")
 lm_head_option = click.option(
     "--lm-head", type=click.Choice(["auto", "fp", "int8", "int4"]), default="auto", show_default=True,
@@ -60,10 +65,19 @@ def cli():
     """qconv: quantize a decoder-only LLM (AWQ W4A16, int8 KV cache) and run it.
 
     \b
-    Typical flow:
+    One shot (all stages, resumable):
+      qconv quantize   --model M --dst-path WS     # calibrate, kv-params, awq, convert
+      qconv chat WS                                # talk to it (qconv serve WS: OpenAI API + web page)
+    \b
+    Stage by stage:
       qconv calibrate  --model M --work-dir W      # activation and K/V statistics
-      qconv kv-params  --work-dir W                # int8 KV zero-points and scales
-      qconv eval       --model M --dataset wiki.utf8 --kv-params W
+      qconv kv-params  --work-dir W                # int8 KV zero points and scales
+      qconv awq        --model M --work-dir W      # AWQ W4A16 checkpoint in W/awq_checkpoint
+      qconv convert    --model W/awq_checkpoint --dst-path WS --kv-params W/kv_qparams.safetensors
+      qconv eval WS    --dataset wiki.utf8         # perplexity (or --model M for an HF folder, GGUF, checkpoint)
+      qconv chat WS  |  qconv serve WS
+    \b
+    On a CPU shared with other jobs, see OMP_NUM_THREADS in the README. Each command has --help.
     """
 
 
@@ -92,7 +106,7 @@ def calibrate(model, work_dir, calib_dataset, calib_samples, calib_seqlen, seed,
 
 
 @cli.command("kv-params")
-@work_dir_option
+@stats_dir_option
 @click.option("--kv-sym", is_flag=True, help="Symmetric: scale = absmax/127, zp = 0 [default: asymmetric].")
 @click.option("--granularity", type=click.Choice(["head", "layer"]), default="head", show_default=True,
               help="One (scale, zp) per KV head, or per layer (per tensor-parallel shard).")
@@ -165,7 +179,9 @@ def awq(model, work_dir, w_bits, w_group_size, w_sym, calib_dataset, calib_sampl
 @click.option("--kv-sym", is_flag=True, help="With a work dir for --kv-params: symmetric params.")
 @click.option("--kv-granularity", type=click.Choice(["head", "layer"]), default="head", show_default=True)
 @device_option
-@dtype_option
+@click.option("--dtype", type=DTYPES, default="auto", show_default=True,
+              help="Compute dtype. auto: a WORKSPACE as qconv chat runs it; --model in float32 on CPU, the "
+                   "checkpoint's bf16, else float16, on GPU.")
 @lm_head_option
 @trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result.")
@@ -173,10 +189,15 @@ def eval_cmd(workspace, model, dataset, seqlen, windows, kv_params, kv_sym, kv_g
              trust_remote_code, as_json):
     """Perplexity: the text is tokenized once and cut into consecutive windows from token 0.
 
-    ppl = exp(mean NLL over every predicted token). WORKSPACE (from qconv convert) runs through the
-    bundled runtime, with the KV cache its config.ini says; --model also takes an HF folder, a .gguf
-    or an AWQ/int8 checkpoint (dequantized). With --kv-params, K and V are quantized to int8 and back
-    as they enter the cache. The last line printed is `ppl X`.
+    ppl = exp(mean NLL over every predicted token). Give exactly one of WORKSPACE or --model:
+
+    \b
+    WORKSPACE  a folder from qconv convert/quantize: measured through the bundled runtime, with
+               the weights and KV cache its config.ini says (what qconv chat computes)
+    --model M  an HF folder, a .gguf, or an AWQ/int8 checkpoint (dequantized), run by transformers;
+               with --kv-params, K and V are quantized to int8 and back as they enter the cache
+
+    The last line printed is `ppl X`.
     """
     from .pipelines.eval import eval_model
 
@@ -244,6 +265,9 @@ def convert(model, dst_path, model_format, weight_type, group_size, kv_params, q
     DIR/kv_qparams.safetensors  int8 KV params (with --kv-params)
     DIR/manifest.json           size and sha256 of every file, checked at load
     """
+    from .convert.fileio import check_new_path
+
+    check_new_path(dst_path, force)  # before torch loads: an existing destination fails at once
     from .convert.workspace import ConvertRequest, convert_workspace
 
     convert_workspace(ConvertRequest(
@@ -255,7 +279,8 @@ def convert(model, dst_path, model_format, weight_type, group_size, kv_params, q
 @click.argument("workspace", metavar="WORKSPACE")
 @click.option("--prompt", default=None, metavar="TEXT", help="Answer this one message and exit.")
 @click.option("--system", default=None, metavar="TEXT", help="System message for the conversation.")
-@click.option("--max-new-tokens", type=int, default=GENERATION_DEFAULTS["max_new_tokens"], show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=GENERATION_DEFAULTS["max_new_tokens"],
+              show_default=True, help="Most tokens per answer (also cut where prompt + answer reach session_len).")
 @click.option("--temperature", type=float, default=GENERATION_DEFAULTS["temperature"], show_default=True,
               help="0: greedy.")
 @click.option("--top-p", type=float, default=GENERATION_DEFAULTS["top_p"], show_default=True)
@@ -264,7 +289,7 @@ def convert(model, dst_path, model_format, weight_type, group_size, kv_params, q
               show_default=True)
 @click.option("--seed", type=int, default=None, help="Sampling seed [default: random].")
 @device_option
-@dtype_option
+@runtime_dtype_option
 @lm_head_option
 @click.option("--no-verify", is_flag=True, help="Skip checking the files against manifest.json.")
 def chat(workspace, prompt, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, device,
@@ -300,7 +325,7 @@ def chat(workspace, prompt, system, max_new_tokens, temperature, top_p, top_k, r
 @click.option("--api-key", default=SERVE_DEFAULTS["api_key"], envvar="QCONV_API_KEY", metavar="KEY",
               help="Require 'Authorization: Bearer KEY' on /v1 (also from $QCONV_API_KEY) [default: none].")
 @device_option
-@dtype_option
+@runtime_dtype_option
 @lm_head_option
 @click.option("--no-verify", is_flag=True, help="Skip checking the files against manifest.json.")
 def serve(workspace, host, port, max_batch_size, max_queue, api_key, device, dtype, lm_head, no_verify):

@@ -1,7 +1,7 @@
 """Atomic writes: every output goes to a temp file in the same folder, then ``os.replace``.
 
 A crash or Ctrl+C therefore leaves either the old file or the complete new one, never a
-half-written file that looks valid.
+half-written file that looks valid. Torch-free at import, so the CLI can check paths before loading torch.
 """
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from .. import QconvError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @contextlib.contextmanager
@@ -36,12 +37,17 @@ def atomic_path(path: str | os.PathLike):
             os.unlink(tmp)
 
 
+def check_new_path(path, force: bool) -> None:
+    """An output that exists is replaced only with ``force``."""
+    if Path(path).exists() and not force:
+        raise QconvError(f"{path} already exists; pass --force to overwrite it or choose another path")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, force: bool = False):
     """Yield a temp folder next to ``path``; on success it replaces ``path`` (only with ``force`` if it exists)."""
     path = Path(path)
-    if path.exists() and not force:
-        raise QconvError(f"{path} already exists; pass --force to overwrite it or choose another path")
+    check_new_path(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
@@ -66,11 +72,16 @@ def _umask() -> int:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def load_tensors(path, what: str = "tensor file") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise QconvError(f"{what} {path} not found")

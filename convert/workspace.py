@@ -18,7 +18,7 @@ import torch
 from .. import QconvError
 from ..pipelines.kv_params import load_kv_params
 from .checkpoint import FORMATS, Checkpoint, detect_format, quant_group_size
-from .fileio import atomic_dir, atomic_path, save_tensors
+from .fileio import atomic_dir, atomic_path, check_new_path, load_json, save_tensors
 from .layout import (ATTN_NORM, EMBED, FFN_NORM, FINAL_NORM, FLOAT_DTYPES, FUSED_LINEARS, GLOBAL_FILE, K_NORM,
                      OUTPUT, Q_NORM, WEIGHT_TYPES, QuantLinear, fuse, layer_file, linear_tensors)
 from .manifest import update_manifest, write_manifest
@@ -63,6 +63,21 @@ class ConvertRequest:
             raise QconvError(f"--session-len must be at least 2, got {self.session_len}")
         if self.max_batch_size < 1:
             raise QconvError(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
+        check_new_path(self.dst, self.force)
+
+
+def source_name(model) -> str:
+    """The name a workspace shows (config.ini's model_name, /v1/models, the chat banner): the model the user
+    started from. A qconv AWQ checkpoint names its source in awq.json, so a quantized workspace is called after
+    that model, not after its intermediate folder (awq_checkpoint)."""
+    path = Path(model)
+    report = path / "awq.json"
+    if path.is_dir() and report.is_file():
+        source = load_json(report, "AWQ report").get("model")
+        if isinstance(source, str) and source:
+            return source_name(source)
+    name = path.resolve().name
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
 
 
 def convert_workspace(req: ConvertRequest, log=print) -> Path:
@@ -81,7 +96,7 @@ def convert_workspace(req: ConvertRequest, log=print) -> Path:
     tok = load_tokenizer(folder, req.trust_remote_code)
     kv = load_kv_params(req.kv_params, shape["num_layers"], shape["num_kv_heads"]) if req.kv_params else None
     cfg = WorkspaceConfig(
-        model_name=Path(req.model).stem if Path(req.model).is_file() else Path(req.model).resolve().name,
+        model_name=source_name(req.model),
         model_arch=spec.model_type, head_num=shape["num_heads"], kv_head_num=shape["num_kv_heads"],
         size_per_head=shape["head_dim"], hidden_units=shape["hidden_size"], inter_size=shape["intermediate_size"],
         num_layer=shape["num_layers"], vocab_size=shape["vocab_size"], norm_eps=float(config.rms_norm_eps),

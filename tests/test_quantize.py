@@ -12,6 +12,7 @@ def test_quantize_then_chat_and_rerun_skips(make_tiny, tmp_path, run_cli):
     ini = configparser.ConfigParser()
     ini.read(ws / "config.ini")
     assert ini["llama"]["weight_type"] == "int4" and ini["llama"]["quant_policy"] == "4"
+    assert ini["llama"]["model_name"] == model.name  # the source model, not the intermediate awq_checkpoint
     assert (ws / "kv_qparams.safetensors").is_file() and (work / "awq_checkpoint" / "awq.json").is_file()
     code, out, err = run_cli("chat", ws, "--prompt", "Hello", "--max-new-tokens", 4, "--device", "cpu")
     assert code == 0 and out.strip(), err

@@ -285,3 +285,19 @@ def test_group_size_that_does_not_divide(tiny_llama, tmp_path, run_cli):
     code, _, err = run_cli("convert", "--model", tiny_llama, "--dst-path", tmp_path / "ws", "--weight-type", "int4",
                            "--group-size", 48)
     assert_one_line_error(code, err, "group_size 48 does not divide")
+
+
+def test_existing_destination_fails_before_anything_loads(smollm2_gguf, tiny_ws):
+    """The check runs before torch is imported or the model read (a GGUF would first be converted)."""
+    import subprocess
+    import sys
+    import time
+
+    probe = ("import sys; from qconv.cli import main; code = main(sys.argv[1:]); "
+             "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(code)")
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", probe, "convert", "--model", smollm2_gguf, "--dst-path", tiny_ws],
+                       capture_output=True, text=True, timeout=60)
+    seconds = time.monotonic() - t0
+    assert_one_line_error(r.returncode, r.stderr, "already exists")
+    assert seconds < 5, f"took {seconds:.1f}s"
