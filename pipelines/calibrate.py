@@ -82,7 +82,10 @@ def calibrate(model: str, work_dir: str, req: CalibRequest = CalibRequest(), bat
     run = Layerwise(lm, ids, dev, bs)
     inputs, kv = {}, KVObserver()
     layers = lm.layers
-    bar = tqdm(total=run.tokens * len(layers), unit="tok", unit_scale=True, desc="calibrate", dynamic_ncols=True)
+    # The bar counts tokens through the whole model (a layer's batch is 1/L of its tokens' work), so its rate
+    # is the summary line's: tokens / wall.
+    bar = tqdm(total=run.tokens, unit="tok", unit_scale=True, desc="calibrate", dynamic_ncols=True)
+    advance = lambda n: bar.update(n / len(layers))  # noqa: E731
     side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
     per_layer = []  # stats stay on the device until the end: no host sync between layers
     with attention_function(lm.model, kv):
@@ -90,7 +93,7 @@ def calibrate(model: str, work_dir: str, req: CalibRequest = CalibRequest(), bat
             bar.set_description(f"calibrate layer {i + 1}/{len(layers)}")
             store: dict = {}
             with observe_linear_inputs(layer, lm.spec, store, side):
-                run.run_block(layer, on_batch=bar.update)
+                run.run_block(layer, on_batch=advance)
             per_layer.append(store)
     bar.close()
     if dev.type == "cuda":
