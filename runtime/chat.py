@@ -8,6 +8,7 @@ dim line on stderr gives the answer's tokens, tok/s and KV-cache use.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import sys
 import threading
@@ -15,6 +16,7 @@ import threading
 import click
 
 from .. import QconvError
+from .detokenize import TextStream
 from .engine import Engine
 from .generation import GenerationConfig
 
@@ -34,12 +36,16 @@ class ChatSession:
     def ask(self, text: str) -> str | None:
         """Answer ``text`` with the history, printing as it goes; None when Ctrl+C (or an error) stopped it."""
         self.history.append({"role": "user", "content": text})
-        if self.interactive:
-            click.echo(click.style("assistant> ", fg="cyan", bold=True), nl=False)
         pieces: list[str] = []
         try:
+            ids, dropped = self.engine.chat_prompt(self.messages(), self.gen.max_new_tokens)
+            if dropped:
+                _note(f"[the {dropped} oldest messages do not fit session_len {self.engine.cfg.session_len} "
+                      f"with the answer; the model sees only the newer ones]")
+            if self.interactive:
+                click.echo(click.style("assistant> ", fg="cyan", bold=True), nl=False)
             with _ctrl_c_sets() as stop:
-                answer = self.engine.chat(self.messages(), self.gen, stream=True)
+                answer = TextStream(self.engine.tokenizer).feed_all(self.engine.generate(ids, self.gen))
                 for piece in answer:
                     pieces.append(piece)
                     if self.stream:
@@ -59,7 +65,7 @@ class ChatSession:
         except KeyboardInterrupt:
             self.history.pop()
             click.echo("")
-            click.echo(click.style("[interrupted; this turn is dropped]", dim=True), err=True)
+            _note("[interrupted; this turn is dropped]")
             return None
         text = "".join(pieces)
         click.echo(text if not self.stream else "")
@@ -72,25 +78,25 @@ class ChatSession:
         if s is None:
             return
         pct = 100.0 * s.kv_used / max(s.kv_capacity, 1)
-        click.echo(click.style(f"[{s.new_tokens} tokens, {s.tok_per_s:.1f} tok/s, KV cache {s.kv_used}/"
-                               f"{s.kv_capacity} tokens ({pct:.0f}%), {s.finish}]", dim=True), err=True)
+        _note(f"[{s.new_tokens} tokens, {s.tok_per_s:.1f} tok/s, KV cache {s.kv_used}/{s.kv_capacity} tokens "
+              f"({pct:.0f}%), prompt {s.prompt_tokens} tokens, {s.finish}]")
 
     def clear(self) -> None:
         self.history = []
         self.engine.reset()
-        click.echo(click.style("[history cleared]", dim=True), err=True)
+        _note("[history cleared]")
 
     # ------------------------------------------------------------------------------------------
     def read_message(self) -> str | None:
-        """One message from stdin (None at EOF); continuation lines and \"\"\" blocks are joined."""
+        """One message from stdin (None at EOF); continuation lines and \"\"\" blocks are joined. On a terminal
+        a paste arrives whole (readline's bracketed paste), newlines included, and may be longer than the
+        terminal's 4095-character line."""
         lines: list[str] = []
         block = False
         while True:
             prompt = "user> " if not lines else "...> "
-            if self.interactive:
-                click.echo(click.style(prompt, fg="green", bold=True), nl=False)
             try:
-                line = input()
+                line = input(_readline_prompt(prompt) if self.interactive else "")
             except EOFError:
                 if lines:
                     return "\n".join(lines)
@@ -110,8 +116,8 @@ class ChatSession:
 
     def loop(self) -> None:
         if self.interactive:
-            click.echo(click.style("commands: exit, clear, stream; end a line with \\ or wrap a block in \"\"\" "
-                                   "for several lines; Ctrl+C stops an answer", dim=True), err=True)
+            _note("commands: exit, clear, stream; a paste may span lines, or end a line with \\ or wrap a block in "
+                  "\"\"\" for several; arrow keys edit, up/down recall; Ctrl+C stops an answer")
         while True:
             try:
                 text = self.read_message()
@@ -131,9 +137,29 @@ class ChatSession:
                 self.clear()
             elif cmd == "stream":
                 self.stream = not self.stream
-                click.echo(click.style(f"[streaming {'on' if self.stream else 'off'}]", dim=True), err=True)
+                _note(f"[streaming {'on' if self.stream else 'off'}]")
             else:
                 self.ask(text)
+
+
+def _note(text: str) -> None:
+    click.echo(click.style(text, dim=True), err=True)
+
+
+def _line_editing() -> None:
+    """On a terminal: readline for input() (arrow keys, history with up/down, Ctrl+R), and bracketed paste, so
+    a pasted block is one message, however long and however many lines."""
+    try:
+        import readline
+    except ImportError:  # not on every platform; input() still works, without editing
+        return
+    readline.parse_and_bind("set enable-bracketed-paste on")
+
+
+def _readline_prompt(text: str) -> str:
+    """A coloured prompt for input(): readline must be told which bytes do not move the cursor (\\001..\\002),
+    or editing a long line redraws it in the wrong place."""
+    return re.sub(r"(\x1b\[[0-9;]*m)", "\001\\1\002", click.style(text, fg="green", bold=True))
 
 
 @contextlib.contextmanager
@@ -157,6 +183,8 @@ def run_chat(engine: Engine, gen: GenerationConfig, system: str | None = None, p
              load_s: float = 0.0) -> None:
     """``prompt``: answer it and return; otherwise a REPL (prompts and colours only on a terminal)."""
     interactive = prompt is None and sys.stdin.isatty()
+    if interactive:
+        _line_editing()
     session = ChatSession(engine, gen, system, stream=True, interactive=interactive)
     if interactive:
         c = engine.cfg

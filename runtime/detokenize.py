@@ -11,6 +11,8 @@ cannot.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 from .. import QconvError
 
 
@@ -39,6 +41,21 @@ class TextStream:
             self.text += now[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
         return self._release(final=False)
+
+    def feed_all(self, token_ids: Iterable[int]) -> Iterator[str]:
+        """The text of streamed ids, piece by piece (empty pieces skipped), up to a stop string or the end.
+        Closing this iterator closes ``token_ids`` too, so a generator behind it stops at once."""
+        try:
+            for t in token_ids:
+                if piece := self.push(t):
+                    yield piece
+                if self.stopped:
+                    return
+            if piece := self.finish():
+                yield piece
+        finally:
+            if hasattr(token_ids, "close"):
+                token_ids.close()
 
     def finish(self) -> str:
         """The answer ended: whatever is left, an incomplete character included (as U+FFFD)."""

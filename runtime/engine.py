@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import QconvError
+from .detokenize import TextStream
 from .gpu_model import GpuTransformer
 from .kv_cache import KVCache
 from .loader import LoadedWorkspace, load_workspace
@@ -276,9 +277,10 @@ class Engine:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def chat_prompt(self, messages: list[dict], max_new_tokens: int) -> list[int]:
-        """Token ids of ``messages``, dropping the oldest rounds (as Baichuan2's demo does) until the prompt
-        fits max(session_len / 2, session_len - max_new_tokens); a leading system message is always kept."""
+    def chat_prompt(self, messages: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
+        """Token ids of ``messages`` and how many messages were dropped: the oldest rounds go first (as
+        Baichuan2's demo does) until the prompt fits max(session_len / 2, session_len - max_new_tokens); a
+        leading system message is always kept."""
         limit = self.cfg.session_len
         budget = max(limit // 2, limit - max_new_tokens)
         head = messages[:1] if messages and messages[0]["role"] == "system" else []
@@ -287,9 +289,9 @@ class Engine:
         for s in starts:  # oldest round first
             ids = self.render(head + rest[s:])
             if len(ids) <= budget:
-                return ids
+                return ids, s
         if len(ids) < limit:  # the newest round alone: it fits, with less room for the answer
-            return ids
+            return ids, starts[-1]
         raise QconvError(f"the prompt has {len(ids)} tokens but session_len is {limit}; shorten it or convert "
                          f"with a larger --session-len")
 
@@ -297,21 +299,9 @@ class Engine:
         """Answer the conversation ``messages`` ([{"role", "content"}]): an iterator of text pieces as they
         are produced (``stream=True``) or the whole answer as one string."""
         gen = gen or GenerationConfig()
-        pieces = stream_text(self.tokenizer, self.generate(self.chat_prompt(messages, gen.max_new_tokens), gen))
+        ids = self.chat_prompt(messages, gen.max_new_tokens)[0]
+        pieces = TextStream(self.tokenizer).feed_all(self.generate(ids, gen))
         return pieces if stream else "".join(pieces)
-
-
-def stream_text(tokenizer, token_ids: Iterator[int]) -> Iterator[str]:
-    """Turn streamed ids into streamed text; a piece ending in an incomplete UTF-8 character waits."""
-    ids: list[int] = []
-    done = ""
-    for t in token_ids:
-        ids.append(t)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or len(text) <= len(done):
-            continue
-        yield text[len(done):]
-        done = text
 
 
 def _free_memory(device: torch.device) -> int:

@@ -223,8 +223,9 @@ def test_chat_drops_the_oldest_rounds_first(tiny_engine):
     long = "lorem ipsum " * 4
     msgs = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "first " + long},
             {"role": "assistant", "content": "a1"}, {"role": "user", "content": "second"}]
-    text = tiny_engine.tokenizer.decode(tiny_engine.chat_prompt(msgs, max_new_tokens=4))
-    assert "SYS" in text and "second" in text and "first" not in text
+    ids, dropped = tiny_engine.chat_prompt(msgs, max_new_tokens=4)
+    text = tiny_engine.tokenizer.decode(ids)
+    assert "SYS" in text and "second" in text and "first" not in text and dropped == 2
 
 
 # ----------------------------------------------------------------------------------------------
