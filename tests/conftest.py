@@ -98,6 +98,24 @@ def tiny_llama(tmp_path_factory, smollm2_hf):
     return build_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), smollm2_hf)
 
 
+def _wait_for(cond, timeout: float = 10.0) -> bool:
+    """Poll ``cond`` until it holds or ``timeout`` seconds pass: state another thread sets (a server slot freed
+    after its response was sent) is awaited, with a bound, not assumed."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture
+def wait_for():
+    return _wait_for
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run `qconv ARGS` in-process; returns (exit code, stdout, stderr)."""

@@ -119,15 +119,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(engine):
     assert "".join(e.text for e in crowd[1]) == "".join(e.text for e in alone)
 
 
-def wait_for(cond, timeout=10.0) -> bool:
-    for _ in range(int(timeout / 0.01)):
-        if cond():
-            return True
-        threading.Event().wait(0.01)
-    return False
-
-
-def test_full_queue_and_cancel(engine):
+def test_full_queue_and_cancel(engine, wait_for):
     long = GenerationConfig(max_new_tokens=900, temperature=0, stop_ids=())
     scheduler = Scheduler(engine, max_batch=1, max_queue=1).start()
     try:
