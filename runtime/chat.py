@@ -142,6 +142,12 @@ class ChatSession:
                 self.ask(text)
 
 
+def _where(device) -> str:
+    import torch
+
+    return f"cpu ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device)
+
+
 def _note(text: str) -> None:
     click.echo(click.style(text, dim=True), err=True)
 
@@ -190,7 +196,7 @@ def run_chat(engine: Engine, gen: GenerationConfig, system: str | None = None, p
         c = engine.cfg
         click.echo(click.style(f"qconv: {c.model_name}: {c.weight_type} weights, "
                                f"{'int8' if c.quant_policy == 4 else 'fp'} KV cache, session_len {c.session_len}, "
-                               f"on {engine.device}, loaded in {load_s:.1f}s", dim=True), err=True)
+                               f"on {_where(engine.device)}, loaded in {load_s:.1f}s", dim=True), err=True)
     if prompt is not None:
         if session.ask(prompt) is None:
             raise click.exceptions.Abort()  # Ctrl+C: exit 130 like any interrupted command
