@@ -1,9 +1,9 @@
 """One-row GEMV configs chosen inside the decode graph (issue 5): the whole step's time is what counts.
 
-    python bench/gpu_graph_sweep.py                # qwen2.5-1.5b config, W4A16 (RTN g128) + KV int8, ~4 min
-    python bench/gpu_graph_sweep.py --roles w13,w2
+    python3 -m bench.gpu_graph_sweep                # qwen2.5-1.5b config, W4A16 (RTN g128) + KV int8, ~4 min
+    python3 -m bench.gpu_graph_sweep --roles w13,w2
 
-bench/gpu_micro.py times each GEMV alone, in a graph of independent calls; in a decode step each kernel
+bench.gpu_micro times each GEMV alone, in a graph of independent calls; in a decode step each kernel
 waits for the one before it (PDL overlaps only its first weight tile), so a config's latency to its last
 output matters as much as its bandwidth. Here every candidate config of a role is set on that role's
 linears in all layers, the bucket-1 graph is captured again and the step is timed (median of three runs of
@@ -27,15 +27,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, write_result  # noqa: E402
-from gpu_micro import log  # noqa: E402
-from gpu_rows import build_workspaces, graph_step_us, replay_us  # noqa: E402
-
-from qconv.runtime import gpu_model  # noqa: E402
-from qconv.runtime.cuda_graph import DecodeGraphs  # noqa: E402
-from qconv.runtime.engine import Engine  # noqa: E402
-from qconv.runtime.kernels.gemv_int4 import TUNED, GemvConfig  # noqa: E402
+from bench.common import log, provenance, write_result
+from bench.gpu_rows import build_workspaces, graph_step_us, replay_us
+from qconv.runtime import gpu_model
+from qconv.runtime.cuda_graph import DecodeGraphs
+from qconv.runtime.engine import Engine
+from qconv.runtime.kernels.gemv_int4 import TUNED, GemvConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLES = {"qkv": "wqkv", "o": "wo", "w13": "w13", "w2": "w2"}
@@ -240,7 +237,6 @@ def sweep(args, spaces, rows: int, t_start: float) -> None:
             lin = lins(role)[0]
             log(f"    ({key_m}, {lin.out_features}, {lin.in_features}): {c},  # {role}")
     res.update(provenance())
-    res["command"] = "python3 bench/gpu_graph_sweep.py " + " ".join(sys.argv[1:])
     res["rows"] = rows
     out = write_result(f"gpu_graph_sweep_rows{rows}", res)
     if os.environ.get("OUT"):
