@@ -1,12 +1,11 @@
-"""Shared bits of the bench scripts: provenance for every number (date, machine, commit, command)."""
+"""Shared bits of the bench scripts: provenance for every number (date, machine, commit, command), result
+files, a random-weight model of a real config."""
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,10 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
 
 
 def machine() -> str:
@@ -36,8 +39,15 @@ def provenance() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "commit": os.environ.get("QCONV_COMMIT") or _git_commit(Path(__file__).resolve().parent.parent),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command(),
     }
+
+
+def command() -> str:
+    """The command line of this run, as ``python3 -m bench.NAME ARGS`` when run as a module."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    script = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
+    return " ".join([Path(sys.executable).name, *script, *sys.argv[1:]])
 
 
 def _git_commit(root: Path) -> str:
@@ -56,17 +66,6 @@ def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"
     out.write_text(json.dumps(payload, indent=2) + "\n")
-    return out
-
-
-def save_device_result(name: str, payload: dict) -> Path:
-    """A GPU probe's result with its provenance and device name -> bench/results/<name>.json, copied to $OUT
-    when set (what a lent device machine sends back)."""
-    payload.update(provenance())
-    payload["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    out = write_result(name, payload)
-    if os.environ.get("OUT"):
-        shutil.copy(out, os.environ["OUT"])
     return out
 
 
@@ -97,14 +96,3 @@ def stub_datasets() -> None:
         stub = types.ModuleType("datasets")
         stub.load_dataset = None
         sys.modules["datasets"] = stub
-
-
-def ppl_parser(group_size: int, windows: int) -> argparse.ArgumentParser:
-    """The arguments every perplexity bench takes: the GGUF model, wiki.utf8, device, group size, windows."""
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--gguf", required=True)
-    ap.add_argument("--wiki", required=True)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--group-size", type=int, default=group_size)
-    ap.add_argument("--windows", type=int, default=windows)
-    return ap

@@ -1,6 +1,6 @@
 """AWQ speed on the GPU (issue 3): `qconv awq` against AutoAWQ 0.2.9 on the same model and data.
 
-    python bench/gpu_awq.py --config CFG.json --tokenizer DIR [--autoawq] [--samples 128 --seqlen 512]
+    python3 -m bench.gpu_awq --config CFG.json --tokenizer DIR [--autoawq] [--samples 128 --seqlen 512]
 
 Random weights (transformers' init) with a real config; w4 g128 zero-point GEMM; C4 windows.
 Wall time is the quantization itself (both sides after the model is loaded), peak is
@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, random_model_folder, stub_datasets, write_result  # noqa: E402
+from bench.common import provenance, random_model_folder, stub_datasets, write_result
 
 
 def main():

@@ -1,6 +1,6 @@
 """GPU calibration speed (issue 2): `qconv calibrate` against a plain fp16 forward over the same tokens.
 
-    python bench/gpu_calibrate.py --config ../shared/configs/qwen2.5-1.5b.json --tokenizer DIR [--samples 128 --seqlen 2048]
+    python3 -m bench.gpu_calibrate --config ../shared/configs/qwen2.5-1.5b.json --tokenizer DIR [--samples 128 --seqlen 2048]
 
 Random weights (transformers' init, std 0.02) with a real config; the tokenizer only cuts the C4 text.
 Prints a table last and writes bench/results/gpu_calibrate.json.
@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, random_model_folder, write_result  # noqa: E402
+from bench.common import provenance, random_model_folder, write_result
 
 
 def sync(dev):

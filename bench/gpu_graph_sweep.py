@@ -1,16 +1,17 @@
-"""One-row GEMV configs chosen inside the decode graph (issue 5): the whole step's time is what counts.
+"""int4 matmul configs chosen inside the decode graph (issue 5): the whole step's time is what counts.
 
-    python bench/gpu_graph_sweep.py                # qwen2.5-1.5b config, W4A16 (RTN g128) + KV int8, ~4 min
-    python bench/gpu_graph_sweep.py --roles w13,w2
+    python3 -m bench.gpu_graph_sweep                # qwen2.5-1.5b config, W4A16 (RTN g128) + KV int8, ~4 min
+    python3 -m bench.gpu_graph_sweep --roles w13,w2
+    python3 -m bench.gpu_graph_sweep --mma --quick --pf 1,3 --rows 1,8     # the mma.sync kernel's tiles
 
-bench/gpu_micro.py times each GEMV alone, in a graph of independent calls; in a decode step each kernel
+bench.gpu_micro times each GEMV alone, in a graph of independent calls; in a decode step each kernel
 waits for the one before it (PDL overlaps only its first weight tile), so a config's latency to its last
 output matters as much as its bandwidth. Here every candidate config of a role is set on that role's
 linears in all layers, the bucket-1 graph is captured again and the step is timed (median of three runs of
 100 replays) at a mid-run position; roles go one after the other, each keeping the best found (coordinate
 descent), then a second pass over the roles. A config whose logits differ from the baseline's (> 1e-2
 relative) is refused. Prints gemv_int4.TUNED entries for the best configs, and writes
-bench/results/gpu_graph_sweep.json.
+bench/results/gpu_graph_sweep_rows<N>.json (copied to $OUT when set).
 """
 from __future__ import annotations
 
@@ -27,15 +28,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, write_result  # noqa: E402
-from gpu_micro import log  # noqa: E402
-from gpu_rows import build_workspaces, graph_step_us, replay_us  # noqa: E402
-
-from qconv.runtime import gpu_model  # noqa: E402
-from qconv.runtime.cuda_graph import DecodeGraphs  # noqa: E402
-from qconv.runtime.engine import Engine  # noqa: E402
-from qconv.runtime.kernels.gemv_int4 import TUNED, GemvConfig  # noqa: E402
+from bench.common import log, provenance, write_result
+from bench.gpu_rows import build_workspaces, graph_step_us, replay_us
+from qconv.runtime.cuda_graph import DecodeGraphs
+from qconv.runtime.engine import Engine
+from qconv.runtime.kernels.gemv_int4 import TUNED, GemvConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLES = {"qkv": "wqkv", "o": "wo", "w13": "w13", "w2": "w2"}
@@ -43,52 +40,32 @@ RESIDUAL = {"o", "w2"}  # += residual epilogue: split-K allowed (atomic adds)
 # split-K counts tried around the current config; the odd ones let a slice fill whole steps of the one-row
 # GEMV (w2: 70 groups in 9 slices of <= 8, one step of 8 groups at 4 words per thread; o: 12 groups in 3 of 4)
 SPLITS = (1, 2, 3, 4, 5, 6, 8, 9, 12, 16, 18, 24, 32, 35)
-# one row on the mma kernel: the K-slices tried with every tile (bench/gpu_mma_probe.py --rows 1, H200,
-# 2026-12-04: alone, w2 was fastest in 35 slices of 2 groups, o in 12 of one, w13 in 4; qkv lost at any split)
+# one row on the mma kernel: the K-slices tried with every tile (an mma program's groups run as a serial chain,
+# so one row wants short slices: one or two groups each)
 MMA_SPLITS_ONE_ROW = {"qkv": (1, 3), "o": (6, 12), "w13": (4, 6, 12), "w2": (18, 35)}
 
 
 MMA_TILES = ((32, 2), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8), (64, 1), (128, 2))  # (outputs, warps)
 
 
-def candidates(role: str, group: int, split: int, rows: int, tc: bool = False, mma: bool = False,
-               pfs: tuple[int, ...] = (1,), fuse_norm: bool = False, quick: bool = False) -> list[GemvConfig]:
-    """One row: _gemv shapes (rows per program x words per thread x warps) at the given split-K (a first
-    sweep also tried 16 rows, 4 warps and 8 words per thread: never better, often far worse). Several rows:
-    _gemm (tl.dot) tiles x warps x pipeline stages. ``tc``: _w4_tc_kernel tiles (>= 64 rows: wgmma) x warps
-    x x's load order x how far ahead the weights load, for any number of rows. ``mma``: kernels/mma_int4.py's
-    tiles (outputs per program x warps; ``quick``: the first four) x how far ahead the weights load (``pfs``), for
-    any number of rows (one row: x MMA_SPLITS_ONE_ROW); qkv's and w13's RMSNorm a kernel before it, or inside it
-    (``fuse_norm``)."""
+def candidates(role: str, group: int, split: int, rows: int, mma: bool = False, pfs: tuple[int, ...] = (1,),
+               quick: bool = False) -> list[GemvConfig]:
+    """One row: _gemv shapes (rows per program x words per thread x warps) at the given split-K. Several rows:
+    _gemm (tl.dot) tiles x warps x pipeline stages, and the GEMV with a program per row. ``mma``:
+    kernels/mma_int4.py's tiles (outputs per program x warps; ``quick``: the first four) x how far ahead the
+    weights load (``pfs``), for any number of rows (one row: x MMA_SPLITS_ONE_ROW); qkv's and w13's RMSNorm a
+    kernel before it."""
     if mma:
-        fn = fuse_norm and role in ("qkv", "w13")
         splits = MMA_SPLITS_ONE_ROW[role] if rows == 1 else (split,)
-        return [GemvConfig(bn, sp, w, dot=True, mma=True, pf=pf, fuse_norm=fn)
+        return [GemvConfig(bn, sp, w, dot=True, mma=True, pf=pf)
                 for bn, w in (MMA_TILES[:4] if quick else MMA_TILES) for pf in pfs for sp in splits]
     if rows > 1:  # also the GEMV with a program per row (its RMSNorm fused; split-K only with += residual)
         gemv = [GemvConfig(bn, split if role in RESIDUAL else 1, w, 1, False, v) for bn in (4, 8) for v in (2, 4)
                 for w in (1, 2)]
-    else:
-        gemv = []
-    if tc:  # (a first sweep also tried 128 outputs per program with 4 warps, and two groups per step: never best)
-        return gemv + [GemvConfig(bn, split, w, 1, True, tc=True, xvec=xv, pf=pf)
-                       for bn, w in ((64, 4), (128, 8)) for xv in (False, True) for pf in (1, 2, 3)] + [
-            GemvConfig(128, split, 8, st, True, tc=True, xvec=True, pf=pf) for st in (2, 3) for pf in (1, 3)]
-    if rows > 1:
         return gemv + [GemvConfig(bn, split, w, st, True) for bn in (16, 32, 64, 128) for w in (4, 8) for st in (3, 4)]
     wg = group // 8
     return [GemvConfig(bn, split, w, 1, False, v) for bn in (1, 2, 4, 8) for v in (1, 2, 4) for w in (1, 2)
             if wg % v == 0 and (32 * w) % (wg // v) == 0 and (bn >= 2 or role != "w13")]  # SiLU: row pairs
-
-
-def gemv_rows_candidates(role: str, lin, rows: int) -> list[GemvConfig]:
-    """Several rows through _gemv with all of them in one program (their codes made once per step): a few
-    tiles x words per thread x warps, at the one-row config's split-K where the epilogue adds."""
-    one = TUNED.get((1, lin.out_features, lin.in_features))
-    split = one.split_k if one is not None and role in RESIDUAL else 1
-    r = 1 << (rows - 1).bit_length()
-    return [GemvConfig(bn, split, w, 1, False, v, rows=r) for bn, v, w in ((2, 2, 1), (2, 4, 1), (4, 1, 1), (4, 2, 1),
-                                                                           (4, 2, 2))]
 
 
 def greedy_graph(eng, rows: int, position: int):
@@ -136,18 +113,12 @@ def main():
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--rows", default=[1], type=row_counts,
                     help="the step's rows (1, or several: tl.dot configs, bucket 16); a comma list sweeps each in turn")
-    ap.add_argument("--tc", action="store_true", help="sweep the tensor-core kernel's configs (_w4_tc_kernel)")
     ap.add_argument("--mma", action="store_true", help="sweep the mma.sync kernel's configs (kernels/mma_int4.py)")
     ap.add_argument("--pf", default="1", help="--mma: prefetch depths to try (groups ahead, 1-3; comma list)")
-    ap.add_argument("--fuse-norm", action="store_true", help="--mma: qkv's and w13's RMSNorm inside the kernel")
     ap.add_argument("--quick", action="store_true", help="--mma: the first four tiles only")
     ap.add_argument("--splits-only", action="store_true",
                     help="only other split-K counts of each role's current config")
-    ap.add_argument("--gemv-rows", action="store_true",
-                    help="only the CUDA-core GEMV with all the step's rows in one program (several rows)")
     ap.add_argument("--budget-s", type=float, default=420, help="stop sweeping a row count after this many seconds")
-    ap.add_argument("--silu-modes", action="store_true",
-                    help="also time the baseline with the SiLU-mul in w13's last K-slice (gpu_model.SILU_IN_W2 off)")
     args = ap.parse_args()
     try:
         pfs = tuple(int(v) for v in args.pf.split(","))
@@ -183,13 +154,6 @@ def sweep(args, spaces, rows: int, t_start: float) -> None:
     base_us, base_logits = step_us()
     log(f"baseline (gemv_int4.TUNED): {base_us:.1f} µs per step at position {args.position}")
     res = {"baseline_us": base_us, "position": args.position, "tried": {}}
-    if args.silu_modes:  # the same configs with w13's last K-slice applying the SiLU-mul (gpu_model.SILU_IN_W2)
-        gpu_model.SILU_IN_W2 = False
-        us, logits = step_us()
-        gpu_model.SILU_IN_W2 = True
-        err = ((logits - base_logits).norm() / base_logits.norm()).item()
-        res["silu_in_last_slice_us"] = us
-        log(f"  the SiLU-mul in w13's last K-slice instead of w2: {us:.1f} µs per step (rel err {err:.1e})")
     best = {role: lins(role)[0].config for role in ROLES}  # None: gemv_int4.TUNED / default_config
     cur_us = base_us  # the step with every role at its best so far
     roles = [r for r in args.roles.split(",") if r]
@@ -198,11 +162,8 @@ def sweep(args, spaces, rows: int, t_start: float) -> None:
             lin0 = lins(role)[0]
             current = best[role] or TUNED.get((key_m, lin0.out_features, lin0.in_features))
             split = current.split_k if current else 1
-            if args.gemv_rows:
-                cands, current = gemv_rows_candidates(role, lin0, rows), None  # (no split-K variants of current)
-            else:
-                cands = [] if args.splits_only else candidates(role, lin0.group, split, rows, args.tc, args.mma,
-                                                               args.pf, args.fuse_norm, args.quick)
+            cands = [] if args.splits_only else candidates(role, lin0.group, split, rows, args.mma, args.pf,
+                                                           args.quick)
             # several rows: qkv sums through rope; w13's last K-slice of a tile applies the SiLU-mul (both also at
             # one row in the mma kernel)
             splittable = role in RESIDUAL or (rows > 1 and role in ("qkv", "w13")) or (
@@ -240,7 +201,6 @@ def sweep(args, spaces, rows: int, t_start: float) -> None:
             lin = lins(role)[0]
             log(f"    ({key_m}, {lin.out_features}, {lin.in_features}): {c},  # {role}")
     res.update(provenance())
-    res["command"] = "python3 bench/gpu_graph_sweep.py " + " ".join(sys.argv[1:])
     res["rows"] = rows
     out = write_result(f"gpu_graph_sweep_rows{rows}", res)
     if os.environ.get("OUT"):

@@ -1,4 +1,4 @@
-"""Kernel microbenchmarks of the GPU decode path, for bench/gpu_runtime.py (alone with --kernels-only).
+"""Kernel microbenchmarks of the GPU decode path, for bench.gpu_runtime (alone with --kernels-only).
 
 Every timing is a CUDA graph of one call per weight (or cache) copy, with enough distinct copies to
 overflow L2 twice, as a decode step reads each layer's weights once: µs per call = replay time / copies.
@@ -18,14 +18,11 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
+from bench.common import log
 from qconv.convert.layout import pack_int4, pack_words, unpack_words
 from qconv.runtime.gpu_linear import tinygemm_pack
 from qconv.runtime.kernels.attention import decode_attention, num_splits
 from qconv.runtime.kernels.gemv_int4 import GemvConfig, w4_dequantize, w4_matmul
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def graph_us(fn, copies: int, reps: int = 15) -> float:

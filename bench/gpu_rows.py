@@ -1,4 +1,4 @@
-"""Pieces of bench/gpu_runtime.py: workspaces from a random model, the correctness gate, one row's numbers.
+"""Pieces of bench.gpu_runtime (and bench.gpu_graph_sweep): workspaces from a random model, the correctness gate, one row's numbers.
 
 Speed rows follow BENCH_PROTOCOL: greedy, EOS ignored, median of ``runs`` after a warm-up; decode tok/s
 counts the whole generate call (the short prompt's prefill included), as for HF's generate.
@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from common import random_model_folder
-from gpu_micro import log
+from bench.common import log, random_model_folder
 from qconv.convert.fileio import save_tensors
 from qconv.convert.workspace import ConvertRequest, convert_workspace, install_kv_params
 from qconv.pipelines.kv_params import compute_kv_params
@@ -86,9 +85,6 @@ def kv_bytes(cfg, tokens: int, quantized: bool) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-WORKSPACES = ("fp16", "W4A16", "fp16 + KV int8", "W4A16 + KV int8")  # build_workspaces' names
-
-
 def build_workspaces(config: dict, tokenizer: str, work: Path, session_len: int, batch: int, group: int,
                      device: str) -> dict[str, Path]:
     """Random HF model (transformers' init, std 0.02) -> fp16, int4 (RTN), and both with int8 KV params

@@ -1,13 +1,13 @@
 """The bundled runtime's GPU decode path (issue 5): kernels, correctness gate, speed and memory, one run.
 
-    python bench/gpu_runtime.py                   # everything (~6-8 min on an H100), table printed last
-    python bench/gpu_runtime.py --kernels-only    # GEMV / attention microbenchmarks only (~1-2 min)
-    python bench/gpu_runtime.py --smoke           # tiny shapes in seconds; without CUDA the reference path only
+    python3 -m bench.gpu_runtime                   # everything (~6-8 min on an H100), table printed last
+    python3 -m bench.gpu_runtime --kernels-only    # GEMV / attention microbenchmarks only (~1-2 min)
+    python3 -m bench.gpu_runtime --smoke           # tiny shapes in seconds; without CUDA the reference path only
 
 Steps, each on its own (a failure is printed and the rest goes on), results saved after each:
   [1] device copy bandwidth (read + write bytes of a 1 GiB device-to-device copy)
   [2] kernels: int4 GEMV candidates per decode role at M=1 and 8 (Triton fused, tinygemm, dequant + cuBLAS,
-      cuBLAS fp16), each alone; reported, not applied (gemv_int4.TUNED comes from bench/gpu_graph_sweep.py,
+      cuBLAS fp16), each alone; reported, not applied (gemv_int4.TUNED comes from bench.gpu_graph_sweep,
       which times whole decode steps); attention
   [3] gate: SmolLM2-shaped random model, GPU path vs the CPU runtime (fp16, and W4 g64 + KV int8)
   [4] qwen2.5-1.5b-shaped random model: fp16, W4A16 (RTN g128), + KV int8 each; HF transformers fp16 eager
@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -28,10 +27,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, write_result  # noqa: E402
-from gpu_micro import bench_attention, bench_linears, log, print_tuned, tuned_from_json, tuned_json  # noqa: E402
-from gpu_rows import build_workspaces, gate, graph_step_us, measure_hf, measure_row, profile_kernels  # noqa: E402
+from bench.common import log, provenance, write_result
+from bench.gpu_micro import bench_attention, bench_linears, print_tuned, tuned_from_json, tuned_json
+from bench.gpu_rows import build_workspaces, gate, graph_step_us, measure_hf, measure_row, profile_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOL = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -132,7 +130,7 @@ def main():
         full = args.full_sweep or args.kernels_only
 
         def kernels():  # reported only: the engines keep gemv_int4.TUNED, chosen inside the decode graph
-            lin, tuned = bench_linears(model_cfg, group=plan.group, full=full)  # (bench/gpu_graph_sweep.py)
+            lin, tuned = bench_linears(model_cfg, group=plan.group, full=full)  # (bench.gpu_graph_sweep)
             print_tuned(tuned)
             return {"linears": lin, "tuned": tuned_json(tuned),
                     "attention": bench_attention(model_cfg, contexts=(512, 4096) if not args.smoke else (64,),

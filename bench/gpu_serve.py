@@ -1,7 +1,7 @@
 """`qconv serve` throughput on the GPU (issue 6): many concurrent streams through the real HTTP server.
 
-    python bench/gpu_serve.py [--config CFG.json --tokenizer DIR] [--batch 64 --requests 64]
-    python bench/gpu_serve.py --smoke          # CPU, tiny model: proves the script end to end
+    python3 -m bench.gpu_serve [--config CFG.json --tokenizer DIR] [--batch 64 --requests 64]
+    python3 -m bench.gpu_serve --smoke          # CPU, tiny model: proves the script end to end
 
 A random-weight model of the config (default qwen2.5-1.5b from .carry/) becomes an fp16 workspace with
 max_batch_size = --batch; the server runs in this process (uvicorn in a thread, the scheduler's worker
@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, random_model_folder, write_result  # noqa: E402
+from bench.common import provenance, random_model_folder, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,

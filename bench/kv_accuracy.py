@@ -1,21 +1,17 @@
 """KV int8 accuracy on SmolLM2-135M (BENCH_PROTOCOL): wiki N=40 windows of 2048, KV calibration 128 x 2048.
 
-    python bench/kv_accuracy.py [--windows 40] [--samples 128] [--work-dir /tmp/qconv-bench/smollm2-kv]
+    python3 -m bench.kv_accuracy [--windows 40] [--samples 128] [--work-dir /tmp/qconv-bench/smollm2-kv]
 
 Prints a markdown table last and writes bench/results/kv_accuracy_smollm2.json.
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, write_result  # noqa: E402
-
-from qconv.pipelines.calibrate import CalibRequest, calibrate  # noqa: E402
-from qconv.pipelines.eval import eval_model  # noqa: E402
-from qconv.pipelines.fetch import fetch  # noqa: E402
+from bench.common import provenance, write_result
+from qconv.pipelines.calibrate import CalibRequest, calibrate
+from qconv.pipelines.eval import eval_model
+from qconv.pipelines.fetch import fetch
 
 
 def main():

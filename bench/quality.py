@@ -1,7 +1,7 @@
 """Quality table of one real model (issues 2 and 3), by BENCH_PROTOCOL: fp32, RTN, AutoAWQ, qconv AWQ, KV int8.
 
-    python bench/quality.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --wiki wiki.utf8 --group-size 64 --windows 40
-    python bench/quality.py --gguf qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --wiki wiki.utf8 --group-size 128 \
+    python3 -m bench.quality --gguf SmolLM2-135M-Instruct.Q4_1.gguf --wiki wiki.utf8 --group-size 64 --windows 40
+    python3 -m bench.quality --gguf qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --wiki wiki.utf8 --group-size 128 \
         --windows 8 --steps fp,rtn,awq,kv --name quality_qwen     # then --steps autoawq in a second call
 
 Rows: fp32 reference (the dequantized GGUF), qconv RTN, qconv AWQ, AutoAWQ 0.2.9 (if importable; same
@@ -13,21 +13,25 @@ Rows accumulate in WORK/rows.json, so steps can run in separate calls; the table
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ppl_parser, provenance, stub_datasets, write_result  # noqa: E402
+from bench.common import provenance, stub_datasets, write_result
 
 STEPS = ("fp", "rtn", "awq", "autoawq", "kv")
 
 
 def main():
-    ap = ppl_parser(group_size=64, windows=40)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gguf", required=True)
+    ap.add_argument("--wiki", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma list of {STEPS}")
     ap.add_argument("--quant-dtype", default="float32")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls while quantizing (never in ppl)")

@@ -1,6 +1,6 @@
 """The bundled runtime on the CPU, SmolLM2-135M (issue 4): quality through the runtime and decode speed.
 
-    python bench/runtime_cpu.py --awq W/awq_checkpoint --kv-params W/kv_qparams.safetensors [--windows 40]
+    python3 -m bench.runtime_cpu --awq W/awq_checkpoint --kv-params W/kv_qparams.safetensors [--windows 40]
 
 Four workspaces: fp16, W4 (the AWQ checkpoint, g64), fp16 + KV int8, W4 + KV int8; wiki ppl through the
 runtime (BENCH_PROTOCOL windows). Speed: batch 1, a 32-token prompt, 256 new tokens, greedy, EOS ignored,
@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, write_result  # noqa: E402
+from bench.common import provenance, write_result
 
 
 def median_time(fn, runs: int = 3) -> float:
