@@ -234,7 +234,7 @@ def fetch(name):
 # Deployment: a workspace for the bundled runtime, and chatting with it
 # ---------------------------------------------------------------------------------------------
 from .runtime.generation import GENERATION_DEFAULTS  # noqa: E402  (torch-free; chat's defaults)
-from .runtime.serve import SERVE_DEFAULTS  # noqa: E402  (torch-free; serve's defaults)
+from .runtime.serve.server import SERVE_DEFAULTS  # noqa: E402  (torch-free; serve's defaults)
 
 
 @cli.command()
@@ -340,7 +340,7 @@ def serve(workspace, host, port, max_batch_size, max_queue, api_key, device, dty
     Honours max_tokens, temperature, top_p, stop, seed; extensions top_k, repetition_penalty and
     ignore_eos. Requests join and leave the running batch between decode steps. Ctrl+C stops.
     """
-    from .runtime.serve import ServeConfig, serve as run
+    from .runtime.serve.server import ServeConfig, serve as run
 
     run(workspace, ServeConfig(host, port, max_batch_size, max_queue, api_key), device=device, dtype=dtype,
         verify=not no_verify, log=lambda line: click.echo(line, err=True), head=lm_head)

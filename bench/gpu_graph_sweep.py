@@ -30,9 +30,9 @@ import torch
 
 from bench.common import log, provenance, write_result
 from bench.gpu_rows import build_workspaces, graph_step_us, replay_us
-from qconv.runtime.cuda_graph import DecodeGraphs
+from qconv.runtime.cuda.graphs import DecodeGraphs
 from qconv.runtime.engine import Engine
-from qconv.runtime.kernels.gemv_int4 import TUNED, GemvConfig
+from qconv.runtime.cuda.kernels.gemv_int4 import TUNED, GemvConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLES = {"qkv": "wqkv", "o": "wo", "w13": "w13", "w2": "w2"}

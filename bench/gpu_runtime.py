@@ -121,7 +121,7 @@ def main():
     bw = res.get("copy_bandwidth")
 
     # [2] kernels
-    from qconv.runtime.kernels import gemv_int4
+    from qconv.runtime.cuda.kernels import gemv_int4
 
     if args.tuned:  # this run's engines use an earlier run's best configs
         gemv_int4.TUNED.update(tuned_from_json(json.loads(path(args.tuned).read_text())["kernels"]["tuned"]))
@@ -183,9 +183,9 @@ def main():
 
 def variants(eng, plan) -> dict:
     """The same W4 + KV int8 engine with other decode settings: graph step µs and bs1 tok/s."""
-    from qconv.runtime.cuda_graph import DecodeGraphs
+    from qconv.runtime.cuda.graphs import DecodeGraphs
     from qconv.runtime.generation import GenerationConfig
-    from qconv.runtime.gpu_linear import fits_tinygemm
+    from qconv.runtime.cuda.linear import fits_tinygemm
 
     out = {}
     gen = GenerationConfig(max_new_tokens=plan.new_tokens, temperature=0.0, stop_ids=())
@@ -209,8 +209,8 @@ def variants(eng, plan) -> dict:
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             out[label] = f"{type(e).__name__}: {e}"
-    from qconv.runtime import gpu_model
-    from qconv.runtime.kernels import attention
+    from qconv.runtime.cuda import model as gpu_model
+    from qconv.runtime.cuda.kernels import attention
 
     def at_4096(label):  # the step at a long context (the cache's contents do not matter to the time)
         if isinstance(out.get(label), dict):
@@ -230,7 +230,7 @@ def variants(eng, plan) -> dict:
         measure(f"fused attention block_n {bn}, {warps} warps")
         at_4096(f"fused attention block_n {bn}, {warps} warps")
     gpu_model.FUSED_ATTENTION_KW.update(kw)
-    from qconv.runtime import cuda_graph
+    from qconv.runtime.cuda import graphs as cuda_graph
     burst = cuda_graph.BURST
     for n in (4, 16):  # greedy steps per graph launch
         cuda_graph.BURST = n
@@ -259,7 +259,7 @@ def variants(eng, plan) -> dict:
     out["kernel profile"] = profile_step(eng, plan.prompt_len)
     head = eng.model.head
     if type(head).__name__ == "Int8Head":  # the int8 head's configs, in the graph
-        from qconv.runtime.kernels.gemm_int8 import SWEEP_INT8
+        from qconv.runtime.cuda.kernels.gemm_int8 import SWEEP_INT8
         sweep = {}
         for c in SWEEP_INT8:
             head.config = c

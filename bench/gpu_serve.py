@@ -92,7 +92,7 @@ def main():
     prov = provenance()
     from qconv.convert.model_io import quiet_transformers
     from qconv.convert.workspace import ConvertRequest, convert_workspace
-    from qconv.runtime.serve import BackgroundServer, ServeConfig, build
+    from qconv.runtime.serve.server import BackgroundServer, ServeConfig, build
 
     quiet_transformers()
     work = Path(args.work or tempfile.mkdtemp(prefix="qconv-serve-"))

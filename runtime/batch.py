@@ -1,6 +1,6 @@
 """The tensor side of continuous batching: one forward over a run of KV-cache rows (slots).
 
-The scheduler (runtime/scheduler.py) keeps the bookkeeping; these two functions only build ids/pos and
+The scheduler (runtime/serve/scheduler.py) keeps the bookkeeping; these two functions only build ids/pos and
 call ``model(ids [B, S], pos [B, S], cache, last_only=True)`` on ``cache.rows(first, first + B)``, the one
 narrow interface to the model. A faster model (another attention kernel, CUDA graphs) slots in here.
 

@@ -8,7 +8,7 @@
 
 The cache keeps a batch dimension (``batch_size`` rows, each its own sequence) so a server can batch
 later; ``generate`` and ``chat`` drive row 0 and reuse the longest prefix already in the cache.
-On CUDA (runtime/gpu_model.py) every decode step replays a captured CUDA graph (runtime/cuda_graph.py),
+On CUDA (runtime/cuda/model.py) every decode step replays a captured CUDA graph (runtime/cuda/graphs.py),
 and so does the prefill of a prompt of up to PREFILL_ROWS new tokens (one step whose rows are its tokens);
 greedy answers come from device-side bursts of steps; ``decode_batch`` runs one step for several rows at once.
 """
@@ -23,7 +23,7 @@ import torch
 
 from .. import QconvError
 from .detokenize import TextStream
-from .gpu_model import GpuTransformer
+from .cuda.model import GpuTransformer
 from .kv_cache import KVCache
 from .loader import LoadedWorkspace, load_workspace
 from .generation import GenerationConfig
@@ -66,7 +66,7 @@ class Engine:
         self.last_stats: GenerationStats | None = None
         self.decoder = None  # CUDA graphs of the decode step, on the GPU path
         if isinstance(self.model, GpuTransformer) and self.device.type == "cuda":
-            from .cuda_graph import DecodeGraphs
+            from .cuda.graphs import DecodeGraphs
 
             self.decoder = DecodeGraphs(self.model, self.cache)
             self.model.decoder = self.decoder  # one-token forward calls on this cache replay the graphs

@@ -1,7 +1,7 @@
 """Load a workspace: config.ini, manifest check, weights, tokenizer, KV params.
 
-On CUDA with triton (fp16/bf16) the model is runtime/gpu_model.py's GpuTransformer with int4 weights kept
-int4 (runtime/gpu_linear.py); elsewhere runtime/model.py's Transformer (int4 through torch's CPU kernel
+On CUDA with triton (fp16/bf16) the model is runtime/cuda/model.py's GpuTransformer with int4 weights kept
+int4 (runtime/cuda/linear.py); elsewhere runtime/cpu/model.py's Transformer (int4 through torch's CPU kernel
 or dequantized once, int8 dequantized once).
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ from ..convert.quant import group_qparams, quantize
 from ..convert.workspace import CONFIG_FILE, KV_FILE
 from ..convert.workspace_config import WorkspaceConfig
 from ..pipelines.kv_params import load_kv_params
-from .gpu_model import GpuTransformer, use_gpu_path
-from .linear import make_linear
-from .model import Transformer
+from .cuda.model import GpuTransformer, use_gpu_path
+from .cpu.linear import make_linear
+from .cpu.model import Transformer
 
 
 @dataclass(slots=True)
@@ -67,7 +67,7 @@ HEADS = ("auto", "fp", "int8", "int4")
 
 def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool = True,
                    max_len: int | None = None, gpu_path: bool | None = None, head: str = "auto") -> LoadedWorkspace:
-    """``max_len``: rotary table length (default session_len). ``gpu_path``: build runtime/gpu_model.py's
+    """``max_len``: rotary table length (default session_len). ``gpu_path``: build runtime/cuda/model.py's
     model (None: on CUDA with triton; True elsewhere only makes sense under TRITON_INTERPRET=1, for tests).
     ``head``: the output projection as the workspace holds it ("fp"), or quantized at load, round to nearest:
     "int8" (one scale per vocabulary row; the CPU path computes with the same values, dequantized) or "int4"
@@ -109,7 +109,7 @@ def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool
         if not gpu:  # the CPU model computes with the int8 head's values
             glob[OUTPUT] = (codes.to(scales.dtype) * scales[:, None]).to(dt)
     if gpu:
-        from .gpu_linear import DequantScratch, Int8Head, make_gpu_linear
+        from .cuda.linear import DequantScratch, Int8Head, make_gpu_linear
 
         scratch = DequantScratch(dev, dt)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132

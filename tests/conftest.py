@@ -143,7 +143,7 @@ def tiny_serve_ws(tmp_path_factory, tiny_llama):
 def start_server():
     """start_server(ws, **ServeConfig fields) -> (BackgroundServer, Scheduler) on a free port, CPU;
     every server started is stopped at the end of the session."""
-    from qconv.runtime.serve import BackgroundServer, ServeConfig, build
+    from qconv.runtime.serve.server import BackgroundServer, ServeConfig, build
 
     started = []
 

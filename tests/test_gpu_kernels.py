@@ -15,14 +15,14 @@ pytest.importorskip("triton", reason="triton is not installed: the GPU path's ke
 
 from qconv.convert.layout import interleave_pairs, pack_words  # noqa: E402
 from qconv.convert.quant import dequantize, kv_dequantize, kv_quantize  # noqa: E402
-from qconv.runtime.kernels.attention import counters, decode_attention, decode_attention_fused  # noqa: E402
-from qconv.runtime.kernels.gemm_int8 import Int8Config, w8_matmul  # noqa: E402
-from qconv.runtime.kernels.greedy import greedy_feed  # noqa: E402
-from qconv.runtime.kernels.greedy import scratch as greedy_scratch  # noqa: E402
-from qconv.runtime.kernels.gemv_int4 import GemvConfig, w4_dequantize, w4_matmul  # noqa: E402
-from qconv.runtime.kernels.norm import rms_norm, silu_mul  # noqa: E402
-from qconv.runtime.kernels.rope_cache import rope_cache_write  # noqa: E402
-from qconv.runtime.model import rms_norm as ref_rms_norm  # noqa: E402
+from qconv.runtime.cuda.kernels.attention import counters, decode_attention, decode_attention_fused  # noqa: E402
+from qconv.runtime.cuda.kernels.gemm_int8 import Int8Config, w8_matmul  # noqa: E402
+from qconv.runtime.cuda.kernels.greedy import greedy_feed  # noqa: E402
+from qconv.runtime.cuda.kernels.greedy import scratch as greedy_scratch  # noqa: E402
+from qconv.runtime.cuda.kernels.gemv_int4 import GemvConfig, w4_dequantize, w4_matmul  # noqa: E402
+from qconv.runtime.cuda.kernels.norm import rms_norm, silu_mul  # noqa: E402
+from qconv.runtime.cuda.kernels.rope_cache import rope_cache_write  # noqa: E402
+from qconv.runtime.cpu.model import rms_norm as ref_rms_norm  # noqa: E402
 from qconv.runtime.rope import apply_rotary  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,7 +101,7 @@ def test_int4_matmul_matches_dequantized_weights(case, kernel):
     words, s, z, W = int4_weight(N, K, g, seed=len(case))
     b = torch.randn(N, generator=gen(3)).to(dt) if bias else None
     nw = None
-    if pro == "rmsnorm":  # the fp32 residual, normalized as runtime/model.py does
+    if pro == "rmsnorm":  # the fp32 residual, normalized as runtime/cpu/model.py does
         x = torch.randn(M, K, generator=gen(4))
         nw = (torch.rand(K, generator=gen(5)) + 0.5).to(dt)
         h = ref_rms_norm(x.to(dt), nw, 1e-6).float()
@@ -139,7 +139,7 @@ def test_group_major_words_give_the_same_products(cfg):
 def test_split_k_silu_epilogue_merges_in_the_last_slice(split):
     """w13 under split-K (tensor-core kernel): each K-slice adds into fp32 sums, the last slice of a tile to
     finish applies SiLU-mul; the sums and counters are left zero, so one pair of buffers serves call after call."""
-    from qconv.runtime.kernels.gemv_int4 import sum_buffers
+    from qconv.runtime.cuda.kernels.gemv_int4 import sum_buffers
     M, N, K, g, dt = 5, 256, 384, 64, torch.float16
     words, s, z, W = int4_weight(N, K, g, seed=61)
     nw = (torch.rand(K, generator=gen(62)) + 0.5).to(dt)
@@ -220,7 +220,7 @@ def test_mma_int4_fused_rmsnorm_rounds_as_the_dense_model(case, dt):
 def test_mma_int4_split_silu_leaves_its_buffers_zero(split):
     """w13 through the mma config at 8 rows, one K-slice and three (the last slice of a tile applies SiLU-mul):
     call after call on the same sum buffers, which come back zero."""
-    from qconv.runtime.kernels.gemv_int4 import sum_buffers
+    from qconv.runtime.cuda.kernels.gemv_int4 import sum_buffers
     M, N, K, dt = 8, 384, 768, torch.float16
     words, s, z, W = int4_weight(N, K, 128, seed=71)
     cfg = GemvConfig(128, split, 4, dot=True, mma=True)
@@ -267,7 +267,7 @@ def test_silu_prologue_takes_w13_sums(case, dt):
 def test_mma_config_falls_back_where_the_kernel_cannot_run():
     """group 64 (the mma kernel takes 128), or Triton's interpreter: the tensor-core kernel with the same outputs
     per program; a malformed mma tile is refused when the config is made."""
-    from qconv.runtime.kernels.gemv_int4 import mma_fallback
+    from qconv.runtime.cuda.kernels.gemv_int4 import mma_fallback
     cfg = GemvConfig(32, 2, 1, dot=True, mma=True)
     fb = mma_fallback(cfg)
     assert (fb.mma, fb.tc, fb.split_k) == (False, True, 2) and fb.block_n >= 64
@@ -321,7 +321,7 @@ def test_rms_norm_and_silu_mul():
     out = rms_norm(x.to(DEV), w.to(DEV), 1e-5, torch.empty(3, 100, dtype=torch.float16, device=DEV))
     assert rel(out.cpu(), ref_rms_norm(x.half(), w, 1e-5)) < 2e-3
     # the same launch zeroes the first rows of a buffer (w13's sums), in several programs' blocks
-    from qconv.runtime.kernels.norm import ZERO_BLOCK
+    from qconv.runtime.cuda.kernels.norm import ZERO_BLOCK
     zero = torch.ones(4, ZERO_BLOCK + 7, device=DEV)
     again = rms_norm(x.to(DEV), w.to(DEV), 1e-5, torch.empty(3, 100, dtype=torch.float16, device=DEV), zero=zero)
     assert torch.equal(again, out) and (zero[:3] == 0).all() and (zero[3] == 1).all()

@@ -1,4 +1,4 @@
-"""The GPU path (runtime/gpu_model.py) against the CPU runtime on one tiny int4 + int8-KV workspace.
+"""The GPU path (runtime/cuda/model.py) against the CPU runtime on one tiny int4 + int8-KV workspace.
 
 Without CUDA the GPU model runs on CPU tensors with its kernels in Triton's interpreter (conftest); the
 tests marked ``cuda`` add the engine, CUDA graphs and decode_batch on a real GPU.
@@ -12,14 +12,14 @@ from qconv import QconvError  # noqa: E402
 from qconv.cli import main  # noqa: E402
 from qconv.convert.fileio import save_tensors  # noqa: E402
 from qconv.pipelines.kv_params import compute_kv_params  # noqa: E402
-from qconv.runtime import cuda_graph  # noqa: E402
-from qconv.runtime.cuda_graph import DecodeBuffers, DecodeGraphs  # noqa: E402
+from qconv.runtime.cuda import graphs as cuda_graph  # noqa: E402
+from qconv.runtime.cuda.graphs import DecodeBuffers, DecodeGraphs  # noqa: E402
 from qconv.runtime.engine import Engine  # noqa: E402
 from qconv.runtime.generation import GenerationConfig  # noqa: E402
-from qconv.runtime.gpu_linear import Int8Head  # noqa: E402
-from qconv.runtime.gpu_model import GpuTransformer  # noqa: E402
-from qconv.runtime.kernels import gemv_int4  # noqa: E402
-from qconv.runtime.kernels.gemv_int4 import GemvConfig  # noqa: E402
+from qconv.runtime.cuda.linear import Int8Head  # noqa: E402
+from qconv.runtime.cuda.model import GpuTransformer  # noqa: E402
+from qconv.runtime.cuda.kernels import gemv_int4  # noqa: E402
+from qconv.runtime.cuda.kernels.gemv_int4 import GemvConfig  # noqa: E402
 from qconv.runtime.kv_cache import KVCache  # noqa: E402
 from qconv.runtime.loader import load_workspace  # noqa: E402
 

@@ -31,7 +31,7 @@ def test_wheel_holds_the_package_and_no_tests_or_bench(installed):
     for sub in (p for p in REPO.rglob("__init__.py")
                 if not {"tests", "bench"} & set(p.relative_to(REPO).parts) and "build" not in p.parts):
         assert f"qconv/{sub.relative_to(REPO).as_posix()}" in package, f"{sub} is not in the wheel"
-    assert "qconv/calib_data/c4.jsonl.gz" in package and "qconv/runtime/static/index.html" in package
+    assert "qconv/calib_data/c4.jsonl.gz" in package and "qconv/runtime/serve/static/index.html" in package
     assert not [n for n in package if n.startswith(("qconv/tests/", "qconv/bench/"))]
 
 

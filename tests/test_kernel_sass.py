@@ -1,5 +1,5 @@
 """What the GPU path's int4 kernels compile to for the H100 / H200 (sm_90a), built here without a GPU
-(runtime/kernels/offline.py, Triton's own ptxas and cuobjdump).
+(runtime/cuda/kernels/offline.py, Triton's own ptxas and cuobjdump).
 
 The mma.sync kernel's point is its main loop: operands loaded straight into the registers that feed the
 tensor cores, so no shared memory, no barrier and no local memory there, and few instructions per weight.
@@ -15,14 +15,14 @@ import pytest
 
 pytest.importorskip("triton.experimental.gluon", reason="Gluon (Triton >= 3.4) is not installed")
 
-from qconv.runtime.kernels.gemv_int4 import GemvConfig  # noqa: E402
+from qconv.runtime.cuda.kernels.gemv_int4 import GemvConfig  # noqa: E402
 
 
 _BUILD = """
 import json, sys, torch
 from qconv.convert.layout import group_major
-from qconv.runtime.kernels import gemv_int4, offline
-from qconv.runtime.kernels.gemv_int4 import GemvConfig, w4_matmul
+from qconv.runtime.cuda.kernels import gemv_int4, offline
+from qconv.runtime.cuda.kernels.gemv_int4 import GemvConfig, w4_matmul
 M, N, K, epilogue, cfg = sys.argv[1:]
 M, N, K, cfg = int(M), int(N), int(K), GemvConfig(**json.loads(cfg))
 x = torch.zeros(M, K, dtype=torch.float16)
@@ -77,7 +77,7 @@ def test_mma_main_loop_takes_no_shared_memory(M, N, K, epilogue, cfg, per_weight
 
 _BUILD_ATTN = """
 import json, sys, torch
-from qconv.runtime.kernels import attention, offline
+from qconv.runtime.cuda.kernels import attention, offline
 quant = sys.argv[1] == "int8"
 HQ, HKV, D, S = 12, 2, 128, 4608  # qwen2.5-1.5b
 qkv = torch.zeros(1, (HQ + 2 * HKV) * D)

@@ -272,7 +272,7 @@ def test_w4_workspace_ppl_equals_the_awq_checkpoints_on_smollm2(smollm2_hf, wiki
         ppl.append(json.loads(next(line for line in out.splitlines() if line.startswith("{")))["ppl"])
     assert abs(ppl[1] / ppl[0] - 1) < 1e-3, ppl
     # chat's CPU default for int4 is bf16 through torch's int4 kernel (eval above asked for float32)
-    from qconv.runtime.linear import Int4Linear
+    from qconv.runtime.cpu.linear import Int4Linear
 
     engine = Engine.from_workspace(ws, device="cpu")
     assert engine.ws.dtype == torch.bfloat16 and isinstance(engine.model.layers[0].w13, Int4Linear)

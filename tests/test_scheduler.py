@@ -8,7 +8,7 @@ from qconv.runtime.detokenize import TextStream
 from qconv.runtime.engine import Engine
 from qconv.runtime.generation import GenerationConfig
 from qconv.runtime.kv_cache import KVCache
-from qconv.runtime.scheduler import QueueFull, Request, Scheduler
+from qconv.runtime.serve.scheduler import QueueFull, Request, Scheduler
 
 
 class CharTokenizer:

@@ -13,7 +13,7 @@ from qconv.convert.arch import ARCHS
 from qconv.convert.awq_export import W8_METHOD
 from qconv.convert.workspace_config import WorkspaceConfig
 from qconv.runtime.engine import Engine
-from qconv.runtime.linear import Int4Linear
+from qconv.runtime.cpu.linear import Int4Linear
 
 GROUP = 32
 

@@ -1,6 +1,6 @@
 """Row-wise kernels: RMSNorm of the (fp32) residual into the activation dtype, and SiLU(gate) * up.
 
-Both round where runtime/model.py rounds: rms_norm's ``weight * (x * rstd).to(dtype)``, and
+Both round where runtime/cpu/model.py rounds: rms_norm's ``weight * (x * rstd).to(dtype)``, and
 ``F.silu(gate) * up`` in the activation dtype.
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert.layout import QuantLinear, group_major, pack_int4, pack_words, rows_major, unpack_int4, unpack_words
+from ...convert.layout import QuantLinear, group_major, pack_int4, pack_words, rows_major, unpack_int4, unpack_words
 from .kernels.gemm_int8 import w8_matmul
 from .kernels.gemv_int4 import TUNED, GemvConfig, default_config, w4_dequantize, w4_matmul
 from .kernels.norm import rms_norm, silu_mul

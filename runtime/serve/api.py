@@ -1,6 +1,6 @@
 """The FastAPI app of `qconv serve`: OpenAI-compatible endpoints over a running Scheduler, and the chat page.
 
-    GET  /                     the chat page (runtime/static/index.html)
+    GET  /                     the chat page (runtime/serve/static/index.html)
     GET  /health               {"status": "ok", slots, active, waiting, ...}; no key needed
     GET  /v1/models            the one model, named as config.ini's model_name
     POST /v1/chat/completions  messages -> answer, whole or streamed (SSE chunks, then data: [DONE])
@@ -22,8 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .. import QconvError
-from .api_schema import (COMPLETIONS_MAX_TOKENS, ApiError, ChatRequest, CompletionRequest, Reply, error_body, parse,
+from ... import QconvError
+from .schema import (COMPLETIONS_MAX_TOKENS, ApiError, ChatRequest, CompletionRequest, Reply, error_body, parse,
                          usage)
 from .scheduler import Event, QueueFull, Request as GenRequest, Scheduler, Sequence
 

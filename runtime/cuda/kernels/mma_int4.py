@@ -21,7 +21,7 @@ is scaled by s in fp32. With a shift for odd nibbles: ~2.4 SASS instructions per
 
 The weights load PF = 1-3 groups ahead of their use (a ring of registers; one row's K-slices of one or two groups
 want their loads in flight at once). With PRO = 1 the kernel applies the RMSNorm of the fp32 residual itself: the
-rstd of its rows first, then h = weight * (x * rstd) per group, rounded as runtime/model.py rounds (on the H200
+rstd of its rows first, then h = weight * (x * rstd) per group, rounded as runtime/cpu/model.py rounds (on the H200
 that lost to a norm kernel before it: the per-group norm costs more than the launch it saves).
 
 With PRO = 2, x is w13's fp32 sums (gate n, up n at columns 2n, 2n + 1) and the kernel makes h = silu(gate) * up
@@ -40,7 +40,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as ttgl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from ...convert.layout import word_strides
+from ....convert.layout import word_strides
 from . import rounding
 from .attention import last_to_arrive
 
@@ -184,7 +184,7 @@ def _w4_mma_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w,
     """Program (n block, K-slice, m block): outputs BN = 16 W R, rows BM, the groups of its K-slice; each group's
     weights load PF groups ahead of their use (x, read by every program, comes from L1 / L2 in its group).
     PRO == 1: x is the fp32 residual and h = RMSNorm(x): rstd of each row first (the whole row, from L2), then
-    h = weight * (x * rstd) per group, rounded to the activation dtype as runtime/model.py rounds. PRO == 2: x is
+    h = weight * (x * rstd) per group, rounded to the activation dtype as runtime/cpu/model.py rounds. PRO == 2: x is
     w13's fp32 sums [M, 2 K] and h = silu(gate) * up per group (_silu_x)."""
     BN: ttgl.constexpr = 16 * W * R
     mma: ttgl.constexpr = _mma(W)

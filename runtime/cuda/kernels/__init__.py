@@ -1,4 +1,4 @@
-"""Triton kernels of the GPU decode path (runtime/gpu_model.py, runtime/cuda_graph.py).
+"""Triton kernels of the GPU decode path (runtime/cuda/model.py, runtime/cuda/graphs.py).
 
     gemv_int4.py   int4 weights (as int32 words, convert/layout.pack_words) times a few rows, fused
                    prologue (RMSNorm of the input) and epilogue (bias, add into the fp32 residual, or

@@ -1,6 +1,6 @@
 """The activation-dtype rounding of the int4 kernels' epilogues, as plain functions: gemv_int4 jits them for
 Triton, mma_int4 for Gluon (a Gluon kernel cannot call a Triton function under the interpreter), so both
-round exactly where runtime/model.py's dense path rounds."""
+round exactly where runtime/cpu/model.py's dense path rounds."""
 import triton.language as tl
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .. import QconvError
+from ... import QconvError
 
 
 @dataclass(slots=True)
@@ -52,7 +52,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 def batch_size(workspace, cfg: ServeConfig) -> int:
     """--max-batch-size, checked against the workspace's max_batch_size (its default), before any load."""
-    from .loader import read_workspace_config
+    from ..loader import read_workspace_config
 
     most = read_workspace_config(workspace).max_batch_size
     batch = cfg.max_batch_size or most
@@ -67,7 +67,7 @@ def build(workspace, cfg: ServeConfig, device: str = "auto", dtype: str = "auto"
     """Load the workspace and start the scheduler -> (app, scheduler). The caller stops the scheduler.
     ``head``: the output projection's format (runtime/loader.load_workspace)."""
     from .api import create_app
-    from .engine import Engine
+    from ..engine import Engine
     from .scheduler import Scheduler
 
     batch = batch_size(workspace, cfg)

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import QconvError
-from . import batch
-from .detokenize import TextStream
-from .engine import Engine
-from .generation import GenerationConfig
-from .sampling import sample
+from ... import QconvError
+from .. import batch
+from ..detokenize import TextStream
+from ..engine import Engine
+from ..generation import GenerationConfig
+from ..sampling import sample
 
 log = logging.getLogger("qconv.serve")
 FINISHES = ("stop", "length", "error")

@@ -28,7 +28,7 @@ Fused around y = h W^T:
             residual:  out += y   (out: the fp32 residual [M, N]; atomic adds when SPLIT_K > 1)
             silu:      out[:, n] = silu(y[:, 2n]) * y[:, 2n+1]  (w13 with gate/up rows interleaved in pairs,
                        convert/layout.interleave_pairs; SPLIT_K must be 1)
-h is rounded to the activation dtype where the dense model rounds (runtime/model.py), except in _gemv
+h is rounded to the activation dtype where the dense model rounds (runtime/cpu/model.py), except in _gemv
 with one K-slice: there RMSNorm is applied as  y = rstd * (x * norm_w) W^T  in fp32 (rstd is a per-row
 scalar), so sum(x^2) accumulates in the main loop and no pass over x precedes the weight loads.
 """
@@ -43,7 +43,7 @@ import triton.language as tl
 from . import INTERPRET, pdl, rounding
 from .attention import _last_to_arrive
 from .norm import silu_mul
-from ...convert.layout import word_strides
+from ....convert.layout import word_strides
 
 try:  # Gluon (Triton 3.4 - 3.6): the mma.sync kernel; without it, or where its experimental API has moved (an
     # attribute or signature its module-level layouts and jits rely on), the tensor-core kernel takes its configs

@@ -1,7 +1,7 @@
 """The llama-family decoder (llama, mistral, qwen2, qwen3) in plain PyTorch, no transformers modeling code.
 
 GQA, optional q/k/v bias, optional per-head q/k RMSNorm before rotary, tied embeddings. The linears
-come built (runtime/linear.py). Every forward reads and writes the static KV cache; rows of the batch
+come built (runtime/cpu/linear.py). Every forward reads and writes the static KV cache; rows of the batch
 are independent sequences.
 """
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert.workspace_config import WorkspaceConfig
-from .kv_cache import KVCache, cache_attention, shared_start
-from .rope import apply_rotary, rotary_tables
+from ...convert.workspace_config import WorkspaceConfig
+from ..kv_cache import KVCache, cache_attention, shared_start
+from ..rope import apply_rotary, rotary_tables
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -37,7 +37,7 @@ def attention_mask(pos: torch.Tensor, start: int | None, length: int) -> tuple[t
 
 class LayerWeights(nn.Module):
     """One decoder layer's weights; ``p`` maps the layout's names (convert/layout.py) to norm weights and
-    built linears. The CPU Block below and runtime/gpu_model.py's layers both hold them this way."""
+    built linears. The CPU Block below and runtime/cuda/model.py's layers both hold them this way."""
 
     def __init__(self, p: dict):
         super().__init__()

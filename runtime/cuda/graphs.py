@@ -35,7 +35,7 @@ from .kernels.attention import counters, num_splits, partials
 from .kernels.gemv_int4 import sum_buffers
 from .kernels.greedy import greedy_feed
 from .kernels.greedy import scratch as greedy_scratch
-from .kv_cache import KVCache
+from ..kv_cache import KVCache
 
 
 @dataclass

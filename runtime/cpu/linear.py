@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert.layout import QuantLinear
+from ...convert.layout import QuantLinear
 
 KERNEL_GROUPS = (32, 64, 128, 256)
 INNER_K_TILES = 2

@@ -1,15 +1,15 @@
-"""The llama-family decoder on CUDA, built from the Triton kernels of runtime/kernels and GpuLinear.
+"""The llama-family decoder on CUDA, built from the Triton kernels of runtime/cuda/kernels and GpuLinear.
 
-Same interface as runtime/model.py's Transformer, ``forward(ids [B, S], pos [B, S], cache, last_only)``,
+Same interface as runtime/cpu/model.py's Transformer, ``forward(ids [B, S], pos [B, S], cache, last_only)``,
 and the same maths; the residual stream is float32.
 
 Prefill (any S): per layer RMSNorm, qkv, rope + cache write, SDPA, o, RMSNorm, w13, SiLU-mul, w2 (w13's
 rows are gate/up pairs, convert/layout.interleave_pairs, so its output is too). When
 every row writes positions 0..S-1, attention is SDPA with is_causal over the new K/V exactly as cached
 (int8 round-tripped: x' = q * scale + zp); otherwise the cache is read back and masked (key position <=
-query position), as runtime/model.py does.
+query position), as runtime/cpu/model.py does.
 
-Decode (``decode_step``): one token per row on static buffers, no host work, so that runtime/cuda_graph.py
+Decode (``decode_step``): one token per row on static buffers, no host work, so that runtime/cuda/graphs.py
 captures it once per batch bucket. One row, or rows that are distinct sequences (six kernels per layer;
 FUSED_ATTENTION):
     qkv GEMV (RMSNorm fused) -> rope + cache write + attention splits (kernels/attention.py, fused) -> merge
@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert.workspace_config import WorkspaceConfig
+from ...convert.workspace_config import WorkspaceConfig
 from .kernels import HAVE_TRITON
-from .kv_cache import KVCache, shared_start
-from .model import LayerWeights, attention_mask
-from .rope import rotary_tables
+from ..kv_cache import KVCache, shared_start
+from ..cpu.model import LayerWeights, attention_mask
+from ..rope import rotary_tables
 
 if HAVE_TRITON:
     from .kernels.attention import decode_attention, decode_attention_fused
@@ -62,7 +62,7 @@ SILU_IN_W2 = True
 
 def use_gpu_path(device: torch.device, dtype: torch.dtype, cfg: WorkspaceConfig) -> bool:
     """The Triton path runs on CUDA with fp16 / bf16 activations and a power-of-two head size >= 16 (the
-    attention and rope kernels' tiles); elsewhere runtime/model.py runs."""
+    attention and rope kernels' tiles); elsewhere runtime/cpu/model.py runs."""
     D = cfg.size_per_head
     return (device.type == "cuda" and HAVE_TRITON and dtype in (torch.float16, torch.bfloat16) and D >= 16
             and D & (D - 1) == 0)
