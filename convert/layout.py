@@ -91,7 +91,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def pack_words(codes: torch.Tensor, group: int) -> torch.Tensor:
     """codes [out, in] in 0..15 -> the GPU runtime's int32 words [out, in/8]: word w (0 .. g/8 - 1) of group j
-    holds in bits 4i .. 4i+3 the code of column j*g + i*g/8 + w (runtime/kernels/gemv_int4.py says why)."""
+    holds in bits 4i .. 4i+3 the code of column j*g + i*g/8 + w (runtime/cuda/kernels/gemv_int4.py says why)."""
     out_f, in_f = codes.shape
     assert group % 8 == 0 and in_f % group == 0, f"group {group} must be a multiple of 8 dividing {in_f}"
     c = codes.to(torch.int32).reshape(out_f, in_f // group, 8, group // 8)  # [out, groups, nibble i, word w]
@@ -136,7 +136,7 @@ def word_strides(words: torch.Tensor, group: int) -> tuple[int, int, int, int]:
 
 def interleave_pairs(w: torch.Tensor | QuantLinear) -> torch.Tensor | QuantLinear:
     """gate | up fused along out [2I, ...] -> rows 2n = gate n, 2n + 1 = up n: the order the GPU kernels'
-    SiLU-mul epilogue reads (runtime/kernels/gemv_int4.py, norm.silu_mul with pairs=True)."""
+    SiLU-mul epilogue reads (runtime/cuda/kernels/gemv_int4.py, norm.silu_mul with pairs=True)."""
     def perm(t: torch.Tensor) -> torch.Tensor:
         half = t.shape[0] // 2
         return torch.stack([t[:half], t[half:]], dim=1).reshape(t.shape)
