@@ -154,7 +154,7 @@ def gate(spaces: dict[str, Path], new_tokens: int = 32, prompt_len: int = 48) ->
         for i, t in enumerate(want):
             p = prompt_len + i
             a = cpu.model(torch.tensor([[t]]), torch.tensor([[p]]), cpu.cache, last_only=True)[0, -1].float()
-            b = gpu.decoder.step_host([t], [p])[0].float().cpu()
+            b = gpu.runner.decode([t], [p], [0])[0].float().cpu()
             errs.append(_rel(b, a))
             agree += int(a.argmax() == b.argmax())
         r["decode_max_rel_err"], r["teacher_forced_agree"] = max(errs), f"{agree}/{len(want)}"
@@ -211,7 +211,7 @@ def measure_row(ws: Path, plan, device: str, bw: float | None, head: str = "auto
             fp_head = cfg.vocab_size * cfg.hidden_units * 2
             r["roofline_fp16_head_tok_s"] = bw / (step_bytes - head.nbytes() + fp_head)
             r["pct_roofline_fp16_head"] = 100 * r["decode_tok_s"] / r["roofline_fp16_head_tok_s"]
-    if eng.decoder is not None:
+    if getattr(eng.runner, "graphs", None) is not None:
         r["graph_step_us"] = graph_step_us(eng, plan.prompt_len)
     log(f"    bs1 {r['decode_tok_s']:.1f} tok/s (decode only {r['decode_only_tok_s']:.1f}), "
         f"step {r.get('graph_step_us', float('nan')):.1f} µs")
@@ -245,7 +245,7 @@ def measure_row(ws: Path, plan, device: str, bw: float | None, head: str = "auto
         list(eng.generate(ctx_prompt, ctx_gen))
         rates.append(decode_rate(eng.last_stats))
     r[f"decode_tok_s_ctx{plan.ctx_len}"] = statistics.median(rates[1:])
-    if eng.decoder is not None:
+    if getattr(eng.runner, "graphs", None) is not None:
         r[f"graph_step_us_ctx{plan.ctx_len}"] = graph_step_us(eng, plan.ctx_len + plan.ctx_new)
     log(f"    ctx {plan.ctx_len}: {r[f'decode_tok_s_ctx{plan.ctx_len}']:.1f} tok/s")
     if device == "cuda":
@@ -262,11 +262,11 @@ def decode_rate(stats) -> float:
 
 def graph_step_us(eng, position: int, reps: int = 50) -> float:
     """Device time of one bucket-1 decode step at ``position`` (graph replays, events)."""
-    dec = eng.decoder
+    dec = eng.runner.graphs
     dec.step_host([11], [position])  # sets the static inputs (and captures the bucket if needed)
     graph = dec.graphs[dec.key(1, position + 1)]
-    return replay_us(graph.replay if graph is not None else (lambda: eng.model.decode_step(dec.bufs, 1, dec.cache)),
-                     reps)
+    eager = lambda: eng.model.decode_step(dec.bufs, 1, dec.cache, dec.opts)  # noqa: E731
+    return replay_us(graph.replay if graph is not None else eager, reps)
 
 
 def replay_us(replay, reps: int = 50) -> float:

@@ -182,20 +182,20 @@ def main():
 
 
 def variants(eng, plan) -> dict:
-    """The same W4 + KV int8 engine with other decode settings: graph step µs and bs1 tok/s."""
-    from qconv.runtime.cuda.graphs import DecodeGraphs
-    from qconv.runtime.generation import GenerationConfig
+    """The same W4 + KV int8 engine with other decode settings (RuntimeOptions, a new runner each): graph step µs
+    and bs1 tok/s."""
     from qconv.runtime.cuda.linear import fits_tinygemm
+    from qconv.runtime.generation import GenerationConfig
 
     out = {}
     gen = GenerationConfig(max_new_tokens=plan.new_tokens, temperature=0.0, stop_ids=())
     prompt = list(range(1000, 1000 + plan.prompt_len))
     lins = [m for blk in eng.model.layers for m in (blk.wqkv, blk.wo, blk.w13, blk.w2)]
+    configured = eng.opts
 
-    def measure(label, use_graphs=True):
+    def measure(label, **changes):
         try:
-            eng.decoder = eng.model.decoder = DecodeGraphs(eng.model, eng.cache, use_graphs=use_graphs)
-            eng.reset()
+            eng.reconfigure(configured.replace(**changes))
             list(eng.generate(prompt, gen))  # warm-up (compile, capture)
             eng.reset()
             torch.cuda.synchronize()
@@ -209,8 +209,6 @@ def variants(eng, plan) -> dict:
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             out[label] = f"{type(e).__name__}: {e}"
-    from qconv.runtime.cuda import model as gpu_model
-    from qconv.runtime.cuda.kernels import attention
 
     def at_4096(label):  # the step at a long context (the cache's contents do not matter to the time)
         if isinstance(out.get(label), dict):
@@ -218,26 +216,16 @@ def variants(eng, plan) -> dict:
             log(f"      at {plan.ctx_len + plan.ctx_new}: {out[label]['graph_step_us_ctx4096']:.1f} µs")
     measure("as configured")
     at_4096("as configured")
-    fused = gpu_model.FUSED_ATTENTION
     for mode, label in (("one", "rope + attention + merge in one kernel"), ("three", "rope, attention, merge: three kernels")):
-        gpu_model.FUSED_ATTENTION = mode
-        measure(label)
+        measure(label, attention=mode)
         at_4096(label)
-    gpu_model.FUSED_ATTENTION = fused
-    kw = dict(gpu_model.FUSED_ATTENTION_KW)
     for bn, warps in ((64, 4), (128, 8)):
-        gpu_model.FUSED_ATTENTION_KW.update(block_n=bn, num_warps=warps)
-        measure(f"fused attention block_n {bn}, {warps} warps")
+        measure(f"fused attention block_n {bn}, {warps} warps", attention_block_n=bn, attention_warps=warps)
         at_4096(f"fused attention block_n {bn}, {warps} warps")
-    gpu_model.FUSED_ATTENTION_KW.update(kw)
-    from qconv.runtime.cuda import graphs as cuda_graph
-    burst = cuda_graph.BURST
     for n in (4, 16):  # greedy steps per graph launch
-        cuda_graph.BURST = n
-        measure(f"greedy bursts of {n} steps")
-    cuda_graph.BURST = burst
-    measure("greedy bursts of 8 steps (again)")
-    dec = eng.decoder  # host time of one launch of the burst graph (1000+ kernel nodes), and its device time
+        measure(f"greedy bursts of {n} steps", burst=n)
+    measure("greedy bursts of 8 steps (again)", burst=8)
+    dec = eng.runner.graphs  # host time of one launch of the burst graph (1000+ kernel nodes), and its device time
     g = dec.burst_graphs.get((1, True)) or dec.burst_graphs.get((1, False))
     if g is not None:
         torch.cuda.synchronize()
@@ -248,14 +236,13 @@ def variants(eng, plan) -> dict:
         out["burst graph launch"] = {"host_us": 1e6 * (t1 - t0), "launch_and_run_us": 1e6 * (time.perf_counter() - t0)}
         log(f"    burst graph: host {out['burst graph launch']['host_us']:.0f} µs to launch, "
             f"{out['burst graph launch']['launch_and_run_us']:.0f} µs to finish")
-    cap, attention.SPLIT_CAP = attention.SPLIT_CAP, 16
-    measure("attention splits capped at 16")
+    measure("attention splits capped at 16", attention_split_cap=16)
     at_4096("attention splits capped at 16")
-    attention.SPLIT_CAP = cap
     os.environ["QCONV_PDL"] = "0"  # read at every launch: the graphs captured next launch without PDL
     measure("graphs without PDL (programmatic dependent launch off)")
     os.environ.pop("QCONV_PDL")
-    measure("no CUDA graphs (eager kernels)", use_graphs=False)
+    measure("no CUDA graphs (eager kernels)", cuda_graphs=False)
+    eng.reconfigure(configured)
     out["kernel profile"] = profile_step(eng, plan.prompt_len)
     head = eng.model.head
     if type(head).__name__ == "Int8Head":  # the int8 head's configs, in the graph
@@ -263,7 +250,7 @@ def variants(eng, plan) -> dict:
         sweep = {}
         for c in SWEEP_INT8:
             head.config = c
-            eng.decoder = eng.model.decoder = DecodeGraphs(eng.model, eng.cache)
+            eng.reconfigure(configured)  # fresh graphs with this head config
             try:
                 sweep[str(c)] = graph_step_us(eng, plan.prompt_len)
             except Exception as e:  # noqa: BLE001
@@ -284,10 +271,10 @@ def profile_step(eng, position: int) -> dict:
     """Device time per kernel of one bucket-1 decode step (eager, under torch.profiler): totals by kernel
     name and the first layer's sequence (its kernels in order, so the GEMV roles can be told apart)."""
     try:
-        dec = eng.decoder
+        dec = eng.runner.graphs
         dec.step_host([11], [position])
         short = dec.key(1, position + 1)[1]  # the kernels the step's graph runs
-        p = profile_kernels(lambda: eng.model.decode_step(dec.bufs, 1, dec.cache, short=short))
+        p = profile_kernels(lambda: eng.model.decode_step(dec.bufs, 1, dec.cache, dec.opts, short=short))
         first = p.pop("sequence")[:12]
         log(f"    profile: {p['kernels_per_step']} kernels per step, {p['kernel_us_per_step']:.0f} µs of kernel time "
             f"per step")

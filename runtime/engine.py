@@ -6,11 +6,10 @@
     engine.last_stats            # tokens, tok/s, KV-cache use of the last answer
     engine.generate(ids, gen)    # streamed token ids; engine.logits(ids) for evaluation
 
-The cache keeps a batch dimension (``batch_size`` rows, each its own sequence) so a server can batch
-later; ``generate`` and ``chat`` drive row 0 and reuse the longest prefix already in the cache.
-On CUDA (runtime/cuda/model.py) every decode step replays a captured CUDA graph (runtime/cuda/graphs.py),
-and so does the prefill of a prompt of up to PREFILL_ROWS new tokens (one step whose rows are its tokens);
-greedy answers come from device-side bursts of steps; ``decode_batch`` runs one step for several rows at once.
+The cache keeps a batch dimension (``batch_size`` rows, each its own sequence) so that a server can batch;
+``generate`` and ``chat`` drive row 0 and reuse the longest prefix already in the cache. Every forward pass
+goes through the runner (runtime/runner.py), the one seam to the CPU or CUDA backend: the engine never asks
+which it holds.
 """
 from __future__ import annotations
 
@@ -23,10 +22,10 @@ import torch
 
 from .. import QconvError
 from .detokenize import TextStream
-from .cuda.model import GpuTransformer
-from .kv_cache import KVCache
-from .loader import LoadedWorkspace, load_workspace
 from .generation import GenerationConfig
+from .kv_cache import KVCache
+from .loader import LoadedWorkspace, load_workspace, make_runner
+from .options import RuntimeOptions
 from .sampling import sample
 
 
@@ -47,11 +46,11 @@ class GenerationStats:
 
 
 class Engine:
-    def __init__(self, ws: LoadedWorkspace, batch_size: int = 1):
-        cfg = ws.cfg
-        if not 1 <= batch_size <= cfg.max_batch_size:
+    def __init__(self, ws: LoadedWorkspace, opts: RuntimeOptions = RuntimeOptions()):
+        cfg, batch_size = ws.cfg, opts.batch_size
+        if batch_size > cfg.max_batch_size:
             raise QconvError(f"batch size {batch_size} is outside 1..max_batch_size ({cfg.max_batch_size})")
-        self.ws, self.cfg, self.model, self.tokenizer = ws, cfg, ws.model, ws.tokenizer
+        self.ws, self.cfg, self.model, self.tokenizer, self.opts = ws, cfg, ws.model, ws.tokenizer, opts
         self.device = ws.device
         store = 1 if cfg.quant_policy == 4 else torch.tensor([], dtype=ws.dtype).element_size()
         need = 2 * cfg.num_layer * batch_size * cfg.kv_head_num * cfg.session_len * cfg.size_per_head * store
@@ -62,21 +61,32 @@ class Engine:
                              f"of the {free / 2**30:.2f} GiB free; convert with a smaller --session-len")
         self.cache = KVCache(cfg.num_layer, batch_size, cfg.kv_head_num, cfg.session_len, cfg.size_per_head,
                              ws.dtype, self.device, ws.kv_qparams)
+        self.runner = make_runner(self.model, self.cache, opts)
         self._cached: list[int] = []  # the tokens whose K/V cache row 0 holds, in order
         self.last_stats: GenerationStats | None = None
-        self.decoder = None  # CUDA graphs of the decode step, on the GPU path
-        if isinstance(self.model, GpuTransformer) and self.device.type == "cuda":
-            from .cuda.graphs import DecodeGraphs
-
-            self.decoder = DecodeGraphs(self.model, self.cache)
-            self.model.decoder = self.decoder  # one-token forward calls on this cache replay the graphs
 
     @classmethod
-    def from_workspace(cls, path, device: str = "auto", dtype: str = "auto", verify: bool = True,
-                       batch_size: int = 1, head: str = "auto") -> Engine:
-        """Load ``path`` (checking manifest.json unless ``verify=False``) and allocate the KV cache.
-        ``head``: the output projection's format, see runtime/loader.load_workspace."""
-        return cls(load_workspace(path, device, dtype, verify, head=head), batch_size)
+    def from_workspace(cls, path, opts: RuntimeOptions | None = None, **options) -> Engine:
+        """Load ``path`` (checking manifest.json unless ``verify=False``) and allocate the KV cache. ``opts``, or
+        its fields as keywords (device, dtype, head, batch_size, ...): runtime/options.RuntimeOptions."""
+        opts = opts.replace(**options) if opts is not None else RuntimeOptions(**options)
+        return cls(load_workspace(path, opts), opts)
+
+    def reconfigure(self, opts: RuntimeOptions) -> None:
+        """A new runner with ``opts`` (the CUDA path's kernel and graph choices; the loaded weights, head and
+        cache stay): how a benchmark compares settings on one engine."""
+        self.runner.close()
+        self.opts = opts
+        self.runner = make_runner(self.model, self.cache, self.opts)
+        self.reset()
+
+    def close(self) -> None:
+        """Free the runner's graphs and the KV cache; the engine is not usable afterwards."""
+        self.runner.close()
+        self.runner = self.cache = self.model = None
+        self.ws.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def reset(self) -> None:
         """Forget the cached conversation (the next prompt is prefilled from scratch)."""
@@ -92,8 +102,7 @@ class Engine:
         if B > self.cache.batch:
             raise QconvError(f"{B} sequences at once, but the engine holds {self.cache.batch}")
         self._cached = []
-        pos = torch.arange(S, device=self.device).expand(B, S)
-        return self.model(ids.to(self.device), pos, self.cache).float()
+        return self.runner.logits(ids)
 
     def generate(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Iterator[int]:
         """Stream the answer's token ids (stop ids excluded) as they are produced.
@@ -126,20 +135,20 @@ class Engine:
         try:
             # [STEP 1]: prefill what the cache does not hold yet
             self._cached = self._cached[:reuse]
-            logits = self._prefill(prompt[reuse:], reuse)
+            logits = self.runner.prefill([prompt[reuse:]], [reuse], [0])  # [1, V]
             self._cached = prompt
             penalize = gen.repetition_penalty != 1.0  # else `seen` is never read: no per-token update
             seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
             if penalize:
                 seen[0, torch.tensor(prompt, device=self.device)] = True
-            # [STEP 2]: decode one token at a time (greedy on the GPU path: bursts of steps on the device)
-            if self.decoder is not None and gen.temperature == 0 and not penalize:
-                advance = self._burst_advance()
+            # [STEP 2]: decode one token at a time (greedy: the runner's greedy steps, bursts on the GPU)
+            if gen.temperature == 0 and not penalize:
+                advance = self._greedy_advance()
             else:
                 def advance(tok: int, remaining: int) -> int:
                     if penalize:
                         seen[0, tok] = True
-                    nxt = self._decode(tok, len(self._cached))
+                    nxt = self.runner.decode([tok], [len(self._cached)], [0])
                     self._cached.append(tok)
                     return int(sample(nxt, gen, seen, generator)[0])
             tok = int(sample(logits, gen, seen, generator)[0])
@@ -161,42 +170,23 @@ class Engine:
                 stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
             stats.kv_used = len(self._cached)
 
-    def _burst_advance(self):
-        """advance(tok, remaining) -> the greedy token after tok, from the decoder's device-side bursts
-        (DecodeGraphs.greedy_stream, started at the first call for all ``remaining`` steps): the same tokens as
-        one step at a time."""
+    def _greedy_advance(self):
+        """advance(tok, remaining) -> the greedy token after tok, from the runner's greedy steps of row 0 (started
+        at the first call for all ``remaining`` steps): the same tokens as one step at a time."""
         stream = None
 
         def advance(tok: int, remaining: int) -> int:
             nonlocal stream
             if stream is None:
-                stream = self.decoder.greedy_stream(tok, len(self._cached), remaining)
+                stream = self.runner.greedy([tok], [len(self._cached)], [0], remaining)
             self._cached.append(tok)
-            return next(stream)
+            return next(stream)[0]
         return advance
-
-    def _prefill(self, tokens: list[int], start: int, row: int = 0) -> torch.Tensor:
-        """Feed ``tokens`` into cache row ``row`` from position ``start`` -> the last one's next-token logits
-        [1, V] float32. On the GPU path a short prompt is one graph replay whose rows are its tokens
-        (DecodeGraphs.prefill); otherwise the model's prefill on a one-row view of the cache."""
-        S = len(tokens)
-        if self.decoder is not None and S <= self.decoder.prefill_rows:
-            return self.decoder.prefill([tokens], [start], [row])
-        ids = torch.tensor(tokens, device=self.device)[None]  # [1, S]
-        pos = torch.arange(start, start + S, device=self.device)[None]
-        return self.model(ids, pos, self.cache.rows(row, row + 1), last_only=True)[:, -1].float()
-
-    def _decode(self, tok: int, position: int) -> torch.Tensor:
-        """Row 0's next-token logits [1, V] float32 after feeding ``tok`` at ``position``."""
-        if self.decoder is not None:
-            return self.decoder.step_host([tok], [position])  # compute dtype: sample() upcasts when it must
-        pos = torch.tensor([[position]], device=self.device)
-        return self.model(torch.tensor([[tok]], device=self.device), pos, self.cache, last_only=True)[:, -1].float()
 
     def generate_batch(self, prompts: list[list[int]], gen: GenerationConfig | None = None) -> list[list[int]]:
         """Answer several prompts at once, prompt j in cache row j: the answers' token ids (stop ids excluded),
-        each cut at its first stop id or max_new_tokens. Greedy on the GPU path runs bursts of steps for all
-        rows on the device (DecodeGraphs.greedy_rows); otherwise one decode_batch step at a time. The cache
+        each cut at its first stop id or max_new_tokens. Greedy answers take the runner's greedy steps (bursts on
+        the GPU); sampled ones one decode_batch step at a time. The cache
         rows are left holding the prompts and answers (generate's reuse of row 0 starts afresh)."""
         gen = gen or GenerationConfig()
         n, limit = len(prompts), self.cfg.session_len
@@ -214,10 +204,7 @@ class Engine:
         seen = torch.zeros(n, self.cfg.vocab_size, dtype=torch.bool, device=self.device)  # repetition penalty
         for j, p in enumerate(prompts):
             seen[j, torch.tensor(p, device=self.device)] = True
-        if self.decoder is not None and max(map(len, prompts)) <= self.decoder.prefill_rows:
-            logits = self.decoder.prefill(prompts, [0] * n, list(range(n)))
-        else:
-            logits = torch.cat([self._prefill(p, 0, j) for j, p in enumerate(prompts)])
+        logits = self.runner.prefill(prompts, [0] * n, list(range(n)))
         toks = sample(logits, gen, seen, generator).tolist()
         answers: list[list[int]] = [[] for _ in range(n)]
         live = [True] * n
@@ -233,8 +220,8 @@ class Engine:
         if not take(toks) or budget == 1:
             return answers
         pos = [len(p) for p in prompts]
-        if self.decoder is not None and gen.temperature == 0 and gen.repetition_penalty == 1.0:
-            for step in self.decoder.greedy_rows(toks, pos, budget - 1):
+        if gen.temperature == 0 and gen.repetition_penalty == 1.0:
+            for step in self.runner.greedy(toks, pos, list(range(n)), budget - 1):
                 if not take(step):
                     break
             return answers
@@ -260,13 +247,7 @@ class Engine:
             raise QconvError(f"positions must lie in 0..{self.cfg.session_len - 1} (session_len)")
         if 0 in rows:
             self._cached = []  # row 0 no longer holds the conversation that generate() reuses
-        if self.decoder is not None:
-            return self.decoder.step_host(tokens, positions, rows).float()
-        if rows != list(range(n)):
-            raise QconvError("without the GPU path, decode_batch takes rows 0..n-1 (pass rows=None)")
-        ids = torch.tensor(tokens, device=self.device)[:, None]  # [n, 1]
-        pos = torch.tensor(positions, device=self.device)[:, None]
-        return self.model(ids, pos, self.cache, last_only=True)[:, -1].float()
+        return self.runner.decode(tokens, positions, rows).float()
 
     # ------------------------------------------------------------------------------------------
     def render(self, messages: list[dict]) -> list[int]:

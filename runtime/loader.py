@@ -22,7 +22,12 @@ from ..convert.quant import group_qparams, quantize
 from ..convert.workspace import CONFIG_FILE, KV_FILE
 from ..convert.workspace_config import WorkspaceConfig
 from ..pipelines.kv_params import load_kv_params
+from .cpu.runner import CpuRunner
 from .cuda.model import GpuTransformer, use_gpu_path
+from .cuda.runner import CudaRunner
+from .kv_cache import KVCache
+from .options import RuntimeOptions
+from .runner import Runner
 from .cpu.linear import make_linear
 from .cpu.model import Transformer
 
@@ -54,34 +59,29 @@ def read_workspace_config(path) -> WorkspaceConfig:
 
 def runtime_dtype(dtype: str, device: torch.device, cfg: WorkspaceConfig) -> torch.dtype:
     """``auto``: as for models (float32 on CPU; bf16 or float16 on GPU), except that int4 workspaces on the
-    CPU compute in bfloat16, the one dtype torch's CPU int4 kernel is fast with (SmolLM2 W4 + KV int8:
-    47 tok/s against 26 with float32, bench/RESULTS.md). ``qconv eval`` asks for float32 explicitly."""
+    CPU compute in bfloat16, the one dtype torch's CPU int4 kernel is fast with (about twice float32's
+    decode rate). ``qconv eval`` asks for float32 explicitly."""
     if (dtype == "auto" and device.type == "cpu" and cfg.weight_type == "int4"
             and hasattr(torch, "_weight_int4pack_mm_for_cpu")):
         return torch.bfloat16
     return resolve_dtype(dtype, device, "bfloat16" if cfg.weight_type == "bf16" else None)
 
 
-HEADS = ("auto", "fp", "int8", "int4")
-
-
-def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool = True,
-                   max_len: int | None = None, gpu_path: bool | None = None, head: str = "auto") -> LoadedWorkspace:
-    """``max_len``: rotary table length (default session_len). ``gpu_path``: build runtime/cuda/model.py's
-    model (None: on CUDA with triton; True elsewhere only makes sense under TRITON_INTERPRET=1, for tests).
-    ``head``: the output projection as the workspace holds it ("fp"), or quantized at load, round to nearest:
-    "int8" (one scale per vocabulary row; the CPU path computes with the same values, dequantized) or "int4"
-    (groups of up to 128, GPU path only). "auto": int8 on the GPU path for an int4 workspace, else fp. The
-    head is the largest matrix a small model reads per token (bench/RESULTS.md has the speed and perplexity
-    of each)."""
-    if head not in HEADS:
-        raise QconvError(f"head {head!r} is not one of {', '.join(HEADS)}")
+def load_workspace(path, opts: RuntimeOptions = RuntimeOptions(), max_len: int | None = None) -> LoadedWorkspace:
+    """Read a workspace and build its model for ``opts.device``. ``max_len``: rotary table length (default
+    session_len). ``opts.gpu_path``: build runtime/cuda/model.py's model (None: on CUDA with triton; True
+    elsewhere only makes sense under TRITON_INTERPRET=1, for tests). ``opts.head``: the output projection as the
+    workspace holds it ("fp"), or quantized at load, round to nearest: "int8" (one scale per vocabulary row; the
+    CPU path computes with the same values, dequantized) or "int4" (groups of up to 128, GPU path only). "auto":
+    int8 on the GPU path for an int4 workspace, else fp. The head is the largest matrix a small model reads per
+    token."""
+    head, verify = opts.head, opts.verify
     ws = Path(path)
     cfg = read_workspace_config(ws)
     if verify:
         verify_manifest(ws)
-    dev = resolve_device(device)
-    dt = runtime_dtype(dtype, dev, cfg)
+    dev = resolve_device(opts.device)
+    dt = runtime_dtype(opts.dtype, dev, cfg)
     kv = None
     if cfg.quant_policy == 4:
         if not (ws / KV_FILE).is_file():
@@ -99,7 +99,7 @@ def load_workspace(path, device: str = "auto", dtype: str = "auto", verify: bool
     glob = {k: v.to(dev, dt) for k, v in glob.items()}
 
     # [STEP 2]: decoder layers, one file each, and the model for the device
-    gpu = use_gpu_path(dev, dt, cfg) if gpu_path is None else gpu_path
+    gpu = use_gpu_path(dev, dt, cfg) if opts.gpu_path is None else opts.gpu_path
     if head == "auto":
         head = "int8" if gpu and cfg.weight_type == "int4" else "fp"
     if head == "int4" and not gpu:
@@ -219,3 +219,8 @@ def _tensor(t: dict, key: str, shape: tuple, name: str) -> torch.Tensor:
     if tuple(t[key].shape) != shape:
         raise QconvError(f"workspace file {name}: {key} is {list(t[key].shape)}, config.ini implies {list(shape)}")
     return t[key]
+
+
+def make_runner(model, cache: KVCache, opts: RuntimeOptions) -> Runner:
+    """The runner for the model the loader built: the one place that tells the two paths apart."""
+    return CudaRunner(model, cache, opts) if isinstance(model, GpuTransformer) else CpuRunner(model, cache)

@@ -12,8 +12,9 @@ from qconv import QconvError  # noqa: E402
 from qconv.cli import main  # noqa: E402
 from qconv.convert.fileio import save_tensors  # noqa: E402
 from qconv.pipelines.kv_params import compute_kv_params  # noqa: E402
-from qconv.runtime.cuda import graphs as cuda_graph  # noqa: E402
 from qconv.runtime.cuda.graphs import DecodeBuffers, DecodeGraphs  # noqa: E402
+from qconv.runtime.cuda.runner import CudaRunner  # noqa: E402
+from qconv.runtime.options import RuntimeOptions  # noqa: E402
 from qconv.runtime.engine import Engine  # noqa: E402
 from qconv.runtime.generation import GenerationConfig  # noqa: E402
 from qconv.runtime.cuda.linear import Int8Head  # noqa: E402
@@ -47,7 +48,7 @@ def w4kv(tmp_path_factory, make_tiny):
     """qwen2 (q/k/v bias) with int4 g32 weights and int8 KV params taken from a float32 run's cache."""
     src = make_tiny("qwen2", seed=3)
     root = tmp_path_factory.mktemp("gpu")
-    ws = load_workspace(convert(src, root / "w4"), "cpu", "float32")
+    ws = load_workspace(convert(src, root / "w4"), RuntimeOptions(device="cpu", dtype="float32"))
     c = ws.cfg
     cache = KVCache(c.num_layer, 1, c.kv_head_num, 64, c.size_per_head, torch.float32, torch.device("cpu"))
     ws.model(ids((1, 40), 1), torch.arange(40)[None], cache)
@@ -58,8 +59,9 @@ def w4kv(tmp_path_factory, make_tiny):
 
 
 def test_gpu_model_matches_cpu_runtime(w4kv):
-    cpu = load_workspace(w4kv, "cpu", "float32", head="int8")  # the GPU path's default head for int4 workspaces
-    gpu = load_workspace(w4kv, str(DEV), "float16", gpu_path=True)
+    # the GPU path's default head for int4 workspaces
+    cpu = load_workspace(w4kv, RuntimeOptions(device="cpu", dtype="float32", head="int8"))
+    gpu = load_workspace(w4kv, RuntimeOptions(device=str(DEV), dtype="float16", gpu_path=True))
     assert isinstance(gpu.model, GpuTransformer) and gpu.model.layers[0].w13.int4
     assert isinstance(gpu.model.head, Int8Head) and gpu.model.head.codes.dtype == torch.int8
     c = cpu.cfg
@@ -76,18 +78,18 @@ def test_gpu_model_matches_cpu_runtime(w4kv):
     got = gpu.model(x.to(DEV), pos.to(DEV), gc, last_only=True)
     assert rel(got.cpu(), cpu.model(x, pos, cc, last_only=True)) < 5e-3
     # decode steps on static buffers (bucket of 4): cache rows 1 and 0 in swapped order, two padding rows
-    bufs = DecodeBuffers.allocate(gpu.cfg, torch.float16, DEV, [1, 2, 4], 64)
+    bufs = DecodeBuffers.allocate(gpu.cfg, torch.float16, DEV, [1, 2, 4], 64, burst=8)
     for step in range(2):
         tok, p = ids((2,), 10 + step), 23 + step
         want = cpu.model(tok[:, None], torch.tensor([[p], [p]]), cc, last_only=True)[:, -1]
         bufs.idx[:, :4] = torch.tensor([[tok[1], tok[0], 7, 0], [p, p, -1, -1], [1, 0, 3, 2]], device=DEV)
-        gpu.model.decode_step(bufs, 4, gc)
+        gpu.model.decode_step(bufs, 4, gc, RuntimeOptions())
         got = bufs.logits[:2].flip(0).cpu()
         assert rel(got, want) < 5e-3 and torch.equal(got.argmax(-1), want.argmax(-1))
     # a one-row step (rotary, cache write and attention in one kernel) on cache row 1
     want = cpu.model(torch.tensor([[5]]), torch.tensor([[25]]), rows_view(cc, 1, 2), last_only=True)[:, -1]
     bufs.idx[:, :1] = torch.tensor([[5], [25], [1]], device=DEV)
-    gpu.model.decode_step(bufs, 1, gc)
+    gpu.model.decode_step(bufs, 1, gc, RuntimeOptions())
     assert rel(bufs.logits[:1].cpu(), want) < 5e-3 and (bufs.count == 0).all()
     assert (gc.k[0][2:].cpu() == 0).all() and (gc.k[0][:, :, 26:].cpu() == 0).all()  # padding wrote nothing
     assert (gc.k[0][0, :, 25].cpu() == 0).all() and (gc.k[0][1, :, 25].cpu() != 0).any()
@@ -96,8 +98,8 @@ def test_gpu_model_matches_cpu_runtime(w4kv):
 def test_split_w13_hands_its_sums_to_w2(w4kv, monkeypatch):
     """A w13 that splits K adds its slices into fp32 sums that its norm kernel zeroed, and w2 takes the SiLU-mul
     of them: one-row and four-row decode steps still match the CPU runtime, step after step on the same sums."""
-    cpu = load_workspace(w4kv, "cpu", "float32", head="int8")
-    gpu = load_workspace(w4kv, str(DEV), "float16", gpu_path=True)
+    cpu = load_workspace(w4kv, RuntimeOptions(device="cpu", dtype="float32", head="int8"))
+    gpu = load_workspace(w4kv, RuntimeOptions(device=str(DEV), dtype="float16", gpu_path=True))
     c, w13 = cpu.cfg, gpu.model.layers[0].w13
     for bucket in (1, 16):
         monkeypatch.setitem(gemv_int4.TUNED, (bucket, w13.out_features, w13.in_features), GemvConfig(32, 2))
@@ -107,14 +109,14 @@ def test_split_w13_hands_its_sums_to_w2(w4kv, monkeypatch):
     x, pos = ids((4, 12), 40), torch.arange(12).expand(4, 12)
     cpu.model(x, pos, cc)
     gpu.model(x.to(DEV), pos.to(DEV), gc)
-    bufs = DecodeBuffers.allocate(gpu.cfg, torch.float16, DEV, [1, 4], 64)
+    bufs = DecodeBuffers.allocate(gpu.cfg, torch.float16, DEV, [1, 4], 64, burst=8)
     nxt = torch.full((4,), 12)  # each row's next position
     for step, rows in enumerate((1, 4, 1)):
         tok, p = ids((rows,), 41 + step), nxt[:rows].clone()
         want = cpu.model(tok[:, None], p[:, None], rows_view(cc, 0, rows), last_only=True)[:, -1]
         bufs.idx[:, :rows] = torch.stack([tok, p, torch.arange(rows)]).to(DEV)
         nxt[:rows] += 1
-        gpu.model.decode_step(bufs, rows, gc, distinct=True)
+        gpu.model.decode_step(bufs, rows, gc, RuntimeOptions(), distinct=True)
         got = bufs.logits[:rows].cpu()
         assert rel(got, want) < 5e-3 and torch.equal(got.argmax(-1), want.argmax(-1))
     assert bufs.ffn_sums[0][:1].abs().sum() > 0  # the last step's sums, zeroed by the next step's norm kernel
@@ -123,9 +125,9 @@ def test_split_w13_hands_its_sums_to_w2(w4kv, monkeypatch):
 def stepwise(engine: Engine, prompt: list[int], n: int) -> list[int]:
     """n greedy tokens after ``prompt`` through the engine's prefill and one decode step at a time."""
     engine.reset()
-    toks = [int(engine._prefill(prompt, 0).argmax())]
+    toks = [int(engine.runner.prefill([prompt], [0], [0]).argmax())]
     for i in range(n - 1):
-        toks.append(int(engine.decoder.step_host([toks[-1]], [len(prompt) + i]).argmax()))
+        toks.append(int(engine.runner.decode([toks[-1]], [len(prompt) + i], [0]).argmax()))
     engine.reset()
     return toks
 
@@ -133,7 +135,7 @@ def stepwise(engine: Engine, prompt: list[int], n: int) -> list[int]:
 def stepwise_batch(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
     """n greedy tokens after each prompt (cache rows 0..), through packed prefill and one decode_batch step
     at a time."""
-    toks = engine.decoder.prefill(prompts, [0] * len(prompts), list(range(len(prompts)))).argmax(-1).tolist()
+    toks = engine.runner.prefill(prompts, [0] * len(prompts), list(range(len(prompts)))).argmax(-1).tolist()
     out = [[t] for t in toks]
     for i in range(n - 1):
         toks = engine.decode_batch(toks, [len(p) + i for p in prompts]).argmax(-1).tolist()
@@ -151,12 +153,11 @@ def rows_view(cache: KVCache, first: int, stop: int) -> KVCache:
 
 
 def test_engine_decode_paths(w4kv, monkeypatch):
-    """The engine's decode loop, decode_batch on arbitrary rows and a server's one-token forward on a run of
-    rows, all through DecodeGraphs; without CUDA its few CUDA runtime calls are stubbed and steps run eagerly.
+    """The engine's decode loop, decode_batch on arbitrary rows and a server's step on a run of rows, all through
+    the CUDA runner's DecodeGraphs; without CUDA its few CUDA runtime calls are stubbed and steps run eagerly.
     The qkv GEMV splits K here (its sums go through the fp32 buffer that the rope kernel zeroes). Steps of up
     to 14 keys take the short graphs (the attention splits merged in the attention kernel, no merge kernel),
     so generations cross to the general ones midway, between bursts."""
-    monkeypatch.setattr(cuda_graph, "SHORT_CONTEXT", 14)
     if not CUDA:
         class Stub:
             def __init__(self, *a, **k):
@@ -171,9 +172,11 @@ def test_engine_decode_paths(w4kv, monkeypatch):
         monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
         monkeypatch.setattr(torch.cuda, "Event", Stub)
     cpu = Engine.from_workspace(w4kv, device="cpu", dtype="float32", batch_size=4, head="int8")
-    gpu = Engine(load_workspace(w4kv, str(DEV), "float16", gpu_path=True), batch_size=4)
-    if not CUDA:
-        gpu.decoder = gpu.model.decoder = DecodeGraphs(gpu.model, gpu.cache, use_graphs=False)
+    # greedy bursts of 2 steps keep the interpreter quick
+    opts = RuntimeOptions(device=str(DEV), dtype="float16", gpu_path=True, batch_size=4, short_context=14, burst=2,
+                          cuda_graphs=CUDA)
+    gpu = Engine(load_workspace(w4kv, opts), opts)
+    gpu.runner = CudaRunner(gpu.model, gpu.cache, opts, with_graphs=True)
     qkv = gpu.model.layers[0].wqkv
     for bucket in (1, 16):
         monkeypatch.setitem(gemv_int4.TUNED, (bucket, qkv.out_features, qkv.in_features), GemvConfig(32, 2))
@@ -181,43 +184,41 @@ def test_engine_decode_paths(w4kv, monkeypatch):
     gen = GenerationConfig(max_new_tokens=3, temperature=0.0, stop_ids=())
     prompt = ids((10,), 5).tolist()
     assert list(gpu.generate(prompt, gen)) == list(cpu.generate(prompt, gen))
-    # greedy bursts (DecodeGraphs.greedy_stream, 2 steps each here to keep the interpreter quick), against the
+    # greedy bursts (DecodeGraphs.greedy_rows, 2 steps each), against the
     # same engine's one step at a time (the same kernels: equal tokens even at a near tie, unlike the CPU):
     # longer than one burst, then cut by a stop id mid-burst, then a follow-up that reuses the cached conversation
-    gpu.decoder.burst = 2
-    n = 2 * gpu.decoder.burst + 3
+    n = 2 * opts.burst + 3
     gen = GenerationConfig(max_new_tokens=n, temperature=0.0, stop_ids=())
     want = stepwise(gpu, prompt, n)
     assert list(gpu.generate(prompt, gen)) == want and gpu.last_stats.finish == "length"
-    stop = GenerationConfig(max_new_tokens=12, temperature=0.0, stop_ids=(want[gpu.decoder.burst + 2],))
-    cut = want[:want.index(want[gpu.decoder.burst + 2])]
+    stop = GenerationConfig(max_new_tokens=12, temperature=0.0, stop_ids=(want[opts.burst + 2],))
+    cut = want[:want.index(want[opts.burst + 2])]
     assert list(gpu.generate(prompt, stop)) == cut and gpu.last_stats.finish == "stop"
     assert gpu._cached == prompt + cut
     # the cached prefix (written by bursts, with steps computed past the stop) is what a fresh prefill writes
     follow = prompt + cut + [11, 12]
-    reused = gpu._prefill(follow[len(gpu._cached):], len(gpu._cached))
+    reused = gpu.runner.prefill([follow[len(gpu._cached):]], [len(gpu._cached)], [0])
     gpu.reset()
-    assert rel(reused, gpu._prefill(follow, 0)) < 5e-3
+    assert rel(reused, gpu.runner.prefill([follow], [0], [0])) < 5e-3
     gpu.reset()
     # several prompts at once: packed prefill, then device-side greedy bursts for both rows
     two = [ids((9,), 21).tolist(), ids((5,), 22).tolist()]
     assert gpu.generate_batch(two, gen) == stepwise_batch(gpu, two, n)
-    assert {k[1] for k in gpu.decoder.greedy_graphs} == {False, True}  # bursts of both kinds ran
+    assert {k[1] for k in gpu.runner.graphs.greedy_graphs} == {False, True}  # bursts of both kinds ran
     # the same with a qkv that does not split K: the bursts' rows (distinct sequences) take the fused attention,
     # and the several-row qkv the GEMV with its RMSNorm fused (one program per row)
     monkeypatch.setitem(gemv_int4.TUNED, (16, qkv.out_features, qkv.in_features), GemvConfig(8, 1, dot=False))
-    gpu.decoder = gpu.model.decoder = DecodeGraphs(gpu.model, gpu.cache, use_graphs=CUDA)
+    gpu.runner = CudaRunner(gpu.model, gpu.cache, opts, with_graphs=True)
     assert not qkv.accumulates(2)
     assert gpu.generate_batch(two, gen) == stepwise_batch(gpu, two, n)
     monkeypatch.setitem(gemv_int4.TUNED, (16, qkv.out_features, qkv.in_features), GemvConfig(32, 2))
     # packed prefill whose steps hold 8 rows: the 9-token prompt spans two steps (its first positions go first),
     # against each prompt prefilled alone
-    small = DecodeGraphs(gpu.model, gpu.cache, use_graphs=CUDA, prefill_rows=2)
+    small = DecodeGraphs(gpu.model, gpu.cache, opts.replace(prefill_rows=2))
     assert small.pack_rows == 8
     packed = small.prefill(two, [0, 0], [0, 1])
-    alone = torch.cat([gpu._prefill(p, 0, j) for j, p in enumerate(two)])
+    alone = torch.cat([gpu.runner.prefill([p], [0], [j]) for j, p in enumerate(two)])
     assert rel(packed.cpu(), alone.cpu()) < 5e-3
-    gpu.decoder.burst = 8
     # three rows prefilled, then one step with rows in another order and at their own positions
     x, pos = ids((3, 8), 6), torch.arange(8).expand(3, 8)
     cpu.model(x, pos, cpu.cache)
@@ -225,13 +226,11 @@ def test_engine_decode_paths(w4kv, monkeypatch):
     want = cpu.model(torch.tensor([[7], [8], [9]]), torch.tensor([[8], [5], [3]]), cpu.cache, last_only=True)[:, -1]
     got = gpu.decode_batch([8, 9, 7], [5, 3, 8], rows=[1, 2, 0]).cpu()
     assert rel(got[[2, 0, 1]], want) < 5e-3
-    # a server's step on rows 1..2 (a view of the cache) replays the decoder with the rows' offset
-    view = rows_view(gpu.cache, 1, 3)
-    assert gpu.decoder.serves(view)
+    # a server's step on rows 1..2, against the CPU model on those rows
     want = cpu.model(torch.tensor([[3], [4]]), torch.tensor([[6], [4]]), rows_view(cpu.cache, 1, 3), True)[:, -1]
-    got = gpu.model(torch.tensor([[3], [4]], device=DEV), torch.tensor([[6], [4]], device=DEV), view, True)[:, -1]
+    got = gpu.runner.decode([3, 4], [6, 4], [1, 2]).float()
     assert rel(got.cpu(), want) < 5e-3
-    assert (gpu.decoder.bufs.qkv_acc == 0).all()
+    assert (gpu.runner.graphs.bufs.qkv_acc == 0).all()
 
 
 @cuda
@@ -241,9 +240,9 @@ def test_engine_on_cuda_uses_graphs_and_generates_like_cpu(w4kv):
     # the CPU engine computes with the int8 head the GPU path loads by default for an int4 workspace
     want = list(Engine.from_workspace(w4kv, device="cpu", dtype="float32", head="int8").generate(prompt, gen))
     eng = Engine.from_workspace(w4kv, device="cuda", batch_size=4)
-    assert eng.decoder is not None and isinstance(eng.model.head, Int8Head)
+    assert eng.runner.graphs is not None and isinstance(eng.model.head, Int8Head)
     assert list(eng.generate(prompt, gen)) == want
-    assert (1, True) in eng.decoder.greedy_graphs  # the short-context graphs of one row were captured
+    assert (1, True) in eng.runner.graphs.greedy_graphs  # the short-context graphs of one row were captured
     # decode_batch: three rows at once equal three single-row steps
     eng.reset()
     rows = [2, 0, 3]
@@ -259,8 +258,8 @@ def test_engine_on_cuda_uses_graphs_and_generates_like_cpu(w4kv):
 def test_head_formats_on_the_cpu_path(w4kv):
     """head="auto" keeps the workspace's head on the CPU path; "int8" computes with the int8 head's values
     (one scale per vocabulary row, within half a step of the weights); int4 and unknown names are refused."""
-    fp = load_workspace(w4kv, "cpu", "float32")
-    q8 = load_workspace(w4kv, "cpu", "float32", head="int8")
+    fp = load_workspace(w4kv, RuntimeOptions(device="cpu", dtype="float32"))
+    q8 = load_workspace(w4kv, RuntimeOptions(device="cpu", dtype="float32", head="int8"))
     assert torch.equal(q8.model.tok_embeddings, fp.model.tok_embeddings)  # only the head is quantized
     w = fp.model.output.float()
     step = w.abs().amax(dim=1, keepdim=True) / 127
@@ -268,4 +267,4 @@ def test_head_formats_on_the_cpu_path(w4kv):
     assert (err <= step / 2 + 1e-6).all() and err.max() > 0
     for bad in ("int4", "int3"):
         with pytest.raises(QconvError, match="head"):
-            load_workspace(w4kv, "cpu", "float32", head=bad)
+            load_workspace(w4kv, RuntimeOptions(device="cpu", dtype="float32", head=bad))

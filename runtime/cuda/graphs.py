@@ -1,24 +1,20 @@
 """Decode steps as CUDA graphs: GpuTransformer.decode_step captured once per batch bucket (and once more for
-steps whose rows hold at most SHORT_CONTEXT keys, which skip the attention merge kernel; ``key``).
+steps whose rows hold at most opts.short_context keys, which skip the attention merge kernel; ``key``).
 
-    graphs = DecodeGraphs(model, cache)           # buffers for up to max(cache.batch, pack_rows) rows
+    graphs = DecodeGraphs(model, cache, opts)     # buffers for up to max(cache.batch, opts.pack_rows) rows
     logits = graphs.step_host([tok], [pos], [0])  # one step for cache row 0 -> [1, V] (a view, valid until next step)
     logits = graphs.prefill(prompts, starts, rows)  # short prompts as packed steps -> [n, V] last-token logits
-    for t in graphs.greedy_stream(tok, pos, n):   # n greedy steps of row 0 on the device -> the n next tokens
-        ...
     for toks in graphs.greedy_rows(toks, poss, n, rows):  # several rows at once: a list of tokens per step
-    model(ids [B, 1], pos [B, 1], cache_rows)     # GpuTransformer.forward sends one-token steps here
 
 A step of n rows replays the graph of the smallest bucket (1, 2, 4, 8, ... and the largest) holding n;
 the bucket's other rows are padding (position -1: no cache write, attention over nothing). Inputs live
 in one static int64 tensor ``idx`` [3, rows] = (token, position, cache row), so a step costs one
-host-to-device copy and one graph launch. A cache made by KVCache.rows(first, ...) from the captured
-cache shares its storage: its row r is the captured cache's row first + r.
-Rows need not be distinct cache rows: a short prompt (up to PREFILL_ROWS tokens) is prefilled as one step
+host-to-device copy and one graph launch. Only the CUDA runner (runtime/cuda/runner.py) holds the graphs; the model does not know it is captured.
+Rows need not be distinct cache rows: a short prompt (up to opts.prefill_rows tokens) is prefilled as one step
 whose rows are its tokens, all in one cache row at consecutive positions. Every row's K/V is written
 before any row attends (decode_step's kernel order), and each row attends to positions <= its own, so the
 step is causal prefill, replayed from a graph instead of ~15 launches per layer from Python.
-Greedy decoding of row 0 (``greedy_stream``) replays a graph of BURST steps that also takes each step's
+Greedy decoding (``greedy_rows``) replays a graph of opts.burst steps that also takes each step's
 argmax and writes it, with the position + 1, into ``idx``: the steps run back to back on the device. The
 next burst is launched before the host reads the previous one's tokens, so the GPU never waits for the
 host (the tokens of up to two bursts past a stop token are computed and thrown away).
@@ -36,6 +32,7 @@ from .kernels.gemv_int4 import sum_buffers
 from .kernels.greedy import greedy_feed
 from .kernels.greedy import scratch as greedy_scratch
 from ..kv_cache import KVCache
+from ..options import RuntimeOptions
 
 
 @dataclass
@@ -54,7 +51,7 @@ class DecodeBuffers:
     h: torch.Tensor        # [rows, hidden], the final norm's output
     logits: torch.Tensor   # [rows, vocab]
     next_tok: torch.Tensor  # int64 [rows]: greedy steps' argmax
-    ring: torch.Tensor     # int64 [BURST, rows]: the tokens of one greedy burst
+    ring: torch.Tensor     # int64 [burst, rows]: the tokens of one greedy burst
     count: torch.Tensor    # int32 [rows, Hkv]: the fused attention kernel's split counters (zero between steps)
     greedy: tuple[torch.Tensor, ...]  # kernels/greedy.py's scratch: per-slice maxima, their indices, counters
     splits: dict[int, int] = field(default_factory=dict)                     # bucket -> attention splits
@@ -62,7 +59,7 @@ class DecodeBuffers:
 
     @classmethod
     def allocate(cls, cfg, dtype: torch.dtype, device: torch.device, buckets: list[int], max_len: int,
-                 sms: int = 132) -> DecodeBuffers:
+                 burst: int, sms: int = 132, split_cap: int | None = None) -> DecodeBuffers:
         R, H, D = max(buckets), cfg.hidden_units, cfg.size_per_head
         bufs = cls(idx=torch.zeros(3, R, dtype=torch.int64, device=device),
                    x=torch.zeros(R, H, dtype=torch.float32, device=device),
@@ -76,25 +73,13 @@ class DecodeBuffers:
                    h=torch.zeros(R, H, dtype=dtype, device=device),
                    logits=torch.zeros(R, cfg.vocab_size, dtype=dtype, device=device),
                    next_tok=torch.zeros(R, dtype=torch.int64, device=device),
-                   ring=torch.zeros(BURST, R, dtype=torch.int64, device=device),
+                   ring=torch.zeros(burst, R, dtype=torch.int64, device=device),
                    count=counters(R, cfg.kv_head_num, device), greedy=greedy_scratch(R, device))
         for b in buckets:
-            ns = num_splits(b, cfg.kv_head_num, max_len, sms=sms)
+            ns = num_splits(b, cfg.kv_head_num, max_len, sms=sms, cap=split_cap)
             bufs.splits[b] = ns
             bufs.parts[b] = partials(b, cfg.head_num, ns, D, device)
         return bufs
-
-
-SHORT_CONTEXT = 64  # a step whose rows all hold at most this many keys (one row, or distinct rows) replays a
-# graph whose attention splits are merged by the last of them to finish, in the same kernel: no merge kernel
-# (gpu_model.decode_step's ``short``). Up to 64 keys one split holds them all and just stores its output (H100,
-# an earlier build: one row at 32 tokens 913 against 975 µs with the merge kernel). Longer is not measured yet:
-# bench/gpu_attn_probe.py's "short to 1024" / "short everywhere" variants. One split per row at 160 tokens was
-# slower than splits plus the merge kernel (H200 739.2 against 688.5 µs; bench/RESULTS.md, twelfth sitting). 0: never
-BURST = 8  # greedy steps per graph launch (runtime/engine.py streams their tokens as they arrive)
-PREFILL_ROWS = 64  # prompts up to this many tokens are prefilled as one decode step (rows = tokens)
-PACK_ROWS = 256  # several short prompts (generate_batch) are packed into steps of up to this many rows, when
-# the cache holds that many prompts' worth (a step's fixed cost, ~1.5 ms of kernel-to-kernel latency, is paid once)
 
 
 def default_buckets(rows: int) -> list[int]:
@@ -106,27 +91,27 @@ def default_buckets(rows: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model, cache: KVCache, buckets: list[int] | None = None, use_graphs: bool = True,
-                 prefill_rows: int = PREFILL_ROWS):
-        self.model, self.cache, self.use_graphs = model, cache, use_graphs
+    def __init__(self, model, cache: KVCache, opts: RuntimeOptions, buckets: list[int] | None = None):
+        self.model, self.cache, self.opts = model, cache, opts
+        self.use_graphs = opts.cuda_graphs
         self.rows = cache.batch
-        self.prefill_rows = prefill_rows
-        self.pack_rows = min(PACK_ROWS, max(prefill_rows, self.rows * prefill_rows))
+        self.prefill_rows, self.burst = opts.prefill_rows, opts.burst
+        self.pack_rows = min(opts.pack_rows, max(self.prefill_rows, self.rows * self.prefill_rows))
         self.buckets = sorted(set(buckets or default_buckets(max(self.rows, self.pack_rows))))
         assert self.buckets[-1] >= self.rows, f"buckets {self.buckets} do not reach {self.rows} rows"
         dev = cache.k[0].device
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        self.bufs = DecodeBuffers.allocate(model.cfg, model.dtype, dev, self.buckets, cache.max_len, sms)
+        self.bufs = DecodeBuffers.allocate(model.cfg, model.dtype, dev, self.buckets, cache.max_len, self.burst, sms,
+                                           opts.attention_split_cap)
         self.host = torch.zeros(3, self.buckets[-1], dtype=torch.int64).pin_memory()
         self.host_np = self.host.numpy()  # written through numpy: no torch dispatch per step
         self._copied = torch.cuda.Event()
         self._copied.record()
-        # keyed (bucket, short): short graphs serve steps whose rows hold at most SHORT_CONTEXT keys (``key``)
+        # keyed (bucket, short): short graphs serve steps whose rows hold at most opts.short_context keys (``key``)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | None] = {}
         self.greedy_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | None] = {}  # -> one greedy step
-        self.burst_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | None] = {}   # -> BURST greedy steps
-        self.burst = BURST
-        self.ring_host = [torch.zeros(BURST, self.buckets[-1], dtype=torch.int64).pin_memory() for _ in range(2)]
+        self.burst_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | None] = {}   # -> burst greedy steps
+        self.ring_host = [torch.zeros(self.burst, self.buckets[-1], dtype=torch.int64).pin_memory() for _ in range(2)]
         self.ring_ready = [torch.cuda.Event() for _ in range(2)]
         self.pool = None
 
@@ -138,16 +123,18 @@ class DecodeGraphs:
         """The graph key of a step of n rows whose longest row holds ``keys`` keys (its position + 1; of a burst's
         last step): (bucket, short). Short needs the fused attention's path: one row, or distinct rows."""
         b = self.bucket(n)
-        return b, (b == 1 or distinct) and keys <= SHORT_CONTEXT
+        return b, (b == 1 or distinct) and keys <= self.opts.short_context
 
     @torch.inference_mode()
     def capture(self, b: int, short: bool = False) -> None:
-        """Compile (first launches) and capture the step for bucket b (short: for rows of at most SHORT_CONTEXT
-        keys). Every row is padding meanwhile, so neither the warm-up nor the capture touches the cache."""
+        """Compile (first launches) and capture the step for bucket b (short: for rows of at most
+        opts.short_context keys). Every row is padding meanwhile, so neither the warm-up nor the capture touches
+        the cache."""
         if not self.use_graphs:  # eager steps (for comparison and debugging): nothing to capture
             self.graphs[b, short] = None
             return
-        self.graphs[b, short] = self._capture(lambda: self.model.decode_step(self.bufs, b, self.cache, short=short), b)
+        self.graphs[b, short] = self._capture(
+            lambda: self.model.decode_step(self.bufs, b, self.cache, self.opts, short=short), b)
 
     def _capture(self, fn, b: int, warmup: int = 2) -> torch.cuda.CUDAGraph:
         """fn() warmed up, then captured into the shared memory pool, with rows 0..b-1 as padding; idx is restored."""
@@ -171,7 +158,7 @@ class DecodeGraphs:
     def _replay(self, key: tuple[int, bool]) -> None:
         graph = self.graphs[key]
         if graph is None:
-            self.model.decode_step(self.bufs, key[0], self.cache, short=key[1])
+            self.model.decode_step(self.bufs, key[0], self.cache, self.opts, short=key[1])
         else:
             graph.replay()
 
@@ -179,7 +166,8 @@ class DecodeGraphs:
         """Rows 0..b-1: one decode step, each row's argmax (into ring[i] when given), and the next step's inputs
         in idx: token = argmax, position + 1 (padding rows stay padding)."""
         bufs = self.bufs
-        self.model.decode_step(bufs, b, self.cache, distinct=True, short=short)  # greedy_rows' rows are distinct
+        # greedy_rows' rows are distinct
+        self.model.decode_step(bufs, b, self.cache, self.opts, distinct=True, short=short)
         greedy_feed(bufs.logits[:b], bufs.idx, bufs.next_tok, None if i is None else bufs.ring[i], bufs.greedy)
 
     @torch.inference_mode()
@@ -193,7 +181,7 @@ class DecodeGraphs:
         # its tokens are copied into the ring after each replay
         self.greedy_graphs[key] = self._capture(lambda: self._greedy_step(b, short=short), b)
         # no warm-up: its later steps would move off the padding position and write into the cache
-        self.burst_graphs[key] = self._capture(lambda: [self._greedy_step(b, i, short) for i in range(BURST)], b,
+        self.burst_graphs[key] = self._capture(lambda: [self._greedy_step(b, i, short) for i in range(self.burst)], b,
                                                warmup=0)
 
     def _launch_burst(self, key: tuple[int, bool], k: int, slot: int) -> None:
@@ -201,7 +189,7 @@ class DecodeGraphs:
         (ring_ready[slot])."""
         if key not in self.greedy_graphs:
             self._capture_greedy(*key)
-        if k == BURST and self.burst_graphs[key] is not None:
+        if k == self.burst and self.burst_graphs[key] is not None:
             self.burst_graphs[key].replay()
         else:
             for i in range(k):
@@ -218,7 +206,7 @@ class DecodeGraphs:
                     rows: list[int] | None = None) -> Iterator[list[int]]:
         """Greedy decoding of several sequences at once: row j feeds tokens[j] at positions[j] into cache row
         rows[j] (default j; the rows distinct), then each step's argmax, for ``steps`` steps -> each step's
-        tokens (a list per step). The steps run in bursts of BURST on the device; the next burst is launched
+        tokens (a list per step). The steps run in bursts of opts.burst on the device; the next burst is launched
         before the host reads the last one's tokens, so up to two bursts past the caller's last read are
         computed (and written into the cache) anyway."""
         n = len(tokens)
@@ -242,11 +230,6 @@ class DecodeGraphs:
             slot, k = pending.popleft()
             self.ring_ready[slot].synchronize()
             yield from self.ring_host[slot][:k, :n].tolist()
-
-    def greedy_stream(self, token: int, position: int, steps: int) -> Iterator[int]:
-        """Greedy decoding of cache row 0 (greedy_rows with one row): the next ``steps`` tokens, one at a time."""
-        for step in self.greedy_rows([token], [position], steps):
-            yield step[0]
 
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -288,25 +271,3 @@ class DecodeGraphs:
         host[2, :n] = rows if rows is not None else range(n)
         self.bufs.idx.copy_(self.host, non_blocking=True)  # whole buffers: contiguous on both sides
         self._copied.record()
-
-    def serves(self, cache: KVCache) -> bool:
-        """Whether ``cache`` is the captured cache or a run of its rows (KVCache.rows)."""
-        mine, theirs = self.cache.k[0], cache.k[0]
-        return (theirs.dtype == mine.dtype and theirs.shape[1:] == mine.shape[1:] and theirs.stride() == mine.stride()
-                and theirs.untyped_storage().data_ptr() == mine.untyped_storage().data_ptr())
-
-    @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """ids, pos: [B, 1] device tensors for rows 0..B-1 of ``cache`` -> logits [B, 1, V] (a new tensor)."""
-        B = ids.shape[0]
-        first = (cache.k[0].storage_offset() - self.cache.k[0].storage_offset()) // self.cache.k[0].stride(0)
-        b = self.bucket(B)  # positions stay on the device: the general graph, never the short one
-        if (b, False) not in self.graphs:
-            self.capture(b)
-        idx = self.bufs.idx
-        idx[0, :B].copy_(ids[:, 0])
-        idx[1, :B].copy_(pos[:, 0])
-        idx[2, :B].copy_(torch.arange(first, first + B, device=idx.device))
-        idx[1, B:b].fill_(-1)
-        self._replay((b, False))
-        return self.bufs.logits[:B, None].clone()

@@ -11,18 +11,18 @@ query position), as runtime/cpu/model.py does.
 
 Decode (``decode_step``): one token per row on static buffers, no host work, so that runtime/cuda/graphs.py
 captures it once per batch bucket. One row, or rows that are distinct sequences (six kernels per layer;
-FUSED_ATTENTION):
+RuntimeOptions.attention):
     qkv GEMV (RMSNorm fused) -> rope + cache write + attention splits (kernels/attention.py, fused) -> merge
     -> o GEMV (+= residual) -> w13 GEMV (RMSNorm fused, SiLU-mul epilogue) -> w2 GEMV (+= residual)
 A w13 that splits K (the mma kernel, after a norm kernel) adds its slices into fp32 sums instead, which the norm
 kernel zeroed, and w2 applies the SiLU-mul to them as it loads its input: a last slice that waits for the others
-(a fence, a counter, the sums read back) cost ~2.5 µs a layer at one row (H200).
+(a fence, a counter, the sums read back) is slower (RuntimeOptions.silu_in_w2).
 A qkv GEMM that splits K adds into an fp32 buffer that the fused kernel reads and the merge kernel zeroes.
 Rows that may share a cache row (a short prompt prefilled as one step): rope + cache write, attention splits
 and their merge are three kernels, so that every row's K/V is written before any row attends (the rope
 kernel then reads and zeroes the split-K sums). Several rows take the tl.dot / tensor-core GEMMs after a
-separate RMSNorm kernel, or the GEMV with a program per row (gemv_int4.TUNED's choice per shape).
-When a decoder (DecodeGraphs) is attached, forward sends one-token steps on its cache to the graphs.
+separate RMSNorm kernel, or the GEMV with a program per row (the kernel configs' choice per shape).
+The model does not know about CUDA graphs: the CUDA runner captures ``decode_step``.
 """
 from __future__ import annotations
 
@@ -34,30 +34,13 @@ from ...convert.workspace_config import WorkspaceConfig
 from .kernels import HAVE_TRITON
 from ..kv_cache import KVCache, shared_start
 from ..cpu.model import LayerWeights, attention_mask
+from ..options import RuntimeOptions
 from ..rope import rotary_tables
 
 if HAVE_TRITON:
     from .kernels.attention import decode_attention, decode_attention_fused
     from .kernels.norm import rms_norm, silu_mul
     from .kernels.rope_cache import rope_cache_write
-
-
-# One-row steps: rotary + cache write + attention splits in one kernel, and the splits merged by a second
-# ("two") or by the last split to finish in the same kernel ("one"); "three": rope, splits, merge (the several-row
-# path). H100, W4 + KV int8, graph step at 32 / 4160 tokens and decode-only tok/s over 32..288 tokens: one 913 /
-# 1111 µs, 990.8; two 975 / 1060 µs, 1022.9; three 1003 / 1074 µs, 992.8 (the in-kernel merge is slow once
-# several splits hold keys; bench/RESULTS.md)
-FUSED_ATTENTION = "two"
-# its tile of keys and warps: H100, 8 warps beat 4 (decode-only 1022.9 against 1015.9 tok/s; with the in-kernel
-# merge, steps 899 / 1088 µs at 32 / 4160 tokens against 933 / 1175); block_n 32 was slower, 128 with 8 warps
-# took 1005 µs at 4160 against 1060 in one run (bench/gpu_runtime.py's variants sweep them). wide: one row past
-# 4096 tokens reads each split's 128 keys as one tile (H200, W4 + KV int8 step at 4160 tokens 764.4 -> 738.0 µs,
-# fp16 KV 775.4 -> 744.9; at 160 within noise; bench/gpu_attn_probe.py, gpu_attn_probe_fold_h200.json)
-FUSED_ATTENTION_KW = {"block_n": 64, "num_warps": 8, "wide": True}
-# A w13 that splits K: its slices add into fp32 sums and w2 takes their SiLU-mul as it loads them (True), or the last
-# slice of each tile to finish applies it (False: a fence, a counter and the sums read back; H200, alone, w13 at one
-# row 9.27 against 6.81 µs adding only, eight rows 12.2 against 8.5; bench/experiments/layout_probe.py)
-SILU_IN_W2 = True
 
 
 def use_gpu_path(device: torch.device, dtype: torch.dtype, cfg: WorkspaceConfig) -> bool:
@@ -87,7 +70,6 @@ class GpuTransformer(nn.Module):
         self.register_buffer("cos", cos.to(self.tok_embeddings.device), persistent=False)
         self.register_buffer("sin", sin.to(self.tok_embeddings.device), persistent=False)
         self.dtype = self.tok_embeddings.dtype
-        self.decoder = None  # runtime/cuda_graph.DecodeGraphs, attached by the Engine
         self._kvp_src, self._kvp = None, None
 
     def kv_params(self, cache: KVCache) -> list[torch.Tensor | None]:
@@ -103,13 +85,8 @@ class GpuTransformer(nn.Module):
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        """ids, pos: [B, S] -> logits [B, S, V] (or [B, 1, V] with ``last_only``) in the compute dtype."""
-        if ids.shape[1] == 1 and self.decoder is not None and self.decoder.serves(cache):
-            return self.decoder.forward(ids, pos, cache)
-        return self.prefill(ids, pos, cache, last_only)
-
-    @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """ids, pos: [B, S] -> logits [B, S, V] (or [B, 1, V] with ``last_only``) in the compute dtype: the
+        prefill path (any S), eager kernels."""
         B, S = ids.shape
         T, H, I = B * S, self.cfg.hidden_units, self.cfg.inter_size
         assert int(pos.max()) < cache.max_len, f"position {int(pos.max())} is past the cache ({cache.max_len})"
@@ -155,13 +132,15 @@ class GpuTransformer(nn.Module):
         return o.transpose(1, 2).reshape(B * S, hq * D)
 
     # ------------------------------------------------------------------------------------------
-    def decode_step(self, bufs, b: int, cache: KVCache, distinct: bool = False, short: bool = False) -> None:
+    def decode_step(self, bufs, b: int, cache: KVCache, opts: RuntimeOptions, distinct: bool = False,
+                    short: bool = False) -> None:
         """One token for rows 0..b-1 of the static buffers ``bufs`` (runtime/cuda_graph.DecodeBuffers):
         reads bufs.idx[:, :b] (token, position, cache row; position < 0 = padding) and leaves the
         next-token logits in bufs.logits[:b]. ``distinct``: the rows are distinct sequences (cache rows), so no
         row reads another's new K/V and the fused attention serves them all. ``short``: every row holds at most
-        cuda_graph.SHORT_CONTEXT keys; the fused attention's last split to finish then merges (FUSED_ATTENTION
-        "one"): no merge kernel. Launches kernels only: safe to capture in a CUDA graph."""
+        opts.short_context keys; the fused attention's last split to finish then merges (as attention "one"):
+        no merge kernel. ``opts``: the kernel choices (attention mode and tiles, where w13's SiLU-mul happens).
+        Launches kernels only: safe to capture in a CUDA graph."""
         idx = bufs.idx[:, :b]
         ids, pos, slot = idx[0], idx[1], idx[2]
         x = bufs.x[:b]  # [b, hidden] fp32 residual
@@ -173,20 +152,20 @@ class GpuTransformer(nn.Module):
             acc = bufs.qkv_acc[:b] if blk.wqkv.accumulates(b) else None  # split-K sums (zeroed after reading)
             blk.wqkv.run(x, qkv if acc is None else acc, prologue="rmsnorm", norm_weight=blk.attention_norm,
                          eps=self.eps, epilogue="store" if acc is None else "residual")
-            if (b == 1 or distinct) and FUSED_ATTENTION != "three":
+            if (b == 1 or distinct) and opts.attention != "three":
                 # rotary, cache write, attention; split-K qkv sums are read here and zeroed by whoever merges
                 decode_attention_fused(qkv if acc is None else acc, pos, slot, self.cos, self.sin, cache.k[i],
                                        cache.v[i], self.hq, attn, kvp[i], blk.q_norm, blk.k_norm, self.eps,
                                        scratch=bufs.parts[b], splits=bufs.splits[b], count=bufs.count,
-                                       merge=short or FUSED_ATTENTION == "one",
-                                       sums=acc is not None, **FUSED_ATTENTION_KW)
+                                       merge=short or opts.attention == "one",
+                                       sums=acc is not None, **opts.attention_kw)
             else:  # rows may share a cache row (a prompt's tokens): every K/V is written before any row attends
                 rope_cache_write(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, self.hkv,
                                  kvp[i], blk.q_norm, blk.k_norm, self.eps, acc=acc)
                 decode_attention(qkv, pos, slot, cache.k[i], cache.v[i], self.hq, attn, kvp[i], scratch=bufs.parts[b],
                                  splits=bufs.splits[b])
             blk.wo.run(attn, x, epilogue="residual")
-            if SILU_IN_W2 and blk.w13.accumulates(b):  # w13's K-slices add into fp32 sums (zeroed by its norm
+            if opts.silu_in_w2 and blk.w13.accumulates(b):  # w13's K-slices add into fp32 sums (zeroed by its norm
                 # kernel) and w2's kernel takes the SiLU-mul of them: no slice waits for the others
                 gu = bufs.ffn_sums[0][:b]
                 blk.w13.run(x, gu, prologue="rmsnorm", norm_weight=blk.ffn_norm, eps=self.eps, epilogue="accumulate")

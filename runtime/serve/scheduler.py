@@ -7,8 +7,8 @@
 
 Each running sequence owns one row (slot) of the engine's KV cache. Every turn of the loop:
 [STEP 1] admit waiting requests into free slots (lowest first), [STEP 2] prefill them (batched per run
-of adjacent slots, left-padded, runtime/batch.py), [STEP 3] one decode step over the rows that hold a
-sequence, each at its own position. Sequences join and leave between steps; a finished or cancelled one
+of adjacent slots), [STEP 3] one decode step over the rows that hold a sequence, each at its own position.
+Both go through the engine's runner (runtime/runner.py), as every forward pass does. Sequences join and leave between steps; a finished or cancelled one
 frees its slot at once. Requests beyond the free slots wait in a bounded queue; past it ``submit``
 raises ``QueueFull``. Events (text pieces, the finish) go to each request's ``emit`` callback, called
 from the worker thread: it must be quick and thread-safe (e.g. ``loop.call_soon_threadsafe``).
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 from ... import QconvError
-from .. import batch
 from ..detokenize import TextStream
 from ..engine import Engine
 from ..generation import GenerationConfig
@@ -203,8 +202,8 @@ class Scheduler:
                 seq.seen = torch.zeros(1, self.engine.cfg.vocab_size, dtype=torch.bool, device=dev)
                 seq.seen[0, torch.tensor(seq.request.prompt, device=dev)] = True
         for group in self._prefill_groups(seqs):
-            logits = batch.prefill(self.engine.model, self.engine.cache, group[0].slot,
-                                   [s.request.prompt for s in group])  # [n, V]
+            logits = self.engine.runner.prefill([s.request.prompt for s in group], [0] * len(group),
+                                                [s.slot for s in group])  # [n, V]
             for seq in group:
                 seq.pos = len(seq.request.prompt)
             self._advance(group, logits)
@@ -223,18 +222,15 @@ class Scheduler:
         return groups
 
     def _decode(self) -> None:
-        rows = [i for i, s in enumerate(self._slots) if s is not None]
-        if not rows:
+        live = [s for s in self._slots if s is not None]
+        if not live:
             return
-        lo, hi = rows[0], rows[-1] + 1
-        span = self._slots[lo:hi]
-        logits = batch.decode(self.engine.model, self.engine.cache, lo, [None if s is None else s.last for s in span],
-                              [0 if s is None else s.pos for s in span])  # [hi - lo, V]
+        logits = self.engine.runner.decode([s.last for s in live], [s.pos for s in live],
+                                           [s.slot for s in live])  # [n, V]
         self._steps += 1
-        live = [i for i, s in enumerate(span) if s is not None]
-        for i in live:
-            span[i].pos += 1
-        self._advance([span[i] for i in live], logits[live])
+        for seq in live:
+            seq.pos += 1
+        self._advance(live, logits)
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """logits [len(seqs), V]: pick each sequence's next token and stream it (or finish)."""
