@@ -34,7 +34,7 @@ scalar), so sum(x^2) accumulates in the main loop and no pass over x precedes th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import triton
@@ -43,6 +43,7 @@ import triton.language as tl
 from . import INTERPRET, pdl, rounding
 from .attention import _last_to_arrive
 from .norm import silu_mul
+from .tuning import GemvConfig
 from ....convert.layout import word_strides
 
 try:  # Gluon (Triton 3.4 - 3.6): the mma.sync kernel; without it, or where its experimental API has moved (an
@@ -456,35 +457,6 @@ def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, out_pt
 
 
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class GemvConfig:
-    block_n: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3   # _gemm's pipeline depth
-    dot: bool = True      # one row through _gemm (padded to 16) rather than _gemv
-    v: int = 2            # _gemv: words per thread-column (one 4v-byte load per row)
-    tc: bool = False      # _w4_tc_kernel (weights as the left tensor-core operand) rather than _gemv / _gemm
-    gpi: int = 1          # _w4_tc_kernel: groups per step
-    xvec: bool = False    # _w4_tc_kernel: x loaded in column order and reordered in registers (else gathered)
-    pf: int = 1           # _w4_tc_kernel: how many steps ahead the weights load (1 to 3)
-    rows: int = 1         # _gemv: input rows per program (their codes made once). H100, 2026-12-02, eight rows
-    # in one program lost to the tensor-core kernel in every config tried (bucket-8 step 1558-6799 µs against 1445;
-    # bench/results/gpu_graph_sweep_gemv_rows8.json), so TUNED keeps rows 1
-    maxnreg: int | None = None  # registers per thread at most (ptxas spills above): more programs per SM
-    mma: bool = False     # kernels/mma_int4.py (mma.sync, operands straight into registers; Gluon): block_n =
-    # 16 * num_warps * (1, 2, 4 or 8), the weights pf groups ahead. Where it cannot run (Triton's interpreter, no
-    # Gluon, group != 128, before sm_80) the tensor-core kernel takes the same tile (mma_fallback)
-    fuse_norm: bool = False  # tl.dot kernels: an RMSNorm prologue inside the kernel (rstd of the row first), not
-    # a norm kernel before it (GpuLinear.run)
-
-    def __post_init__(self):
-        assert self.dot or not (self.tc or self.mma), "tensor-core configs run as the tl.dot kernels do (dot=True)"
-        assert not self.mma or self.block_n in [16 * self.num_warps * r for r in (1, 2, 4, 8)], \
-            f"mma: block_n {self.block_n} is 16 * num_warps * (1, 2, 4 or 8)"
-        assert 1 <= self.pf <= 3, f"pf={self.pf}: the weights load 1 to 3 steps ahead"
-
-
 # Per-shape choices (H100, and H200 where said): {(M bucket, N, K): config}. Shapes not listed use ``default_config``.
 # M bucket: 1, or 16 for 2..16 rows. One row: chosen inside the decode graph (bench/gpu_graph_sweep.py, H100,
 # 2026-11-22: the step at position 160 went 1273 -> 1063 µs, mostly from 4 rows per program instead of 8; a
