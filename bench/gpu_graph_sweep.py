@@ -10,7 +10,7 @@ output matters as much as its bandwidth. Here every candidate config of a role i
 linears in all layers, the bucket-1 graph is captured again and the step is timed (median of three runs of
 100 replays) at a mid-run position; roles go one after the other, each keeping the best found (coordinate
 descent), then a second pass over the roles. A config whose logits differ from the baseline's (> 1e-2
-relative) is refused. Prints gemv_int4.TUNED entries for the best configs, and writes
+relative) is refused. Prints table entries for the best configs, and writes
 bench/results/gpu_graph_sweep_rows<N>.json (copied to $OUT when set).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from bench.common import log, provenance, write_result
 from bench.gpu_rows import build_workspaces, graph_step_us, replay_us
 from qconv.runtime.cuda.graphs import DecodeGraphs
 from qconv.runtime.engine import Engine
-from qconv.runtime.cuda.kernels.gemv_int4 import TUNED, GemvConfig
+from qconv.runtime.cuda.kernels.tuning import GemvConfig, lookup
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLES = {"qkv": "wqkv", "o": "wo", "w13": "w13", "w2": "w2"}
@@ -135,7 +135,7 @@ def main():
 
 def sweep(args, spaces, rows: int, t_start: float) -> None:
     eng = Engine.from_workspace(spaces["W4A16 + KV int8"], device="cuda", verify=False, batch_size=max(rows, 1))
-    key_m = 1 if rows == 1 else 16  # gemv_int4.TUNED's M bucket
+    key_m = 1 if rows == 1 else 16  # the table's rows bucket
     layers = eng.model.layers
 
     def lins(role):
@@ -152,15 +152,15 @@ def sweep(args, spaces, rows: int, t_start: float) -> None:
         return statistics.median(times), greedy_logits(eng, rows, args.position)
 
     base_us, base_logits = step_us()
-    log(f"baseline (gemv_int4.TUNED): {base_us:.1f} µs per step at position {args.position}")
+    log(f"baseline (the kernel config table): {base_us:.1f} µs per step at position {args.position}")
     res = {"baseline_us": base_us, "position": args.position, "tried": {}}
-    best = {role: lins(role)[0].config for role in ROLES}  # None: gemv_int4.TUNED / default_config
+    best = {role: lins(role)[0].config for role in ROLES}  # None: the table's entry, or tuning.rule
     cur_us = base_us  # the step with every role at its best so far
     roles = [r for r in args.roles.split(",") if r]
     for p in range(args.passes):
         for role in roles:
             lin0 = lins(role)[0]
-            current = best[role] or TUNED.get((key_m, lin0.out_features, lin0.in_features))
+            current = best[role] or lookup(lin0.gpu, rows, lin0.out_features, lin0.in_features, lin0.group)
             split = current.split_k if current else 1
             cands = [] if args.splits_only else candidates(role, lin0.group, split, rows, args.mma, args.pf,
                                                            args.quick)
@@ -194,7 +194,7 @@ def sweep(args, spaces, rows: int, t_start: float) -> None:
     res["final_us"] = final_us
     res["best"] = {role: asdict(c) if c else None for role, c in best.items()}
     log(f"final: {final_us:.1f} µs per step (baseline {base_us:.1f})")
-    log(f"TUNED entries ({rows} rows):")
+    log(f"table entries ({rows} rows; rows bucket, N, K):")
     for role in ROLES:
         c = best[role]
         if c is not None:
