@@ -71,8 +71,8 @@ def file_for(gpu: str) -> Path:
     return CONFIGS / (re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_") + ".json")
 
 
-def read_table(path: Path) -> dict[Key, GemvConfig]:
-    """A table file's entries; every config is built (and so validated) here."""
+def read_table(path: Path, roles: dict[Key, str] | None = None) -> dict[Key, GemvConfig]:
+    """A table file's entries, each config built (and so validated) here; ``roles`` gets their role notes."""
     data = json.loads(Path(path).read_text())
     table = {}
     for e in data["entries"]:
@@ -80,6 +80,8 @@ def read_table(path: Path) -> dict[Key, GemvConfig]:
         assert key[0] in (1, 16), f"{path}: m={key[0]}, the rows bucket is 1 or 16"
         assert key not in table, f"{path}: {key} twice"
         table[key] = GemvConfig(**e["config"])
+        if roles is not None and "role" in e:
+            roles[key] = e["role"]
     return table
 
 
