@@ -10,7 +10,7 @@ from the workspace's uint8 codes), or a dense weight. w13 arrives with gate/up r
                                  or out = silu(gate) * up of the pairs, with h = x or RMSNorm(x)
                                  (kernels/gemv_int4.py)
 
-How a decode step multiplies (``DECODE_BACKEND``, from bench/gpu_runtime.py on the H100):
+How a decode step multiplies (``DECODE_BACKEND``; int4 "triton" uses the config kernels/tuning.py picks):
   int4  "triton":   one fused kernel (prologue, int4 GEMV/GEMM with split-K, epilogue)
         "tinygemm": torch's _weight_int4pack_mm (bf16 activations), with separate prologue/epilogue kernels
         "dequant":  dequantize + cuBLAS (the reference; moves 4x the bytes of int4)
@@ -30,7 +30,7 @@ from .kernels.tuning import GemvConfig, config_for, lookup
 
 DECODE_BACKEND = {"int4": "triton", "dense": "cublas"}
 TRITON_MAX_ROWS = 64  # prefill rows up to this go through the int4 kernel (it reads the int4 weights once)
-# rather than dequantize + cuBLAS (which writes and reads an fp16 copy of each weight: ~1 ms per layer)
+# rather than dequantize + cuBLAS (which writes and reads an fp16 copy of each weight)
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 
 

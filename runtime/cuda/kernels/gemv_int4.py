@@ -5,8 +5,8 @@ uint8 codes): int32 [N, K/8], stored group-major [K/G, N, G/8] by the runtime (c
 group of all rows contiguous; every kernel takes either layout through its row and group strides); word w
 (0 .. WG-1, WG = G/8) of group g of a row holds in bits 4i .. 4i+3 the code of column g*G + i*WG + w. So the columns of one nibble position i are contiguous (x for them is one
 vector load), and ``(word & 0xF << 4i) | (150 - 4i) << 23`` is exactly the float 2^(23-4i) + q: one LOP3,
-then a constant subtraction, with no int-to-float conversion (I2F runs at 16/clk/SM and capped the byte
-layout's kernel near 1 TB/s). scales fp16 [N, K/G], zeros uint8 [N, K/G]; w = (q - z) * s.
+then a constant subtraction, with no int-to-float conversion (I2F issues at a fraction of the FMA rate and
+bounds a kernel that converts every code). scales fp16 [N, K/G], zeros uint8 [N, K/G]; w = (q - z) * s.
 
   _w4_gemv_kernel  ROWS input rows per program (default one), CUDA cores: each step's codes are made once
          for them (more rows than that: more programs, the weights re-read from L2). Tile [C, BLOCK_N, V]:

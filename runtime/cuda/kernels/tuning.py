@@ -1,7 +1,7 @@
-"""Which int4 kernel config runs a linear: a table per GPU model, measured by ``python -m bench.gpu_graph_sweep
---write-table`` and shipped as configs/<GPU>.json, plus a rule for shapes the table does not hold.
+"""Which int4 kernel config runs a linear: a table per GPU model, shipped as configs/<GPU>.json and written by the
+config sweep that measured it (each file's written_by holds its command), plus a rule for shapes without an entry.
 
-    {"gpu": "NVIDIA H200", "written_by": "python -m bench.gpu_graph_sweep ...",
+    {"gpu": <torch.cuda.get_device_name()>, "written_by": <the sweep's command line>,
      "entries": [{"m": 1, "n": 2048, "k": 1536, "group": 128, "role": "qkv", "config": {GemvConfig's fields}}, ...]}
 
 An entry is keyed by (m, n, k, group): m is the rows bucket (1 for one row, 16 for two or more), n and k the
@@ -31,7 +31,7 @@ class GemvConfig:
     gpi: int = 1          # _w4_tc_kernel: groups per step
     xvec: bool = False    # _w4_tc_kernel: x loaded in column order and reordered in registers (else gathered)
     pf: int = 1           # _w4_tc_kernel and mma: how many steps ahead the weights load (1 to 3)
-    rows: int = 1         # _gemv: input rows per program (their codes made once; more rows re-read nothing)
+    rows: int = 1         # _gemv: input rows per program (their codes made once)
     maxnreg: int | None = None  # registers per thread at most (ptxas spills above): more programs per SM
     mma: bool = False     # kernels/mma_int4.py (mma.sync, operands straight into registers; Gluon): block_n =
     # 16 * num_warps * (1, 2, 4 or 8), the weights pf groups ahead. Where it cannot run (Triton's interpreter, no
