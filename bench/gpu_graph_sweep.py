@@ -2,7 +2,7 @@
 
     python3 -m bench.gpu_graph_sweep                # qwen2.5-1.5b config, W4A16 (RTN g128) + KV int8, ~4 min
     python3 -m bench.gpu_graph_sweep --roles w13,w2
-    python3 -m bench.gpu_graph_sweep --mma --quick --pf 1,3 --rows 1,8     # the mma.sync kernel's tiles
+    python3 -m bench.gpu_graph_sweep --mma --quick --pf 1,3 --rows 1,8 --write-table   # the mma.sync kernel's tiles
 
 bench.gpu_micro times each GEMV alone, in a graph of independent calls; in a decode step each kernel
 waits for the one before it (PDL overlaps only its first weight tile), so a config's latency to its last
@@ -10,14 +10,17 @@ output matters as much as its bandwidth. Here every candidate config of a role i
 linears in all layers, the bucket-1 graph is captured again and the step is timed (median of three runs of
 100 replays) at a mid-run position; roles go one after the other, each keeping the best found (coordinate
 descent), then a second pass over the roles. A config whose logits differ from the baseline's (> 1e-2
-relative) is refused. Prints gemv_int4.TUNED entries for the best configs, and writes
-bench/results/gpu_graph_sweep_rows<N>.json (copied to $OUT when set).
+relative) is refused. Writes bench/results/gpu_graph_sweep_rows<N>.json (copied to $OUT when set) and, with
+--write-table, the winners into this GPU's kernel config table (runtime/cuda/kernels/configs/<GPU>.json, read by
+kernels/tuning.py; copied to $OUT too): each role whose best config beat the one it started from gets the entry of
+its shape, and the table's other entries stay.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -32,7 +35,8 @@ from bench.common import log, provenance, write_result
 from bench.gpu_rows import build_workspaces, graph_step_us, replay_us
 from qconv.runtime.cuda.graphs import DecodeGraphs
 from qconv.runtime.engine import Engine
-from qconv.runtime.cuda.kernels.gemv_int4 import TUNED, GemvConfig
+from qconv.runtime.cuda.kernels import tuning
+from qconv.runtime.cuda.kernels.tuning import GemvConfig, lookup
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLES = {"qkv": "wqkv", "o": "wo", "w13": "w13", "w2": "w2"}
@@ -119,6 +123,9 @@ def main():
     ap.add_argument("--splits-only", action="store_true",
                     help="only other split-K counts of each role's current config")
     ap.add_argument("--budget-s", type=float, default=420, help="stop sweeping a row count after this many seconds")
+    ap.add_argument("--write-table", nargs="?", const="", default=None, metavar="JSON",
+                    help="merge the winning configs into this GPU's kernel config table (default: the package's "
+                         "runtime/cuda/kernels/configs/<GPU>.json)")
     args = ap.parse_args()
     try:
         pfs = tuple(int(v) for v in args.pf.split(","))
@@ -129,13 +136,31 @@ def main():
     path = (lambda p: Path(p) if Path(p).is_absolute() else ROOT / p)
     cfg = json.loads(path(args.config).read_text())
     spaces = build_workspaces(cfg, str(path(args.tokenizer)), Path(args.work) / "model", 4608, 8, 128, "cuda")
+    won: dict[tuning.Key, tuple[str, GemvConfig]] = {}
     for rows in args.rows:
-        sweep(args, spaces, rows, time.perf_counter())
+        won.update(sweep(args, spaces, rows, time.perf_counter()))
+    if args.write_table is not None:
+        write_table(args.write_table, won)
 
 
-def sweep(args, spaces, rows: int, t_start: float) -> None:
+def write_table(dest: str, won: dict) -> None:
+    """Merge the winners {(rows bucket, N, K, group): (role, config)} into this GPU's table file."""
+    gpu = torch.cuda.get_device_name()
+    path = Path(dest) if dest else tuning.file_for(gpu)
+    roles = {}
+    table = tuning.read_table(path, roles) if path.is_file() else {}
+    for key, (role, cfg) in won.items():
+        table[key], roles[key] = cfg, role
+    tuning.write_table(path, gpu, table, "python -m bench.gpu_graph_sweep " + shlex.join(sys.argv[1:]), roles)
+    log(f"{path}: {len(won)} of {len(table)} entries from this sweep")
+    if os.environ.get("OUT"):
+        shutil.copy(path, os.environ["OUT"])
+
+
+def sweep(args, spaces, rows: int, t_start: float) -> dict[tuning.Key, tuple[str, GemvConfig]]:
+    """Sweep the roles' configs in the step of ``rows`` rows -> {table key: (role, config)} for each role whose best
+    config beat the one it started from."""
     eng = Engine.from_workspace(spaces["W4A16 + KV int8"], device="cuda", verify=False, batch_size=max(rows, 1))
-    key_m = 1 if rows == 1 else 16  # gemv_int4.TUNED's M bucket
     layers = eng.model.layers
 
     def lins(role):
@@ -152,15 +177,15 @@ def sweep(args, spaces, rows: int, t_start: float) -> None:
         return statistics.median(times), greedy_logits(eng, rows, args.position)
 
     base_us, base_logits = step_us()
-    log(f"baseline (gemv_int4.TUNED): {base_us:.1f} µs per step at position {args.position}")
+    log(f"baseline (the kernel config table): {base_us:.1f} µs per step at position {args.position}")
     res = {"baseline_us": base_us, "position": args.position, "tried": {}}
-    best = {role: lins(role)[0].config for role in ROLES}  # None: gemv_int4.TUNED / default_config
+    best = {role: lins(role)[0].config for role in ROLES}  # None: the table's entry, or tuning.rule
     cur_us = base_us  # the step with every role at its best so far
     roles = [r for r in args.roles.split(",") if r]
     for p in range(args.passes):
         for role in roles:
             lin0 = lins(role)[0]
-            current = best[role] or TUNED.get((key_m, lin0.out_features, lin0.in_features))
+            current = best[role] or lookup(lin0.gpu, rows, lin0.out_features, lin0.in_features, lin0.group)
             split = current.split_k if current else 1
             cands = [] if args.splits_only else candidates(role, lin0.group, split, rows, args.mma, args.pf,
                                                            args.quick)
@@ -194,18 +219,20 @@ def sweep(args, spaces, rows: int, t_start: float) -> None:
     res["final_us"] = final_us
     res["best"] = {role: asdict(c) if c else None for role, c in best.items()}
     log(f"final: {final_us:.1f} µs per step (baseline {base_us:.1f})")
-    log(f"TUNED entries ({rows} rows):")
+    won = {}
     for role in ROLES:
-        c = best[role]
-        if c is not None:
+        if best[role] is not None:
             lin = lins(role)[0]
-            log(f"    ({key_m}, {lin.out_features}, {lin.in_features}): {c},  # {role}")
+            key = (tuning.rows_bucket(rows), lin.out_features, lin.in_features, lin.group)
+            won[key] = (role, best[role])
+            log(f"    table entry {key}: {best[role]}  ({role})")
     res.update(provenance())
     res["rows"] = rows
     out = write_result(f"gpu_graph_sweep_rows{rows}", res)
     if os.environ.get("OUT"):
         shutil.copy(out, os.environ["OUT"])
     log(f"{out}  ({time.perf_counter() - t_start:.0f}s)")
+    return won
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Every timing is a CUDA graph of one call per weight (or cache) copy, with enough distinct copies to
 overflow L2 twice, as a decode step reads each layer's weights once: µs per call = replay time / copies.
   linears    per decode role (qkv: RMSNorm + bias, o: += residual, w13: RMSNorm + SiLU-mul epilogue, w2: += residual)
-             and rows M: the Triton kernel over a config sweep (best kept, as gemv_int4.TUNED entries),
+             and rows M: the Triton kernel over a config sweep (best reported, not applied: the kernel
+             config tables come from bench.gpu_graph_sweep),
              torch's tinygemm (_weight_int4pack_mm, bf16), dequantize + cuBLAS, and cuBLAS on fp16 weights
   attention  decode_attention over fp16 / int8 caches at a few contexts, rows and split settings
 Effective TB/s = bytes the op must read (int4 codes + scales + zeros, or fp16 weights, or the K/V) / time.
@@ -250,12 +251,7 @@ def tuned_json(tuned: dict) -> list[dict]:
     return [{"key": list(k), "config": asdict(c)} for k, c in sorted(tuned.items())]
 
 
-def tuned_from_json(rows: list[dict]) -> dict:
-    return {tuple(r["key"]): GemvConfig(**r["config"]) for r in rows}
-
-
 def print_tuned(tuned: dict) -> None:
-    log("gemv_int4.TUNED = {")
+    log("best alone per (rows bucket, N, K), reported only:")
     for key, c in sorted(tuned.items()):
-        log(f"    {key}: GemvConfig({c.block_n}, {c.split_k}, {c.num_warps}, {c.num_stages}, {c.dot}, {c.v}),")
-    log("}")
+        log(f"    {key}: {c}")

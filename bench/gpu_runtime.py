@@ -7,12 +7,12 @@
 Steps, each on its own (a failure is printed and the rest goes on), results saved after each:
   [1] device copy bandwidth (read + write bytes of a 1 GiB device-to-device copy)
   [2] kernels: int4 GEMV candidates per decode role at M=1 and 8 (Triton fused, tinygemm, dequant + cuBLAS,
-      cuBLAS fp16), each alone; reported, not applied (gemv_int4.TUNED comes from bench.gpu_graph_sweep,
-      which times whole decode steps); attention
+      cuBLAS fp16), each alone; reported, not applied (the kernel config tables come from
+      bench.gpu_graph_sweep, which times whole decode steps); attention
   [3] gate: SmolLM2-shaped random model, GPU path vs the CPU runtime (fp16, and W4 g64 + KV int8)
   [4] qwen2.5-1.5b-shaped random model: fp16, W4A16 (RTN g128), + KV int8 each; HF transformers fp16 eager
 Writes bench/results/gpu_runtime.json (gpu_runtime_smoke.json with --smoke, gpu_kernels.json with --kernels-only),
-copied to $OUT when set. --tuned bench/results/gpu_kernels.json reuses a --kernels-only run's GEMV choices.
+copied to $OUT when set.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bench.common import log, provenance, write_result
-from bench.gpu_micro import bench_attention, bench_linears, print_tuned, tuned_from_json, tuned_json
+from bench.gpu_micro import bench_attention, bench_linears, print_tuned, tuned_json
 from bench.gpu_rows import build_workspaces, gate, graph_step_us, measure_hf, measure_row, profile_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,8 +83,6 @@ def main():
     ap.add_argument("--kernels-only", action="store_true")
     ap.add_argument("--full-sweep", action="store_true", help="more GEMV configs (default with --kernels-only)")
     ap.add_argument("--skip", default="", help="comma list of steps to skip: kernels,gate,rows,hf")
-    ap.add_argument("--tuned", default=None, metavar="JSON",
-                    help="GEMV configs from an earlier run's results (its kernels.tuned); skips the sweep")
     ap.add_argument("--budget-s", type=float, default=500, help="start no step or row after this many seconds")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -121,15 +119,10 @@ def main():
     bw = res.get("copy_bandwidth")
 
     # [2] kernels
-    from qconv.runtime.cuda.kernels import gemv_int4
-
-    if args.tuned:  # this run's engines use an earlier run's best configs
-        gemv_int4.TUNED.update(tuned_from_json(json.loads(path(args.tuned).read_text())["kernels"]["tuned"]))
-        log(f"  GEMV configs from {args.tuned}: {len(gemv_int4.TUNED)} shapes")
-    elif cuda and "kernels" not in skip:
+    if cuda and "kernels" not in skip:
         full = args.full_sweep or args.kernels_only
 
-        def kernels():  # reported only: the engines keep gemv_int4.TUNED, chosen inside the decode graph
+        def kernels():  # reported only: the engines keep their GPU's kernel config table, chosen in the decode graph
             lin, tuned = bench_linears(model_cfg, group=plan.group, full=full)  # (bench.gpu_graph_sweep)
             print_tuned(tuned)
             return {"linears": lin, "tuned": tuned_json(tuned),

@@ -113,11 +113,12 @@ def load_workspace(path, opts: RuntimeOptions = RuntimeOptions(), max_len: int |
 
         scratch = DequantScratch(dev, dt)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+        gpu_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None  # its kernel config table
 
         def build(w, bias, weight_type, lin=None):
             if lin == "feed_forward.w13":  # gate/up rows in pairs: the kernels' SiLU-mul epilogue reads them so
                 w = interleave_pairs(w)
-            return make_gpu_linear(w, bias, weight_type, dev, dt, scratch, sms)
+            return make_gpu_linear(w, bias, weight_type, dev, dt, scratch, sms, gpu_name)
     else:
         def build(w, bias, weight_type, lin=None):
             return make_linear(w, bias, weight_type, dev, dt)

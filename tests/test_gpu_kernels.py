@@ -68,7 +68,7 @@ GEMV_CASES = {
     "gemv-rmsnorm-silu": (1, 48, 256, 64, "rmsnorm", "silu", False, GemvConfig(8, v=2)),
     "gemv-rmsnorm-silu-2-rows-v1": (1, 48, 256, 64, "rmsnorm", "silu", False, GemvConfig(2, v=1)),
     "gemv-residual-splitk-1-row": (1, 40, 384, 32, "none", "residual", False, GemvConfig(1, 4, v=1)),
-    # a split count that is not a power of two (gemv_int4.TUNED's w2): 10 groups in slices of 2, the last 4 empty
+    # a split count that is not a power of two (as the config tables' w2 entries): 10 groups in slices of 2, the last 4 empty
     "gemv-residual-split-9": (1, 40, 640, 64, "none", "residual", False, GemvConfig(4, 9, v=4)),
     "gemm-rmsnorm-bias": (3, 40, 384, 128, "rmsnorm", "store", True, GemvConfig(16)),
     "gemm-split-with-empty-slice": (5, 40, 576, 64, "none", "residual", False, GemvConfig(16, 4)),

@@ -19,8 +19,8 @@ from qconv.runtime.engine import Engine  # noqa: E402
 from qconv.runtime.generation import GenerationConfig  # noqa: E402
 from qconv.runtime.cuda.linear import Int8Head  # noqa: E402
 from qconv.runtime.cuda.model import GpuTransformer  # noqa: E402
-from qconv.runtime.cuda.kernels import gemv_int4  # noqa: E402
-from qconv.runtime.cuda.kernels.gemv_int4 import GemvConfig  # noqa: E402
+from qconv.runtime.cuda.kernels import tuning  # noqa: E402
+from qconv.runtime.cuda.kernels.tuning import GemvConfig  # noqa: E402
 from qconv.runtime.kv_cache import KVCache  # noqa: E402
 from qconv.runtime.loader import load_workspace  # noqa: E402
 
@@ -56,6 +56,12 @@ def w4kv(tmp_path_factory, make_tiny):
               for s in ("min", "max")} for t in (cache.k, cache.v)]  # per (head, dim) ranges [H, D]
     save_tensors(compute_kv_params(*stats, c.num_layer, False, "head", 1), root / "kv.safetensors")
     return convert(src, root / "w4kv", "--kv-params", root / "kv.safetensors")
+
+
+def table_entry(lin, bucket: int):
+    """(the kernel config table of lin's GPU, lin's key in it at this rows bucket), for monkeypatch.setitem: every
+    linear of that shape on that GPU then takes the entry."""
+    return tuning.table_for(lin.gpu), (bucket, lin.out_features, lin.in_features, lin.group)
 
 
 def test_gpu_model_matches_cpu_runtime(w4kv):
@@ -102,7 +108,7 @@ def test_split_w13_hands_its_sums_to_w2(w4kv, monkeypatch):
     gpu = load_workspace(w4kv, RuntimeOptions(device=str(DEV), dtype="float16", gpu_path=True))
     c, w13 = cpu.cfg, gpu.model.layers[0].w13
     for bucket in (1, 16):
-        monkeypatch.setitem(gemv_int4.TUNED, (bucket, w13.out_features, w13.in_features), GemvConfig(32, 2))
+        monkeypatch.setitem(*table_entry(w13, bucket), GemvConfig(32, 2))
     assert w13.accumulates(1) and w13.accumulates(4)
     cc = KVCache(c.num_layer, 4, c.kv_head_num, 64, c.size_per_head, torch.float32, cpu.device, cpu.kv_qparams)
     gc = KVCache(c.num_layer, 4, c.kv_head_num, 64, c.size_per_head, torch.float16, gpu.device, gpu.kv_qparams)
@@ -179,7 +185,7 @@ def test_engine_decode_paths(w4kv, monkeypatch):
     gpu.runner = CudaRunner(gpu.model, gpu.cache, opts, with_graphs=True)
     qkv = gpu.model.layers[0].wqkv
     for bucket in (1, 16):
-        monkeypatch.setitem(gemv_int4.TUNED, (bucket, qkv.out_features, qkv.in_features), GemvConfig(32, 2))
+        monkeypatch.setitem(*table_entry(qkv, bucket), GemvConfig(32, 2))
     assert qkv.accumulates(1)
     gen = GenerationConfig(max_new_tokens=3, temperature=0.0, stop_ids=())
     prompt = ids((10,), 5).tolist()
@@ -207,11 +213,11 @@ def test_engine_decode_paths(w4kv, monkeypatch):
     assert {k[1] for k in gpu.runner.graphs.greedy_graphs} == {False, True}  # bursts of both kinds ran
     # the same with a qkv that does not split K: the bursts' rows (distinct sequences) take the fused attention,
     # and the several-row qkv the GEMV with its RMSNorm fused (one program per row)
-    monkeypatch.setitem(gemv_int4.TUNED, (16, qkv.out_features, qkv.in_features), GemvConfig(8, 1, dot=False))
+    monkeypatch.setitem(*table_entry(qkv, 16), GemvConfig(8, 1, dot=False))
     gpu.runner = CudaRunner(gpu.model, gpu.cache, opts, with_graphs=True)
     assert not qkv.accumulates(2)
     assert gpu.generate_batch(two, gen) == stepwise_batch(gpu, two, n)
-    monkeypatch.setitem(gemv_int4.TUNED, (16, qkv.out_features, qkv.in_features), GemvConfig(32, 2))
+    monkeypatch.setitem(*table_entry(qkv, 16), GemvConfig(32, 2))
     # packed prefill whose steps hold 8 rows: the 9-token prompt spans two steps (its first positions go first),
     # against each prompt prefilled alone
     small = DecodeGraphs(gpu.model, gpu.cache, opts.replace(prefill_rows=2))

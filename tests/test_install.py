@@ -32,6 +32,8 @@ def test_wheel_holds_the_package_and_no_tests_or_bench(installed):
                 if not {"tests", "bench"} & set(p.relative_to(REPO).parts) and "build" not in p.parts):
         assert f"qconv/{sub.relative_to(REPO).as_posix()}" in package, f"{sub} is not in the wheel"
     assert "qconv/calib_data/c4.jsonl.gz" in package and "qconv/runtime/serve/static/index.html" in package
+    tables = list((REPO / "runtime/cuda/kernels/configs").glob("*.json"))  # the int4 kernel config tables
+    assert tables and all(f"qconv/{t.relative_to(REPO).as_posix()}" in package for t in tables)
     assert not [n for n in package if n.startswith(("qconv/tests/", "qconv/bench/"))]
 
 

@@ -59,7 +59,7 @@ def compiled(M, N, K, epilogue, cfg):
     (8, 17920, 1536, "silu", GemvConfig(128, 3, 4, dot=True, mma=True), 2.7),     # w13 of qwen2.5-1.5b, 8 rows
     (8, 1536, 8960, "residual", GemvConfig(64, 9, 4, dot=True, mma=True), 2.7),   # w2
     (16, 2048, 1536, "residual", GemvConfig(64, 4, 2, dot=True, mma=True), 3.4),  # qkv, 16 rows (two mma columns)
-    # one row, as gemv_int4.TUNED runs o and w2; o's weights 3 groups ahead: moving the three groups' registers
+    # one row, as the H100 / H200 tables run o and w2; o's weights 3 groups ahead: moving the three groups' registers
     # along costs ~27 instructions a group (183 for 64 weights per thread, 156 at pf 1)
     (1, 1536, 1536, "residual", GemvConfig(64, 12, 4, dot=True, mma=True, pf=3), 3.0),
     (1, 1536, 8960, "residual", GemvConfig(64, 35, 2, dot=True, mma=True), 2.7),

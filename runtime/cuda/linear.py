@@ -10,7 +10,7 @@ from the workspace's uint8 codes), or a dense weight. w13 arrives with gate/up r
                                  or out = silu(gate) * up of the pairs, with h = x or RMSNorm(x)
                                  (kernels/gemv_int4.py)
 
-How a decode step multiplies (``DECODE_BACKEND``, from bench/gpu_runtime.py on the H100):
+How a decode step multiplies (``DECODE_BACKEND``; int4 "triton" uses the config kernels/tuning.py picks):
   int4  "triton":   one fused kernel (prologue, int4 GEMV/GEMM with split-K, epilogue)
         "tinygemm": torch's _weight_int4pack_mm (bf16 activations), with separate prologue/epilogue kernels
         "dequant":  dequantize + cuBLAS (the reference; moves 4x the bytes of int4)
@@ -24,12 +24,13 @@ from torch import nn
 
 from ...convert.layout import QuantLinear, group_major, pack_int4, pack_words, rows_major, unpack_int4, unpack_words
 from .kernels.gemm_int8 import w8_matmul
-from .kernels.gemv_int4 import TUNED, GemvConfig, default_config, w4_dequantize, w4_matmul
+from .kernels.gemv_int4 import w4_dequantize, w4_matmul
 from .kernels.norm import rms_norm, silu_mul
+from .kernels.tuning import GemvConfig, config_for, lookup
 
 DECODE_BACKEND = {"int4": "triton", "dense": "cublas"}
 TRITON_MAX_ROWS = 64  # prefill rows up to this go through the int4 kernel (it reads the int4 weights once)
-# rather than dequantize + cuBLAS (which writes and reads an fp16 copy of each weight: ~1 ms per layer)
+# rather than dequantize + cuBLAS (which writes and reads an fp16 copy of each weight)
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 
 
@@ -49,9 +50,11 @@ class DequantScratch:
 
 class GpuLinear(nn.Module):
     def __init__(self, w: torch.Tensor | QuantLinear, bias: torch.Tensor | None, device: torch.device,
-                 dtype: torch.dtype, scratch: DequantScratch, sms: int = 132, int4: bool = True):
+                 dtype: torch.dtype, scratch: DequantScratch, sms: int = 132, int4: bool = True,
+                 gpu: str | None = None):
         super().__init__()
-        self.dtype, self.scratch, self.sms = dtype, scratch, sms
+        # gpu: torch.cuda.get_device_name() of the device (None: no GPU), whose table kernels/tuning.py reads
+        self.dtype, self.scratch, self.sms, self.gpu = dtype, scratch, sms, gpu
         self.bias = None if bias is None else nn.Parameter(bias.to(device, dtype), requires_grad=False)
         for name in ("words", "scales", "zeros"):  # int4: words int32 [K/G, N, G/8] (group-major), scales fp16 /
             # zeros uint8 [N, K/G]
@@ -71,7 +74,7 @@ class GpuLinear(nn.Module):
             self.group = 0
             self.weight = nn.Parameter(dense.to(device, dtype), requires_grad=False)
             self.backend = DECODE_BACKEND["dense"]
-        self.config: GemvConfig | None = None  # None: kernels/gemv_int4.default_config per call
+        self.config: GemvConfig | None = None  # None: kernels/tuning.config_for per call
         self._tiny = None
 
     @property
@@ -91,7 +94,9 @@ class GpuLinear(nn.Module):
             y = F.linear(x2, self.weight, self.bias)
         elif x2.shape[0] <= TRITON_MAX_ROWS:
             y = torch.empty(x2.shape[0], self.out_features, device=x.device, dtype=self.dtype)
-            w4_matmul(x2.contiguous(), self.words, self.scales, self.zeros, self.group, y, bias=self.bias)
+            # the table or the rule: self.config is a decode step's (it may split K, which storing cannot)
+            cfg = config_for(self.gpu, x2.shape[0], self.out_features, self.in_features, self.group, sms=self.sms)
+            w4_matmul(x2.contiguous(), self.words, self.scales, self.zeros, self.group, y, bias=self.bias, config=cfg)
         else:
             y = F.linear(x2, self.dequantized(), self.bias)
         return y.reshape(*shape[:-1], self.out_features)
@@ -102,12 +107,18 @@ class GpuLinear(nn.Module):
         w = self.scratch.get(self.out_features, self.in_features)
         return w4_dequantize(self.words, self.scales, self.zeros, self.group, w)
 
+    def kernel_config(self, rows: int, epilogue: str = "store", prologue: str = "none") -> GemvConfig:
+        """The int4 kernel's config for ``rows`` rows: ``self.config``, else this GPU's table or the rule for
+        shapes without an entry (kernels/tuning.config_for)."""
+        return self.config or config_for(self.gpu, rows, self.out_features, self.in_features, self.group, epilogue,
+                                         prologue, self.sms)
+
     def accumulates(self, rows: int) -> bool:
         """Whether a decode step of ``rows`` should add split-K partial sums into an fp32 buffer (``run`` with
-        epilogue="residual") rather than store: when the tuned config for the shape splits K (gemv_int4.TUNED)."""
+        epilogue="residual") rather than store: when the table's config for the shape on this GPU splits K."""
         if not (self.int4 and self.backend == "triton"):
             return False
-        cfg = self.config or TUNED.get((1 if rows <= 1 else 16, self.out_features, self.in_features))
+        cfg = self.config or lookup(self.gpu, rows, self.out_features, self.in_features, self.group)
         return cfg is not None and cfg.split_k > 1
 
     def run(self, x: torch.Tensor, out: torch.Tensor, prologue: str = "none", norm_weight: torch.Tensor | None = None,
@@ -122,18 +133,17 @@ class GpuLinear(nn.Module):
         epilogue = "residual" if accumulate else epilogue
         cfg = None
         if fused:
-            cfg = self.config or default_config(x.shape[0], self.out_features, self.in_features, self.group,
-                                                epilogue, self.sms, prologue)
+            cfg = self.kernel_config(x.shape[0], epilogue, prologue)
         zeroed = False
         if prologue == "rmsnorm" and not (fused and (not cfg.dot or cfg.fuse_norm)):
             # a norm kernel first: for the other backends, and before the tl.dot kernels, where a plain GEMM after it
-            # beats the GEMM's fused prologue (H100, M=8: w13 21.7 against 27.6 µs); the GEMV keeps its fused norm,
+            # is faster than the GEMM's fused prologue (which reads each row twice); the GEMV keeps its fused norm,
             # and so do configs that ask for it (fuse_norm)
             x = rms_norm(x, norm_weight, eps, torch.empty(x.shape, device=x.device, dtype=self.dtype),
                          zero=out if accumulate else None)
             prologue, zeroed = "none", accumulate
-            if fused and self.config is None:
-                cfg = default_config(x.shape[0], self.out_features, self.in_features, self.group, epilogue, self.sms)
+            if fused:
+                cfg = self.kernel_config(x.shape[0], epilogue)
         if accumulate and not zeroed:
             out.zero_()
         if fused:
@@ -168,7 +178,8 @@ class GpuLinear(nn.Module):
         if self.backend == "dequant":
             return F.linear(h, self.dequantized(), self.bias)
         y = torch.empty(h.shape[0], self.out_features, device=h.device, dtype=self.dtype)
-        return w4_matmul(h, self.words, self.scales, self.zeros, self.group, y, bias=self.bias, config=self.config)
+        return w4_matmul(h, self.words, self.scales, self.zeros, self.group, y, bias=self.bias,
+                         config=self.kernel_config(h.shape[0]))
 
     def tinygemm(self, swap_nibbles: bool = True, inner_k_tiles: int | None = None):
         """(packed, scales_and_zeros) for torch.ops.aten._weight_int4pack_mm, built once."""
@@ -243,6 +254,7 @@ def tinygemm_pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 
 
 def make_gpu_linear(w: torch.Tensor | QuantLinear, bias: torch.Tensor | None, weight_type: str, device: torch.device,
-                    dtype: torch.dtype, scratch: DequantScratch, sms: int) -> GpuLinear:
-    """int4 codes stay int4 on the device; int8 codes and float weights become dense."""
-    return GpuLinear(w, bias, device, dtype, scratch, sms, int4=weight_type == "int4")
+                    dtype: torch.dtype, scratch: DequantScratch, sms: int, gpu: str | None = None) -> GpuLinear:
+    """int4 codes stay int4 on the device; int8 codes and float weights become dense. ``gpu``: the device's
+    torch.cuda.get_device_name(), which picks the kernel config table (None: the rule alone)."""
+    return GpuLinear(w, bias, device, dtype, scratch, sms, int4=weight_type == "int4", gpu=gpu)

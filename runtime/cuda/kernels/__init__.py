@@ -8,8 +8,10 @@
     attention.py   decode attention over the static cache, split along the keys, lengths read on the device;
                    for one-row steps fused with rotary, the cache write and the merge of the splits
     gemm_int8.py   int8 weights with one scale per row (the LM head) times a few rows
+    tuning.py      which config runs an int4 linear: a table per GPU model (configs/*.json, package data) and
+                   a rule for shapes without an entry; pure Python
 
-Every module imports triton at the top; check ``HAVE_TRITON`` before importing one.
+Every kernel module imports triton at the top; check ``HAVE_TRITON`` before importing one.
 
 PDL (programmatic dependent launch, Hopper and later): every kernel of the decode step lets the next one
 launch at once (griddepcontrol.launch_dependents) and waits for the previous one to finish

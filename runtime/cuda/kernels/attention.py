@@ -43,9 +43,8 @@ def _int8_as(x, dt, IN_REGISTERS: tl.constexpr = False):
     that the tl.dot operand reaches shared memory as fp16 and is read back by LDSM, as an fp16 cache is; else
     Triton keeps the int8 tile in shared memory and gathers its bytes along the dot's K (64 LDS.U8 a thread for V)
     before converting. The asm marked impure is what keeps Triton from moving it past the layout conversion.
-    Fewer instructions (sm_90a hot loop 420 against 664), but slower (H200, W4 + KV int8, one row at 4160 tokens
-    790.0 against 764.4 µs, eight rows 1336.9 against 1222.6): a tile loaded into registers is not copied to
-    shared memory asynchronously, so the next tile's load no longer overlaps this one's dots. Off by default."""
+    Fewer instructions in the hot loop, but slower: a tile loaded into registers is not copied to shared memory
+    asynchronously, so the next tile's load no longer overlaps this one's dots. Off by default."""
     if dt == tl.float16:
         if _ASM:
             return tl.inline_asm_elementwise(_I8_F16, "=r,=r,r", [x], dtype=tl.float16, is_pure=not IN_REGISTERS,
@@ -354,8 +353,8 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
 
 
 # ----------------------------------------------------------------------------------------------
-SPLIT_CAP = 64  # at most this many splits per (row, kv head). H100, W4 + KV int8 step at 4160 tokens: 1060 µs
-# with 64, 1243 with 16 (fewer, longer splits cost more than merging 64 partials)
+SPLIT_CAP = 64  # at most this many splits per (row, kv head): at long contexts fewer, longer splits cost more
+# than merging 64 partials
 
 
 def num_splits(rows: int, kv_heads: int, max_len: int, block_n: int = 64, sms: int = 132, cap: int | None = None) -> int:

@@ -5,8 +5,8 @@ uint8 codes): int32 [N, K/8], stored group-major [K/G, N, G/8] by the runtime (c
 group of all rows contiguous; every kernel takes either layout through its row and group strides); word w
 (0 .. WG-1, WG = G/8) of group g of a row holds in bits 4i .. 4i+3 the code of column g*G + i*WG + w. So the columns of one nibble position i are contiguous (x for them is one
 vector load), and ``(word & 0xF << 4i) | (150 - 4i) << 23`` is exactly the float 2^(23-4i) + q: one LOP3,
-then a constant subtraction, with no int-to-float conversion (I2F runs at 16/clk/SM and capped the byte
-layout's kernel near 1 TB/s). scales fp16 [N, K/G], zeros uint8 [N, K/G]; w = (q - z) * s.
+then a constant subtraction, with no int-to-float conversion (I2F issues at a fraction of the FMA rate and
+bounds a kernel that converts every code). scales fp16 [N, K/G], zeros uint8 [N, K/G]; w = (q - z) * s.
 
   _w4_gemv_kernel  ROWS input rows per program (default one), CUDA cores: each step's codes are made once
          for them (more rows than that: more programs, the weights re-read from L2). Tile [C, BLOCK_N, V]:
@@ -34,7 +34,7 @@ scalar), so sum(x^2) accumulates in the main loop and no pass over x precedes th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import triton
@@ -43,6 +43,7 @@ import triton.language as tl
 from . import INTERPRET, pdl, rounding
 from .attention import _last_to_arrive
 from .norm import silu_mul
+from .tuning import GemvConfig, misfit, rule
 from ....convert.layout import word_strides
 
 try:  # Gluon (Triton 3.4 - 3.6): the mma.sync kernel; without it, or where its experimental API has moved (an
@@ -456,74 +457,6 @@ def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, out_pt
 
 
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class GemvConfig:
-    block_n: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3   # _gemm's pipeline depth
-    dot: bool = True      # one row through _gemm (padded to 16) rather than _gemv
-    v: int = 2            # _gemv: words per thread-column (one 4v-byte load per row)
-    tc: bool = False      # _w4_tc_kernel (weights as the left tensor-core operand) rather than _gemv / _gemm
-    gpi: int = 1          # _w4_tc_kernel: groups per step
-    xvec: bool = False    # _w4_tc_kernel: x loaded in column order and reordered in registers (else gathered)
-    pf: int = 1           # _w4_tc_kernel: how many steps ahead the weights load (1 to 3)
-    rows: int = 1         # _gemv: input rows per program (their codes made once). H100, 2026-12-02, eight rows
-    # in one program lost to the tensor-core kernel in every config tried (bucket-8 step 1558-6799 µs against 1445;
-    # bench/results/gpu_graph_sweep_gemv_rows8.json), so TUNED keeps rows 1
-    maxnreg: int | None = None  # registers per thread at most (ptxas spills above): more programs per SM
-    mma: bool = False     # kernels/mma_int4.py (mma.sync, operands straight into registers; Gluon): block_n =
-    # 16 * num_warps * (1, 2, 4 or 8), the weights pf groups ahead. Where it cannot run (Triton's interpreter, no
-    # Gluon, group != 128, before sm_80) the tensor-core kernel takes the same tile (mma_fallback)
-    fuse_norm: bool = False  # tl.dot kernels: an RMSNorm prologue inside the kernel (rstd of the row first), not
-    # a norm kernel before it (GpuLinear.run)
-
-    def __post_init__(self):
-        assert self.dot or not (self.tc or self.mma), "tensor-core configs run as the tl.dot kernels do (dot=True)"
-        assert not self.mma or self.block_n in [16 * self.num_warps * r for r in (1, 2, 4, 8)], \
-            f"mma: block_n {self.block_n} is 16 * num_warps * (1, 2, 4 or 8)"
-        assert 1 <= self.pf <= 3, f"pf={self.pf}: the weights load 1 to 3 steps ahead"
-
-
-# Per-shape choices (H100, and H200 where said): {(M bucket, N, K): config}. Shapes not listed use ``default_config``.
-# M bucket: 1, or 16 for 2..16 rows. One row: chosen inside the decode graph (bench/gpu_graph_sweep.py, H100,
-# 2026-11-22: the step at position 160 went 1273 -> 1063 µs, mostly from 4 rows per program instead of 8; a
-# sweep of each GEMV alone had picked 8); several rows: the same in-graph sweep with 8 rows (--rows 8: the
-# bucket-8 step 1721 -> 1645 µs), then with the tensor-core kernel (--tc --rows 8,1, 2026-11-22): w13 and w2
-# through _w4_tc_kernel, 1650 -> ~1515-1550 µs; for one row it never beat _gemv (w13 1311 against 963 µs);
-# with the fused attention reading the split-K qkv sums, o through it too: 1536 -> 1512-1526 µs; w2's weights
-# loaded three steps ahead (pf=3): 1524 -> 1496-1512 µs (pf never helped w13, o or one row; Triton's own
-# pipelining, num_stages 2 / 3, neither). H200, 2026-12-02, the same sweeps with split-K counts that are not
-# powers of two: one row, w2 in 9 slices (70 groups, <= 8 per slice: one step of 8 groups at 4 words per
-# thread) and o with 8 rows per program, 936 -> 894 µs; eight rows, w2 in 18 slices, 1483 -> 1470 µs. H100,
-# 2026-12-02: eight rows of w13 launched 140 programs of 128 outputs on 132 SMs, and alone it took 21.2 µs against
-# 15.1 for 132 programs (bench/gpu_wave_probe.py); in 3 K-slices (its last slice applies SiLU-mul) the bucket-8
-# step went 1509.5 -> 1452.5 µs (2: 1479, 4: 1471, 6: 1539). H200, 2026-12-03: several rows through
-# kernels/mma_int4.py (bench/gpu_graph_sweep.py --mma --rows 8, raw gpu_graph_sweep_mma_rows8_h200.json):
-# bucket-8 step 1414.6 -> 1078.6 µs; alone at eight rows (bench/gpu_mma_probe.py) w13 21.3 -> 14.2 µs, w2
-# 9.3 -> 6.9, o 4.3 -> 3.0, qkv 6.0 -> 5.1. For one row it lost in every tile (best w13 988, w2 970, o 902,
-# qkv 1117 µs per step against 880 µs; gpu_graph_sweep_mma_rows1_h200.json), at the old splits. H200, 2026-12-04,
-# with more K-slices (one or two groups each) and the weights up to 3 groups ahead (bench/gpu_mma_probe.py --rows 1,
-# then bench/gpu_graph_sweep.py --mma --quick --pf 1,3 --rows 1, raw gpu_graph_sweep_mma_pf_rows1_h200.json): o, w13
-# (its RMSNorm a kernel before it; inside the kernel it lost, 13.1 against 10.2 µs alone) and w2 on mma, the one-row
-# step 878.9 -> 805.7 µs. Alone: w2 7.0 -> 4.7 µs, o 3.5 -> 1.9, w13 with its norm kernel 10.9 -> 10.2; qkv stays.
-# H200, 2026-12-04 (eleventh sitting): w13's K-slices add into fp32 sums and w2 applies the SiLU-mul as it loads
-# them (gpu_model.SILU_IN_W2), the same configs: one-row step 794.0 -> 719.8 µs, eight rows 1078.6 -> 1015.1; then
-# w2 at eight rows with its weights 3 groups ahead, 987.3 (bench/gpu_graph_sweep.py --mma --quick --pf 1,3 --rows 1,8
-# --roles w13,w2 --silu-modes, raw gpu_graph_sweep_silu_w2_rows{1,8}_h200.json). w13 in 6 or 12 slices still
-# loses at one row (best 767 and 782 µs against 720).
-TUNED: dict[tuple[int, int, int], GemvConfig] = {
-    (1, 2048, 1536): GemvConfig(8, 1, 2, 1, False, 4),     # qkv
-    (1, 1536, 1536): GemvConfig(64, 12, 4, dot=True, mma=True, pf=3),   # o
-    (1, 17920, 1536): GemvConfig(128, 4, 4, dot=True, mma=True),        # w13 (its RMSNorm a separate kernel)
-    (1, 1536, 8960): GemvConfig(64, 35, 2, dot=True, mma=True),         # w2
-    (16, 2048, 1536): GemvConfig(256, 12, 8, dot=True, mma=True),  # qkv (split-K sums read by the attention)
-    (16, 1536, 1536): GemvConfig(128, 8, 4, dot=True, mma=True, pf=3),  # o
-    (16, 17920, 1536): GemvConfig(256, 3, 8, dot=True, mma=True),  # w13 (its RMSNorm a separate kernel)
-    (16, 1536, 8960): GemvConfig(128, 18, 4, dot=True, mma=True, pf=3),  # w2 (SiLU-mul of w13's sums inside)
-}
-
-
 def mma_runs(x: torch.Tensor, group: int) -> bool:
     """Whether kernels/mma_int4.py can run for x's device and this group size."""
     return (HAVE_MMA and not INTERPRET and x.device.type == "cuda" and group == 128
@@ -531,8 +464,8 @@ def mma_runs(x: torch.Tensor, group: int) -> bool:
 
 
 def mma_fallback(cfg: GemvConfig) -> GemvConfig:
-    """The tensor-core kernel in place of an mma config that cannot run here: its tile of the eighth sitting's
-    TUNED (128 outputs, 8 warps; 64 and 4 for smaller mma tiles), the same split-K."""
+    """The tensor-core kernel in place of an mma config that cannot run here: 128 outputs and 8 warps (64 and 4
+    for smaller mma tiles), the same split-K."""
     wide = cfg.block_n >= 128
     return replace(cfg, mma=False, tc=True, dot=True, block_n=128 if wide else 64, num_warps=8 if wide else 4,
                    xvec=True)
@@ -540,31 +473,6 @@ def mma_fallback(cfg: GemvConfig) -> GemvConfig:
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def default_config(M: int, N: int, K: int, group: int, epilogue: str = "store", sms: int = 132,
-                   prologue: str = "none") -> GemvConfig:
-    """Untuned shapes: one row through _gemv (8 rows, 2 words per thread, one warp), several through _gemm
-    (BLOCK_N 32, 64 when that still gives 4 programs per SM); split-K only with the residual epilogue (atomic
-    adds) and, for one row, no RMSNorm prologue, until there are about four (one row) / two programs per SM."""
-    tuned = TUNED.get((1 if M <= 1 else 16, N, K))
-    if tuned is not None and (tuned.split_k == 1 or (epilogue == "residual" and (tuned.dot or prologue != "rmsnorm"))
-                              or (epilogue == "silu" and (tuned.tc or tuned.mma))):
-        return tuned
-    groups = K // group
-    if M == 1:
-        split = 1
-        if epilogue == "residual" and prologue != "rmsnorm":
-            while -(-N // 8) * split * 2 <= 4 * sms and groups // (split * 2) >= 2:
-                split *= 2
-        return GemvConfig(8, split, 1, 1, False, 2)
-    block_n = 64 if N >= 4 * sms * 64 else 32
-    split = 1
-    if epilogue == "residual":
-        n_blocks = -(-N // block_n)
-        while n_blocks * split * 2 <= 2 * sms and groups // (split * 2) >= 2:
-            split *= 2
-    return GemvConfig(block_n, split)
 
 
 def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
@@ -586,7 +494,7 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
         assert x.dim() == 2 and x.dtype == torch.float32 and x.shape[1] == 2 * K and x.stride(-1) == 1, \
             f"silu prologue: x is w13's fp32 sums [M, {2 * K}], got {tuple(x.shape)} {x.dtype}"
         assert dtype in (torch.float16, torch.bfloat16), "silu prologue: give the activation dtype"
-        cfg = config or default_config(M, N, K, group, epilogue)
+        cfg = config or rule(M, N, K, group, epilogue)
         if not (cfg.mma and mma_runs(x, group)):  # only the mma kernel applies it itself
             h = silu_mul(x, torch.empty(M, K, device=x.device, dtype=dtype), pairs=True)
             return w4_matmul(h, words, scales, zeros, group, out, bias, epilogue=epilogue, config=config, sums=sums)
@@ -602,12 +510,12 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
     assert bias is None or (bias.shape == (N,) and bias.is_contiguous())
     act = dtype if pro == 2 else (out.dtype if epi != 1 else (x.dtype if pro != 1 else norm_weight.dtype))
     assert act in (torch.float16, torch.bfloat16), f"activations must be fp16 or bf16, got {act}"
-    cfg = config or default_config(M, N, K, group, epilogue, prologue=prologue)
+    cfg = config or rule(M, N, K, group, epilogue, prologue)
     if cfg.mma and not mma_runs(x, group):
         cfg = mma_fallback(cfg)
+    why = misfit(cfg, group, epilogue, prologue)
+    assert why is None, why
     split_silu = epi == 2 and cfg.split_k > 1
-    assert cfg.split_k == 1 or epi == 1 or (split_silu and (cfg.tc or cfg.mma)), \
-        "split-K needs the residual epilogue (atomic adds), or SiLU-mul in a tensor-core kernel"
     nw = norm_weight if norm_weight is not None else scales  # unused pointer when the prologue has no norm
     b = bias if bias is not None else scales
     on = pdl(x)
@@ -629,9 +537,6 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
         return out
     weights = (words, scales, zeros, stride_w, stride_g, scales.stride(0))
     if not (cfg.dot or cfg.tc):  # a program per ``rows`` rows and block of outputs (more rows re-read the weights)
-        assert pro != 1 or cfg.split_k == 1, "_gemv with RMSNorm: the norm is applied at the end, no split-K"
-        assert (group // 8) % cfg.v == 0 and (32 * cfg.num_warps) % (group // 8 // cfg.v) == 0, f"v={cfg.v}, group {group}"
-        assert cfg.rows >= 1 and cfg.rows & (cfg.rows - 1) == 0, f"rows={cfg.rows}: a power of two"
         _w4_gemv_kernel[(n_blocks, cfg.split_k, triton.cdiv(M, cfg.rows))](
             x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), M, N, K, cfg.split_k, V=cfg.v,
             C=32 * cfg.num_warps, ROWS=cfg.rows, ASM=not INTERPRET, **common)

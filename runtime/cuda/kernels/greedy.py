@@ -3,9 +3,8 @@
 For each row b of a step's logits [B, V]: tok = argmax (the first index of the maximum, as torch.argmax), then
     next_tok[b] = tok;  idx[0, b] = tok;  idx[1, b] += 1 unless it is < 0 (padding);  ring[b] = tok (if given)
 so that the next replay feeds tok at the next position. Program (b, p) takes slice p of the row; the last
-of a row's P programs to finish (a counter per row, reset by it) merges their (max, index) pairs. Torch
-ops did this in five kernels (argmax in two passes, a copy, the position update, the ring copy), ~27 µs a
-step on an H100 (bench/RESULTS.md).
+of a row's P programs to finish (a counter per row, reset by it) merges their (max, index) pairs, where torch
+ops would take five kernels (argmax in two passes, a copy, the position update, the ring copy).
 """
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ is scaled by s in fp32. With a shift for odd nibbles: ~2.4 SASS instructions per
 
 The weights load PF = 1-3 groups ahead of their use (a ring of registers; one row's K-slices of one or two groups
 want their loads in flight at once). With PRO = 1 the kernel applies the RMSNorm of the fp32 residual itself: the
-rstd of its rows first, then h = weight * (x * rstd) per group, rounded as runtime/cpu/model.py rounds (on the H200
-that lost to a norm kernel before it: the per-group norm costs more than the launch it saves).
+rstd of its rows first, then h = weight * (x * rstd) per group, rounded as runtime/cpu/model.py rounds (slower than
+a norm kernel before it: the per-group norm costs more than the launch it saves; configs ask for it with fuse_norm).
 
 With PRO = 2, x is w13's fp32 sums (gate n, up n at columns 2n, 2n + 1) and the kernel makes h = silu(gate) * up
 of each group once per program, in a compact layout moved into the x layout (w2 of a step whose w13 split K: its

@@ -1,5 +1,5 @@
 """Triton kernels compiled for a GPU that is not here (Hopper, sm_90a): their registers, shared memory and SASS,
-on any machine with Triton's bundled ptxas and cuobjdump (bench/sass.py; tests that pin what a kernel
+on any machine with Triton's bundled ptxas and cuobjdump (tests/test_kernel_sass.py pins what a kernel
 compiles to).
 
 A launch is recorded by calling the runtime's own entry point with the kernel swapped for a Recorder, so the
