@@ -28,8 +28,10 @@ def installed(tmp_path_factory):
 def test_wheel_holds_the_package_and_no_tests_or_bench(installed):
     names = zipfile.ZipFile(installed[1]).namelist()
     package = {n for n in names if n.startswith("qconv/")}
-    for sub in (p for p in REPO.rglob("__init__.py")
-                if not {"tests", "bench"} & set(p.relative_to(REPO).parts) and "build" not in p.parts):
+    def ours(p: Path) -> bool:  # the package's own folders, not tests/, bench/, build output or hidden folders
+        parts = p.relative_to(REPO).parts[:-1]
+        return not ({"tests", "bench", "build"} & set(parts) or any(d.startswith(".") for d in parts))
+    for sub in filter(ours, REPO.rglob("__init__.py")):
         assert f"qconv/{sub.relative_to(REPO).as_posix()}" in package, f"{sub} is not in the wheel"
     assert "qconv/calib_data/c4.jsonl.gz" in package and "qconv/runtime/serve/static/index.html" in package
     tables = list((REPO / "runtime/cuda/kernels/configs").glob("*.json"))  # the int4 kernel config tables
