@@ -23,7 +23,7 @@ from bench.common import log
 from qconv.convert.layout import pack_int4, pack_words, unpack_words
 from qconv.runtime.cuda.linear import tinygemm_pack
 from qconv.runtime.cuda.kernels.attention import decode_attention, num_splits
-from qconv.runtime.cuda.kernels.gemv_int4 import GemvConfig, w4_dequantize, w4_matmul
+from qconv.runtime.cuda.kernels.w4_matmul import GemvConfig, w4_dequantize, w4_matmul
 
 
 def graph_us(fn, copies: int, reps: int = 15) -> float:

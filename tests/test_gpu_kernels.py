@@ -15,11 +15,12 @@ pytest.importorskip("triton", reason="triton is not installed: the GPU path's ke
 
 from qconv.convert.layout import interleave_pairs, pack_words  # noqa: E402
 from qconv.convert.quant import dequantize, kv_dequantize, kv_quantize  # noqa: E402
-from qconv.runtime.cuda.kernels.attention import counters, decode_attention, decode_attention_fused  # noqa: E402
+from qconv.runtime.cuda.kernels.attention import decode_attention  # noqa: E402
+from qconv.runtime.cuda.kernels.attention_fused import counters, decode_attention_fused  # noqa: E402
 from qconv.runtime.cuda.kernels.gemm_int8 import Int8Config, w8_matmul  # noqa: E402
 from qconv.runtime.cuda.kernels.greedy import greedy_feed  # noqa: E402
 from qconv.runtime.cuda.kernels.greedy import scratch as greedy_scratch  # noqa: E402
-from qconv.runtime.cuda.kernels.gemv_int4 import GemvConfig, w4_dequantize, w4_matmul  # noqa: E402
+from qconv.runtime.cuda.kernels.w4_matmul import GemvConfig, w4_dequantize, w4_matmul  # noqa: E402
 from qconv.runtime.cuda.kernels.norm import rms_norm, silu_mul  # noqa: E402
 from qconv.runtime.cuda.kernels.rope_cache import rope_cache_write  # noqa: E402
 from qconv.runtime.cpu.model import rms_norm as ref_rms_norm  # noqa: E402
@@ -139,7 +140,7 @@ def test_group_major_words_give_the_same_products(cfg):
 def test_split_k_silu_epilogue_merges_in_the_last_slice(split):
     """w13 under split-K (tensor-core kernel): each K-slice adds into fp32 sums, the last slice of a tile to
     finish applies SiLU-mul; the sums and counters are left zero, so one pair of buffers serves call after call."""
-    from qconv.runtime.cuda.kernels.gemv_int4 import sum_buffers
+    from qconv.runtime.cuda.kernels.w4_matmul import sum_buffers
     M, N, K, g, dt = 5, 256, 384, 64, torch.float16
     words, s, z, W = int4_weight(N, K, g, seed=61)
     nw = (torch.rand(K, generator=gen(62)) + 0.5).to(dt)
@@ -161,7 +162,7 @@ def test_split_k_silu_epilogue_merges_in_the_last_slice(split):
 
 
 # kernels/mma_int4.py (mma.sync from registers, Gluon) on CUDA; Triton's interpreter cannot run Gluon, so on the
-# CPU w4_matmul takes the tensor-core kernel for these configs (gemv_int4.mma_fallback). (M, N, K, epilogue,
+# CPU w4_matmul takes the tensor-core kernel for these configs (w4_matmul.mma_fallback). (M, N, K, epilogue,
 # bias, config): 8 and 16 rows per program, several row blocks, a last tile past N, K-slices of unequal size
 MMA_CASES = {
     "8-rows-silu": (8, 256, 512, "silu", False, GemvConfig(128, 1, 4, dot=True, mma=True)),
@@ -220,7 +221,7 @@ def test_mma_int4_fused_rmsnorm_rounds_as_the_dense_model(case, dt):
 def test_mma_int4_split_silu_leaves_its_buffers_zero(split):
     """w13 through the mma config at 8 rows, one K-slice and three (the last slice of a tile applies SiLU-mul):
     call after call on the same sum buffers, which come back zero."""
-    from qconv.runtime.cuda.kernels.gemv_int4 import sum_buffers
+    from qconv.runtime.cuda.kernels.w4_matmul import sum_buffers
     M, N, K, dt = 8, 384, 768, torch.float16
     words, s, z, W = int4_weight(N, K, 128, seed=71)
     cfg = GemvConfig(128, split, 4, dot=True, mma=True)
@@ -267,7 +268,7 @@ def test_silu_prologue_takes_w13_sums(case, dt):
 def test_mma_config_falls_back_where_the_kernel_cannot_run():
     """group 64 (the mma kernel takes 128), or Triton's interpreter: the tensor-core kernel with the same outputs
     per program; a malformed mma tile is refused when the config is made."""
-    from qconv.runtime.cuda.kernels.gemv_int4 import mma_fallback
+    from qconv.runtime.cuda.kernels.w4_matmul import mma_fallback
     cfg = GemvConfig(32, 2, 1, dot=True, mma=True)
     fb = mma_fallback(cfg)
     assert (fb.mma, fb.tc, fb.split_k) == (False, True, 2) and fb.block_n >= 64

@@ -131,7 +131,7 @@ RUN_CASES = {  # (M, N, K, group, prologue, epilogue)
 def test_the_rules_configs_run_in_the_kernel(case):
     pytest.importorskip("triton", reason="triton is not installed: the int4 kernels are not tested")
     from qconv.convert.layout import pack_words
-    from qconv.runtime.cuda.kernels.gemv_int4 import w4_matmul
+    from qconv.runtime.cuda.kernels.w4_matmul import w4_matmul
     M, N, K, group, pro, epi = RUN_CASES[case]
     gen = torch.Generator().manual_seed(len(case))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

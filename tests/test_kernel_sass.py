@@ -15,14 +15,14 @@ import pytest
 
 pytest.importorskip("triton.experimental.gluon", reason="Gluon (Triton >= 3.4) is not installed")
 
-from qconv.runtime.cuda.kernels.gemv_int4 import GemvConfig  # noqa: E402
+from qconv.runtime.cuda.kernels.w4_matmul import GemvConfig  # noqa: E402
 
 
 _BUILD = """
 import json, sys, torch
 from qconv.convert.layout import group_major
-from qconv.runtime.cuda.kernels import gemv_int4, offline
-from qconv.runtime.cuda.kernels.gemv_int4 import GemvConfig, w4_matmul
+from qconv.runtime.cuda.kernels import mma_int4, offline
+from qconv.runtime.cuda.kernels.w4_matmul import GemvConfig, w4_matmul
 M, N, K, epilogue, cfg = sys.argv[1:]
 M, N, K, cfg = int(M), int(N), int(K), GemvConfig(**json.loads(cfg))
 x = torch.zeros(M, K, dtype=torch.float16)
@@ -30,7 +30,7 @@ words = group_major(torch.zeros(N, K // 8, dtype=torch.int32), 128)  # the runti
 s, z = torch.zeros(N, K // 128, dtype=torch.float16), torch.zeros(N, K // 128, dtype=torch.uint8)
 out = torch.zeros(M, N // 2 if epilogue == "silu" else N, dtype=torch.float32 if epilogue == "residual" else torch.float16)
 with offline.as_on_gpu():  # the GPU's path, not the CPU's fallback
-    fn, _, args, kw = offline.record(gemv_int4.mma_int4, "_w4_mma_kernel", lambda: w4_matmul(
+    fn, _, args, kw = offline.record(mma_int4, "_w4_mma_kernel", lambda: w4_matmul(
         x, words, s, z, 128, out, epilogue=epilogue, config=cfg))
 try:
     cubin = offline.compile_sm90(fn, args, kw).asm["cubin"]
@@ -77,16 +77,16 @@ def test_mma_main_loop_takes_no_shared_memory(M, N, K, epilogue, cfg, per_weight
 
 _BUILD_ATTN = """
 import json, sys, torch
-from qconv.runtime.cuda.kernels import attention, offline
+from qconv.runtime.cuda.kernels import attention, attention_fused, offline
 quant = sys.argv[1] == "int8"
 HQ, HKV, D, S = 12, 2, 128, 4608  # qwen2.5-1.5b
 qkv = torch.zeros(1, (HQ + 2 * HKV) * D)
 pos, slot, cos = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), torch.zeros(S, D)
 cache = torch.zeros(1, HKV, S, D, dtype=torch.int8 if quant else torch.float16)
 out = torch.zeros(1, HQ * D, dtype=torch.float16)
-fn, _, args, kw = offline.record(attention, "_attn_fused_kernel", lambda: attention.decode_attention_fused(
+fn, _, args, kw = offline.record(attention_fused, "_attn_fused_kernel", lambda: attention_fused.decode_attention_fused(
     qkv, pos, slot, cos, cos, cache, cache, HQ, out, kv_params=torch.ones(4, HKV) if quant else None, merge=False,
-    sums=True, int8_in_registers=True), others=("_attn_combine_kernel",))
+    sums=True, int8_in_registers=True), others=((attention, "_attn_combine_kernel"),))
 try:
     cubin = offline.compile_sm90(fn, args, kw).asm["cubin"]
 except (FileNotFoundError, RuntimeError) as e:

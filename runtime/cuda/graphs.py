@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kernels.attention import counters, num_splits, partials
-from .kernels.gemv_int4 import sum_buffers
+from .kernels.attention import num_splits, partials
+from .kernels.attention_fused import counters
 from .kernels.greedy import greedy_feed
 from .kernels.greedy import scratch as greedy_scratch
+from .kernels.w4_matmul import sum_buffers
 from ..kv_cache import KVCache
 from ..options import RuntimeOptions
 

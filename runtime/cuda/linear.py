@@ -8,7 +8,7 @@ from the workspace's uint8 codes), or a dense weight. w13 arrives with gate/up r
     lin.run(x, out, prologue=, epilogue=)
                                  a decode step: out = h(x) W^T + b, out += h(x) W^T (the fp32 residual),
                                  or out = silu(gate) * up of the pairs, with h = x or RMSNorm(x)
-                                 (kernels/gemv_int4.py)
+                                 (kernels/w4_matmul.py)
 
 How a decode step multiplies (``DECODE_BACKEND``; int4 "triton" uses the config kernels/tuning.py picks):
   int4  "triton":   one fused kernel (prologue, int4 GEMV/GEMM with split-K, epilogue)
@@ -24,7 +24,7 @@ from torch import nn
 
 from ...convert.layout import QuantLinear, group_major, pack_int4, pack_words, rows_major, unpack_int4, unpack_words
 from .kernels.gemm_int8 import w8_matmul
-from .kernels.gemv_int4 import w4_dequantize, w4_matmul
+from .kernels.w4_matmul import w4_dequantize, w4_matmul
 from .kernels.norm import rms_norm, silu_mul
 from .kernels.tuning import GemvConfig, config_for, lookup
 
@@ -126,7 +126,7 @@ class GpuLinear(nn.Module):
         """A decode step: out = h(x) W^T (+ b); out += h(x) W^T (``epilogue="residual"``, out fp32); out = h(x) W^T
         in fp32 (``"accumulate"``: out is zeroed, by the norm kernel where one runs, and the K-slices add into it);
         or out = silu(y[:, 0::2]) * y[:, 1::2] (``"silu"``, the pair-interleaved w13: out [M, N/2]; ``sums``: the
-        zeroed buffers a split-K config adds into, kernels/gemv_int4.sum_buffers). h = x, RMSNorm(x), or
+        zeroed buffers a split-K config adds into, kernels/w4_matmul.sum_buffers). h = x, RMSNorm(x), or
         (``prologue="silu"``) silu(x[:, 0::2]) * x[:, 1::2] of w13's accumulated fp32 sums."""
         fused = self.int4 and self.backend == "triton"
         accumulate = epilogue == "accumulate"

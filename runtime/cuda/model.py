@@ -12,7 +12,7 @@ query position), as runtime/cpu/model.py does.
 Decode (``decode_step``): one token per row on static buffers, no host work, so that runtime/cuda/graphs.py
 captures it once per batch bucket. One row, or rows that are distinct sequences (six kernels per layer;
 RuntimeOptions.attention):
-    qkv GEMV (RMSNorm fused) -> rope + cache write + attention splits (kernels/attention.py, fused) -> merge
+    qkv GEMV (RMSNorm fused) -> rope + cache write + attention splits (kernels/attention_fused.py) -> merge
     -> o GEMV (+= residual) -> w13 GEMV (RMSNorm fused, SiLU-mul epilogue) -> w2 GEMV (+= residual)
 A w13 that splits K (the mma kernel, after a norm kernel) adds its slices into fp32 sums instead, which the norm
 kernel zeroed, and w2 applies the SiLU-mul to them as it loads its input: a last slice that waits for the others
@@ -38,7 +38,8 @@ from ..options import RuntimeOptions
 from ..rope import rotary_tables
 
 if HAVE_TRITON:
-    from .kernels.attention import decode_attention, decode_attention_fused
+    from .kernels.attention import decode_attention
+    from .kernels.attention_fused import decode_attention_fused
     from .kernels.norm import rms_norm, silu_mul
     from .kernels.rope_cache import rope_cache_write
 

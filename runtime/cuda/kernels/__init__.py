@@ -2,14 +2,24 @@
 
     gemv_int4.py   int4 weights (as int32 words, convert/layout.pack_words) times a few rows, fused
                    prologue (RMSNorm of the input) and epilogue (bias, add into the fp32 residual, or
-                   SiLU(gate) * up of w13's row pairs); whole-weight dequantize for prefill
+                   SiLU(gate) * up of w13's row pairs): the layout, the shared jit helpers, the CUDA-core
+                   and tl.dot kernels; whole-weight dequantize for prefill
+    w4_tc.py       the int4 tensor-core kernel (the weights as the left tl.dot operand)
+    mma_int4.py    the int4 mma.sync kernel (Gluon), both operands loaded straight into registers
+    w4_matmul.py   the int4 host side: w4_matmul checks shapes and dispatches a config to one of the
+                   three; w4_dequantize
     norm.py        RMSNorm of the fp32 residual, SiLU(gate) * up
     rope_cache.py  rotary (+ q/k norm) and the KV-cache write, int8-quantized with quant_policy 4
-    attention.py   decode attention over the static cache, split along the keys, lengths read on the device;
-                   for one-row steps fused with rotary, the cache write and the merge of the splits
+    attention.py   decode attention over the static cache, split along the keys, lengths read on the device,
+                   and the merge of the splits
+    attention_fused.py  the same for one-row steps, fused with rotary, the cache write and the merge
+    arrive.py      last_to_arrive: the counter by which the last program of a launch finds the others' stores
     gemm_int8.py   int8 weights with one scale per row (the LM head) times a few rows
+    greedy.py      greedy decoding's bookkeeping between two captured steps (argmax, positions), one kernel
     tuning.py      which config runs an int4 linear: a table per GPU model (configs/*.json, package data) and
                    a rule for shapes without an entry; pure Python
+    rounding.py    the int4 epilogues' activation-dtype rounding, plain functions that Triton and Gluon jit
+    offline.py     a recorded launch compiled for sm_90a without a GPU: registers, SASS (tests/test_kernel_sass.py)
 
 Every kernel module imports triton at the top; check ``HAVE_TRITON`` before importing one.
 

@@ -1,4 +1,5 @@
-"""int4 weights times a few rows (decode), and the whole weight dequantized (prefill).
+"""int4 weights times a few rows (decode), and the whole weight dequantized (prefill): the shared jit helpers
+and the CUDA-core and tl.dot kernels (the tensor-core kernel: w4_tc.py; the host side: w4_matmul.py).
 
 Device layout of the codes ("words", built once at load by convert/layout.pack_words from the workspace's
 uint8 codes): int32 [N, K/8], stored group-major [K/G, N, G/8] by the runtime (convert/layout.group_major: one
@@ -17,10 +18,9 @@ bounds a kernel that converts every code). scales fp16 [N, K/G], zeros uint8 [N,
          step's load precedes the wait for the previous kernel (weights are never written).
   _w4_gemm_kernel  BLOCK_M (>= 16) rows per program through tl.dot (a group's words unpack to [BLOCK_N, G]
          in column order); also used for a single row, padded
-  _w4_tc_kernel    the weights as the left tensor-core operand (Hopper's wgmma takes them from registers at
-         BLOCK_N >= 64): one LOP3 makes two fp16 1024 + q of a word's nibbles a and a+4, x is loaded in that
-         (bit-reversed nibble) column order, and up to BLOCK_M rows share one pass over the weights
-Fused around y = h W^T:
+  _w4_tc_kernel    (w4_tc.py) the weights as the left tensor-core operand
+  _w4_dequant_kernel  the whole weight as (q - z) * s, for prefill's dense matmul
+Fused around y = h W^T (PRO and EPI, numbered as w4_matmul.PROLOGUES and EPILOGUES):
   prologue  none:      h = x                                               x: [M, K] activations
             rmsnorm:   h = x * rsqrt(mean(x^2) + eps) * norm_w             x: the fp32 residual [M, K]
             silu:      h = silu(x[:, 2k]) * x[:, 2k+1]    x: w13's fp32 sums [M, 2K] (mma kernel; else a kernel first)
@@ -34,27 +34,10 @@ scalar), so sum(x^2) accumulates in the main loop and no pass over x precedes th
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
-import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, pdl, rounding
-from .attention import _last_to_arrive
-from .norm import silu_mul
-from .tuning import GemvConfig, misfit, rule
-from ....convert.layout import word_strides
-
-try:  # Gluon (Triton 3.4 - 3.6): the mma.sync kernel; without it, or where its experimental API has moved (an
-    # attribute or signature its module-level layouts and jits rely on), the tensor-core kernel takes its configs
-    from . import mma_int4
-    HAVE_MMA = True
-except (ImportError, AttributeError, TypeError):
-    HAVE_MMA = False
-
-PROLOGUES = {"none": 0, "rmsnorm": 1, "silu": 2}
-EPILOGUES = {"store": 0, "residual": 1, "silu": 2}
+from . import rounding
 
 
 _act = triton.jit(rounding.act)
@@ -285,165 +268,6 @@ def _w4_gemm_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w
 
 
 @triton.jit
-def _half(w, i: tl.constexpr):
-    """Nibble i of words as fp16 1024 + q."""
-    return _f16_1024((w >> (4 * i)) & 0xF)
-
-
-@triton.jit
-def _halves(w, ASM: tl.constexpr):
-    """Words [R, WG] -> fp16 1024 + q [R, WG * 8], element w * 8 + p holding nibble REV(p) (p's three bits
-    reversed) of word w (_tc_cols gives its column). Per word four LOP3 and three shifts, no conversion:
-    (w >> 4a) & 0x000F000F | 0x64006400 is the pair of fp16 1024 + q for nibbles a and a + 4, and the pair
-    lands on adjacent elements (tl.join stacks on a new last axis, so the flattened joins reverse the bits)."""
-    R: tl.constexpr = w.shape[0]
-    WG: tl.constexpr = w.shape[1]
-    if ASM:
-        h = tl.inline_asm_elementwise(
-            "{ .reg .b32 t, s;\n"
-            "lop3.b32 t, $8, 0x000F000F, 0x64006400, 0xea; mov.b32 {$0, $4}, t;\n"
-            "shr.u32 s, $8, 4; lop3.b32 t, s, 0x000F000F, 0x64006400, 0xea; mov.b32 {$1, $5}, t;\n"
-            "shr.u32 s, $8, 8; lop3.b32 t, s, 0x000F000F, 0x64006400, 0xea; mov.b32 {$2, $6}, t;\n"
-            "shr.u32 s, $8, 12; lop3.b32 t, s, 0x000F000F, 0x64006400, 0xea; mov.b32 {$3, $7}, t; }",
-            "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-    else:
-        h = (_half(w, 0), _half(w, 1), _half(w, 2), _half(w, 3), _half(w, 4), _half(w, 5), _half(w, 6), _half(w, 7))
-    q = tl.join(tl.join(tl.join(h[0], h[1]), tl.join(h[2], h[3])), tl.join(tl.join(h[4], h[5]), tl.join(h[6], h[7])))
-    return tl.reshape(q, [R, WG * 8])  # q[r, w, c, d, e] = h[c + 2d + 4e] sits at flat w * 8 + 4c + 2d + e
-
-
-@triton.jit
-def _tc_cols(GPI: tl.constexpr, G: tl.constexpr):
-    """Column, from the first group's, of _halves' element j over GPI groups: the group j // G, then within it
-    REV(j % 8) * WG + (j // 8) % WG."""
-    j = tl.arange(0, GPI * G)
-    p = j % 8
-    return (j // G) * G + (((p & 1) << 2) | (p & 2) | (p >> 2)) * (G // 8) + (j // 8) % (G // 8)
-
-
-@triton.jit
-def _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, rn,
-                                n_ok, g, g_hi, GPI: tl.constexpr,
-                G: tl.constexpr):
-    """Groups g .. g+GPI-1 (those < g_hi) of rows rn: words [BN, GPI*WG], scales and zeros [BN, GPI]."""
-    WG: tl.constexpr = G // 8
-    wi = tl.arange(0, GPI * WG)
-    w = tl.load(w_ptr + rn[:, None] * stride_w + ((g + wi // WG) * stride_g + wi % WG)[None, :],
-                mask=n_ok[:, None] & (g + wi // WG < g_hi)[None, :], other=0)
-    gi = g + tl.arange(0, GPI)
-    ok = n_ok[:, None] & (gi < g_hi)[None, :]
-    s = tl.load(s_ptr + rn[:, None] * stride_s + gi[None, :], mask=ok, other=0.0)
-    z = tl.load(z_ptr + rn[:, None] * stride_s + gi[None, :], mask=ok, other=0)
-    return w, s, z
-
-
-@triton.jit
-def _tc_x(x_rows, m_ok, nw_ptr, g, g_hi, PRO: tl.constexpr, GPI: tl.constexpr, G: tl.constexpr, XVEC: tl.constexpr):
-    """x [BM, GPI*G] of groups g .. g+GPI-1 in _halves' order (fp32; 0 past g_hi), and with the RMSNorm prologue
-    its weight [1, GPI*G] (else zeros). XVEC: loaded in column order, contiguous along each nibble's WG
-    columns, then reordered in registers; else gathered element by element."""
-    WG: tl.constexpr = G // 8
-    BM: tl.constexpr = x_rows.shape[0]
-    k = g * G + _tc_cols(GPI, G)[None, :]
-    if XVEC:  # [BM, GPI, nibble bit 2, bit 1, bit 0, WG] -> [BM, GPI, WG, bit 0, bit 1, bit 2] = _halves' order
-        k6 = (tl.arange(0, GPI)[:, None, None, None, None] * G + tl.arange(0, 2)[None, :, None, None, None] * 4 * WG
-              + tl.arange(0, 2)[None, None, :, None, None] * 2 * WG + tl.arange(0, 2)[None, None, None, :, None] * WG
-              + tl.arange(0, WG)[None, None, None, None, :])
-        ok6 = (g + tl.arange(0, GPI) < g_hi)[:, None, None, None, None]
-        xv = tl.load(tl.reshape(x_rows, [BM, 1, 1, 1, 1, 1]) + g * G + k6[None],
-                     mask=tl.reshape(m_ok, [BM, 1, 1, 1, 1, 1]) & ok6[None], other=0.0)
-        x = tl.reshape(tl.permute(xv, [0, 1, 5, 4, 3, 2]), [BM, GPI * G])
-    else:
-        j = tl.arange(0, GPI * G)[None, :]
-        x = tl.load(x_rows + k, mask=m_ok & (g + j // G < g_hi), other=0.0)
-    nw = tl.zeros([1, GPI * G], tl.float32)
-    if PRO == 1:
-        nw = tl.load(nw_ptr + k, mask=k < g_hi * G, other=0.0).to(tl.float32)
-    return x.to(tl.float32), nw
-
-
-@triton.jit
-def _w4_tc_kernel(x_ptr, stride_xm, nw_ptr, eps, w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, b_ptr, y_ptr,
-                  stride_ym, M, N, K, SPLIT_K, G: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr, ATOMIC: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, ACT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  K_POW2: tl.constexpr, CHUNK: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
-                  GPI: tl.constexpr = 1, XVEC: tl.constexpr = False, PF: tl.constexpr = 1, sa_ptr=None, stride_sa=0,
-                  cnt_ptr=None, SPLIT_SILU: tl.constexpr = False, FENCE: tl.constexpr = False):
-    """Tensor cores with the weights as the left operand: y^T [BLOCK_N, BLOCK_M] += W [BLOCK_N, GPI*G] x^T per
-    GPI groups, W = (1024 + q - (1024 + z)) * s dequantized in registers from _halves (exact difference, one
-    rounding), x in _halves' column order; the weights PF steps ahead (PF = 1, 2, 3: up to three steps' words
-    in flight, a few registers each) and the next step's x load before this step's arithmetic.
-    BLOCK_N >= 64 gives Hopper's wgmma with the weights from registers; the rows up to BLOCK_M share one pass
-    over the weights."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    pid_k = tl.program_id(1)
-    rn, n_ok, rm, m_ok, x_rows = _tile(x_ptr, stride_xm, M, N, BLOCK_M, BLOCK_N)
-    g_lo, g_hi = _slice(K, SPLIT_K, pid_k, G)
-    # the first weights do not depend on the previous kernel: with PDL they load before waiting for it
-    w, s, z = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, rn,
-                                n_ok, g_lo, g_hi, GPI, G)
-    w1, s1, z1 = w, s, z
-    w2, s2, z2 = w, s, z
-    if PF >= 2:
-        w1, s1, z1 = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, rn,
-                                n_ok, g_lo + GPI, g_hi, GPI, G)
-    if PF >= 3:
-        w2, s2, z2 = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, rn,
-                                n_ok, g_lo + 2 * GPI, g_hi, GPI, G)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    rstd = tl.full([BLOCK_M, 1], 1.0, tl.float32)
-    if PRO == 1:
-        rstd = _rstd(x_rows, m_ok[:, None], K, eps, BLOCK_M, K_POW2, CHUNK)
-    x, nw = _tc_x(x_rows, m_ok[:, None], nw_ptr, g_lo, g_hi, PRO, GPI, G, XVEC)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for g in range(g_lo, g_hi, GPI):
-        w_n, s_n, z_n = _tc_weights(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, rn,
-                                n_ok, g + PF * GPI, g_hi, GPI, G)
-        x_n, nw_n = _tc_x(x_rows, m_ok[:, None], nw_ptr, g + GPI, g_hi, PRO, GPI, G, XVEC)
-        h = _halves(w, ASM)                                                     # [BN, GPI*G] fp16 1024 + q
-        zh = _f16_1024(z)                                                       # 1024 + z  [BN, GPI]
-        zh = tl.reshape(tl.broadcast_to(zh[:, :, None], [BLOCK_N, GPI, G]), [BLOCK_N, GPI * G])
-        se = tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_N, GPI, G]), [BLOCK_N, GPI * G])
-        if PRO == 1:
-            x = _act(_act(x * rstd, ACT_BF16) * nw, ACT_BF16)
-        if ACT_BF16:
-            wd = ((h - zh).to(tl.float32) * se.to(tl.float32)).to(tl.bfloat16)
-            acc += tl.dot(wd, tl.trans(x.to(tl.bfloat16)))
-        else:
-            acc += tl.dot((h - zh) * se, tl.trans(x.to(tl.float16)))
-        if PF == 1:
-            w, s, z = w_n, s_n, z_n
-        elif PF == 2:
-            w, s, z, w1, s1, z1 = w1, s1, z1, w_n, s_n, z_n
-        else:
-            w, s, z, w1, s1, z1, w2, s2, z2 = w1, s1, z1, w2, s2, z2, w_n, s_n, z_n
-        x, nw = x_n, nw_n
-    if SPLIT_SILU:
-        _silu_last_slice(tl.trans(acc), sa_ptr, stride_sa, cnt_ptr, SPLIT_K, y_ptr, stride_ym, rm, m_ok, rn, n_ok,
-                         ACT_BF16, FENCE)
-    else:
-        _epilogue(tl.trans(acc), y_ptr, stride_ym, rm, m_ok, b_ptr, rn, n_ok, pid_k, EPI, ATOMIC, HAS_BIAS, ACT_BF16)
-
-
-@triton.jit
-def _silu_last_slice(acc, sa_ptr, stride_sa, cnt_ptr, SPLIT_K, y_ptr, stride_ym, rm, m_ok, rn, n_ok,
-                     ACT_BF16: tl.constexpr, FENCE: tl.constexpr):
-    """The SiLU-mul epilogue under split-K: each K-slice adds its sums acc [R, BN] into the fp32 buffer sa; the
-    last slice of the tile to finish (a counter per tile) reads the totals, stores silu(gate) * up, and leaves
-    its tile of sa and its counter at zero for the next call."""
-    mask = m_ok[:, None] & n_ok[None, :]
-    sums = sa_ptr + rm[:, None] * stride_sa + rn[None, :]
-    tl.atomic_add(sums, acc, mask=mask, sem="relaxed")
-    tile = tl.program_id(0) + tl.num_programs(0) * tl.program_id(2)
-    if _last_to_arrive(cnt_ptr + tile, SPLIT_K, FENCE):  # every other slice's sums are in
-        total = tl.load(sums, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(sums, tl.zeros_like(total), mask=mask)
-        _epilogue(total, y_ptr, stride_ym, rm, m_ok, y_ptr, rn, n_ok, 0, 2, False, False, ACT_BF16)
-
-
-@triton.jit
 def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, out_ptr, stride_o, N, G: tl.constexpr,
                        BLOCK_N: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -454,128 +278,3 @@ def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, stride_w, stride_g, stride_s, out_pt
         wd = (_nibbles(w, i) - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]  # [BN, G/8]
         kk = g * G + i * (G // 8) + tl.arange(0, G // 8)
         tl.store(out_ptr + rn[:, None] * stride_o + kk[None, :], wd.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
-
-
-# ----------------------------------------------------------------------------------------------
-def mma_runs(x: torch.Tensor, group: int) -> bool:
-    """Whether kernels/mma_int4.py can run for x's device and this group size."""
-    return (HAVE_MMA and not INTERPRET and x.device.type == "cuda" and group == 128
-            and torch.cuda.get_device_capability(x.device)[0] >= 8)
-
-
-def mma_fallback(cfg: GemvConfig) -> GemvConfig:
-    """The tensor-core kernel in place of an mma config that cannot run here: 128 outputs and 8 warps (64 and 4
-    for smaller mma tiles), the same split-K."""
-    wide = cfg.block_n >= 128
-    return replace(cfg, mma=False, tc=True, dot=True, block_n=128 if wide else 64, num_warps=8 if wide else 4,
-                   xvec=True)
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def w4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
-              out: torch.Tensor, bias: torch.Tensor | None = None, prologue: str = "none",
-              norm_weight: torch.Tensor | None = None, eps: float = 0.0, epilogue: str = "store",
-              config: GemvConfig | None = None, sums: tuple[torch.Tensor, torch.Tensor] | None = None,
-              dtype: torch.dtype | None = None) -> torch.Tensor:
-    """out = h(x) W^T (+ bias); out += h(x) W^T (``epilogue="residual"``, out fp32); or out = silu(y[:, 0::2]) *
-    y[:, 1::2] of y = h(x) W^T (``"silu"``: the pair-interleaved w13, out [M, N/2]). x: [M, K]; words: int32
-    [N, K/8] (convert/layout.pack_words). h = x, RMSNorm(x) (``prologue="rmsnorm"``), or (``"silu"``) silu(x[:,
-    0::2]) * x[:, 1::2] of w13's fp32 sums x [M, 2 K], in the activation ``dtype`` (inside the mma kernel; a
-    silu_mul kernel first for the others). ``"silu"`` with split-K (the tensor-core kernels only) adds the
-    slices' sums into ``sums`` = (fp32 [>= M, N], int32 counters [>= one per tile]), both zero, and leaves them
-    zero (sum_buffers makes them; without, this call makes its own)."""
-    N, K, stride_w, stride_g = word_strides(words, group)
-    M = x.shape[0]
-    pro, epi = PROLOGUES[prologue], EPILOGUES[epilogue]
-    if pro == 2:
-        assert x.dim() == 2 and x.dtype == torch.float32 and x.shape[1] == 2 * K and x.stride(-1) == 1, \
-            f"silu prologue: x is w13's fp32 sums [M, {2 * K}], got {tuple(x.shape)} {x.dtype}"
-        assert dtype in (torch.float16, torch.bfloat16), "silu prologue: give the activation dtype"
-        cfg = config or rule(M, N, K, group, epilogue)
-        if not (cfg.mma and mma_runs(x, group)):  # only the mma kernel applies it itself
-            h = silu_mul(x, torch.empty(M, K, device=x.device, dtype=dtype), pairs=True)
-            return w4_matmul(h, words, scales, zeros, group, out, bias, epilogue=epilogue, config=config, sums=sums)
-    assert scales.shape == zeros.shape == (N, K // group) and scales.stride() == zeros.stride() and scales.stride(-1) == 1
-    assert zeros.dtype == torch.uint8, "zeros: uint8 [N, K/G]"
-    assert group >= 32 and group & (group - 1) == 0 and K % group == 0, f"group {group}: a power of two >= 32 dividing K"
-    assert pro == 2 or (x.dim() == 2 and x.stride(-1) == 1 and x.shape[1] == K), f"x {tuple(x.shape)}, K={K}"
-    n_out = N // 2 if epi == 2 else N
-    assert out.dim() == 2 and out.shape == (M, n_out) and out.stride(-1) == 1, f"out {tuple(out.shape)} for [{M}, {n_out}]"
-    assert epi != 1 or out.dtype == torch.float32, "the residual is float32"
-    assert epi != 2 or (N % 2 == 0 and bias is None), "silu: gate/up pairs, no bias"
-    assert pro != 1 or (norm_weight is not None and norm_weight.shape == (K,) and norm_weight.is_contiguous())
-    assert bias is None or (bias.shape == (N,) and bias.is_contiguous())
-    act = dtype if pro == 2 else (out.dtype if epi != 1 else (x.dtype if pro != 1 else norm_weight.dtype))
-    assert act in (torch.float16, torch.bfloat16), f"activations must be fp16 or bf16, got {act}"
-    cfg = config or rule(M, N, K, group, epilogue, prologue)
-    if cfg.mma and not mma_runs(x, group):
-        cfg = mma_fallback(cfg)
-    why = misfit(cfg, group, epilogue, prologue)
-    assert why is None, why
-    split_silu = epi == 2 and cfg.split_k > 1
-    nw = norm_weight if norm_weight is not None else scales  # unused pointer when the prologue has no norm
-    b = bias if bias is not None else scales
-    on = pdl(x)
-    common = dict(G=group, PRO=pro, EPI=epi, ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None,
-                  ACT_BF16=act == torch.bfloat16, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages, PDL=on, launch_pdl=on)
-    if cfg.maxnreg is not None:
-        common["maxnreg"] = cfg.maxnreg
-    n_blocks = triton.cdiv(N, cfg.block_n)
-    if split_silu:  # a counter per tile of block_n outputs and 8 rows (the mma kernel's; the others take 16)
-        sums = sums if sums is not None else sum_buffers(M, N, x.device)
-        acc, cnt = sums
-        assert acc.dtype == torch.float32 and acc.shape[0] >= M and acc.shape[1] == N and acc.stride(-1) == 1
-        assert cnt.dtype == torch.int32 and cnt.numel() >= n_blocks * triton.cdiv(M, 8), "one counter per tile"
-    if cfg.mma:
-        mma_int4.launch(x, words, scales, zeros, group, out, bias, epi, cfg.split_k, cfg.num_warps, cfg.block_n,
-                        act == torch.bfloat16, on, sums if split_silu else None,
-                        norm_weight if pro == 1 else None, eps, cfg.pf, silu_x=pro == 2)
-        return out
-    weights = (words, scales, zeros, stride_w, stride_g, scales.stride(0))
-    if not (cfg.dot or cfg.tc):  # a program per ``rows`` rows and block of outputs (more rows re-read the weights)
-        _w4_gemv_kernel[(n_blocks, cfg.split_k, triton.cdiv(M, cfg.rows))](
-            x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), M, N, K, cfg.split_k, V=cfg.v,
-            C=32 * cfg.num_warps, ROWS=cfg.rows, ASM=not INTERPRET, **common)
-        return out
-    # the tl.dot kernels: BLOCK_M rows per program; the RMSNorm pass takes [BLOCK_M, CHUNK] elements at a time
-    # (32 per thread with 4 warps)
-    block_m = min(64, max(16, _pow2_at_least(M)))
-    k_pow2 = triton.next_power_of_2(K)
-    grid = (n_blocks, cfg.split_k, triton.cdiv(M, block_m))
-    args = (x, x.stride(0), nw, eps, *weights, b, out, out.stride(0), M, N, K, cfg.split_k)
-    tiles = dict(BLOCK_M=block_m, K_POW2=k_pow2, CHUNK=min(k_pow2, 4096 // block_m))
-    if cfg.tc:
-        extra = {}
-        if split_silu:
-            extra = dict(sa_ptr=acc, stride_sa=acc.stride(0), cnt_ptr=cnt, SPLIT_SILU=True, FENCE=not INTERPRET)
-        _w4_tc_kernel[grid](*args, **tiles, ASM=not INTERPRET, GPI=cfg.gpi, XVEC=cfg.xvec, PF=cfg.pf, **extra,
-                            **common)
-    else:
-        _w4_gemm_kernel[grid](*args, **tiles, **common)
-    return out
-
-
-def sum_buffers(rows: int, n: int, device, min_block_n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """The zeroed buffers of w4_matmul's SiLU-mul epilogue under split-K: fp32 sums [rows, n] and a counter per
-    tile of >= min_block_n outputs and 8 rows."""
-    tiles = -(-n // min_block_n) * -(-rows // 8)
-    return (torch.zeros(rows, n, device=device, dtype=torch.float32),
-            torch.zeros(tiles, device=device, dtype=torch.int32))
-
-
-def w4_dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
-                  out: torch.Tensor) -> torch.Tensor:
-    """out [N, K] = (q - z) * s in out's dtype (prefill: then a dense matmul)."""
-    N, K, stride_w, stride_g = word_strides(words, group)
-    assert scales.stride() == zeros.stride()
-    assert group >= 32 and group & (group - 1) == 0 and K % group == 0, f"group {group}: a power of two >= 32 dividing K"
-    assert out.shape == (N, K) and out.stride(-1) == 1
-    block_n = 32
-    _w4_dequant_kernel[(triton.cdiv(N, block_n), K // group)](words, scales, zeros, stride_w, stride_g,
-                                                              scales.stride(0), out, out.stride(0), N, G=group,
-                                                              BLOCK_N=block_n)
-    return out

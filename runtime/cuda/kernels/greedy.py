@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, pdl
-from .attention import _last_to_arrive
+from .arrive import _last_to_arrive
 
 SLICES = 64  # programs per row
 

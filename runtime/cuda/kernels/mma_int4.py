@@ -1,6 +1,6 @@
 """int4 weights times a few rows on mma.sync, both operands loaded straight into the registers that feed it (Gluon).
 
-A Triton tl.dot takes its operands through shared memory: the tensor-core kernel of gemv_int4 stores each
+A Triton tl.dot takes its operands through shared memory: the tensor-core kernel (w4_tc.py) stores each
 step's dequantized weights and x there and reads them back with barriers between (8 STS, 8 LDSM and two
 BAR.SYNC a step, one program per SM). Gluon states layouts, so here each lane loads exactly its mma.sync
 m16n8k16 fragments from global memory and no shared memory or barrier is used in the main loop:
@@ -30,7 +30,7 @@ slices only add, and no slice waits for the others).
 
 Epilogues as gemv_int4's: store (+ bias), residual (+= into the fp32 residual, atomic under split-K; bias
 from the first slice), silu (w13's gate/up row pairs; under split-K the slices add into fp32 sums and the
-last to finish applies it). Triton's interpreter cannot run Gluon: gemv_int4.w4_matmul takes its other
+last to finish applies it). Triton's interpreter cannot run Gluon: w4_matmul.w4_matmul takes its other
 kernels there, and this kernel is tested on the GPU (tests/test_gpu_kernels.py).
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from ....convert.layout import word_strides
 from . import rounding
-from .attention import last_to_arrive
+from .arrive import last_to_arrive
 
 _last_arrive = gluon.jit(last_to_arrive)
 _act = gluon.jit(rounding.act)
@@ -294,7 +294,7 @@ def _silu_store(t, y_ptr, stride_ym, rm, rn, mask, BM: ttgl.constexpr, BN: ttgl.
 def launch(x, words, scales, zeros, group: int, out, bias, epi: int, split_k: int, warps: int, block_n: int,
            act_bf16: bool, on: bool, sums=None, norm_weight=None, eps: float = 0.0, pf: int = 1,
            silu_x: bool = False) -> None:
-    """The kernel for gemv_int4.w4_matmul, which has checked the shapes: BM = 8 or 16 rows per program (more rows:
+    """The kernel for w4_matmul.w4_matmul, which has checked the shapes: BM = 8 or 16 rows per program (more rows:
     more programs along the grid's third axis), block_n = 16 * warps * R outputs, the weights pf groups ahead;
     with norm_weight, x is the fp32 residual and the kernel applies the RMSNorm; with silu_x, x is w13's fp32 sums
     [M, 2 K] and the kernel applies the SiLU-mul."""

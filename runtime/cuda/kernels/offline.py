@@ -34,32 +34,34 @@ class Recorder:
         return lambda *args, **kw: self.calls.append((grid, args, kw))
 
 
-def record(module, name: str, call, others: tuple[str, ...] = ()) -> tuple:
-    """(kernel, grid, args, kwargs) of the one launch of module.name that ``call()`` makes (the kernels named
-    in ``others``, launched by the same call, are recorded and dropped)."""
-    recs = {n: Recorder(getattr(module, n)) for n in (name, *others)}
-    for n, rec in recs.items():
-        setattr(module, n, rec)
+def record(module, name: str, call, others: tuple = ()) -> tuple:
+    """(kernel, grid, args, kwargs) of the one launch of module.name that ``call()`` makes (the kernels in
+    ``others``, launched by the same call, are recorded and dropped: names in module, or (module, name) pairs
+    for kernels launched from another module)."""
+    where = [(module, name), *(o if isinstance(o, tuple) else (module, o) for o in others)]
+    recs = [(m, n, Recorder(getattr(m, n))) for m, n in where]
+    for m, n, rec in recs:
+        setattr(m, n, rec)
     try:
         call()
     finally:
-        for n, rec in recs.items():
-            setattr(module, n, rec.fn)
-    calls = recs[name].calls
-    assert len(calls) == 1, f"{name}: {len(calls)} launches"
-    return (recs[name].fn, *calls[0])
+        for m, n, rec in recs:
+            setattr(m, n, rec.fn)
+    rec = recs[0][2]
+    assert len(rec.calls) == 1, f"{name}: {len(rec.calls)} launches"
+    return (rec.fn, *rec.calls[0])
 
 
 @contextmanager
 def as_on_gpu():
-    """While recording, gemv_int4.w4_matmul dispatches as it does for CUDA tensors: mma configs take the mma
+    """While recording, w4_matmul.w4_matmul dispatches as it does for CUDA tensors: mma configs take the mma
     kernel, not the fallback it takes for CPU tensors."""
-    from . import gemv_int4
-    runs, gemv_int4.mma_runs = gemv_int4.mma_runs, lambda *_: True
+    from . import w4_matmul
+    runs, w4_matmul.mma_runs = w4_matmul.mma_runs, lambda *_: True
     try:
         yield
     finally:
-        gemv_int4.mma_runs = runs
+        w4_matmul.mma_runs = runs
 
 
 def compile_sm90(fn, args: tuple, kw: dict):

@@ -35,7 +35,7 @@ class GemvConfig:
     maxnreg: int | None = None  # registers per thread at most (ptxas spills above): more programs per SM
     mma: bool = False     # kernels/mma_int4.py (mma.sync, operands straight into registers; Gluon): block_n =
     # 16 * num_warps * (1, 2, 4 or 8), the weights pf groups ahead. Where it cannot run (Triton's interpreter, no
-    # Gluon, group != 128, before sm_80) the tensor-core kernel takes the same tile (gemv_int4.mma_fallback)
+    # Gluon, group != 128, before sm_80) the tensor-core kernel takes the same tile (w4_matmul.mma_fallback)
     fuse_norm: bool = False  # tl.dot kernels: an RMSNorm prologue inside the kernel (rstd of the row first), not
     # a norm kernel before it (GpuLinear.run)
 
@@ -47,7 +47,7 @@ class GemvConfig:
 
 
 def misfit(cfg: GemvConfig, group: int, epilogue: str = "store", prologue: str = "none") -> str | None:
-    """Why gemv_int4.w4_matmul cannot run ``cfg`` for this group size and fusion, or None when it can."""
+    """Why w4_matmul.w4_matmul cannot run ``cfg`` for this group size and fusion, or None when it can."""
     if cfg.split_k > 1 and not (epilogue == "residual" or (epilogue == "silu" and (cfg.tc or cfg.mma))):
         return "split-K needs the residual epilogue (atomic adds), or SiLU-mul in a tensor-core kernel"
     if not cfg.dot:  # _gemv: C = 32 * num_warps thread-columns, group // 8 // v of them per group
