@@ -16,19 +16,17 @@ from pathlib import Path
 import torch
 
 from .. import QconvError
-from ..pipelines.kv_params import load_kv_params
 from .checkpoint import FORMATS, Checkpoint, detect_format, quant_group_size
 from .fileio import atomic_dir, atomic_path, check_new_path, load_json, save_tensors
+from .kv_file import KV_FILE, load_kv_params
 from .layout import (ATTN_NORM, EMBED, FFN_NORM, FINAL_NORM, FLOAT_DTYPES, FUSED_LINEARS, GLOBAL_FILE, K_NORM,
                      OUTPUT, Q_NORM, WEIGHT_TYPES, QuantLinear, fuse, layer_file, linear_tensors)
 from .manifest import update_manifest, write_manifest
 from .model_io import load_tokenizer, model_shape, read_config
 from .quant import group_qparams, quantize
-from .workspace_config import WorkspaceConfig
+from .workspace_config import CONFIG_FILE, WorkspaceConfig
 from .rope import rope_fields
 
-KV_FILE = "kv_qparams.safetensors"
-CONFIG_FILE = "config.ini"
 DEFAULT_GROUP_SIZE = 128
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 

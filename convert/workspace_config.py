@@ -16,6 +16,7 @@ from .arch import ARCHS
 from .fileio import atomic_path
 from .layout import WEIGHT_TYPES
 
+CONFIG_FILE = "config.ini"  # in the workspace folder
 SECTION = "llama"
 ROPE_SCALINGS = ("none", "linear", "llama3")
 QUANT_POLICIES = (0, 4)  # 0: float KV cache, 4: int8 KV cache with static per-head params

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import QconvError
+from ..convert.kv_file import load_kv_params, params_by_layer
 from ..convert.model_io import load_model, model_shape, resolve_device
 from .data import eval_text
 from .hooks import KVFakeQuant, attention_function
-from .kv_params import compute_kv_params, load_kv_params, load_kv_stats, params_by_layer
+from .kv_params import compute_kv_params, load_kv_stats
 
 
 @dataclass(slots=True)

@@ -13,9 +13,9 @@ import torch
 from .. import QconvError
 from ..convert.fileio import load_json, load_tensors, save_json, save_tensors
 from ..convert.quant import kv_qparams, kv_reduce
+from ..convert.workspace import install_kv_params
 
 GRANULARITIES = ("head", "layer")
-PARAM_NAMES = ("k_scale", "k_zp", "v_scale", "v_zp")
 
 
 def load_kv_stats(work: Path) -> tuple[dict, dict, dict]:
@@ -58,28 +58,6 @@ def compute_kv_params(key: dict, value: dict, num_layers: int, sym: bool, granul
     return out
 
 
-def params_by_layer(params: dict[str, torch.Tensor]) -> dict[int, tuple[torch.Tensor, ...]]:
-    """{layer: (k_scale, k_zp, v_scale, v_zp)} from the flat safetensors dict."""
-    layers = sorted({int(k.split(".")[1]) for k in params})
-    return {i: tuple(params[f"layers.{i}.{n}"] for n in PARAM_NAMES) for i in layers}
-
-
-def load_kv_params(path, num_layers: int, num_kv_heads: int) -> dict[int, tuple[torch.Tensor, ...]]:
-    """Read kv_qparams.safetensors and check it fits a model of this shape."""
-    params = load_tensors(path, "KV params")
-    layers = {int(k.split(".")[1]) for k in params if k.startswith("layers.")}
-    if layers != set(range(num_layers)):
-        raise QconvError(f"KV params {path} do not fit this model: they hold {len(layers)} layers, "
-                         f"the model has {num_layers}; compute them for this model with qconv kv-params")
-    for i in range(num_layers):
-        for n in PARAM_NAMES:
-            t = params.get(f"layers.{i}.{n}")
-            if t is None or tuple(t.shape) != (num_kv_heads,):
-                raise QconvError(f"KV params {path} do not fit this model ({num_layers} layers x {num_kv_heads} KV "
-                                 f"heads): layers.{i}.{n} is {None if t is None else list(t.shape)}")
-    return params_by_layer(params)
-
-
 def kv_params(work_dir: str, sym: bool = False, granularity: str = "head", num_tp: int = 1,
               workspace: str | None = None, log=print) -> Path:
     work = Path(work_dir)
@@ -104,8 +82,6 @@ def kv_params(work_dir: str, sym: bool = False, granularity: str = "head", num_t
         log(f"{r['layer']:>5} {r['k_min']:>9.3f} {r['k_max']:>9.3f} {r['v_min']:>9.3f} {r['v_max']:>9.3f}")
     log(f"qconv: wrote {out} ({'sym' if sym else 'asym'}, per {granularity}, num_tp={num_tp})")
     if workspace is not None:
-        from ..convert.workspace import install_kv_params
-
         install_kv_params(workspace, out)
         log(f"qconv: installed into {workspace} and set quant_policy=4")
     return out

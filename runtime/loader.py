@@ -14,14 +14,13 @@ import torch
 from .. import QconvError
 from ..convert.arch import get_arch
 from ..convert.fileio import load_tensors
+from ..convert.kv_file import KV_FILE, load_kv_params
 from ..convert.layout import (ATTN_NORM, EMBED, FFN_NORM, FINAL_NORM, FUSED_LINEARS, GLOBAL_FILE, K_NORM, OUTPUT,
                               Q_NORM, QuantLinear, interleave_pairs, layer_file, read_linear)
 from ..convert.manifest import verify_manifest
 from ..convert.model_io import load_tokenizer, quiet_transformers, resolve_device, resolve_dtype
 from ..convert.quant import group_qparams, quantize
-from ..convert.workspace import CONFIG_FILE, KV_FILE
-from ..convert.workspace_config import WorkspaceConfig
-from ..pipelines.kv_params import load_kv_params
+from ..convert.workspace_config import CONFIG_FILE, WorkspaceConfig
 from .cpu.runner import CpuRunner
 from .cuda.model import GpuTransformer, use_gpu_path
 from .cuda.runner import CudaRunner
