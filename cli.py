@@ -201,13 +201,13 @@ def eval_cmd(workspace, model, dataset, seqlen, windows, kv_params, kv_sym, kv_g
 
     The last line printed is `ppl X`.
     """
-    from .pipelines.eval import eval_model
+    from .runtime.evaluate import evaluate
 
     if (workspace is None) == (model is None):
         raise click.UsageError("give a workspace folder or --model (exactly one)")
     model = model or workspace
-    r = eval_model(model, dataset, seqlen, windows, kv_params, kv_sym, kv_granularity, device, dtype,
-                   trust_remote_code, lm_head)
+    r = evaluate(model, dataset, seqlen, windows, kv_params, kv_sym, kv_granularity, device, dtype,
+                 trust_remote_code, lm_head)
     if as_json:
         click.echo(json.dumps({**r.as_dict(), "model": model, "dataset": dataset, "kv_params": kv_params,
                                "kv_sym": kv_sym, "kv_granularity": kv_granularity, "lm_head": lm_head}))

@@ -71,9 +71,9 @@ def main():
 
     from qconv.convert.model_io import gguf_to_hf, quiet_transformers
     from qconv.convert.workspace import ConvertRequest, convert_workspace
-    from qconv.pipelines.eval import eval_model
     from qconv.pipelines.fetch import fetch
     from qconv.runtime.engine import Engine
+    from qconv.runtime.evaluate import eval_workspace
     from qconv.runtime.generation import GenerationConfig
 
     quiet_transformers()
@@ -97,7 +97,7 @@ def main():
     for name, dst, dt in runs:
         rows[name] = {"dtype": dt}
         if not args.skip_ppl and dt != "auto":  # eval's auto is float32: the float32 row
-            rows[name]["ppl"] = eval_model(dst, wiki, 2048, args.windows, device="cpu", dtype=dt).ppl
+            rows[name]["ppl"] = eval_workspace(dst, wiki, 2048, args.windows, device="cpu", dtype=dt).ppl
 
     gen = GenerationConfig(max_new_tokens=256, temperature=0.0, stop_ids=())
     prompt = list(range(1000, 1032))  # 32 tokens

@@ -1,11 +1,31 @@
-"""Perplexity of a workspace through the bundled runtime, by the same protocol as `qconv eval --model`."""
+"""`qconv eval`: perplexity of a workspace through the bundled runtime, by the same protocol as `qconv eval --model`
+(convert/perplexity.py), and the choice between the two."""
 from __future__ import annotations
+
+from pathlib import Path
 
 from .. import QconvError
 from ..convert.model_io import resolve_device
+from ..convert.perplexity import PplResult, eval_windows, perplexity
+from ..convert.workspace_config import CONFIG_FILE
 from ..pipelines.data import eval_text
-from ..pipelines.eval import PplResult, eval_windows, perplexity
+from ..pipelines.eval import eval_model
 from .engine import Engine
+
+
+def evaluate(model: str, dataset: str, seqlen: int = 2048, windows: int | None = None,
+             kv_params: str | None = None, kv_sym: bool = False, kv_granularity: str = "head",
+             device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+             head: str = "auto") -> PplResult:
+    """A workspace (a folder with config.ini) through the bundled runtime, anything else through transformers
+    (pipelines/eval.py). ``head`` (workspaces only): the output projection's format, see
+    runtime/loader.load_workspace."""
+    if (Path(model) / CONFIG_FILE).is_file():  # a qconv convert workspace: through the bundled runtime
+        return eval_workspace(model, dataset, seqlen, windows, kv_params, device, dtype, head=head)
+    if head != "auto":
+        raise QconvError(f"--lm-head applies to workspaces; {model} is not one (no config.ini)")
+    return eval_model(model, dataset, seqlen, windows, kv_params, kv_sym, kv_granularity, device, dtype,
+                      trust_remote_code)
 
 
 def eval_workspace(workspace: str, dataset: str, seqlen: int = 2048, windows: int | None = None,

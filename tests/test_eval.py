@@ -5,8 +5,9 @@ import math
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qconv.convert.perplexity import eval_windows
 from qconv.pipelines.data import eval_text
-from qconv.pipelines.eval import eval_model, eval_windows
+from qconv.pipelines.eval import eval_model
 
 
 def test_ppl_matches_a_direct_hf_loss(tiny_llama, wiki_path):
