@@ -9,18 +9,14 @@ Per decoder block (only that block on the accelerator):
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
 from ..convert.arch import ArchSpec, ScaleGroup, get_module
 from ..convert.awq_export import quantize_linear
+from .awq_request import AwqRequest
 from .awq_search import apply_clip, apply_scale, scale_candidates, search_clip, search_scale, w_mean_of
 from .stats import ChannelStats
-
-if TYPE_CHECKING:
-    from .awq import AwqRequest
 
 
 def _forward_fn(block, spec: ArchSpec, group: ScaleGroup, position_embeddings):
