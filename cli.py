@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 import click
 
 from . import QconvError, __version__
+from .runtime.cpu.threads import pick_cpu_threads  # before torch loads
 
 # ---------------------------------------------------------------------------------------------
 # Shared options, defined once
@@ -376,29 +376,9 @@ def quantize(model, dst_path, work_dir, w_bits, w_group_size, calib_dataset, cal
         session_len=session_len, device=device, dtype=dtype, force=force, trust_remote_code=trust_remote_code)
 
 
-def _cpu_threads() -> None:
-    """Pick the CPU thread count before torch loads, unless OMP_NUM_THREADS says it: one thread per core that no
-    other process is running on. torch's OpenMP team spins at every op's barrier, so a team with a thread on a
-    core that another job holds waits a time slice at each of a decode step's hundreds of ops: on 2 cores with
-    one busy process, SmolLM2 decoded at 14 tok/s on 2 threads and 36 on 1; quiet, 2 threads are 25% faster.
-    Runnable tasks are read from /proc/loadavg (the least of a few samples, so a passing process is ignored)."""
-    if "OMP_NUM_THREADS" in os.environ or "torch" in sys.modules:
-        return
-    try:
-        cores = len(os.sched_getaffinity(0))
-        samples = []
-        for _ in range(5):
-            with open("/proc/loadavg") as f:
-                samples.append(int(f.read().split()[3].split("/")[0]) - 1)  # runnable now, less this thread
-            time.sleep(0.01)
-    except (OSError, AttributeError, ValueError, IndexError):  # not Linux: leave torch's default
-        return
-    os.environ["OMP_NUM_THREADS"] = str(max(1, cores - min(samples)))
-
-
 def main(argv=None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
-    _cpu_threads()
+    pick_cpu_threads()
     try:
         cli.main(args=argv, prog_name="qconv", standalone_mode=False)
     except QconvError as e:
