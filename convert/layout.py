@@ -112,7 +112,7 @@ def unpack_words(words: torch.Tensor, group: int) -> torch.Tensor:
 def group_major(words: torch.Tensor, group: int) -> torch.Tensor:
     """Row-major words [out, in/8] -> group-major [in/g, out, g/8]: one group of every row contiguous, so a GPU
     program's rows of one group are one stretch of memory rather than 2g/8-byte pieces a row apart (the GPU
-    runtime's layout; H200, mma kernel alone: 7-12% faster, bench/experiments/layout_probe.py)."""
+    runtime's layout: its int4 kernels read it faster than row-major words)."""
     out_f, n = words.shape
     return words.reshape(out_f, n * 8 // group, group // 8).transpose(0, 1).contiguous()
 

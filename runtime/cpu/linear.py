@@ -1,9 +1,8 @@
 """The runtime's linears: dense, or int4 through torch's CPU int4 kernel.
 
-Measured on SmolLM2-135M int4 g64, CPU, one thread, decode at batch 1 (bench numbers vary with load):
-fp32 dense (int4 dequantized at load) 19 tok/s, bf16 dense 19 tok/s, bf16 + torch int4 kernel 41 tok/s.
-The kernel only runs fast with bf16 activations (with fp32 it was ~10x slower than dense), so int4
-weights use it when the compute dtype is bf16 on CPU (``--dtype bfloat16``) and the shapes allow;
+torch's int4 kernel decodes about twice as fast as dense weights, but only with bf16 activations (with fp32
+it is far slower than dense; bench/RESULTS.md has the speeds), so int4 weights use it when the compute dtype
+is bf16 on CPU (``--dtype bfloat16``) and the shapes allow;
 otherwise they are dequantized once at load (w = (q - z) * s) and give exactly the dequantized model.
 """
 from __future__ import annotations

@@ -9,8 +9,8 @@ import time
 def pick_cpu_threads() -> None:
     """Pick the CPU thread count before torch loads, unless OMP_NUM_THREADS says it: one thread per core that no
     other process is running on. torch's OpenMP team spins at every op's barrier, so a team with a thread on a
-    core that another job holds waits a time slice at each of a decode step's hundreds of ops: on 2 cores with
-    one busy process, SmolLM2 decoded at 14 tok/s on 2 threads and 36 on 1; quiet, 2 threads are 25% faster.
+    core that another job holds waits a time slice at each of a decode step's hundreds of ops, and decodes at
+    less than half the speed of a team that leaves that core out; on quiet cores more threads are faster.
     Runnable tasks are read from /proc/loadavg (the least of a few samples, so a passing process is ignored)."""
     if "OMP_NUM_THREADS" in os.environ or "torch" in sys.modules:
         return
