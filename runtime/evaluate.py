@@ -2,15 +2,13 @@
 (convert/perplexity.py), and the choice between the two."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from .. import QconvError
 from ..convert.model_io import resolve_device
 from ..convert.perplexity import PplResult, eval_windows, perplexity
-from ..convert.workspace_config import CONFIG_FILE
 from ..pipelines.data import eval_text
 from ..pipelines.eval import eval_model
 from .engine import Engine
+from .loader import is_workspace
 
 
 def evaluate(model: str, dataset: str, seqlen: int = 2048, windows: int | None = None,
@@ -20,7 +18,7 @@ def evaluate(model: str, dataset: str, seqlen: int = 2048, windows: int | None =
     """A workspace (a folder with config.ini) through the bundled runtime, anything else through transformers
     (pipelines/eval.py). ``head`` (workspaces only): the output projection's format, see
     runtime/loader.load_workspace."""
-    if (Path(model) / CONFIG_FILE).is_file():  # a qconv convert workspace: through the bundled runtime
+    if is_workspace(model):  # a qconv convert workspace: through the bundled runtime
         return eval_workspace(model, dataset, seqlen, windows, kv_params, device, dtype, head=head)
     if head != "auto":
         raise QconvError(f"--lm-head applies to workspaces; {model} is not one (no config.ini)")
