@@ -2,8 +2,7 @@
 
 Imports point one way, cli -> runtime -> pipelines -> convert, with no cycles; nothing in the package imports
 tests/ or bench/. No source file is over 400 lines, and none holds a date, a GPU model or a tuning round: those
-belong in bench/RESULTS.md and git. runtime/cuda/ is being split by another change, so its part of the size check
-is an expected failure until then (strict: it must be unmarked once it passes).
+belong in bench/RESULTS.md and git.
 """
 from __future__ import annotations
 
@@ -27,7 +26,6 @@ HISTORY = {
     "a GPU model": re.compile(r"\b(?:A100|H100|H200|B200)\b"),
     "a tuning round": re.compile(rf"\b(?:{ORDINALS}) sitting\b", re.IGNORECASE),
 }
-SPLITTING = "runtime/cuda/"  # another change is splitting its long files
 
 
 def find_modules(root: Path) -> dict[str, Path]:
@@ -202,17 +200,9 @@ def test_nothing_imports_tests_or_bench(package):
     assert bad == []
 
 
-def _files(part: str) -> list[Path]:
-    """The package's files in runtime/cuda/ (part "cuda") or everywhere else (part "rest")."""
-    files = find_modules(ROOT).values()
-    return [p for p in files if p.relative_to(ROOT).as_posix().startswith(SPLITTING) == (part == "cuda")]
-
-
-@pytest.mark.parametrize("part", ["rest", pytest.param("cuda", id="runtime-cuda", marks=pytest.mark.xfail(
-    strict=True, reason="runtime/cuda/ is being split by another change: kernels/gemv_int4.py and "
-                        "kernels/attention.py are over 400 lines"))])
-def test_no_file_is_over_400_lines(part):
-    long = {str(p.relative_to(ROOT)): n for p in _files(part) if (n := len(p.read_text().splitlines())) > MAX_LINES}
+def test_no_file_is_over_400_lines():
+    long = {str(p.relative_to(ROOT)): n for p in find_modules(ROOT).values()
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}, f"over {MAX_LINES} lines: {long}"
 
 
