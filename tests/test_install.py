@@ -40,7 +40,11 @@ def test_wheel_holds_the_package_and_no_tests_or_bench(installed):
 
 
 def test_installed_qconv_chats_from_outside_the_repository(installed, tiny_serve_ws, tmp_path):
+    """As a CPU-only user gets it: triton (a test extra here) cannot be imported."""
     bin_dir, _ = installed
+    blocked = tmp_path / "no-triton" / "triton"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('triton is not installed')\n")
     where = subprocess.run([str(bin_dir / "python"), "-c", "import qconv.runtime.engine, qconv; print(qconv.__file__)"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert where.returncode == 0, where.stderr
@@ -49,7 +53,7 @@ def test_installed_qconv_chats_from_outside_the_repository(installed, tiny_serve
     assert r.returncode == 0 and "qconv quantize" in r.stdout, r.stderr
     r = subprocess.run([str(bin_dir / "qconv"), "chat", str(tiny_serve_ws), "--prompt", "Hello",
                         "--max-new-tokens", "8", "--temperature", "0", "--device", "cpu"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1",
-                                                                                       "PATH": "/usr/bin:/bin"})
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(blocked.parent)})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and "tok/s" in r.stderr, (r.stdout, r.stderr)

@@ -15,7 +15,6 @@ import torch
 from ..cpu.runner import CpuRunner
 from ..kv_cache import KVCache
 from ..options import RuntimeOptions
-from .graphs import DecodeGraphs
 
 
 class CudaRunner(CpuRunner):
@@ -25,7 +24,11 @@ class CudaRunner(CpuRunner):
         super().__init__(model, cache)
         if with_graphs is None:
             with_graphs = cache.k[0].device.type == "cuda"
-        self.graphs = DecodeGraphs(model, cache, opts) if with_graphs else None
+        self.graphs = None
+        if with_graphs:  # the graphs' kernels need triton, which a CPU-only install lacks
+            from .graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, cache, opts)
 
     def prefill(self, prompts: list[list[int]], starts: list[int], rows: list[int]) -> torch.Tensor:
         if self.graphs is not None and max(map(len, prompts)) <= self.graphs.prefill_rows:
