@@ -22,7 +22,7 @@ class CpuRunner(Runner):
                 out.append(self._padded(prompts[i:i + n], rows[i]))
             else:
                 out.extend(self._one(prompts[j], starts[j], rows[j]) for j in range(i, i + n))
-        return torch.cat(out)
+        return _joined(out)
 
     def _padded(self, prompts: list[list[int]], first: int) -> torch.Tensor:
         n, S = len(prompts), max(len(p) for p in prompts)
@@ -50,4 +50,9 @@ class CpuRunner(Runner):
             pos = torch.tensor(positions[i:i + n], device=dev)[:, None]
             cache = self.cache.rows(rows[i], rows[i] + n)
             out.append(self.model(ids, pos, cache, last_only=True)[:, -1].float())  # [n, V]
-        return out[0] if len(out) == 1 else torch.cat(out)
+        return _joined(out)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The runs' logits in the caller's row order; one run is returned as it is, without a copy."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
