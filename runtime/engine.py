@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from .. import QconvError
+from .batch import Batch, Seq
 from .detokenize import TextStream
 from .generation import GenerationConfig
 from .kv_cache import KVCache
 from .loader import LoadedWorkspace, load_workspace, make_runner
 from .options import RuntimeOptions
-from .sampling import sample
 
 
 @dataclass(slots=True)
@@ -128,109 +128,74 @@ class Engine:
 
     def _run(self, prompt: list[int], reuse: int, gen: GenerationConfig, stops: set[int], budget: int):
         stats = self.last_stats = GenerationStats(len(prompt), reuse, kv_capacity=self.cfg.session_len)
-        generator = None
-        if gen.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(gen.seed)
+        seq = Seq(prompt, gen, row=0, budget=budget, stops=stops, start=reuse)
+        batch = self.batch()
         t0 = time.perf_counter()
         try:
             # [STEP 1]: prefill what the cache does not hold yet
             self._cached = self._cached[:reuse]
-            logits = self.runner.prefill([prompt[reuse:]], [reuse], [0])  # [1, V]
+            tok = batch.start([seq])[0]
             self._cached = prompt
-            penalize = gen.repetition_penalty != 1.0  # else `seen` is never read: no per-token update
-            seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
-            if penalize:
-                seen[0, torch.tensor(prompt, device=self.device)] = True
-            # [STEP 2]: decode one token at a time (greedy: the runner's greedy steps, bursts on the GPU)
-            if gen.temperature == 0 and not penalize:
-                advance = self._greedy_advance()
-            else:
-                def advance(tok: int, remaining: int) -> int:
-                    if penalize:
-                        seen[0, tok] = True
-                    nxt = self.runner.decode([tok], [len(self._cached)], [0])
-                    self._cached.append(tok)
-                    return int(sample(nxt, gen, seen, generator)[0])
-            tok = int(sample(logits, gen, seen, generator)[0])
             # the first token is on the host only now: on a GPU the prefill's kernels may still have been
             # running when its launches returned, and that time is the prefill's, not the decode's
             stats.prefill_s = time.perf_counter() - t0
-            for step in range(budget):
-                if tok in stops:
-                    stats.finish = "stop"
+            # [STEP 2]: decode one token at a time (greedy: the runner's greedy steps, bursts on the GPU)
+            steps = batch.greedy([seq], budget - 1) if seq.greedy else None
+            while True:
+                finish = seq.accept(tok)
+                if finish != "stop":
+                    stats.new_tokens += 1
+                    yield tok
+                if finish is not None:
+                    stats.finish = finish
                     return
-                stats.new_tokens += 1
-                yield tok
-                if step + 1 == budget:
-                    stats.finish = "length"
-                    return
-                tok = advance(tok, budget - step - 1)
+                tok = next(steps)[0] if steps is not None else batch.step([seq])[0]
+                self._cached.append(seq.last)
         finally:
             if stats.prefill_s:  # else the prefill itself failed or was interrupted
                 stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
             stats.kv_used = len(self._cached)
 
-    def _greedy_advance(self):
-        """advance(tok, remaining) -> the greedy token after tok, from the runner's greedy steps of row 0 (started
-        at the first call for all ``remaining`` steps): the same tokens as one step at a time."""
-        stream = None
-
-        def advance(tok: int, remaining: int) -> int:
-            nonlocal stream
-            if stream is None:
-                stream = self.runner.greedy([tok], [len(self._cached)], [0], remaining)
-            self._cached.append(tok)
-            return next(stream)[0]
-        return advance
+    def batch(self, max_prefill_tokens: int = 8192) -> Batch:
+        """The decode loop (runtime/batch.py) over this engine's runner and cache rows."""
+        return Batch(self.runner, self.cfg.vocab_size, self.device, max_prefill_tokens)
 
     def generate_batch(self, prompts: list[list[int]], gen: GenerationConfig | None = None) -> list[list[int]]:
         """Answer several prompts at once, prompt j in cache row j: the answers' token ids (stop ids excluded),
         each cut at its first stop id or max_new_tokens. Greedy answers take the runner's greedy steps (bursts on
-        the GPU); sampled ones one decode_batch step at a time. The cache
-        rows are left holding the prompts and answers (generate's reuse of row 0 starts afresh)."""
+        the GPU), sampled ones one step at a time, each row with its own generator. The cache rows are left
+        holding the prompts and answers (generate's reuse of row 0 starts afresh)."""
         gen = gen or GenerationConfig()
         n, limit = len(prompts), self.cfg.session_len
         if not 1 <= n <= self.cache.batch:
             raise QconvError(f"{n} prompts at once, but the engine holds {self.cache.batch} (--batch-size)")
         if min(map(len, prompts)) == 0:
             raise QconvError("a prompt is empty")
+        # one budget for all: a greedy burst feeds every row until the last finishes, within session_len
         budget = min(gen.max_new_tokens, limit - max(map(len, prompts)))
         if budget <= 0:
             raise QconvError(f"the longest prompt has {max(map(len, prompts))} tokens but session_len is {limit}; "
                              f"shorten it or convert with a larger --session-len")
         self._cached = []
         stops = set(gen.stop_ids if gen.stop_ids is not None else self.cfg.end_id)
-        generator = torch.Generator(device=self.device).manual_seed(gen.seed) if gen.seed is not None else None
-        seen = torch.zeros(n, self.cfg.vocab_size, dtype=torch.bool, device=self.device)  # repetition penalty
-        for j, p in enumerate(prompts):
-            seen[j, torch.tensor(p, device=self.device)] = True
-        logits = self.runner.prefill(prompts, [0] * n, list(range(n)))
-        toks = sample(logits, gen, seen, generator).tolist()
+        seqs = [Seq(p, gen, row=j, budget=budget, stops=stops) for j, p in enumerate(prompts)]
         answers: list[list[int]] = [[] for _ in range(n)]
-        live = [True] * n
+        batch = self.batch()
 
-        def take(step: list[int]) -> bool:  # one step's tokens -> whether any row still runs
-            for j, t in enumerate(step):
-                if live[j]:
-                    if t in stops or len(answers[j]) == budget:
-                        live[j] = False
-                    else:
-                        answers[j].append(t)
-            return any(live)
-        if not take(toks) or budget == 1:
-            return answers
-        pos = [len(p) for p in prompts]
-        if gen.temperature == 0 and gen.repetition_penalty == 1.0:
-            for step in self.runner.greedy(toks, pos, list(range(n)), budget - 1):
-                if not take(step):
+        def take(group: list[Seq], toks: list[int]) -> list[Seq]:  # -> the sequences still running
+            for s, t in zip(group, toks):
+                if s.finish is None and s.accept(t) != "stop":
+                    answers[s.row].append(t)
+            return [s for s in seqs if s.finish is None]
+        live = take(seqs, batch.start(seqs))
+        if live and all(s.greedy for s in live):
+            group = live
+            for toks in batch.greedy(group, budget - 1):
+                if not take(group, toks):
                     break
             return answers
-        for i in range(budget - 1):
-            seen[torch.arange(n), torch.tensor(toks, device=self.device)] = True
-            logits = self.decode_batch(toks, [q + i for q in pos])
-            toks = sample(logits, gen, seen, generator).tolist()
-            if not take(toks):
-                break
+        while live:
+            live = take(live, batch.step(live))
         return answers
 
     def decode_batch(self, tokens: list[int], positions: list[int], rows: list[int] | None = None) -> torch.Tensor:

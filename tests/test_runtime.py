@@ -204,7 +204,7 @@ def test_prefill_time_lasts_until_the_first_token_is_known(tiny_engine, monkeypa
     """On a GPU the prefill's launches return before its kernels finish; the first token's sampling waits for
     them. That wait is the prefill's (time to first token), not the decode's."""
     import time
-    from qconv.runtime import engine as E
+    from qconv.runtime import batch as B
     calls = []
 
     def slow_first(logits, *a):
@@ -212,7 +212,7 @@ def test_prefill_time_lasts_until_the_first_token_is_known(tiny_engine, monkeypa
             time.sleep(1.5)  # a device still busy with the prefill (long beside two tiny steps, even on a busy CPU)
         calls.append(1)
         return S.sample(logits, *a)
-    monkeypatch.setattr(E, "sample", slow_first)
+    monkeypatch.setattr(B, "sample", slow_first)
     gen = GenerationConfig(max_new_tokens=3, temperature=0.7, stop_ids=(), seed=0)
     assert len(list(tiny_engine.generate(random_ids(5, seed=4)[0].tolist(), gen))) == 3
     s = tiny_engine.last_stats

@@ -8,8 +8,8 @@
 Each running sequence owns one row (slot) of the engine's KV cache. Every turn of the loop:
 [STEP 1] admit waiting requests into free slots (lowest first), [STEP 2] prefill them (batched per run
 of adjacent slots), [STEP 3] one decode step over the rows that hold a sequence, each at its own position.
-Both go through the engine's runner (runtime/runner.py), as every forward pass does. Sequences join and leave between steps; a finished or cancelled one
-frees its slot at once. Requests beyond the free slots wait in a bounded queue; past it ``submit``
+Both go through runtime/batch.py, the decode loop that Engine.generate and generate_batch use too. Sequences
+join and leave between steps; a finished or cancelled one frees its slot at once. Requests beyond the free slots wait in a bounded queue; past it ``submit``
 raises ``QueueFull``. Events (text pieces, the finish) go to each request's ``emit`` callback, called
 from the worker thread: it must be quick and thread-safe (e.g. ``loop.call_soon_threadsafe``).
 While a scheduler runs, its engine belongs to it (no ``engine.generate`` meanwhile).
@@ -23,13 +23,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from ... import QconvError
 from ..detokenize import TextStream
+from ..batch import Seq
 from ..engine import Engine
 from ..generation import GenerationConfig
-from ..sampling import sample
 
 log = logging.getLogger("qconv.serve")
 FINISHES = ("stop", "length", "error")
@@ -65,14 +63,14 @@ class Sequence:
     emit: Callable[[Event], None]
     budget: int = 0                 # most answer tokens: min(max_new_tokens, session_len - prompt)
     slot: int | None = None
-    pos: int = 0                    # cache position of `last`, the next token fed
-    last: int = 0
-    new_tokens: int = 0
+    state: Seq | None = None        # its tokens and position in its slot's cache row, once admitted
     cancelled: bool = False
     done: bool = False
     text: TextStream | None = None
-    generator: torch.Generator | None = None
-    seen: torch.Tensor | None = None  # [1, V] bool, only with a repetition penalty
+
+    @property
+    def new_tokens(self) -> int:
+        return self.state.new_tokens if self.state is not None else 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -192,80 +190,39 @@ class Scheduler:
         return admitted
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        dev = self.engine.device
+        end_id = self.engine.cfg.end_id
         for seq in seqs:
             gen = seq.request.gen
             seq.text = TextStream(self.engine.tokenizer, seq.request.stop)
-            if gen.temperature > 0 and gen.seed is not None:
-                seq.generator = torch.Generator(device=dev).manual_seed(gen.seed)
-            if gen.repetition_penalty != 1.0:
-                seq.seen = torch.zeros(1, self.engine.cfg.vocab_size, dtype=torch.bool, device=dev)
-                seq.seen[0, torch.tensor(seq.request.prompt, device=dev)] = True
-        for group in self._prefill_groups(seqs):
-            logits = self.engine.runner.prefill([s.request.prompt for s in group], [0] * len(group),
-                                                [s.slot for s in group])  # [n, V]
-            for seq in group:
-                seq.pos = len(seq.request.prompt)
-            self._advance(group, logits)
-
-    def _prefill_groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
-        """Runs of adjacent slots, each cut so that rows x longest prompt stays within max_prefill_tokens."""
-        groups: list[list[Sequence]] = []
-        for seq in sorted(seqs, key=lambda s: s.slot):
-            g = groups[-1] if groups else None
-            if g and g[-1].slot + 1 == seq.slot and \
-                    (len(g) + 1) * max(len(seq.request.prompt), *(len(s.request.prompt) for s in g)) \
-                    <= self.max_prefill_tokens:
-                g.append(seq)
-            else:
-                groups.append([seq])
-        return groups
+            seq.state = Seq(seq.request.prompt, gen, seq.slot, seq.budget,
+                            set(gen.stop_ids if gen.stop_ids is not None else end_id))
+        if seqs:
+            for seq, tok in zip(seqs, self.engine.batch(self.max_prefill_tokens).start([s.state for s in seqs])):
+                self._accept(seq, tok)
 
     def _decode(self) -> None:
         live = [s for s in self._slots if s is not None]
         if not live:
             return
-        logits = self.engine.runner.decode([s.last for s in live], [s.pos for s in live],
-                                           [s.slot for s in live])  # [n, V]
+        toks = self.engine.batch(self.max_prefill_tokens).step([s.state for s in live])
         self._steps += 1
-        for seq in live:
-            seq.pos += 1
-        self._advance(live, logits)
-
-    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """logits [len(seqs), V]: pick each sequence's next token and stream it (or finish)."""
-        greedy = logits.argmax(dim=-1).tolist()  # one sync for every greedy row
-        unseen = None  # sample() takes a seen mask; without a repetition penalty it is never read
-        for i, seq in enumerate(seqs):
-            gen = seq.request.gen
-            if gen.temperature == 0 and seq.seen is None:
-                tok = greedy[i]
-            else:
-                if seq.seen is None and unseen is None:
-                    unseen = torch.zeros_like(logits[:1], dtype=torch.bool)
-                seen = seq.seen if seq.seen is not None else unseen
-                tok = int(sample(logits[i:i + 1], gen, seen, seq.generator)[0])  # per-row params and generator
+        for seq, tok in zip(live, toks):
             self._accept(seq, tok)
 
     def _accept(self, seq: Sequence, tok: int) -> None:
-        gen = seq.request.gen
-        stops = gen.stop_ids if gen.stop_ids is not None else self.engine.cfg.end_id
+        finish = seq.state.accept(tok)
         with self.tokenizer_lock:
-            if tok in stops:
-                piece, finish = seq.text.finish(), "stop"
+            if finish == "stop":
+                piece = seq.text.finish()
             else:
-                seq.new_tokens += 1
                 piece = seq.text.push(tok)
-                finish = "stop" if seq.text.stopped else None
-                if finish is None and seq.new_tokens >= seq.budget:
-                    piece, finish = piece + seq.text.finish(), "length"
+                if seq.text.stopped:
+                    finish = "stop"
+                elif finish == "length":
+                    piece += seq.text.finish()
         if finish is not None:
             self._end(seq, Event(piece, seq.new_tokens, finish))
-            return
-        seq.last = tok  # fed at seq.pos by the next decode step
-        if seq.seen is not None:
-            seq.seen[0, tok] = True
-        if piece:
+        elif piece:
             self._send(seq, Event(piece, seq.new_tokens))
 
     def _send(self, seq: Sequence, ev: Event) -> None:
