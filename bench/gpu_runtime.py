@@ -231,9 +231,7 @@ def variants(eng, plan) -> dict:
             f"{out['burst graph launch']['launch_and_run_us']:.0f} µs to finish")
     measure("attention splits capped at 16", attention_split_cap=16)
     at_4096("attention splits capped at 16")
-    os.environ["QCONV_PDL"] = "0"  # read at every launch: the graphs captured next launch without PDL
-    measure("graphs without PDL (programmatic dependent launch off)")
-    os.environ.pop("QCONV_PDL")
+    measure("graphs without PDL (programmatic dependent launch off)", pdl=False)
     measure("no CUDA graphs (eager kernels)", cuda_graphs=False)
     eng.reconfigure(configured)
     out["kernel profile"] = profile_step(eng, plan.prompt_len)

@@ -26,6 +26,7 @@ class RuntimeOptions:
     # -- the CUDA path -------------------------------------------------------------------------------------
     gpu_path: bool | None = None   # None: on CUDA with triton; True elsewhere only under TRITON_INTERPRET=1 (tests)
     cuda_graphs: bool = True       # decode steps replay captured graphs (False: eager kernels, for debugging)
+    pdl: bool = True               # programmatic dependent launch where the GPU has it (sm_90+)
     # One-row steps: rotary + cache write + attention splits in one kernel, the splits merged by a second kernel
     # ("two") or by the last split to finish inside the first ("one"); "three": rope, splits and merge as three
     # kernels, the several-row path.

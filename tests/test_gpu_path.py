@@ -274,3 +274,29 @@ def test_head_formats_on_the_cpu_path(w4kv):
     for bad in ("int4", "int3"):
         with pytest.raises(QconvError, match="head"):
             load_workspace(w4kv, RuntimeOptions(device="cpu", dtype="float32", head=bad))
+
+
+def test_pdl_option_scopes_the_runners_launches(monkeypatch):
+    """RuntimeOptions.pdl=False: every launch the CUDA runner makes (prefill, decode, each resume of greedy
+    steps) happens inside pdl_enabled(False); with pdl=True, and outside the runner, kernels on an sm_90 device
+    use PDL."""
+    from qconv.runtime.cuda import kernels
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    on_gpu = type("T", (), {"device": torch.device("cuda", 0)})()
+    seen = []
+
+    def model(ids, pos, cache, last_only=False):  # what each launch of a forward would decide
+        seen.append(kernels.pdl(on_gpu))
+        return torch.zeros(ids.shape[0], 1, 5)
+    cache = KVCache(1, 2, 1, 8, 4, torch.float32, torch.device("cpu"))
+    for on in (True, False):
+        seen.clear()
+        runner = CudaRunner(model, cache, RuntimeOptions(pdl=on), with_graphs=False)
+        runner.prefill([[1, 2]], [0], [0])
+        runner.decode([3], [2], [0])
+        steps = runner.greedy([3], [2], [0], 2)
+        next(steps)
+        assert kernels.pdl(on_gpu)  # between two resumes the caller's code is outside the runner's scope
+        assert list(steps) == [[0]]
+        assert seen == [on] * 4 and kernels.pdl(on_gpu)

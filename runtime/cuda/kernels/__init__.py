@@ -27,11 +27,14 @@ PDL (programmatic dependent launch, Hopper and later): every kernel of the decod
 launch at once (griddepcontrol.launch_dependents) and waits for the previous one to finish
 (griddepcontrol.wait) before it reads or writes anything another kernel touches; the int4 GEMV loads its
 first weight tile before waiting. The launch gap then overlaps the previous kernel's tail. ``pdl(t)``
-says whether launches on t's device use it (QCONV_PDL=0 turns it off).
+says whether launches on t's device use it; the CUDA runner turns it off inside ``pdl_enabled(False)`` when
+RuntimeOptions.pdl is False (a graph captured there keeps its launches without PDL).
 """
 from __future__ import annotations
 
+import contextvars
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -45,8 +48,22 @@ except ImportError:  # CPU-only installs: the GPU path is off, the CPU runtime i
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's interpreter (tests without CUDA)
 
 
+_PDL = contextvars.ContextVar("qconv_pdl", default=True)
+
+
+@contextmanager
+def pdl_enabled(on: bool):
+    """Launches inside (this thread) use PDL only if ``on`` (and the device has it)."""
+    token = _PDL.set(on)
+    try:
+        yield
+    finally:
+        _PDL.reset(token)
+
+
 def pdl(t: torch.Tensor) -> bool:
-    """Launch with programmatic dependent launch: CUDA sm_90+, not Triton's interpreter, not QCONV_PDL=0."""
-    if t.device.type != "cuda" or INTERPRET or os.environ.get("QCONV_PDL") == "0":
+    """Launch with programmatic dependent launch: CUDA sm_90+, not Triton's interpreter, not inside
+    pdl_enabled(False)."""
+    if t.device.type != "cuda" or INTERPRET or not _PDL.get():
         return False
     return torch.cuda.get_device_capability(t.device)[0] >= 9
