@@ -1,62 +1,82 @@
-"""This tree's GPU runtime against another checkout of qconv, side by side on one machine: the W4A16 + KV int8 row
-of bench.gpu_runtime (bs1 and bs8 decode, TTFT of a 2048-token prompt, decode at 4096 tokens), measured by each
-tree's own bench.gpu_rows.measure_row on the same workspace, alternating trees for ``--rounds`` rounds.
+"""This tree's GPU runtime against another checkout of qconv, in one process on one GPU: the W4A16 + KV int8 row
+of bench.gpu_runtime (bs1 and bs8 decode, TTFT of a 2048-token prompt, decode at 4096 tokens), each measurement
+taken by both trees' engines on the same workspace, interleaved, which tree goes first alternating by round.
 
     git archive ef39c67 | tar -x -C .carry/old
-    python3 -m bench.ab_runtime --other .carry/old [--config .carry/configs/qwen2.5-1.5b.json] [--rounds 2]
+    python3 -m bench.ab_runtime --other .carry/old [--config .carry/configs/qwen2.5-1.5b.json] [--rounds 15]
 
-Each measurement runs in a fresh process whose `import qconv` is that tree. Prints a table last (medians over the
-rounds, and this tree / other); writes bench/results/ab_runtime.json.
+The other tree is imported as the package ``qconv_other`` (qconv's modules import each other relatively), so both
+engines see the same host core, clocks and GPU state; separate processes differ by more than 2% in TTFT, which
+the host's kernel launches bound. Prints a table last (medians over the rounds, and this tree / other); writes
+bench/results/ab_runtime.json.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import os
 import statistics
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from bench.common import log, provenance, write_result
-from bench.gpu_rows import build_workspaces
-from bench.gpu_runtime import Plan, copy_bandwidth
+from bench.gpu_rows import build_workspaces, rand_ids
+from bench.gpu_runtime import Plan
+from qconv.runtime.engine import Engine
+from qconv.runtime.generation import GenerationConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW = "W4A16 + KV int8"
-KEYS = ("decode_tok_s", "decode_bs8_tok_s", "ttft_ms", "decode_tok_s_ctx4096", "graph_step_us")
-# Run inside a tree: an old tree's bench scripts are flat modules, a new one's a package.
-MEASURE = """
-import json, sys
-from pathlib import Path
-sys.path.insert(0, "bench")
-try:
-    from bench.gpu_rows import measure_row
-    from bench.gpu_runtime import Plan
-except ImportError:
-    from gpu_rows import measure_row
-    from gpu_runtime import Plan
-r = measure_row(Path(sys.argv[1]), Plan(), "cuda", float(sys.argv[2]))
-r.pop("_engine", None)
-print("RESULT " + json.dumps(r, default=str))
-"""
 
 
-def measure(tree: Path, ws: Path, bw: float, tag: str) -> dict:
-    """measure_row of ``tree`` in a fresh process whose qconv package is that tree."""
-    link = Path(f"/tmp/qconv-ab-{tag}")
+def import_other(tree: Path):
+    """``tree`` (a qconv checkout) as the package qconv_other -> its Engine and GenerationConfig."""
+    link = Path("/tmp/qconv-ab-other")
     link.mkdir(exist_ok=True)
-    (link / "qconv").unlink(missing_ok=True)
-    (link / "qconv").symlink_to(tree.resolve())
-    env = {**os.environ, "PYTHONPATH": str(link)}
-    r = subprocess.run([sys.executable, "-c", MEASURE, str(ws), str(bw)], cwd=tree, env=env, capture_output=True,
-                       text=True, timeout=900)
-    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if r.returncode != 0 or line is None:
-        raise RuntimeError(f"{tag}: {r.stderr[-1500:]}")
-    return json.loads(line[len("RESULT "):])
+    (link / "qconv_other").unlink(missing_ok=True)
+    (link / "qconv_other").symlink_to(tree.resolve())
+    sys.path.insert(0, str(link))
+    engine = importlib.import_module("qconv_other.runtime.engine")
+    return engine.Engine, importlib.import_module("qconv_other.runtime.generation").GenerationConfig
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def workloads(eng, gen_cls, plan: Plan) -> dict:
+    """metric -> (a function that runs it once, value from its seconds)."""
+    V = eng.cfg.vocab_size
+    gen = gen_cls(max_new_tokens=plan.new_tokens, temperature=0.0, stop_ids=())
+    one = gen_cls(max_new_tokens=1, temperature=0.0, stop_ids=())
+    ctx = gen_cls(max_new_tokens=plan.ctx_new, temperature=0.0, stop_ids=())
+    prompt, long, ctx_prompt = rand_ids(plan.prompt_len, V, 1), rand_ids(plan.prefill_len, V, 2), \
+        rand_ids(plan.ctx_len, V, 3)
+    prompts = [rand_ids(plan.prompt_len, V, 10 + j) for j in range(plan.batch)]
+
+    def fresh(p, g):
+        eng.reset()
+        n = sum(1 for _ in eng.generate(p, g))
+        assert n == g.max_new_tokens, n
+
+    def ctx_decode():  # decode steps per second after a 4096-token prompt (the prefill excluded)
+        fresh(ctx_prompt, ctx)
+        s = eng.last_stats
+        return (s.new_tokens - 1) / s.decode_s
+    return {
+        "decode_tok_s": (lambda: fresh(prompt, gen), lambda t: plan.new_tokens / t),
+        f"decode_bs{plan.batch}_tok_s": (lambda: eng.generate_batch(prompts, gen),
+                                         lambda t: plan.batch * plan.new_tokens / t),
+        "ttft_ms": (lambda: fresh(long, one), lambda t: 1000 * t),
+        f"decode_tok_s_ctx{plan.ctx_len}": (ctx_decode, None),
+    }
 
 
 def main() -> None:
@@ -65,26 +85,40 @@ def main() -> None:
     ap.add_argument("--config", default=".carry/configs/qwen2.5-1.5b.json")
     ap.add_argument("--tokenizer", default=".carry/smol-tokenizer", help="any tokenizer: prompts are random ids")
     ap.add_argument("--work", default="/tmp/qconv-ab")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
     plan = Plan()
     config = json.loads((ROOT / args.config).read_text())
-    spaces = build_workspaces(config, str(ROOT / args.tokenizer), Path(args.work), plan.session_len, plan.batch,
-                              plan.group, "cuda")
-    bw = copy_bandwidth()
-    log(f"D2D copy bandwidth {bw / 1e12:.2f} TB/s")
-    runs: dict[str, list[dict]] = {"this": [], "other": []}
+    ws = build_workspaces(config, str(ROOT / args.tokenizer), Path(args.work), plan.session_len, plan.batch,
+                          plan.group, "cuda")[ROW]
+    OtherEngine, OtherGen = import_other(Path(args.other))
+    trees = {"this": workloads(Engine.from_workspace(ws, device="cuda", verify=False, batch_size=plan.batch),
+                               GenerationConfig, plan),
+             "other": workloads(OtherEngine.from_workspace(ws, device="cuda", verify=False, batch_size=plan.batch),
+                                OtherGen, plan)}
+    for tag, w in trees.items():  # compile, capture every graph
+        for fn, _ in w.values():
+            fn()
+            fn()
+        log(f"{tag}: warmed up")
+    runs: dict[str, dict[str, list[float]]] = {tag: {k: [] for k in trees[tag]} for tag in trees}
     for i in range(args.rounds):
-        for tag, tree in (("this", ROOT), ("other", Path(args.other))):
-            r = measure(tree, spaces[ROW], bw, tag)
-            runs[tag].append(r)
-            log(f"round {i + 1} {tag}: " + ", ".join(f"{k} {r.get(k, float('nan')):.1f}" for k in KEYS))
-    med = {tag: {k: statistics.median(r[k] for r in rs if k in r) for k in KEYS if all(k in r for r in rs)}
-           for tag, rs in runs.items()}
+        order = ("this", "other") if i % 2 == 0 else ("other", "this")
+        for k in trees["this"]:
+            for tag in order:
+                fn, value = trees[tag][k]
+                if value is None:
+                    runs[tag][k].append(fn())
+                else:
+                    runs[tag][k].append(value(timed(fn)))
+        log(f"round {i + 1}: " + ", ".join(f"{k} {runs['this'][k][-1]:.1f}/{runs['other'][k][-1]:.1f}"
+                                           for k in runs["this"]))
+    med = {tag: {k: statistics.median(v) for k, v in r.items()} for tag, r in runs.items()}
     write_result("ab_runtime", {**provenance(), "device": torch.cuda.get_device_name(0), "other": args.other,
-                                "config": args.config, "copy_bandwidth": bw, "runs": runs, "median": med})
-    print(f"\n{ROW}, {args.config}, median of {args.rounds} rounds\n| metric | this tree | other | this / other |"
-          "\n|---|---|---|---|")
+                                "config": args.config, "workspace": ROW, "rounds": args.rounds, "runs": runs,
+                                "median": med})
+    print(f"\n{ROW}, {args.config}, {torch.cuda.get_device_name(0)}, median of {args.rounds} interleaved rounds\n"
+          "| metric | this tree | other | this / other |\n|---|---|---|---|")
     for k in med["this"]:
         print(f"| {k} | {med['this'][k]:.1f} | {med['other'][k]:.1f} | {med['this'][k] / med['other'][k]:.4f} |")
 
