@@ -6,11 +6,15 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from qconv.convert.layout import QuantLinear
+from qconv.convert.workspace import ConvertRequest, convert_workspace
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -96,3 +100,59 @@ def stub_datasets() -> None:
         stub = types.ModuleType("datasets")
         stub.load_dataset = None
         sys.modules["datasets"] = stub
+
+class RandomCheckpoint:
+    """A stand-in for convert/checkpoint.Checkpoint whose tensors are drawn when asked: normal(0, 0.02) floats
+    (norms 1), or with ``int4`` uniform int4 codes around zero point 8 whose scale gives the same spread. For
+    model sizes whose fp16 checkpoint the disk cannot hold: convert_workspace(req, checkpoint=...) writes the
+    workspace layer by layer from it. ``config``: the HF config.json as a dict."""
+
+    def __init__(self, config: dict, int4: bool, group: int, seed: int = 0):
+        self.config, self.int4, self.group, self.seed = config, int4, group, seed
+        self.fmt = "awq" if int4 else "hf"
+
+    def _gen(self, name: str) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + sum(map(ord, name)) * 7919 + len(name))
+
+    def __contains__(self, name: str) -> bool:
+        return not name.endswith(".bias")
+
+    def get(self, name: str) -> torch.Tensor:
+        c = self.config
+        H = c["hidden_size"]
+        if name.endswith("norm.weight"):
+            qk = name.endswith(("q_norm.weight", "k_norm.weight"))
+            return torch.ones(c.get("head_dim") or H // c["num_attention_heads"] if qk else H, dtype=torch.float16)
+        return (torch.randn(c["vocab_size"], H, generator=self._gen(name)) * 0.02).to(torch.float16)  # embed, head
+
+    def bias(self, prefix: str) -> None:
+        return None
+
+    def linear(self, prefix: str, out_f: int, in_f: int):
+        g = self._gen(prefix)
+        if not self.int4:
+            return (torch.randn(out_f, in_f, generator=g) * 0.02).to(torch.float16)
+        codes = torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.uint8)
+        scale = torch.full((out_f, in_f // self.group), 0.02 / 4.6)  # uniform 0..15 around 8: std 4.6 codes
+        return QuantLinear(codes, scale, torch.full_like(scale, 8.0))
+
+
+def random_workspace(config: dict, tokenizer_dir: str, dst: Path, weight_type: str, group: int, session_len: int,
+                     batch: int) -> Path:
+    """A workspace of random weights for ``config`` (an HF config.json as a dict), written straight from
+    RandomCheckpoint: fp16 weights, or (``weight_type`` int4) int4 codes, group ``group``. Holds one layer at a
+    time: any model size whose int4 workspace the disk holds."""
+    from transformers import AutoTokenizer
+    src = dst.parent / f"{dst.name}.src"
+    src.mkdir(parents=True, exist_ok=True)
+    raw = dict(config, torch_dtype="float16")
+    if weight_type == "int4":
+        raw["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "version": "gemm",
+                                      "zero_point": True}
+    (src / "config.json").write_text(json.dumps(raw))
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(src)
+    req = ConvertRequest(str(src), str(dst), weight_type=weight_type, session_len=session_len, max_batch_size=batch,
+                         force=True)
+    convert_workspace(req, log=lambda *_: None, checkpoint=RandomCheckpoint(raw, weight_type == "int4", group))
+    shutil.rmtree(src)
+    return dst

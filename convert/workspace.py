@@ -78,7 +78,9 @@ def source_name(model) -> str:
     return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
 
 
-def convert_workspace(req: ConvertRequest, log=print) -> Path:
+def convert_workspace(req: ConvertRequest, log=print, checkpoint=None) -> Path:
+    """``checkpoint``: what reads the source's tensors (convert/checkpoint.Checkpoint's get, linear and bias);
+    default the safetensors files of req.model."""
     # [STEP 1]: the source checkpoint and its format
     folder, config, spec = read_config(req.model, req.trust_remote_code)
     raw = json.loads((folder / "config.json").read_text())
@@ -108,7 +110,7 @@ def convert_workspace(req: ConvertRequest, log=print) -> Path:
         start_id=_first_id(raw.get("bos_token_id"), tok.bos_token_id), end_id=_stop_ids(raw, folder, tok),
         cache_max_entry_count=0.8, tensor_para_size=1)
 
-    ckpt = Checkpoint(folder, fmt)
+    ckpt = checkpoint if checkpoint is not None else Checkpoint(folder, fmt)
     H, I, D = cfg.hidden_units, cfg.inter_size, cfg.size_per_head
     out_in = {"q_proj": (cfg.head_num * D, H), "k_proj": (cfg.kv_head_num * D, H), "v_proj": (cfg.kv_head_num * D, H),
               "o_proj": (H, cfg.head_num * D), "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
