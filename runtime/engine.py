@@ -56,9 +56,13 @@ class Engine:
         need = 2 * cfg.num_layer * batch_size * cfg.kv_head_num * cfg.session_len * cfg.size_per_head * store
         free = _free_memory(self.device)
         if need > cfg.cache_max_entry_count * free:
-            raise QconvError(f"the KV cache for session_len {cfg.session_len} x batch {batch_size} needs "
+            fit = int(cfg.cache_max_entry_count * free // (need // (batch_size * cfg.session_len)))  # tokens
+            fewer = f"serve fewer sequences at once (--max-batch-size; batch x session_len <= {fit}), " \
+                if batch_size > 1 else ""
+            raise QconvError(f"the KV cache for batch {batch_size} x session_len {cfg.session_len} needs "
                              f"{need / 2**30:.2f} GiB, more than cache_max_entry_count {cfg.cache_max_entry_count} "
-                             f"of the {free / 2**30:.2f} GiB free; convert with a smaller --session-len")
+                             f"of the {free / 2**30:.2f} GiB free (room for {fit} tokens); {fewer}convert with a "
+                             f"smaller --session-len, or raise cache_max_entry_count in {ws.path / 'config.ini'}")
         self.cache = KVCache(cfg.num_layer, batch_size, cfg.kv_head_num, cfg.session_len, cfg.size_per_head,
                              ws.dtype, self.device, ws.kv_qparams)
         self.runner = make_runner(self.model, self.cache, opts)

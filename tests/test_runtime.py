@@ -276,3 +276,24 @@ def test_w4_workspace_ppl_equals_the_awq_checkpoints_on_smollm2(smollm2_hf, wiki
 
     engine = Engine.from_workspace(ws, device="cpu")
     assert engine.ws.dtype == torch.bfloat16 and isinstance(engine.model.layers[0].w13, Int4Linear)
+
+
+def test_kv_cache_over_its_memory_share_says_what_to_lower(tmp_path, tiny_llama, run_cli):
+    """cache_max_entry_count bounds the cache's share of free memory: over it, one line that says how many
+    tokens fit and what to lower; exit code 2. Within it (2 rows here) the same workspace loads."""
+    from qconv.runtime.engine import _free_memory
+    ws = convert(tiny_llama, tmp_path / "ws", "--session-len", 4096, "--max-batch-size", 4)
+    cfg = WorkspaceConfig.read(ws / "config.ini")
+    per_token = 2 * cfg.num_layer * cfg.kv_head_num * cfg.size_per_head * 4  # float32 K and V on the CPU
+    free = _free_memory(torch.device("cpu"))
+    share = per_token * 4096 * 2.5 / free  # room for 2.5 sequences of 4096 tokens
+    cfg.replace(cache_max_entry_count=share).write(ws / "config.ini")
+    with pytest.raises(QconvError) as e:
+        Engine.from_workspace(ws, device="cpu", dtype="float32", batch_size=4, verify=False)
+    msg = str(e.value)
+    fit = int(msg.split("room for ")[1].split(" tokens")[0])
+    assert abs(fit - 2.5 * 4096) < 0.05 * 4096 and "--max-batch-size" in msg and "--session-len" in msg
+    Engine.from_workspace(ws, device="cpu", dtype="float32", batch_size=2, verify=False).close()
+    code, out, err = run_cli("serve", ws, "--device", "cpu", "--dtype", "float32", "--max-batch-size", 4,
+                             "--no-verify", "--port", 0)
+    assert code == 2 and "room for" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
