@@ -103,25 +103,35 @@ def build_workspaces(config: dict, tokenizer: str, work: Path, session_len: int,
     w4 = convert_workspace(ConvertRequest(str(hf), str(work / "w4"), weight_type="int4", group_size=group,
                                           session_len=session_len, max_batch_size=batch, force=True), **quiet)
     log(f"  workspaces fp16, w4 (RTN g{group}): {time.perf_counter() - t0:.0f}s")
-    kv = work / "kv_qparams.safetensors"
-    eng = Engine.from_workspace(fp16, device=device, verify=False)
-    n = min(512, session_len - 1)
+    kv = kv_params_from_run(fp16, device, work / "kv_qparams.safetensors", min(512, session_len - 1))
+    out = {"fp16": fp16, "W4A16": w4}
+    for name, src in (("fp16 + KV int8", fp16), ("W4A16 + KV int8", w4)):
+        out[name] = with_kv_params(src, kv)
+    log(f"  workspaces with KV int8: {time.perf_counter() - t0:.0f}s")
+    return out
+
+
+def kv_params_from_run(ws: Path, device: str, out: Path, n: int = 512) -> Path:
+    """Asymmetric per-head int8 KV params from the K/V ranges that ``ws`` caches for a random prompt of n
+    tokens, saved to ``out``."""
+    eng = Engine.from_workspace(ws, device=device, verify=False)
     ids = torch.tensor([rand_ids(n, eng.cfg.vocab_size, 99)], device=eng.device)
     eng.model(ids, torch.arange(n, device=eng.device)[None], eng.cache)
     L = eng.cfg.num_layer  # per (head, dim) ranges [H, D] of the cached K/V -> asymmetric per-head params
     stats = [{f"layers.{i}.{s}": getattr(t[i][0, :, :n].float(), f"a{s}")(dim=1).cpu() for i in range(L)
               for s in ("min", "max")} for t in (eng.cache.k, eng.cache.v)]
-    save_tensors(compute_kv_params(*stats, L, False, "head", 1), kv)
-    del eng
-    out = {"fp16": fp16, "W4A16": w4}
-    for name, src in (("fp16 + KV int8", fp16), ("W4A16 + KV int8", w4)):
-        dst = work / (src.name + "_kv8")
-        shutil.rmtree(dst, ignore_errors=True)
-        shutil.copytree(src, dst, copy_function=os.link)  # weights shared; every qconv write replaces files
-        install_kv_params(dst, kv)
-        out[name] = dst
-    log(f"  workspaces with KV int8: {time.perf_counter() - t0:.0f}s")
+    save_tensors(compute_kv_params(*stats, L, False, "head", 1), out)
+    eng.close()
     return out
+
+
+def with_kv_params(ws: Path, kv: Path) -> Path:
+    """A copy of ``ws`` (its files hard-linked) with int8 KV params installed: ws.name + "_kv8"."""
+    dst = ws.parent / (ws.name + "_kv8")
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(ws, dst, copy_function=os.link)  # weights shared; every qconv write replaces files
+    install_kv_params(dst, kv)
+    return dst
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,13 +229,13 @@ def measure_row(ws: Path, plan, device: str, bw: float | None, head: str = "auto
         r["_engine"] = eng
         return r
 
-    B = plan.batch
-    prompts = [rand_ids(plan.prompt_len, V, 10 + j) for j in range(B)]
+    for B in plan.batches or (plan.batch,):
+        prompts = [rand_ids(plan.prompt_len, V, 10 + j) for j in range(B)]
 
-    def decode_b():  # Engine.generate_batch: greedy, all rows' steps in device-side bursts on the GPU path
-        assert [len(a) for a in eng.generate_batch(prompts, gen)] == [plan.new_tokens] * B
-    r[f"decode_bs{B}_tok_s"] = B * plan.new_tokens / median_time(decode_b, plan.runs)
-    log(f"    bs{B} {r[f'decode_bs{B}_tok_s']:.1f} tok/s")
+        def decode_b():  # Engine.generate_batch: greedy, all rows' steps in device-side bursts on the GPU path
+            assert [len(a) for a in eng.generate_batch(prompts, gen)] == [plan.new_tokens] * len(prompts)
+        r[f"decode_bs{B}_tok_s"] = B * plan.new_tokens / median_time(decode_b, plan.runs)
+        log(f"    bs{B} {r[f'decode_bs{B}_tok_s']:.1f} tok/s")
 
     one = GenerationConfig(max_new_tokens=1, temperature=0.0, stop_ids=())
     long_prompt = rand_ids(plan.prefill_len, V, 2)

@@ -44,7 +44,8 @@ TINY = dict(model_type="qwen2", hidden_size=128, intermediate_size=256, num_hidd
 class Plan:
     prompt_len: int = 32
     new_tokens: int = 256
-    batch: int = 8
+    batch: int = 8                 # cache rows
+    batches: tuple = ()            # batched decode at these batch sizes (() : at ``batch``)
     prefill_len: int = 2048
     ctx_len: int = 4096
     ctx_new: int = 128
