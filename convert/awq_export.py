@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from .. import QconvError
-from .arch import get_module
 from .fileio import load_tensors, save_json
 from .quant import awq_pack, awq_unpack, dequantize, group_qparams, quantize
 
@@ -47,17 +46,13 @@ def quantization_config(bits: int, group_size: int, sym: bool) -> dict:
     return {"quant_method": W8_METHOD, "bits": 8, "group_size": group_size, "sym": True}
 
 
-def write_checkpoint(folder: Path, config, tensors: dict[str, torch.Tensor], qcfg: dict, tokenizer,
-                     report: dict) -> None:
-    """Write into ``folder`` (a fresh temp dir from atomic_dir): config, weights, tokenizer, awq.json."""
-    from safetensors.torch import save_file
-
+def write_checkpoint_files(folder: Path, config, qcfg: dict, tokenizer, report: dict) -> None:
+    """Everything but the weights (which a ShardWriter streams into ``folder``, a fresh temp dir from
+    atomic_dir): config, tokenizer, generation config, awq.json."""
     cfg = config.to_dict()
     cfg["quantization_config"] = qcfg
     cfg["dtype"] = "float16"
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
     tokenizer.save_pretrained(folder)
     gen = getattr(config, "generation_config", None)
     if gen is not None:
@@ -74,8 +69,20 @@ def is_quantized_checkpoint(folder: Path) -> dict | None:
     return q if q.get("quant_method") in ("awq", W8_METHOD) else None
 
 
+def dequantize_linear(qcfg: dict, qweight: torch.Tensor, qzeros, scales: torch.Tensor) -> torch.Tensor:
+    """A checkpoint linear's float32 weight [out, in] from its stored tensors (``qzeros`` None for int8)."""
+    if qcfg["quant_method"] == "awq":
+        if str(qcfg.get("version", "gemm")).lower() != "gemm" or qcfg.get("bits") != 4:
+            raise QconvError(f"only 4-bit AWQ GEMM checkpoints are supported, got {qcfg}")
+        q, scale, zero = awq_unpack(qweight, qzeros, scales)
+    else:  # int8, symmetric: w = q * s
+        q, scale = qweight.to(torch.int32), scales.float()
+        zero = torch.zeros_like(scale)
+    return dequantize(q, scale, zero)
+
+
 def dequantized_state_dict(folder: Path, qcfg: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read a checkpoint and return a plain float state dict (``<linear>.weight`` rebuilt)."""
+    """Read a whole checkpoint and return a plain float state dict (``<linear>.weight`` rebuilt)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise QconvError(f"{folder} has no .safetensors weights")
@@ -86,36 +93,7 @@ def dequantized_state_dict(folder: Path, qcfg: dict, dtype: torch.dtype) -> dict
     for name, t in raw.items():
         if name.endswith(".qweight"):
             base = name[: -len(".qweight")]
-            if qcfg["quant_method"] == "awq":
-                if qcfg.get("version", "gemm").lower() != "gemm" or qcfg.get("bits") != 4:
-                    raise QconvError(f"only 4-bit AWQ GEMM checkpoints are supported, got {qcfg}")
-                q, scale, zero = awq_unpack(t, raw[f"{base}.qzeros"], raw[f"{base}.scales"])
-            else:
-                q, scale = t.to(torch.int32), raw[f"{base}.scales"].float()
-                zero = torch.zeros_like(scale)
-            out[f"{base}.weight"] = dequantize(q, scale, zero).to(dtype)
+            out[f"{base}.weight"] = dequantize_linear(qcfg, t, raw.get(f"{base}.qzeros"), raw[f"{base}.scales"]).to(dtype)
         elif not name.endswith((".qzeros", ".scales")):
             out[name] = t.to(dtype) if t.is_floating_point() else t
     return out
-
-
-def load_dequantized(folder: Path, config, spec, dtype: torch.dtype):
-    """An HF model whose linears hold the checkpoint's dequantized weights (for eval and convert)."""
-    from transformers import AutoModelForCausalLM
-
-    qcfg = is_quantized_checkpoint(folder)
-    cfg = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    state = dequantized_state_dict(folder, qcfg, dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise QconvError(f"checkpoint {folder} does not match its config: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    if cfg.tie_word_embeddings:
-        model.tie_weights()
-    # The rotary module's buffers were created on meta: build it again on the CPU.
-    parent, attr = spec.rotary.rsplit(".", 1)
-    setattr(get_module(model, parent), attr, type(get_module(model, spec.rotary))(cfg))
-    return model.eval().requires_grad_(False)

@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .. import QconvError
 from .awq_export import W8_METHOD
 from .layout import QuantLinear
 from .quant import awq_unpack, gptq_unpack
+from .shards import ShardSet
 
 FORMATS = ("hf", "awq", "gptq", "w8")
 _METHODS = {"awq": "awq", "gptq": "gptq", W8_METHOD: "w8"}  # quantization_config.quant_method -> format
@@ -61,29 +61,16 @@ class Checkpoint:
 
     def __init__(self, folder: Path, fmt: str):
         self.folder, self.fmt = Path(folder), fmt
-        files = sorted(self.folder.glob("*.safetensors"))
-        if not files:
-            raise QconvError(f"{self.folder} has no .safetensors weights; qconv convert reads safetensors checkpoints")
-        self._where: dict[str, object] = {}
-        for f in files:
-            try:
-                handle = safe_open(str(f), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise QconvError(f"checkpoint file {f} is corrupt or truncated ({e})") from None
-            for name in handle.keys():
-                self._where[name] = handle
+        self.shards = ShardSet(self.folder)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self.shards
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self._where:
+        if name not in self.shards:
             raise QconvError(f"the checkpoint in {self.folder} has no tensor {name!r}; is it a complete "
                              f"{self.fmt} checkpoint of this architecture?")
-        try:
-            return self._where[name].get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise QconvError(f"tensor {name!r} in {self.folder} cannot be read ({e}); the file is corrupt") from None
+        return self.shards.read(name)
 
     def linear(self, prefix: str, out_f: int, in_f: int) -> torch.Tensor | QuantLinear:
         """The linear at ``prefix``: a float weight [out, in], or its int4 codes and qparams."""
@@ -122,5 +109,6 @@ class Checkpoint:
 
     def _check(self, prefix: str, shape: tuple, out_f: int, in_f: int) -> None:
         if shape != (out_f, in_f):
-            raise QconvError(f"{prefix} has shape {list(shape)} (as [out, in]) but config.json implies "
+            where = self.shards.file_of(f"{prefix}.qweight" if f"{prefix}.qweight" in self else f"{prefix}.weight")
+            raise QconvError(f"{where}: {prefix} has shape {list(shape)} (as [out, in]) but config.json implies "
                              f"[{out_f}, {in_f}]; the weights do not match the config")

@@ -15,8 +15,9 @@ import torch
 
 from .. import QconvError
 from .arch import ArchSpec, get_arch, get_module
-from .awq_export import is_quantized_checkpoint, load_dequantized
+from .awq_export import is_quantized_checkpoint
 from .fileio import atomic_dir
+from .weights import StreamedWeights, expected_shapes
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -52,11 +53,16 @@ def resolve_dtype(dtype: str, device: torch.device, config_dtype=None) -> torch.
 
 @dataclass(slots=True)
 class LoadedModel:
+    """A model for the block-by-block stages. Streamed (``weights`` set): a meta-device skeleton whose
+    tensors are read from disk when a stage asks (``fill_block``, ``tensor``, ``embed_rows``). Resident
+    (``weights`` None): every tensor in host memory, as transformers' from_pretrained loads it."""
+
     model: torch.nn.Module
     tokenizer: object
     spec: ArchSpec
     path: Path  # the HF folder actually loaded (the GGUF cache for .gguf inputs)
     source: str  # what the user passed
+    weights: StreamedWeights | None = None
 
     @property
     def config(self):
@@ -65,6 +71,55 @@ class LoadedModel:
     @property
     def layers(self):
         return get_module(self.model, self.spec.layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _stored_name(self, name: str) -> str:
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        return f"{self.spec.embed}.weight" if tied and name == f"{self.spec.lm_head}.weight" else name
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A whole-model tensor (embedding, final norm, head) in the compute dtype, read when asked."""
+        if self.weights is None:
+            return self.model.get_parameter(name).detach()
+        return self.weights.get(self._stored_name(name))
+
+    def embed_rows(self, ids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Embedding rows of the sorted distinct ``ids`` [U] -> [U, H], read ``chunk`` rows at a time."""
+        name = f"{self.spec.embed}.weight"
+        if self.weights is None:
+            return self.model.get_parameter(name).detach()[ids]
+        parts = []
+        for start in range(0, int(ids.max()) + 1, chunk):
+            sel = ids[(ids >= start) & (ids < start + chunk)]
+            if sel.numel():
+                parts.append(self.weights.rows(name, start, start + chunk)[sel - start])
+        return torch.cat(parts)
+
+    def fill_block(self, i: int) -> torch.nn.Module:
+        if self.weights is not None:
+            self.weights.fill(self.layers[i], f"{self.spec.layers}.{i}.")
+        return self.layers[i]
+
+    def drop_block(self, i: int) -> None:
+        if self.weights is not None:
+            self.weights.drop(self.layers[i])
+
+    def materialize(self) -> None:
+        """Read every tensor (for stages that run the whole model at once)."""
+        if self.weights is None:
+            return
+        for i in range(len(self.layers)):
+            self.fill_block(i)
+        for path in (self.spec.embed, self.spec.final_norm):
+            self.weights.fill(get_module(self.model, path), path + ".")
+        if getattr(self.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+        else:
+            self.weights.fill(get_module(self.model, self.spec.lm_head), self.spec.lm_head + ".")
+        self.weights = None
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -128,16 +183,21 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
 
 
 def load_model(path, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
-               attn_implementation: str = "sdpa") -> LoadedModel:
-    """Load on CPU in the resolved dtype; callers move what they need (layer by layer)."""
-    from transformers import AutoModelForCausalLM
-
+               attn_implementation: str = "sdpa", stream: bool = True) -> LoadedModel:
+    """The model in the resolved dtype. ``stream``: a skeleton whose tensors stay on disk until a block's
+    turn (the default); else every tensor in host memory through from_pretrained. Callers move what they
+    need to the device, block by block."""
     folder, config, spec = read_config(path, trust_remote_code)
     torch_dtype = resolve_dtype(dtype, resolve_device(device), getattr(config, "dtype", None))
     quiet_transformers()
-    if is_quantized_checkpoint(folder):  # AWQ / int8: dequantize into a float model
-        model = load_dequantized(folder, config, spec, torch_dtype)
-        return LoadedModel(model, load_tokenizer(folder, trust_remote_code), spec, folder, str(path))
+    qcfg = is_quantized_checkpoint(folder)  # AWQ / int8: linears dequantized as they are read
+    if stream or qcfg:
+        lm = _streamed(folder, config, spec, torch_dtype, qcfg, trust_remote_code, attn_implementation, str(path))
+        if not stream:
+            lm.materialize()
+        return lm
+    from transformers import AutoModelForCausalLM
+
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=torch_dtype, trust_remote_code=trust_remote_code,
@@ -146,6 +206,25 @@ def load_model(path, dtype: str = "auto", device: str = "cpu", trust_remote_code
         raise QconvError(f"could not load the model in {folder}: {str(e).splitlines()[0]}") from None
     model.eval().requires_grad_(False)
     return LoadedModel(model, load_tokenizer(folder, trust_remote_code), spec, folder, str(path))
+
+
+def _streamed(folder: Path, config, spec: ArchSpec, dtype: torch.dtype, qcfg, trust_remote_code: bool,
+              attn_implementation: str, source: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    if qcfg:  # the skeleton is a plain float model
+        config = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 attn_implementation=attn_implementation)
+    weights = StreamedWeights(folder, dtype, qcfg)
+    weights.check(expected_shapes(model), optional={f"{spec.lm_head}.weight"}
+                  if getattr(config, "tie_word_embeddings", False) else set())
+    # The rotary module's buffers are computed, not stored: build it again on the CPU.
+    parent, attr = spec.rotary.rsplit(".", 1)
+    setattr(get_module(model, parent), attr, type(get_module(model, spec.rotary))(config))
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, load_tokenizer(folder, trust_remote_code), spec, folder, source, weights)
 
 
 def model_shape(config) -> dict:
@@ -166,6 +245,6 @@ def model_shape(config) -> dict:
 def fingerprint(lm: LoadedModel) -> str:
     """Hash of the shape fields plus a slice of the embedding, rounded to fp16 so the dtype does not matter."""
     h = hashlib.sha256(json.dumps(model_shape(lm.config), sort_keys=True).encode())
-    emb = get_module(lm.model, lm.spec.embed).weight
-    h.update(emb[:8].detach().to(torch.float16).cpu().numpy().tobytes())
+    emb = lm.embed_rows(torch.arange(8))
+    h.update(emb.to(torch.float16).cpu().numpy().tobytes())
     return h.hexdigest()[:16]

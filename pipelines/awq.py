@@ -3,7 +3,11 @@
 Work dir layout:
   W/awq_state/state.json            the request and model fingerprint the cached blocks belong to
   W/awq_state/block_NNN.safetensors  each finished block's scales and clips (resume point)
-  W/awq_checkpoint/ (or --out)       the checkpoint: config.json, model.safetensors, tokenizer, awq.json
+  W/awq_checkpoint/ (or --out)       the checkpoint: config.json, weights (model.safetensors, or shards
+                                     and model.safetensors.index.json), tokenizer, awq.json
+
+The checkpoint's weights are written block by block into a temp folder that replaces the output only
+when the run completes; a resumed run replays the saved blocks and writes the same bytes.
 """
 from __future__ import annotations
 
@@ -17,9 +21,11 @@ from tqdm import tqdm
 
 from .. import QconvError, __version__
 from ..convert.arch import get_module
-from ..convert.awq_export import quantization_config, write_checkpoint
+from ..convert.awq_export import quantization_config, write_checkpoint_files
 from ..convert.fileio import atomic_dir, load_json, load_tensors, save_json, save_tensors
+from ..convert.memory import peaks, reset_peaks
 from ..convert.model_io import LoadedModel, fingerprint, load_model, resolve_device
+from ..convert.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from .awq_block import capture_inputs, pack_block, replay_block, search_block
 from .awq_request import AwqRequest
 from .calibrate import CalibRequest, default_batch_size
@@ -55,7 +61,8 @@ def _state_dir(work: Path, lm: LoadedModel, req: AwqRequest, calib: CalibRequest
 
 def awq(model: str, work_dir: str, req: AwqRequest = AwqRequest(), calib: CalibRequest = CalibRequest(seqlen=512),
         out: str | None = None, batch_size: int | None = None, device: str = "auto", dtype: str = "auto",
-        force: bool = False, trust_remote_code: bool = False, backend: str = "native", log=print) -> Path:
+        force: bool = False, trust_remote_code: bool = False, backend: str = "native",
+        shard_bytes: int = DEFAULT_SHARD_BYTES, log=print) -> Path:
     work = Path(work_dir)
     dst = Path(out) if out else work / "awq_checkpoint"
     if dst.exists() and not force:
@@ -69,22 +76,49 @@ def awq(model: str, work_dir: str, req: AwqRequest = AwqRequest(), calib: CalibR
                             calib.seed, log=log)
         return run_autoawq(model, dst, req.bits, req.group_size, req.sym, ids, force, log=log)["checkpoint"]
     dev = resolve_device(device)
+    reset_peaks(dev)
     lm = load_model(model, dtype=dtype, device=str(dev), trust_remote_code=trust_remote_code)
     check_group_size(lm, req.group_size)
     state = _state_dir(work, lm, req, calib, force)
     t0 = time.perf_counter()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    layers = lm.layers
-    prefix = lm.spec.layers
-    tensors, reports = {}, []
     run = None
     if req.method == "awq":
         ids = calib_windows(load_texts(calib.dataset), lm.tokenizer, calib.samples, calib.seqlen, calib.seed, log=log)
         # 8k-token batches: AWQ keeps whole block inputs on the device, so transients stay small
         run = Layerwise(lm, ids, dev, batch_size or default_batch_size(dev, calib.seqlen, gpu_tokens=8192))
-    bar = tqdm(total=len(layers), desc="awq", unit="block", dynamic_ncols=True)
-    for i, block in iter_blocks(layers, dev):
+    with atomic_dir(dst, force=force) as tmp:
+        shards = ShardWriter(tmp, shard_bytes)
+        reports = _quantize_blocks(lm, run, state, req, dev, shards)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        wall = time.perf_counter() - t0
+        prefix = lm.spec.layers
+        for name, mod in lm.model.named_modules():  # embeddings, final norm, lm_head: fp16
+            if name.startswith(prefix) or not (list(mod.parameters(recurse=False))):
+                continue
+            for pname, _ in mod.named_parameters(recurse=False):
+                if getattr(lm.config, "tie_word_embeddings", False) and name == lm.spec.lm_head:
+                    continue
+                shards.add(f"{name}.{pname}", lm.tensor(f"{name}.{pname}").half())
+        shards.close()
+        report = {
+            "qconv_version": __version__, "model": lm.source, "request": asdict(req), "calib": asdict(calib),
+            "device": str(dev), "wall_s": round(wall, 3), **peaks(dev), "layers": reports,
+        }
+        write_checkpoint_files(tmp, lm.config, quantization_config(req.bits, req.group_size, req.sym),
+                               lm.tokenizer, report)
+    log(f"qconv: {req.method} w{req.bits} g{req.group_size} done in {wall:.1f}s; checkpoint in {dst}. "
+        f"Next: qconv eval --model {dst} --dataset FILE")
+    return dst
+
+
+def _quantize_blocks(lm: LoadedModel, run: Layerwise | None, state: Path, req: AwqRequest, dev: torch.device,
+                     shards: ShardWriter) -> list[dict]:
+    """Search (or replay the saved results of) each block, pack it and hand its tensors to ``shards``."""
+    prefix = lm.spec.layers
+    reports = []
+    bar = tqdm(total=len(lm.layers), desc="awq", unit="block", dynamic_ncols=True)
+    for i, block in iter_blocks(lm, dev):
         cached = state / f"block_{i:03d}.safetensors"
         if run is None:  # rtn: nothing to search
             report = {"layer": i}
@@ -104,29 +138,8 @@ def awq(model: str, work_dir: str, req: AwqRequest = AwqRequest(), calib: CalibR
             report = {"layer": i, **report}
             save_tensors(found, cached)
             save_json(report, state / f"block_{i:03d}.json")
-        tensors.update(pack_block(block, f"{prefix}.{i}", lm.spec, req))  # [STEP 4]
+        shards.add_all(pack_block(block, f"{prefix}.{i}", lm.spec, req))  # [STEP 4]
         reports.append(report)
         bar.update(1)
     bar.close()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    wall = time.perf_counter() - t0
-    for name, mod in lm.model.named_modules():  # embeddings, final norm, lm_head: fp16
-        if name.startswith(prefix) or not (list(mod.parameters(recurse=False))):
-            continue
-        for pname, p in mod.named_parameters(recurse=False):
-            tensors[f"{name}.{pname}"] = p.detach().half().cpu()
-    if getattr(lm.config, "tie_word_embeddings", False):
-        tensors.pop(f"{lm.spec.lm_head}.weight", None)
-    report = {
-        "qconv_version": __version__, "model": lm.source, "request": asdict(req), "calib": asdict(calib),
-        "device": str(dev), "wall_s": round(wall, 3),
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-        "layers": reports,
-    }
-    with atomic_dir(dst, force=force) as tmp:
-        write_checkpoint(tmp, lm.config, tensors, quantization_config(req.bits, req.group_size, req.sym),
-                         lm.tokenizer, report)
-    log(f"qconv: {req.method} w{req.bits} g{req.group_size} done in {wall:.1f}s; checkpoint in {dst}. "
-        f"Next: qconv eval --model {dst} --dataset FILE")
-    return dst
+    return reports

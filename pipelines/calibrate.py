@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .. import QconvError, __version__
 from ..convert.fileio import load_json, save_json, save_tensors
+from ..convert.memory import peaks, reset_peaks
 from ..convert.model_io import fingerprint, load_model, model_shape, resolve_device
 from .data import calib_windows, load_texts
 from .hooks import KVObserver, attention_function, observe_linear_inputs
@@ -67,6 +68,7 @@ def calibrate(model: str, work_dir: str, req: CalibRequest = CalibRequest(), bat
               log=print) -> dict:
     work = Path(work_dir)
     dev = resolve_device(device)
+    reset_peaks(dev)  # the record's peaks cover this stage only, loading included
     lm = load_model(model, dtype=dtype, device=str(dev), trust_remote_code=trust_remote_code)
     fp = fingerprint(lm)
     done = existing_run(work, fp, req, force)
@@ -77,8 +79,6 @@ def calibrate(model: str, work_dir: str, req: CalibRequest = CalibRequest(), bat
     ids = calib_windows(load_texts(req.dataset), lm.tokenizer, req.samples, req.seqlen, req.seed, log=log)
     bs = batch_size or default_batch_size(dev, req.seqlen)
     t0 = time.perf_counter()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
     run = Layerwise(lm, ids, dev, bs)
     inputs, kv = {}, KVObserver()
     layers = lm.layers
@@ -89,7 +89,7 @@ def calibrate(model: str, work_dir: str, req: CalibRequest = CalibRequest(), bat
     side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
     per_layer = []  # stats stay on the device until the end: no host sync between layers
     with attention_function(lm.model, kv):
-        for i, layer in iter_blocks(layers, dev):
+        for i, layer in iter_blocks(lm, dev):
             bar.set_description(f"calibrate layer {i + 1}/{len(layers)}")
             store: dict = {}
             with observe_linear_inputs(layer, lm.spec, store, side):
@@ -116,12 +116,12 @@ def calibrate(model: str, work_dir: str, req: CalibRequest = CalibRequest(), bat
         "request": asdict(req),
         "tokens": run.tokens,
         "windows": run.n,
-        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(lm.dtype).removeprefix("torch."),
         "device": str(dev),
         "batch_size": bs,
         "wall_s": round(wall, 3),
         "tokens_per_s": round(run.tokens / wall, 1),
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+        **peaks(dev),
     }
     tag = {"fingerprint": fp}
     (work / "calibrate.json").unlink(missing_ok=True)  # no stale record beside half-replaced stats

@@ -42,6 +42,7 @@ def eval_model(model: str, dataset: str, seqlen: int = 2048, windows: int | None
     dev = resolve_device(device)
     lm = load_model(model, dtype=dtype, device=str(dev), trust_remote_code=trust_remote_code)
     ids = eval_windows(text, lm.tokenizer, seqlen, windows)
+    lm.materialize()  # each window runs through the whole model: read every tensor once
     lm.model.to(dev)
 
     def logits_fn(x):

@@ -1,8 +1,9 @@
 """Run calibration windows through a model one decoder block at a time.
 
 Only the current block's weights sit on the accelerator (plus the next one, being uploaded on a
-side stream while the current one computes: at most two blocks at once); the rest of the model
-stays on the CPU. The hidden states of all windows stay on the accelerator when they fit in a
+side stream while the current one computes: at most two blocks at once). A streamed model
+(convert/model_io.LoadedModel) reads each block from disk when its turn comes and drops it after,
+so host memory holds at most two blocks too; a resident one keeps the rest of the model on the CPU. The hidden states of all windows stay on the accelerator when they fit in a
 quarter of its free memory, else in pinned CPU memory.
 """
 from __future__ import annotations
@@ -45,20 +46,27 @@ class on_device:
         self.saved = []
 
 
-def iter_blocks(layers, device: torch.device, writeback: bool = False):
+def iter_blocks(lm: LoadedModel, device: torch.device, writeback: bool = False):
     """Yield (index, block) with the block's tensors on ``device``.
 
-    On CUDA, block i+1 is pinned by a worker thread and uploaded on a side stream while block i
-    computes, so transfers hide behind compute; at most two blocks are on the device at once.
+    On CUDA, block i+1 is read (streamed models), pinned by a worker thread and uploaded on a side
+    stream while block i computes, so transfers hide behind compute; at most two blocks are on the
+    device at once. ``writeback`` keeps changed weights only for a resident model.
     """
+    layers = lm.layers
     if device.type != "cuda":
-        yield from enumerate(layers)
+        for i in range(len(layers)):
+            block = lm.fill_block(i)
+            try:
+                yield i, block
+            finally:
+                lm.drop_block(i)
         return
     side = torch.cuda.Stream(device)
     pool = ThreadPoolExecutor(1)
 
-    def pin(layer):
-        return [t.data.pin_memory() for t in _tensors(layer)]
+    def pin(i):
+        return [t.data.pin_memory() for t in _tensors(lm.fill_block(i))]
 
     def upload(pinned):
         with torch.cuda.stream(side):
@@ -68,8 +76,8 @@ def iter_blocks(layers, device: torch.device, writeback: bool = False):
         return gpu, done
 
     try:
-        nxt = upload(pin(layers[0]))
-        pending = pool.submit(pin, layers[1]) if len(layers) > 1 else None
+        nxt = upload(pin(0))
+        pending = pool.submit(pin, 1) if len(layers) > 1 else None
         for i, layer in enumerate(layers):
             gpu, done = nxt
             torch.cuda.current_stream(device).wait_event(done)
@@ -80,7 +88,7 @@ def iter_blocks(layers, device: torch.device, writeback: bool = False):
                 t.data = g
             if pending is not None:  # start the next upload; it overlaps this block's compute
                 nxt = upload(pending.result())
-                pending = pool.submit(pin, layers[i + 2]) if i + 2 < len(layers) else None
+                pending = pool.submit(pin, i + 2) if i + 2 < len(layers) else None
             try:
                 yield i, layer
             finally:
@@ -88,6 +96,7 @@ def iter_blocks(layers, device: torch.device, writeback: bool = False):
                     if writeback:
                         c.copy_(t.data)
                     t.data = c
+                lm.drop_block(i)
     finally:
         pool.shutdown(wait=True)
 
@@ -105,11 +114,10 @@ class Layerwise:
             free, _ = torch.cuda.mem_get_info(device)
             if ids.numel() * per_token > free // 4:
                 self.store = torch.device("cpu")
-        weight = get_module(model, lm.spec.embed).weight
         with torch.inference_mode():
-            # Only the rows of tokens that occur travel: table [U, H] for the U distinct ids.
+            # Only the rows of tokens that occur are read and travel: table [U, H] for the U distinct ids.
             uniq, inverse = torch.unique(ids, return_inverse=True)
-            table = weight[uniq].to(device)
+            table = lm.embed_rows(uniq).to(device)
             # hidden: list of [b, S, H] batches
             self.hidden = [self._stash(F.embedding(chunk.to(device), table)) for chunk in inverse.split(batch_size)]
             del table

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .. import QconvError
 from ..convert.fileio import load_json
+from ..convert.shards import DEFAULT_SHARD_BYTES, INDEX, SINGLE
 from .awq import AwqRequest, awq
 from .calibrate import CalibRequest, calibrate
 from .kv_params import kv_params
@@ -13,7 +14,7 @@ from .kv_params import kv_params
 
 def _awq_done(ckpt: Path, req: AwqRequest, calib: CalibRequest) -> bool:
     """A finished checkpoint from the same request (its awq.json says so)."""
-    if not (ckpt / "awq.json").is_file() or not (ckpt / "model.safetensors").is_file():
+    if not (ckpt / "awq.json").is_file() or not ((ckpt / SINGLE).is_file() or (ckpt / INDEX).is_file()):
         return False
     rep = load_json(ckpt / "awq.json", "AWQ report")
     return rep.get("request") == asdict(req) and rep.get("calib") == asdict(calib)
@@ -21,7 +22,8 @@ def _awq_done(ckpt: Path, req: AwqRequest, calib: CalibRequest) -> bool:
 
 def quantize(model: str, dst: str, work_dir: str | None, req: AwqRequest, calib: CalibRequest, kv: bool = True,
              kv_sym: bool = False, session_len: int | None = None, device: str = "auto", dtype: str = "auto",
-             force: bool = False, trust_remote_code: bool = False, log=print) -> Path:
+             force: bool = False, trust_remote_code: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
+             log=print) -> Path:
     from ..convert.workspace import ConvertRequest, convert_workspace
 
     dst_path = Path(dst)
@@ -43,7 +45,8 @@ def quantize(model: str, dst: str, work_dir: str | None, req: AwqRequest, calib:
         log(f"qconv: [3/4] awq: {ckpt} is up to date; skipping")
     else:
         log("qconv: [3/4] awq")
-        awq(model, str(work), req, calib, force=True if ckpt.exists() else force, log=log, **common)
+        awq(model, str(work), req, calib, force=True if ckpt.exists() else force, shard_bytes=shard_bytes, log=log,
+            **common)
     log("qconv: [4/4] convert")
     out = convert_workspace(ConvertRequest(model=str(ckpt), dst=str(dst_path), kv_params=params,
                                            session_len=session_len, force=force,
