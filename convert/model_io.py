@@ -129,27 +129,30 @@ def _gguf_cache_dir(gguf: Path) -> Path:
 
 
 def gguf_to_hf(gguf: Path) -> Path:
-    """Dequantize a GGUF file into an HF folder once; return the cached folder."""
+    """Dequantize a GGUF file into an HF folder once, one tensor at a time; return the cached folder."""
     out = _gguf_cache_dir(gguf)
     if (out / "config.json").is_file():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
         import gguf as _  # noqa: F401  (transformers needs it; say so plainly)
     except ImportError:
         raise QconvError("loading .gguf files needs the 'gguf' package: pip install gguf") from None
+    from .gguf_stream import write_hf_weights
+
     quiet_transformers()
     print(f"qconv: converting {gguf.name} to an HF folder once (cached in {out})")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    get_arch(config.model_type)
+    config.dtype = torch.float32  # the weights are dequantized to float32
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    get_arch(model.config.model_type)
-    # The weights are now plain dequantized tensors: drop the GGUF marker so they save as a normal model.
-    model.hf_quantizer = None
-    model.config.quantization_config = None
-    del model.config.quantization_config
     with atomic_dir(out, force=True) as tmp:
-        model.save_pretrained(tmp)
+        write_hf_weights(gguf, tmp, config)
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return out
 
