@@ -38,3 +38,26 @@ def peak_host_rss() -> int:
 def peaks(device: torch.device) -> dict:
     return {"peak_host_rss_bytes": peak_host_rss(),
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (memory a new allocation can get without swapping); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_two_blocks_fit(block_bytes: int, dtype: torch.dtype) -> None:
+    """Streaming holds a block being computed and the next being read: refuse a machine without room for two."""
+    from .. import QconvError
+
+    avail = available_host_bytes()
+    if avail is not None and 2 * block_bytes > avail:
+        raise QconvError(f"one decoder block takes {block_bytes / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} "
+                         f"and two must fit in host memory, but {avail / 2**30:.1f} GiB is available; free memory, "
+                         f"or pass a smaller --dtype")

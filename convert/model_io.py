@@ -17,6 +17,7 @@ from .. import QconvError
 from .arch import ArchSpec, get_arch, get_module
 from .awq_export import is_quantized_checkpoint
 from .fileio import atomic_dir
+from .memory import check_two_blocks_fit
 from .weights import StreamedWeights, expected_shapes
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -211,15 +212,23 @@ def load_model(path, dtype: str = "auto", device: str = "cpu", trust_remote_code
     return LoadedModel(model, load_tokenizer(folder, trust_remote_code), spec, folder, str(path))
 
 
-def _streamed(folder: Path, config, spec: ArchSpec, dtype: torch.dtype, qcfg, trust_remote_code: bool,
-              attn_implementation: str, source: str) -> LoadedModel:
+def skeleton(config, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+             attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """The model's modules on the meta device: every shape config.json implies, no storage."""
     from transformers import AutoModelForCausalLM
 
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                attn_implementation=attn_implementation)
+
+
+def _streamed(folder: Path, config, spec: ArchSpec, dtype: torch.dtype, qcfg, trust_remote_code: bool,
+              attn_implementation: str, source: str) -> LoadedModel:
     if qcfg:  # the skeleton is a plain float model
         config = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 attn_implementation=attn_implementation)
+    model = skeleton(config, dtype, trust_remote_code, attn_implementation)
+    block = get_module(model, spec.layers)[0]
+    check_two_blocks_fit(sum(p.numel() * p.element_size() for p in block.parameters()), dtype)
     weights = StreamedWeights(folder, dtype, qcfg)
     weights.check(expected_shapes(model), optional={f"{spec.lm_head}.weight"}
                   if getattr(config, "tie_word_embeddings", False) else set())

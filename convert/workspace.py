@@ -22,7 +22,8 @@ from .kv_file import KV_FILE, load_kv_params
 from .layout import (ATTN_NORM, EMBED, FFN_NORM, FINAL_NORM, FLOAT_DTYPES, FUSED_LINEARS, GLOBAL_FILE, K_NORM,
                      OUTPUT, Q_NORM, WEIGHT_TYPES, QuantLinear, fuse, layer_file, linear_tensors)
 from .manifest import update_manifest, write_manifest
-from .model_io import load_tokenizer, model_shape, read_config
+from .model_io import load_tokenizer, model_shape, read_config, skeleton
+from .weights import expected_shapes
 from .quant import group_qparams, quantize
 from .workspace_config import CONFIG_FILE, WorkspaceConfig
 from .rope import rope_fields
@@ -110,7 +111,12 @@ def convert_workspace(req: ConvertRequest, log=print, checkpoint=None) -> Path:
         start_id=_first_id(raw.get("bos_token_id"), tok.bos_token_id), end_id=_stop_ids(raw, folder, tok),
         cache_max_entry_count=0.8, tensor_para_size=1)
 
-    ckpt = checkpoint if checkpoint is not None else Checkpoint(folder, fmt)
+    if checkpoint is None:
+        ckpt = Checkpoint(folder, fmt)
+        cfg_float = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+        ckpt.shards.check_shapes(expected_shapes(skeleton(cfg_float, trust_remote_code=req.trust_remote_code)))
+    else:
+        ckpt = checkpoint
     H, I, D = cfg.hidden_units, cfg.inter_size, cfg.size_per_head
     out_in = {"q_proj": (cfg.head_num * D, H), "k_proj": (cfg.kv_head_num * D, H), "v_proj": (cfg.kv_head_num * D, H),
               "o_proj": (H, cfg.head_num * D), "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
