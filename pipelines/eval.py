@@ -2,18 +2,28 @@
 convert/perplexity.py) of a model that transformers runs.
 
 With KV params, K (post-rotary) and V are quantized to int8 and back as they would enter the cache.
+
+The windows go through the model a group at a time and block by block (convert/model_io streams each
+block from disk), so host memory holds one block and one group's hidden states, not the model.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from .. import QconvError
+from ..convert.arch import get_module
 from ..convert.kv_file import load_kv_params, params_by_layer
-from ..convert.model_io import load_model, model_shape, resolve_device
+from ..convert.model_io import LoadedModel, load_model, model_shape, resolve_device
 from ..convert.perplexity import PplResult, eval_windows, perplexity
 from .data import eval_text
 from .hooks import KVFakeQuant, attention_function
 from .kv_params import compute_kv_params, load_kv_stats
+from .layerwise import Layerwise, iter_blocks
+
+GROUP_BYTES = 1 << 30  # hidden states of the windows that go through the blocks together
 
 
 def resolve_kv_params(spec: str, shape: dict, sym: bool, granularity: str, num_tp: int = 1):
@@ -42,14 +52,38 @@ def eval_model(model: str, dataset: str, seqlen: int = 2048, windows: int | None
     dev = resolve_device(device)
     lm = load_model(model, dtype=dtype, device=str(dev), trust_remote_code=trust_remote_code)
     ids = eval_windows(text, lm.tokenizer, seqlen, windows)
-    lm.materialize()  # each window runs through the whole model: read every tensor once
-    lm.model.to(dev)
-
-    def logits_fn(x):
-        return lm.model(input_ids=x, use_cache=False).logits
+    logits_fn = block_by_block(lm, ids, dev)
 
     if kv_params is None:
         return perplexity(logits_fn, ids, dev)
     params = resolve_kv_params(kv_params, model_shape(lm.config), kv_sym, kv_granularity)
     with attention_function(lm.model, KVFakeQuant(params)):
         return perplexity(logits_fn, ids, dev, desc="eval kv-int8")
+
+
+def block_by_block(lm: LoadedModel, windows: torch.Tensor, device: torch.device, group_bytes: int = GROUP_BYTES):
+    """``logits_fn`` for perplexity(), which asks for the windows in order: each group of windows is run
+    through every block (one block on the device at a time), then one window's logits at a time."""
+    # windows: [N, S]; a group's hidden states: [n, S, H]
+    per_window = windows.shape[1] * lm.config.hidden_size * torch.finfo(lm.dtype).bits // 8
+    group = max(1, group_bytes // per_window)
+    norm = get_module(lm.model, lm.spec.final_norm)
+    if lm.weights is not None:
+        lm.weights.fill(norm, lm.spec.final_norm + ".")
+    norm.to(device)
+    head = lm.tensor(f"{lm.spec.lm_head}.weight").to(device)  # [V, H]
+    done = {"next": 0, "start": 0, "hidden": []}
+
+    def logits_fn(x: torch.Tensor) -> torch.Tensor:
+        k = done["next"]
+        assert torch.equal(x[0].cpu(), windows[k]), "perplexity() asks for the windows in order"
+        if k == done["start"] + len(done["hidden"]):  # run the next group through the blocks
+            done["hidden"] = []  # the previous group's states go first
+            run = Layerwise(lm, windows[k: k + group], device, batch_size=1)
+            for _, block in iter_blocks(lm, device):
+                run.run_block(block)
+            done["start"], done["hidden"] = k, run.hidden
+        done["next"] = k + 1
+        h = done["hidden"][k - done["start"]].to(device)  # [1, S, H]
+        return F.linear(norm(h), head)  # [1, S, V]
+    return logits_fn

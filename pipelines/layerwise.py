@@ -2,9 +2,11 @@
 
 Only the current block's weights sit on the accelerator (plus the next one, being uploaded on a
 side stream while the current one computes: at most two blocks at once). A streamed model
-(convert/model_io.LoadedModel) reads each block from disk when its turn comes and drops it after,
-so host memory holds at most two blocks too; a resident one keeps the rest of the model on the CPU. The hidden states of all windows stay on the accelerator when they fit in a
-quarter of its free memory, else in pinned CPU memory.
+(convert/model_io.LoadedModel) reads each block from disk when its turn comes and drops it after:
+host memory holds one block on the CPU, and on CUDA the pinned copies of at most three (the one
+computing, the next, and the one after while it is read); a resident model stays on the CPU whole.
+The hidden states of all windows stay on the accelerator when they fit in a quarter of its free
+memory, else in pinned CPU memory.
 """
 from __future__ import annotations
 
@@ -66,7 +68,12 @@ def iter_blocks(lm: LoadedModel, device: torch.device, writeback: bool = False):
     pool = ThreadPoolExecutor(1)
 
     def pin(i):
-        return [t.data.pin_memory() for t in _tensors(lm.fill_block(i))]
+        tensors = _tensors(lm.fill_block(i))
+        pinned = [t.data.pin_memory() for t in tensors]
+        if lm.weights is not None:  # streamed: the pinned copy becomes the block's only host copy
+            for t, p in zip(tensors, pinned):
+                t.data = p
+        return pinned
 
     def upload(pinned):
         with torch.cuda.stream(side):
