@@ -86,6 +86,8 @@ def awq(model: str, work_dir: str, req: AwqRequest = AwqRequest(), calib: CalibR
         ids = calib_windows(load_texts(calib.dataset), lm.tokenizer, calib.samples, calib.seqlen, calib.seed, log=log)
         # 8k-token batches: AWQ keeps whole block inputs on the device, so transients stay small
         run = Layerwise(lm, ids, dev, batch_size or default_batch_size(dev, calib.seqlen, gpu_tokens=8192))
+    for stale in dst.parent.glob(f".{dst.name}.*.tmp"):  # shards of a killed run; this run writes them again
+        shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(dst, force=force) as tmp:
         shards = ShardWriter(tmp, shard_bytes)
         reports = _quantize_blocks(lm, run, state, req, dev, shards)

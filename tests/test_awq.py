@@ -125,8 +125,10 @@ def test_killed_run_resumes_to_identical_files(make_tiny, tmp_path):
     done = sorted(state.glob("block_*.json"))
     assert 2 <= len(done) < 6, "the run was not cut mid-way"
     assert not (tmp_path / "cut" / "awq_checkpoint").exists()
+    assert list((tmp_path / "cut").glob(".awq_checkpoint.*.tmp")), "the killed run was writing its shards"
     r = subprocess.run([*args, "--work-dir", str(tmp_path / "cut")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert not list((tmp_path / "cut").glob(".awq_checkpoint.*.tmp")), "the killed run's shards are cleared"
     a = (tmp_path / "full" / "awq_checkpoint" / "model.safetensors").read_bytes()
     b = (tmp_path / "cut" / "awq_checkpoint" / "model.safetensors").read_bytes()
     assert a == b
