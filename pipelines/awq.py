@@ -85,12 +85,15 @@ def awq(model: str, work_dir: str, req: AwqRequest = AwqRequest(), calib: CalibR
     if req.method == "awq":
         ids = calib_windows(load_texts(calib.dataset), lm.tokenizer, calib.samples, calib.seqlen, calib.seed, log=log)
         # 8k-token batches: AWQ keeps whole block inputs on the device, so transients stay small
-        run = Layerwise(lm, ids, dev, batch_size or default_batch_size(dev, calib.seqlen, gpu_tokens=8192))
+        run = Layerwise(lm, ids, dev, batch_size or default_batch_size(dev, calib.seqlen, gpu_tokens=8192),
+                        spill_dir=state)
     for stale in dst.parent.glob(f".{dst.name}.*.tmp"):  # shards of a killed run; this run writes them again
         shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(dst, force=force) as tmp:
         shards = ShardWriter(tmp, shard_bytes)
         reports = _quantize_blocks(lm, run, state, req, dev, shards)
+        if run is not None:
+            run.close()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         wall = time.perf_counter() - t0
@@ -105,7 +108,8 @@ def awq(model: str, work_dir: str, req: AwqRequest = AwqRequest(), calib: CalibR
         shards.close()
         report = {
             "qconv_version": __version__, "model": lm.source, "request": asdict(req), "calib": asdict(calib),
-            "device": str(dev), "wall_s": round(wall, 3), **peaks(dev), "layers": reports,
+            "device": str(dev), "wall_s": round(wall, 3), **peaks(dev),
+            "hidden_states": run.placement if run is not None else None, "layers": reports,
         }
         write_checkpoint_files(tmp, lm.config, quantization_config(req.bits, req.group_size, req.sym),
                                lm.tokenizer, report)

@@ -79,7 +79,7 @@ def calibrate(model: str, work_dir: str, req: CalibRequest = CalibRequest(), bat
     ids = calib_windows(load_texts(req.dataset), lm.tokenizer, req.samples, req.seqlen, req.seed, log=log)
     bs = batch_size or default_batch_size(dev, req.seqlen)
     t0 = time.perf_counter()
-    run = Layerwise(lm, ids, dev, bs)
+    run = Layerwise(lm, ids, dev, bs, spill_dir=work)
     inputs, kv = {}, KVObserver()
     layers = lm.layers
     # The bar counts tokens through the whole model (a layer's batch is 1/L of its tokens' work), so its rate
@@ -96,6 +96,7 @@ def calibrate(model: str, work_dir: str, req: CalibRequest = CalibRequest(), bat
                 run.run_block(layer, on_batch=advance)
             per_layer.append(store)
     bar.close()
+    run.close()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     for i, store in enumerate(per_layer):
@@ -119,6 +120,7 @@ def calibrate(model: str, work_dir: str, req: CalibRequest = CalibRequest(), bat
         "dtype": str(lm.dtype).removeprefix("torch."),
         "device": str(dev),
         "batch_size": bs,
+        "hidden_states": run.placement,
         "wall_s": round(wall, 3),
         "tokens_per_s": round(run.tokens / wall, 1),
         **peaks(dev),

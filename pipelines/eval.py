@@ -72,18 +72,21 @@ def block_by_block(lm: LoadedModel, windows: torch.Tensor, device: torch.device,
         lm.weights.fill(norm, lm.spec.final_norm + ".")
     norm.to(device)
     head = lm.tensor(f"{lm.spec.lm_head}.weight").to(device)  # [V, H]
-    done = {"next": 0, "start": 0, "hidden": []}
+    done = {"next": 0, "start": 0, "run": None}
 
     def logits_fn(x: torch.Tensor) -> torch.Tensor:
         k = done["next"]
         assert torch.equal(x[0].cpu(), windows[k]), "perplexity() asks for the windows in order"
-        if k == done["start"] + len(done["hidden"]):  # run the next group through the blocks
-            done["hidden"] = []  # the previous group's states go first
+        run = done["run"]
+        if run is None or k == done["start"] + run.n:  # run the next group through the blocks
+            if run is not None:
+                run.close()
+            done["run"] = None  # the previous group's states go first
             run = Layerwise(lm, windows[k: k + group], device, batch_size=1)
             for _, block in iter_blocks(lm, device):
                 run.run_block(block)
-            done["start"], done["hidden"] = k, run.hidden
+            done["start"], done["run"] = k, run
         done["next"] = k + 1
-        h = done["hidden"][k - done["start"]].to(device)  # [1, S, H]
+        h = run.state(k - done["start"]).to(device)  # [1, S, H]
         return F.linear(norm(h), head)  # [1, S, V]
     return logits_fn

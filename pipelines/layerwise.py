@@ -5,18 +5,24 @@ side stream while the current one computes: at most two blocks at once). A strea
 (convert/model_io.LoadedModel) reads each block from disk when its turn comes and drops it after:
 host memory holds one block on the CPU, and on CUDA the pinned copies of at most three (the one
 computing, the next, and the one after while it is read); a resident model stays on the CPU whole.
-The hidden states of all windows stay on the accelerator when they fit in a quarter of its free
-memory, else in pinned CPU memory.
+The hidden states of all windows (windows x seqlen x hidden in the model dtype: 128 x 2048 x 8192 in fp16 is
+4 GiB) stay on the accelerator when they fit in a quarter of its free memory, else in (pinned) host memory when
+they fit in half of the available host memory, else in a file beside the stage's output, written and read
+back one batch at a time (``Layerwise.placement`` says which).
 """
 from __future__ import annotations
 
 import itertools
+import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..convert.arch import get_module
+from ..convert.memory import available_host_bytes
 from ..convert.model_io import LoadedModel
 
 
@@ -108,39 +114,88 @@ def iter_blocks(lm: LoadedModel, device: torch.device, writeback: bool = False):
         pool.shutdown(wait=True)
 
 
+class Spill:
+    """Tensors in a temporary file, one region per key, written and read with pwrite/pread: nothing of them stays
+    in memory between a put and a get."""
+
+    def __init__(self, directory: Path | None):
+        if directory is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        fd, self.path = tempfile.mkstemp(prefix=".qconv-hidden-", suffix=".bin", dir=directory)
+        self.fd, self.end = fd, 0
+        self.where: dict[int, tuple[int, torch.Size, torch.dtype]] = {}
+
+    def put(self, key: int, t: torch.Tensor) -> None:
+        raw = t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
+        at = self.where.get(key, (None,))[0]
+        if at is None or raw.nbytes != self.where[key][1].numel() * self.where[key][2].itemsize:
+            at, self.end = self.end, self.end + raw.nbytes
+        if os.pwrite(self.fd, raw.data, at) != raw.nbytes:
+            raise OSError(f"short write to {self.path} (disk full?)")
+        self.where[key] = (at, t.shape, t.dtype)
+
+    def get(self, key: int) -> torch.Tensor:
+        at, shape, dtype = self.where[key]
+        buf = bytearray(shape.numel() * dtype.itemsize)
+        if os.preadv(self.fd, [buf], at) != len(buf):
+            raise OSError(f"short read from {self.path}")
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+
+    def close(self) -> None:
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+            os.unlink(self.path)
+            self.fd = -1
+
+    __del__ = close
+
+
 class Layerwise:
-    def __init__(self, lm: LoadedModel, ids: torch.Tensor, device: torch.device, batch_size: int):
-        # ids: [N, S]
+    def __init__(self, lm: LoadedModel, ids: torch.Tensor, device: torch.device, batch_size: int,
+                 spill_dir: Path | None = None, host_budget: int | None = None):
+        """ids [N, S]. ``spill_dir``: where hidden states go when host memory is short (None: the temp dir);
+        ``host_budget``: bytes of host memory they may take (None: half of what is available)."""
         self.lm, self.device, self.batch_size = lm, device, batch_size
         self.n, self.seqlen = ids.shape
         model = lm.model
         dtype = next(model.parameters()).dtype
-        self.store = device
-        if device.type == "cuda":
-            per_token = model.config.hidden_size * torch.finfo(dtype).bits // 8
-            free, _ = torch.cuda.mem_get_info(device)
-            if ids.numel() * per_token > free // 4:
-                self.store = torch.device("cpu")
+        total = ids.numel() * model.config.hidden_size * dtype.itemsize
+        self.placement, self.spill = ("device" if device.type == "cuda" else "host"), None
+        if device.type == "cuda" and total > torch.cuda.mem_get_info(device)[0] // 4:
+            self.placement = "host"
+        if host_budget is None:
+            avail = available_host_bytes()
+            host_budget = avail // 2 if avail is not None else total
+        if self.placement == "host" and total > host_budget:
+            self.placement, self.spill = "disk", Spill(spill_dir)
         with torch.inference_mode():
             # Only the rows of tokens that occur are read and travel: table [U, H] for the U distinct ids.
             uniq, inverse = torch.unique(ids, return_inverse=True)
             table = lm.embed_rows(uniq).to(device)
-            # hidden: list of [b, S, H] batches
-            self.hidden = [self._stash(F.embedding(chunk.to(device), table)) for chunk in inverse.split(batch_size)]
+            # hidden: one [b, S, H] batch per entry (or its key in the spill file)
+            self.hidden = [self._stash(b, F.embedding(chunk.to(device), table))
+                           for b, chunk in enumerate(inverse.split(batch_size))]
             del table
         with on_device(get_module(model, lm.spec.rotary), device) as rotary, torch.inference_mode():
             pos = torch.arange(self.seqlen, device=device)[None]
             # (cos, sin): [1, S, D], shared by every block and batch
-            self.position_embeddings = rotary(self.hidden[0][:1].to(device), pos)
+            self.position_embeddings = rotary(self.state(0)[:1].to(device), pos)
 
     @property
     def tokens(self) -> int:
         return self.n * self.seqlen
 
-    def _stash(self, h: torch.Tensor) -> torch.Tensor:
-        if self.store.type == "cpu" and h.device.type == "cuda":
+    def _stash(self, b: int, h: torch.Tensor):
+        if self.placement == "disk":
+            self.spill.put(b, h)
+            return b
+        if self.placement == "host" and h.device.type == "cuda":
             return h.to("cpu", non_blocking=False).pin_memory()
         return h
+
+    def state(self, b: int) -> torch.Tensor:
+        """Batch b's hidden states [b, S, H] (read back from the file when spilled)."""
+        return self.spill.get(b) if self.placement == "disk" else self.hidden[b]
 
     def block_forward(self, layer, h: torch.Tensor) -> torch.Tensor:
         """One block on one batch; causal attention over the whole window (no mask, no cache)."""
@@ -151,8 +206,14 @@ class Layerwise:
     @torch.inference_mode()
     def run_block(self, layer, on_batch=None) -> None:
         """Replace every batch's hidden states with the block's output (the next block's input)."""
-        for b, h in enumerate(self.hidden):
+        for b in range(len(self.hidden)):
+            h = self.state(b)
             out = self.block_forward(layer, h)
             if on_batch:
                 on_batch(h.shape[0] * h.shape[1])
-            self.hidden[b] = self._stash(out)
+            self.hidden[b] = self._stash(b, out)
+
+    def close(self) -> None:
+        """Delete the spill file, if any."""
+        if self.spill is not None:
+            self.spill.close()

@@ -125,3 +125,28 @@ def test_smollm2_calibrate_and_kv_params(smollm2_gguf, tmp_path, run_cli):
     p = load_file(tmp_path / "kv_qparams.safetensors")
     assert len(p) == 30 * 4 and p["layers.29.v_scale"].shape == (3,)
     assert torch.all(p["layers.0.k_scale"] > 0)
+
+
+def test_hidden_states_spill_to_disk_when_host_memory_is_short(tiny_llama, tmp_path, run_cli, monkeypatch):
+    """With no host memory to spare, calibrate and awq keep the windows' hidden states in a file beside their
+    output, one batch at a time: the same statistics and checkpoint as in memory, the record says where they
+    were, and the file is gone afterwards."""
+    from qconv.pipelines import layerwise
+    common = ["--model", tiny_llama, "--calib-samples", 3, "--calib-seqlen", 32, "--device", "cpu",
+              "--batch-size", 2]
+    for name, avail in (("mem", None), ("disk", 0)):
+        if avail is not None:
+            monkeypatch.setattr(layerwise, "available_host_bytes", lambda: avail)
+        assert run_cli("calibrate", *common, "--work-dir", tmp_path / name)[0] == 0
+        code, _, err = run_cli("awq", *common, "--w-bits", 4, "--w-group-size", 32, "--work-dir", tmp_path / name,
+                               "--out", tmp_path / name / "awq")
+        assert code == 0, err
+    for f in ("inputs_stats", "key_stats", "value_stats"):
+        a, b = (load_file(tmp_path / n / f"{f}.safetensors") for n in ("mem", "disk"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    ckpt = {n: load_file(next((tmp_path / n / "awq").glob("*.safetensors"))) for n in ("mem", "disk")}
+    assert all(torch.equal(ckpt["mem"][k], ckpt["disk"][k]) for k in ckpt["mem"])
+    for n, where in (("mem", "host"), ("disk", "disk")):
+        assert json.loads((tmp_path / n / "calibrate.json").read_text())["hidden_states"] == where
+        assert json.loads((tmp_path / n / "awq" / "awq.json").read_text())["hidden_states"] == where
+    assert not list(tmp_path.rglob(".qconv-hidden-*"))
