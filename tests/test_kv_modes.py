@@ -3,7 +3,6 @@
 Per-token quantization maths, the cache's bytes per token, attention over the codes, runtime == eval for every mode,
 old workspaces, and bad input."""
 import json
-import math
 
 import pytest
 import torch
