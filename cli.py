@@ -9,52 +9,9 @@ import click
 
 from . import QconvError, __version__
 from .runtime.cpu.threads import pick_cpu_threads  # before torch loads
-# -- options that several subcommands share, defined once -----------------------------------------------------
-DEVICES = click.Choice(["auto", "cpu", "cuda"])
-DTYPES = click.Choice(["auto", "float16", "bfloat16", "float32"])
-
-
-def model_option(required=True):
-    return click.option("--model", "model", required=required, metavar="PATH",
-                        help="HF model folder (config.json + safetensors) or a .gguf file.")
-
-
-work_dir_option = click.option("--work-dir", required=True, metavar="DIR",
-                               help="Folder for statistics and intermediate results (created if missing).")
-stats_dir_option = click.option("--work-dir", required=True, metavar="DIR",
-                                help="The folder qconv calibrate wrote its statistics into.")
-device_option = click.option("--device", type=DEVICES, default="auto", show_default=True,
-                             help="auto picks CUDA when present.")
-dtype_option = click.option("--dtype", type=DTYPES, default="auto", show_default=True,
-                            help="Compute dtype. auto: float32 on CPU; on GPU the checkpoint's bf16, else float16.")
-runtime_dtype_option = click.option(
-    "--dtype", type=DTYPES, default="auto", show_default=True,
-    help="Compute dtype. auto: on CPU bfloat16 for int4 workspaces (torch's CPU int4 kernel), else float32; "
-         "on GPU the checkpoint's bf16, else float16.")
-force_option = click.option("--force", is_flag=True, help="Recompute and overwrite existing outputs.")
-lm_head_option = click.option("--lm-head", type=click.Choice(["auto", "fp", "int8", "int4"]), default="auto",
-                              show_default=True, help="Output projection of a workspace: as stored (fp), or "
-                              "quantized at load to int8 (one scale per row) or int4 (g128, GPU only). auto: int8 on "
-                              "the GPU for int4 workspaces (half the head's bytes per token), else fp.")
-trust_option = click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder.")
-batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=None,
-                            help="Windows per forward pass [default: ~16k tokens on GPU, 1 on CPU].")
-
-
-def calib_options(seqlen_default: int):
-    def deco(f):
-        for opt in reversed([
-            click.option("--calib-dataset", default="c4", show_default=True, metavar="SPEC",
-                         help="'c4' (bundled, offline), a .txt/.jsonl/.json/.parquet file, or hf:NAME[:CONFIG]:SPLIT."),
-            click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
-                         help="Number of calibration windows."),
-            click.option("--calib-seqlen", type=click.IntRange(min=1), default=seqlen_default, show_default=True,
-                         help="Tokens per calibration window."),
-            click.option("--seed", type=int, default=0, show_default=True, help="Seed for the document order."),
-        ]):
-            f = opt(f)
-        return f
-    return deco
+from .cli_options import (DTYPES, batch_option, calib_options, device_option, dtype_option, force_option,
+                          kv_option, lm_head_option, model_option, runtime_dtype_option, stats_dir_option,
+                          trust_option, work_dir_option)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -176,6 +133,7 @@ def awq(model, work_dir, w_bits, w_group_size, w_sym, calib_dataset, calib_sampl
               help="kv_qparams.safetensors, or a calibrate work dir (params derived with --kv-sym/--kv-granularity).")
 @click.option("--kv-sym", is_flag=True, help="With a work dir for --kv-params: symmetric params.")
 @click.option("--kv-granularity", type=click.Choice(["head", "layer"]), default="head", show_default=True)
+@kv_option(help_default="int8-static with --kv-params, else fp16; a WORKSPACE: its config.ini")
 @device_option
 @click.option("--dtype", type=DTYPES, default="auto", show_default=True,
               help="Compute dtype. auto: a WORKSPACE as qconv chat runs it; --model in float32 on CPU, the "
@@ -183,8 +141,8 @@ def awq(model, work_dir, w_bits, w_group_size, w_sym, calib_dataset, calib_sampl
 @lm_head_option
 @trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result.")
-def eval_cmd(workspace, model, dataset, seqlen, windows, kv_params, kv_sym, kv_granularity, device, dtype, lm_head,
-             trust_remote_code, as_json):
+def eval_cmd(workspace, model, dataset, seqlen, windows, kv_params, kv_sym, kv_granularity, kv_mode, device, dtype,
+             lm_head, trust_remote_code, as_json):
     """Perplexity: the text is tokenized once and cut into consecutive windows from token 0.
 
     ppl = exp(mean NLL over every predicted token). Give exactly one of WORKSPACE or --model:
@@ -193,7 +151,7 @@ def eval_cmd(workspace, model, dataset, seqlen, windows, kv_params, kv_sym, kv_g
     WORKSPACE  a folder from qconv convert/quantize: measured through the bundled runtime, with
                the weights and KV cache its config.ini says (what qconv chat computes)
     --model M  an HF folder, a .gguf, or an AWQ/int8 checkpoint (dequantized), run by transformers;
-               with --kv-params, K and V are quantized to int8 and back as they enter the cache
+               with --kv-params or --kv, K and V are quantized and back as they enter the cache
 
     The last line printed is `ppl X`.
     """
@@ -203,9 +161,9 @@ def eval_cmd(workspace, model, dataset, seqlen, windows, kv_params, kv_sym, kv_g
         raise click.UsageError("give a workspace folder or --model (exactly one)")
     model = model or workspace
     r = evaluate(model, dataset, seqlen, windows, kv_params, kv_sym, kv_granularity, device, dtype,
-                 trust_remote_code, lm_head)
+                 trust_remote_code, lm_head, kv_mode)
     if as_json:
-        click.echo(json.dumps({**r.as_dict(), "model": model, "dataset": dataset, "kv_params": kv_params,
+        click.echo(json.dumps({**r.as_dict(), "model": model, "dataset": dataset, "kv_params": kv_params, "kv": kv_mode,
                                "kv_sym": kv_sym, "kv_granularity": kv_granularity, "lm_head": lm_head}))
     click.echo(f"ppl {r.ppl:.4f}")
 
@@ -247,17 +205,18 @@ from .runtime.serve.server import SERVE_DEFAULTS  # noqa: E402  (torch-free; ser
 @click.option("--kv-params", default=None, metavar="FILE", help="kv_qparams.safetensors from qconv kv-params.")
 @click.option("--quant-policy", type=click.Choice(["0", "4"]), default=None,
               help="0: fp KV cache, 4: int8 KV cache (needs --kv-params) [default: 4 with --kv-params, else 0].")
+@kv_option()
 @click.option("--session-len", type=int, default=None,
               help="Most tokens per sequence, prompt plus answer [default: max_position_embeddings].")
 @click.option("--max-batch-size", type=int, default=1, show_default=True, help="Most sequences the runtime holds.")
 @force_option
 @trust_option
-def convert(model, dst_path, model_format, weight_type, group_size, kv_params, quant_policy, session_len,
+def convert(model, dst_path, model_format, weight_type, group_size, kv_params, quant_policy, kv_mode, session_len,
             max_batch_size, force, trust_remote_code):
     """Write a deployment workspace for the bundled runtime (`qconv chat`, `qconv eval --model DIR`).
 
     \b
-    DIR/config.ini              [llama] section: shapes, weight_type, quant_policy, session_len, stop ids
+    DIR/config.ini              [llama] section: shapes, weight_type, kv_mode, session_len, stop ids
     DIR/weights/                safetensors in the runtime layout (q/k/v and gate/up fused)
     DIR/tokenizer/              tokenizer, chat template, generation config
     DIR/kv_qparams.safetensors  int8 KV params (with --kv-params)
@@ -270,7 +229,8 @@ def convert(model, dst_path, model_format, weight_type, group_size, kv_params, q
 
     convert_workspace(ConvertRequest(
         model, dst_path, model_format, weight_type, group_size, kv_params,
-        None if quant_policy is None else int(quant_policy), session_len, max_batch_size, force, trust_remote_code))
+        None if quant_policy is None else int(quant_policy), session_len, max_batch_size, force, trust_remote_code,
+        kv_mode))
 
 
 @cli.command()
@@ -290,8 +250,9 @@ def convert(model, dst_path, model_format, weight_type, group_size, kv_params, q
 @runtime_dtype_option
 @lm_head_option
 @click.option("--no-verify", is_flag=True, help="Skip checking the files against manifest.json.")
+@click.option("--verbose", is_flag=True, help="Also print the KV cache's mode, bytes per token and size.")
 def chat(workspace, prompt, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, device,
-         dtype, lm_head, no_verify):
+         dtype, lm_head, no_verify, verbose):
     """Chat with a workspace through the bundled runtime (streamed, with history).
 
     \b
@@ -307,7 +268,7 @@ def chat(workspace, prompt, system, max_new_tokens, temperature, top_p, top_k, r
     gen = GenerationConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     t0 = time.perf_counter()
     engine = Engine.from_workspace(workspace, device=device, dtype=dtype, verify=not no_verify, head=lm_head)
-    run_chat(engine, gen, system=system, prompt=prompt, load_s=time.perf_counter() - t0)
+    run_chat(engine, gen, system=system, prompt=prompt, load_s=time.perf_counter() - t0, verbose=verbose)
 
 
 @cli.command()
@@ -350,6 +311,7 @@ def serve(workspace, host, port, max_batch_size, max_queue, api_key, device, dty
 @click.option("--w-group-size", type=int, default=128, show_default=True, help="Input channels per group.")
 @calib_options(seqlen_default=512)
 @click.option("--kv-int8/--no-kv-int8", default=True, show_default=True, help="Calibrate K/V and use an int8 KV cache.")
+@kv_option(help_default="int8-static; fp16 with --no-kv-int8")
 @click.option("--kv-sym", is_flag=True, help="Symmetric KV params [default: asymmetric].")
 @click.option("--session-len", type=click.IntRange(min=2), default=None, help="Tokens per conversation.")
 @device_option
@@ -357,7 +319,7 @@ def serve(workspace, host, port, max_batch_size, max_queue, api_key, device, dty
 @force_option
 @trust_option
 def quantize(model, dst_path, work_dir, w_bits, w_group_size, calib_dataset, calib_samples, calib_seqlen, seed,
-             kv_int8, kv_sym, session_len, device, dtype, force, trust_remote_code):
+             kv_int8, kv_mode, kv_sym, session_len, device, dtype, force, trust_remote_code):
     """One shot: calibrate -> kv-params -> awq -> convert (W4 g128 + int8 KV by default).
 
     Stages whose valid outputs already exist in --work-dir are skipped, so a rerun after an
@@ -368,7 +330,7 @@ def quantize(model, dst_path, work_dir, w_bits, w_group_size, calib_dataset, cal
     from .pipelines.quantize import quantize as run
 
     run(model, dst_path, work_dir, AwqRequest(bits=w_bits, group_size=w_group_size),
-        CalibRequest(calib_dataset, calib_samples, calib_seqlen, seed), kv=kv_int8, kv_sym=kv_sym,
+        CalibRequest(calib_dataset, calib_samples, calib_seqlen, seed), kv=kv_int8, kv_sym=kv_sym, kv_mode=kv_mode,
         session_len=session_len, device=device, dtype=dtype, force=force, trust_remote_code=trust_remote_code)
 
 

@@ -1,4 +1,5 @@
-"""KV int8 accuracy on SmolLM2-135M (BENCH_PROTOCOL): wiki N=40 windows of 2048, KV calibration 128 x 2048.
+"""KV cache accuracy on SmolLM2-135M (BENCH_PROTOCOL): wiki N=40 windows of 2048; static int8 (KV calibration
+128 x 2048, asym/sym, per head/layer) and the online per-token int8 and int4 modes, all on the same windows.
 
     python3 -m bench.kv_accuracy [--windows 40] [--samples 128] [--work-dir /tmp/qconv-bench/smollm2-kv]
 
@@ -33,6 +34,9 @@ def main():
             r = eval_model(model, wiki, 2048, args.windows, kv_params=args.work_dir, kv_sym=sym,
                            kv_granularity=gran, device="cpu", dtype="float32")
             rows.append({"config": f"fp32 + KV int8 {'sym' if sym else 'asym'} per-{gran}", "ppl": r.ppl})
+    for mode in ("int8", "int4"):  # online: one asym (scale, zp) per token and head, no calibration
+        r = eval_model(model, wiki, 2048, args.windows, device="cpu", dtype="float32", kv_mode=mode)
+        rows.append({"config": f"fp32 + KV {mode} online per-token", "ppl": r.ppl})
     for r in rows:
         r["delta_pct"] = 100 * (r["ppl"] / ref.ppl - 1)
     out = write_result("kv_accuracy_smollm2", {**prov, "windows": args.windows, "calibration": calib,

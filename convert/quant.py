@@ -160,3 +160,43 @@ def kv_quantize(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch
 def kv_dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x = q * scale + zp."""
     return (q.float() * scale + zp).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# online KV cache (kv_mode int8 / int4): one asymmetric (scale, zp) per (token, kv head), taken when it is written
+# ----------------------------------------------------------------------------------------------
+def kv_token_qparams(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (scale, zp), each [...] float32 holding float16 values (the cache stores them so).
+
+    scale = (max - min) / (2^bits - 1), zp = min, both over D
+    """
+    lo, hi = x.float().aminmax(dim=-1)
+    scale = ((hi - lo) / (2 ** bits - 1)).clamp(min=KV_SCALE_FLOOR)
+    return scale.half().float(), lo.half().float()
+
+
+def kv_token_quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (codes [..., D] uint8, scale [...], zp [...]); q = clamp(round((x - zp) / scale), 0, 2^bits - 1)."""
+    scale, zp = kv_token_qparams(x, bits)
+    q = torch.clamp(torch.round((x.float() - zp[..., None]) / scale[..., None]), 0, 2 ** bits - 1)
+    return q.to(torch.uint8), scale, zp
+
+
+def kv_token_dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x = q * scale + zp; q [..., D], scale and zp [...]."""
+    return (q.float() * scale[..., None].float() + zp[..., None].float()).to(dtype)
+
+
+def kv_token_fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x quantized per token as the cache write does it and read back, in x's dtype."""
+    return kv_token_dequantize(*kv_token_quantize(x, bits), x.dtype)
+
+
+def pack_int4_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """[..., D] uint8 codes 0..15 -> [..., D/2] uint8: byte j = c[2j] | c[2j+1] << 4."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_int4_pairs(packed: torch.Tensor) -> torch.Tensor:
+    """[..., D/2] uint8 -> [..., D] uint8, the inverse of pack_int4_pairs."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)

@@ -19,6 +19,7 @@ from .. import QconvError
 from .checkpoint import FORMATS, Checkpoint, detect_format, quant_group_size
 from .fileio import atomic_dir, atomic_path, check_new_path, load_json, save_tensors
 from .kv_file import KV_FILE, load_kv_params
+from .kv_mode import KV_MODES, policy_of_mode
 from .layout import (ATTN_NORM, EMBED, FFN_NORM, FINAL_NORM, FLOAT_DTYPES, FUSED_LINEARS, GLOBAL_FILE, K_NORM,
                      OUTPUT, Q_NORM, WEIGHT_TYPES, QuantLinear, fuse, layer_file, linear_tensors)
 from .manifest import update_manifest, write_manifest
@@ -45,6 +46,7 @@ class ConvertRequest:
     max_batch_size: int = 1
     force: bool = False
     trust_remote_code: bool = False
+    kv_mode: str | None = None       # convert/kv_mode.py's KV_MODES; None: as quant_policy (int8-static with kv_params)
 
     def __post_init__(self):
         if self.model_format is not None and self.model_format not in FORMATS:
@@ -53,9 +55,22 @@ class ConvertRequest:
             raise QconvError(f"--weight-type must be auto or one of {', '.join(WEIGHT_TYPES)}")
         if self.quant_policy not in (None, 0, 4):
             raise QconvError(f"--quant-policy must be 0 (fp KV) or 4 (int8 KV), got {self.quant_policy}")
-        if self.quant_policy == 4 and self.kv_params is None:
-            raise QconvError("--quant-policy 4 (int8 KV cache) needs --kv-params W/kv_qparams.safetensors; "
-                             "compute them with qconv calibrate and qconv kv-params")
+        if self.kv_mode is not None and self.kv_mode not in KV_MODES:
+            raise QconvError(f"--kv must be one of {', '.join(KV_MODES)}, got {self.kv_mode!r}")
+        if self.kv_mode is not None and self.quant_policy is not None \
+                and self.quant_policy != policy_of_mode(self.kv_mode):
+            raise QconvError(f"--quant-policy {self.quant_policy} contradicts --kv {self.kv_mode} (quant_policy 4 is "
+                             f"calibrated static int8, --kv int8-static); give only --kv")
+        if self.kv_mode is None:
+            self.kv_mode = "int8-static" if self.quant_policy == 4 or (
+                self.quant_policy is None and self.kv_params is not None) else "fp16"
+        if self.kv_mode == "int8-static" and self.kv_params is None:
+            raise QconvError("--quant-policy 4 / --kv int8-static (calibrated int8 KV cache) needs --kv-params "
+                             "W/kv_qparams.safetensors; compute them with qconv calibrate and qconv kv-params, or "
+                             "use --kv int8 (online, no calibration)")
+        if self.kv_mode != "int8-static" and self.kv_params is not None:
+            raise QconvError(f"--kv-params applies to --kv int8-static, not --kv {self.kv_mode} (online modes take "
+                             f"their params as tokens are written); drop one of them")
         if self.group_size is not None and self.group_size <= 0:
             raise QconvError(f"--group-size must be positive, got {self.group_size}")
         if self.session_len is not None and self.session_len < 2:
@@ -105,7 +120,7 @@ def convert_workspace(req: ConvertRequest, log=print, checkpoint=None) -> Path:
         attn_bias=bool(getattr(config, "attention_bias", spec.qkv_bias)),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         weight_type=weight_type, group_size=group,
-        quant_policy=req.quant_policy if req.quant_policy is not None else (4 if kv else 0),
+        quant_policy=policy_of_mode(req.kv_mode), kv_mode=req.kv_mode,
         kv_sym=bool(kv) and all(not p[1].any() and not p[3].any() for p in kv.values()),
         session_len=req.session_len or int(config.max_position_embeddings), max_batch_size=req.max_batch_size,
         start_id=_first_id(raw.get("bos_token_id"), tok.bos_token_id), end_id=_stop_ids(raw, folder, tok),
@@ -158,12 +173,14 @@ def convert_workspace(req: ConvertRequest, log=print, checkpoint=None) -> Path:
             shutil.copyfile(req.kv_params, tmp / KV_FILE)
         cfg.write(tmp / CONFIG_FILE)
         write_manifest(tmp)
-    log(f"qconv: wrote workspace {req.dst} (quant_policy={cfg.quant_policy}, session_len={cfg.session_len})")
+    log(f"qconv: wrote workspace {req.dst} (kv_mode={cfg.kv_mode}, quant_policy={cfg.quant_policy}, "
+        f"session_len={cfg.session_len})")
     return Path(req.dst)
 
 
 def install_kv_params(workspace, params_path) -> None:
-    """Copy int8 KV params into a workspace (checking they fit), set quant_policy=4, update the manifest."""
+    """Copy int8 KV params into a workspace (checking they fit), set kv_mode int8-static (quant_policy=4), update the
+    manifest."""
     ws = Path(workspace)
     if not (ws / CONFIG_FILE).is_file():
         raise QconvError(f"workspace {ws} not found (no config.ini); create one with qconv convert first")
@@ -172,7 +189,7 @@ def install_kv_params(workspace, params_path) -> None:
     sym = all(not p[1].any() and not p[3].any() for p in params.values())  # zp = 0 everywhere
     with atomic_path(ws / KV_FILE) as tmp:
         shutil.copyfile(params_path, tmp)
-    cfg.replace(quant_policy=4, kv_sym=sym).write(ws / CONFIG_FILE)
+    cfg.replace(quant_policy=4, kv_mode="int8-static", kv_sym=sym).write(ws / CONFIG_FILE)
     update_manifest(ws, KV_FILE, CONFIG_FILE)
 
 

@@ -1,7 +1,10 @@
 """``config.ini``: one typed schema, written by ``qconv convert`` and read by the runtime.
 
 It is the only source of truth about a workspace (in the spirit of TurboMind's ``[llama]`` section):
-every value is a real bool / int / float / str, and a missing or unknown key is a one-line error.
+every value is a real bool / int / float / str, and a missing or unknown key is a one-line error, except the keys
+of OPTIONAL_KEYS, added later, whose defaults derive from the others: ``kv_mode`` (fp16 | int8-static | int8 | int4)
+defaults from ``quant_policy`` (4 -> int8-static, else fp16). Our quant_policy 4 is calibrated static int8, not
+LMDeploy's online int4 (LMDeploy: 4 = int4, 8 = int8, both online per token); convert/kv_mode.py has the table.
 """
 from __future__ import annotations
 
@@ -14,12 +17,14 @@ from pathlib import Path
 from .. import QconvError
 from .arch import ARCHS
 from .fileio import atomic_path
+from .kv_mode import STATIC_POLICY, mode_of_policy, mode_problem, policy_of_mode
 from .layout import WEIGHT_TYPES
 
 CONFIG_FILE = "config.ini"  # in the workspace folder
 SECTION = "llama"
 ROPE_SCALINGS = ("none", "linear", "llama3")
-QUANT_POLICIES = (0, 4)  # 0: float KV cache, 4: int8 KV cache with static per-head params
+QUANT_POLICIES = (0, STATIC_POLICY)  # 0: no calibrated KV params, 4: static per-head int8 (convert/kv_mode.py)
+OPTIONAL_KEYS = ("kv_mode",)  # keys added after workspaces existed: absent, their default derives from the others
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -46,7 +51,7 @@ class WorkspaceConfig:
     tie_word_embeddings: bool
     weight_type: str                # fp32 | fp16 | bf16 | int8 | int4
     group_size: int                 # int4 / int8: input channels per scale; 0: per output channel (int8) or float
-    quant_policy: int               # 0 | 4
+    quant_policy: int               # 0 | 4 (4: calibrated static int8; not LMDeploy's meaning, see kv_mode.py)
     kv_sym: bool                    # with quant_policy=4: the params are symmetric (zp = 0)
     session_len: int                # most tokens one sequence holds (prompt + answer)
     max_batch_size: int             # most sequences one engine holds
@@ -54,8 +59,14 @@ class WorkspaceConfig:
     end_id: tuple[int, ...]         # every stop id
     cache_max_entry_count: float    # most of the free memory the KV cache may take (0, 1]
     tensor_para_size: int           # 1: the bundled runtime does not shard
+    kv_mode: str = ""               # fp16 | int8-static | int8 | int4; "" (or no key): from quant_policy
 
     def __post_init__(self):
+        if not self.kv_mode:  # a config.ini written before kv_mode existed reads as its quant_policy says
+            self.kv_mode = mode_of_policy(self.quant_policy)
+        self._check()
+
+    def _check(self):
         def check(ok: bool, what: str):
             if not ok:
                 raise QconvError(f"config.ini: {what}")
@@ -78,6 +89,11 @@ class WorkspaceConfig:
                                                 f"pick a divisor, e.g. --group-size 64")
         check(self.quant_policy in QUANT_POLICIES, f"quant_policy must be 0 (fp KV) or 4 (int8 KV), "
                                                    f"got {self.quant_policy}")
+        problem = mode_problem(self.kv_mode, self.size_per_head)
+        check(problem is None, problem)
+        check(self.quant_policy == policy_of_mode(self.kv_mode),
+              f"kv_mode {self.kv_mode} goes with quant_policy {policy_of_mode(self.kv_mode)}, got {self.quant_policy} "
+              f"(quant_policy 4 means calibrated static int8 here)")
         check(self.rope_scaling in ROPE_SCALINGS, f"rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, "
                                                   f"got {self.rope_scaling!r}")
         check(self.rope_scaling_factor > 0, f"rope_scaling_factor must be positive, got {self.rope_scaling_factor}")
@@ -112,13 +128,13 @@ class WorkspaceConfig:
         hints = typing.get_type_hints(cls)
         names = [f.name for f in dataclasses.fields(cls)]
         for name in names:
-            if name not in raw:
+            if name not in raw and name not in OPTIONAL_KEYS:
                 raise QconvError(f"{path} is missing the key '{name}' in [{SECTION}]; "
                                  f"recreate the workspace with qconv convert")
         unknown = sorted(set(raw) - set(names))
         if unknown:
             raise QconvError(f"{path} has unknown key '{unknown[0]}' in [{SECTION}]")
-        return cls(**{n: _parse(raw[n], hints[n], n, path) for n in names})
+        return cls(**{n: _parse(raw[n], hints[n], n, path) for n in names if n in raw})
 
 
 def _format(value) -> str:

@@ -1,7 +1,8 @@
 """`qconv eval --model`: perplexity by BENCH_PROTOCOL (whole text tokenized once, consecutive windows, exp(mean NLL);
 convert/perplexity.py) of a model that transformers runs.
 
-With KV params, K (post-rotary) and V are quantized to int8 and back as they would enter the cache.
+With KV params (kv_mode int8-static), K (post-rotary) and V are quantized to int8 and back as they would enter the
+cache; with kv_mode int8 / int4, per (token, head) as the online cache write does (convert/kv_mode.py).
 
 The windows go through the model a group at a time and block by block (convert/model_io streams each
 block from disk), so host memory holds one block and one group's hidden states, not the model.
@@ -16,10 +17,11 @@ import torch.nn.functional as F
 from .. import QconvError
 from ..convert.arch import get_module
 from ..convert.kv_file import load_kv_params, params_by_layer
+from ..convert.kv_mode import KV_MODES, ONLINE_BITS
 from ..convert.model_io import LoadedModel, load_model, model_shape, resolve_device
 from ..convert.perplexity import PplResult, eval_windows, perplexity
 from .data import eval_text
-from .hooks import KVFakeQuant, attention_function
+from .hooks import KVFakeQuant, KVTokenFakeQuant, attention_function
 from .kv_params import compute_kv_params, load_kv_stats
 from .layerwise import Layerwise, iter_blocks
 
@@ -45,15 +47,25 @@ def model_shape_mismatch(a: dict, b: dict) -> bool:
 
 def eval_model(model: str, dataset: str, seqlen: int = 2048, windows: int | None = None,
                kv_params: str | None = None, kv_sym: bool = False, kv_granularity: str = "head",
-               device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False) -> PplResult:
+               device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+               kv_mode: str | None = None) -> PplResult:
     """An HF folder, a .gguf or an AWQ/int8 checkpoint, run by transformers (a workspace goes through the
-    bundled runtime: runtime/evaluate.py)."""
+    bundled runtime: runtime/evaluate.py). ``kv_mode`` None: int8-static with ``kv_params``, else fp16."""
+    kv_mode = kv_mode or ("int8-static" if kv_params is not None else "fp16")
+    if kv_mode not in KV_MODES:
+        raise QconvError(f"--kv must be one of {', '.join(KV_MODES)}, got {kv_mode!r}")
+    if (kv_mode == "int8-static") != (kv_params is not None):
+        raise QconvError(f"--kv-params goes with --kv int8-static and only with it (got --kv {kv_mode} "
+                         f"{'with' if kv_params else 'without'} --kv-params)")
     text = eval_text(dataset)
     dev = resolve_device(device)
     lm = load_model(model, dtype=dtype, device=str(dev), trust_remote_code=trust_remote_code)
     ids = eval_windows(text, lm.tokenizer, seqlen, windows)
     logits_fn = block_by_block(lm, ids, dev)
 
+    if kv_mode in ONLINE_BITS:
+        with attention_function(lm.model, KVTokenFakeQuant(ONLINE_BITS[kv_mode])):
+            return perplexity(logits_fn, ids, dev, desc=f"eval kv-{kv_mode}")
     if kv_params is None:
         return perplexity(logits_fn, ids, dev)
     params = resolve_kv_params(kv_params, model_shape(lm.config), kv_sym, kv_granularity)

@@ -7,7 +7,7 @@ import itertools
 import torch
 
 from ..convert.arch import ArchSpec, get_module
-from ..convert.quant import kv_dequantize, kv_quantize
+from ..convert.quant import kv_dequantize, kv_quantize, kv_token_fake_quantize
 from .stats import ChannelStats, head_minmax, merge_minmax
 
 _ids = itertools.count()
@@ -65,6 +65,18 @@ class KVFakeQuant:
         k = kv_dequantize(kv_quantize(k, ks, kz), ks, kz, k.dtype)
         v = kv_dequantize(kv_quantize(v, vs, vz), vs, vz, v.dtype)
         return base(module, q, k, v, mask, **kw)
+
+
+class KVTokenFakeQuant:
+    """Quantize K and V per (token, head) to ``bits`` and back as the online cache write does (kv_mode int8 / int4:
+    one asymmetric fp16 (scale, zp) per token and head, convert/quant.py kv_token_quantize)."""
+
+    def __init__(self, bits: int):
+        self.bits = bits
+
+    def __call__(self, base, module, q, k, v, mask, **kw):
+        # k, v: [B, H_kv, S, D], quantized over D
+        return base(module, q, kv_token_fake_quantize(k, self.bits), kv_token_fake_quantize(v, self.bits), mask, **kw)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from .. import QconvError
 from ..convert.fileio import load_json
+from ..convert.kv_mode import mode_problem
+from ..convert.model_io import model_shape, read_config
 from ..convert.shards import DEFAULT_SHARD_BYTES, INDEX, SINGLE
 from .awq import AwqRequest, awq
 from .calibrate import CalibRequest, calibrate
@@ -23,7 +25,8 @@ def _awq_done(ckpt: Path, req: AwqRequest, calib: CalibRequest) -> bool:
 def quantize(model: str, dst: str, work_dir: str | None, req: AwqRequest, calib: CalibRequest, kv: bool = True,
              kv_sym: bool = False, session_len: int | None = None, device: str = "auto", dtype: str = "auto",
              force: bool = False, trust_remote_code: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
-             log=print) -> Path:
+             log=print, kv_mode: str | None = None) -> Path:
+    """``kv_mode`` (convert/kv_mode.py) None: int8-static with ``kv``, else fp16. Only int8-static calibrates K/V."""
     from ..convert.workspace import ConvertRequest, convert_workspace
 
     dst_path = Path(dst)
@@ -34,8 +37,11 @@ def quantize(model: str, dst: str, work_dir: str | None, req: AwqRequest, calib:
     if dst_path.exists() and not force:
         raise QconvError(f"{dst_path} exists and is not a workspace; pass --force or choose another --dst-path")
     common = dict(device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    params = None
-    if kv:
+    params, kv_mode = None, kv_mode or ("int8-static" if kv else "fp16")
+    problem = mode_problem(kv_mode, model_shape(read_config(model, trust_remote_code)[1])["head_dim"])
+    if problem:  # before hours of calibration and AWQ, not at convert
+        raise QconvError(problem)
+    if kv_mode == "int8-static":
         log("qconv: [1/4] calibrate")
         calibrate(model, str(work), calib, force=force, log=log, **common)
         log("qconv: [2/4] kv-params")
@@ -49,7 +55,7 @@ def quantize(model: str, dst: str, work_dir: str | None, req: AwqRequest, calib:
             **common)
     log("qconv: [4/4] convert")
     out = convert_workspace(ConvertRequest(model=str(ckpt), dst=str(dst_path), kv_params=params,
-                                           session_len=session_len, force=force,
+                                           kv_mode=kv_mode, session_len=session_len, force=force,
                                            trust_remote_code=trust_remote_code), log=log)
     log(f"qconv: workspace ready in {out}. Next: qconv chat {out}")
     return out

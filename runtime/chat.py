@@ -186,8 +186,9 @@ def _ctrl_c_sets():
 
 
 def run_chat(engine: Engine, gen: GenerationConfig, system: str | None = None, prompt: str | None = None,
-             load_s: float = 0.0) -> None:
-    """``prompt``: answer it and return; otherwise a REPL (prompts and colours only on a terminal)."""
+             load_s: float = 0.0, verbose: bool = False) -> None:
+    """``prompt``: answer it and return; otherwise a REPL (prompts and colours only on a terminal). ``verbose``:
+    first a line on the KV cache (mode, bytes per token with its params, size)."""
     interactive = prompt is None and sys.stdin.isatty()
     if interactive:
         _line_editing()
@@ -195,8 +196,12 @@ def run_chat(engine: Engine, gen: GenerationConfig, system: str | None = None, p
     if interactive:
         c = engine.cfg
         click.echo(click.style(f"qconv: {c.model_name}: {c.weight_type} weights, "
-                               f"{'int8' if c.quant_policy == 4 else 'fp'} KV cache, session_len {c.session_len}, "
+                               f"{c.kv_mode} KV cache, session_len {c.session_len}, "
                                f"on {_where(engine.device)}, loaded in {load_s:.1f}s", dim=True), err=True)
+    if verbose:
+        cache = engine.cache
+        _note(f"qconv: KV cache {cache.mode}: {engine.kv_bytes_per_token} bytes per token (params included), "
+              f"{cache.batch} x {cache.max_len} tokens = {cache.nbytes() / 2**20:.1f} MiB")
     if prompt is not None:
         if session.ask(prompt) is None:
             raise click.exceptions.Abort()  # Ctrl+C: exit 130 like any interrupted command

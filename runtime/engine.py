@@ -24,6 +24,7 @@ from .. import QconvError
 from .batch import Batch, Seq
 from .detokenize import TextStream
 from .generation import GenerationConfig
+from ..convert.kv_mode import ONLINE_BITS, bytes_per_token
 from .kv_cache import KVCache
 from .loader import LoadedWorkspace, load_workspace, make_runner
 from .options import RuntimeOptions
@@ -52,11 +53,11 @@ class Engine:
             raise QconvError(f"batch size {batch_size} is outside 1..max_batch_size ({cfg.max_batch_size})")
         self.ws, self.cfg, self.model, self.tokenizer, self.opts = ws, cfg, ws.model, ws.tokenizer, opts
         self.device = ws.device
-        store = 1 if cfg.quant_policy == 4 else torch.tensor([], dtype=ws.dtype).element_size()
-        need = 2 * cfg.num_layer * batch_size * cfg.kv_head_num * cfg.session_len * cfg.size_per_head * store
+        self.kv_bytes_per_token = kv_bytes_per_token(cfg, ws.dtype)
+        need = batch_size * cfg.session_len * self.kv_bytes_per_token
         free = _free_memory(self.device)
-        if need > cfg.cache_max_entry_count * free:
-            fit = int(cfg.cache_max_entry_count * free // (need // (batch_size * cfg.session_len)))  # tokens
+        if need > cfg.cache_max_entry_count * free:  # int4 admits about 4x the fp16 tokens, int8 2x
+            fit = int(cfg.cache_max_entry_count * free // self.kv_bytes_per_token)  # tokens
             fewer = f"serve fewer sequences at once (--max-batch-size; batch x session_len <= {fit}), " \
                 if batch_size > 1 else ""
             raise QconvError(f"the KV cache for batch {batch_size} x session_len {cfg.session_len} needs "
@@ -64,7 +65,7 @@ class Engine:
                              f"of the {free / 2**30:.2f} GiB free (room for {fit} tokens); {fewer}convert with a "
                              f"smaller --session-len, or raise cache_max_entry_count in {ws.path / 'config.ini'}")
         self.cache = KVCache(cfg.num_layer, batch_size, cfg.kv_head_num, cfg.session_len, cfg.size_per_head,
-                             ws.dtype, self.device, ws.kv_qparams)
+                             ws.dtype, self.device, ws.kv_qparams, ONLINE_BITS.get(cfg.kv_mode))
         self.runner = make_runner(self.model, self.cache, opts)
         self._cached: list[int] = []  # the tokens whose K/V cache row 0 holds, in order
         self.last_stats: GenerationStats | None = None
@@ -268,3 +269,9 @@ def _free_memory(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 1 << 62  # unknown: do not refuse
+
+
+def kv_bytes_per_token(cfg, dtype: torch.dtype) -> int:
+    """The KV cache's bytes per token of this workspace computing in ``dtype`` (per-token params included)."""
+    return bytes_per_token(cfg.kv_mode, cfg.num_layer, cfg.kv_head_num, cfg.size_per_head,
+                           torch.tensor([], dtype=dtype).element_size())

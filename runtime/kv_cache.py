@@ -1,28 +1,45 @@
-"""Static, preallocated KV cache: one [B, H_kv, S_max, D] buffer per layer for K and for V.
+"""Static, preallocated KV cache: one [B, H_kv, S_max, D] buffer per layer for K and for V (convert/kv_mode.py).
 
-quant_policy 0 stores K (post-rotary) and V in the compute dtype. quant_policy 4 stores them as int8
+kv_mode fp16 stores K (post-rotary) and V in the compute dtype. int8-static (quant_policy 4) stores them as int8
 with static per-head params, q = clamp(round((x - zp) / scale), -128, 127), and reads x = q * scale + zp.
-Every row of the batch is its own sequence: writes go to the positions each row names.
+The online modes int8 and int4 store uint8 codes (int4: two per byte, [B, H_kv, S_max, D/2]) and, per layer, one
+float16 (scale, zp) per (token, head) for K and for V, [B, H_kv, S_max, 2], taken as the token is written
+(convert/quant.py kv_token_quantize). Every row of the batch is its own sequence: writes go to the positions each
+row names.
 """
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
 
-from ..convert.quant import kv_dequantize, kv_quantize
+from ..convert.quant import (kv_dequantize, kv_quantize, kv_token_dequantize, kv_token_quantize, pack_int4_pairs,
+                             unpack_int4_pairs)
+
+ALGEBRA_ROWS = 16  # online modes: up to this many query positions attend over the codes; more dequantize for SDPA
 
 
 class KVCache:
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device,
-                 qparams: dict[int, tuple[torch.Tensor, ...]] | None = None):
-        self.dtype, self.max_len, self.batch = dtype, max_len, batch
-        store = torch.int8 if qparams is not None else dtype
-        shape = (batch, kv_heads, max_len, head_dim)
+                 qparams: dict[int, tuple[torch.Tensor, ...]] | None = None, online_bits: int | None = None):
+        """``qparams``: int8-static; ``online_bits`` 8 or 4: the online modes; neither: fp16 (compute dtype)."""
+        assert qparams is None or online_bits is None, "a cache is static int8 or online, not both"
+        assert online_bits in (None, 8, 4), f"online_bits {online_bits}"
+        self.dtype, self.max_len, self.batch, self.bits = dtype, max_len, batch, online_bits
+        store = torch.int8 if qparams is not None else torch.uint8 if online_bits else dtype
+        width = head_dim * online_bits // 8 if online_bits else head_dim  # int4: [D] -> [D/2] bytes
+        shape = (batch, kv_heads, max_len, width)
         self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
+        # online modes, per layer: [B, H_kv, S_max, 2] float16, (scale, zp) of each token's K / V
+        pshape = (batch, kv_heads, max_len, 2)
+        self.kp = [torch.zeros(pshape, dtype=torch.float16, device=device) for _ in range(num_layers)] \
+            if online_bits else None
+        self.vp = [torch.zeros(pshape, dtype=torch.float16, device=device) for _ in range(num_layers)] \
+            if online_bits else None
         # per layer (k_scale, k_zp, v_scale, v_zp), each [H_kv] -> [1, H_kv, 1, 1] float32
         self.qparams = None if qparams is None else {
             i: tuple(p.to(device=device, dtype=torch.float32)[None, :, None, None] for p in ps)
@@ -30,10 +47,21 @@ class KVCache:
 
     @property
     def quantized(self) -> bool:
+        """Static int8 (per-head params); see ``online`` for the per-token modes."""
         return self.qparams is not None
 
+    @property
+    def online(self) -> bool:
+        return self.bits is not None
+
+    @property
+    def mode(self) -> str:
+        """convert/kv_mode.py's name of what this cache stores."""
+        return "int8-static" if self.quantized else f"int{self.bits}" if self.online else "fp16"
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        """Bytes of every buffer, per-token params included."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + (self.kp + self.vp if self.online else []))
 
     def rows(self, start: int, stop: int) -> KVCache:
         """Rows start..stop-1 as a cache of their own that shares this one's storage (views, no copy):
@@ -43,6 +71,9 @@ class KVCache:
         view.batch = stop - start
         view.k = [t[start:stop] for t in self.k]
         view.v = [t[start:stop] for t in self.v]
+        if self.online:
+            view.kp = [t[start:stop] for t in self.kp]
+            view.vp = [t[start:stop] for t in self.vp]
         return view
 
     def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | None) -> None:
@@ -53,26 +84,66 @@ class KVCache:
         if self.qparams is not None:
             ks, kz, vs, vz = self.qparams[layer]
             k, v = kv_quantize(k, ks, kz), kv_quantize(v, vs, vz)
-        B, S = pos.shape
-        if start is not None:
-            self.k[layer][:B, :, start:start + S] = k
-            self.v[layer][:B, :, start:start + S] = v
-        else:
-            rows = torch.arange(B, device=pos.device)[:, None]  # [B, 1] with pos [B, S] -> [B, S, H, D]
-            self.k[layer][rows, :, pos] = k.transpose(1, 2)
-            self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        if self.online:  # each token's codes and its (scale, zp), per head
+            k, kp = self._quantize_tokens(k)
+            v, vp = self._quantize_tokens(v)
+            _put(self.kp[layer], pos, kp, start)
+            _put(self.vp[layer], pos, vp, start)
+        _put(self.k[layer], pos, k, start)
+        _put(self.v[layer], pos, v, start)
+
+    def _quantize_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, H, S, D] -> (codes [B, H, S, D * bits / 8] uint8, params [B, H, S, 2] float16 (scale, zp))."""
+        codes, scale, zp = kv_token_quantize(x, self.bits)
+        if self.bits == 4:
+            codes = pack_int4_pairs(codes)  # [..., D] -> [..., D/2]
+        return codes, torch.stack((scale, zp), dim=-1).half()
+
+    def codes(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, ...]:
+        """Online modes: (k codes [batch, H, length, D] uint8, k params [batch, H, length, 2], v codes, v params);
+        int4 codes unpacked."""
+        k, v = self.stored(layer, batch, length)
+        if self.bits == 4:
+            k, v = unpack_int4_pairs(k), unpack_int4_pairs(v)
+        return k, self.kp[layer][:batch, :, :length], v, self.vp[layer][:batch, :, :length]
 
     def stored(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of the first ``length`` positions as stored (int8 codes with quant_policy 4): views, no copy."""
+        """K, V of the first ``length`` positions as stored (codes in the quantized modes): views, no copy."""
         return self.k[layer][:batch, :, :length], self.v[layer][:batch, :, :length]
 
     def read(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of the first ``length`` positions: [batch, H_kv, length, D] in the compute dtype."""
+        if self.online:
+            kc, kp, vc, vp = self.codes(layer, batch, length)
+            return (kv_token_dequantize(kc, kp[..., 0], kp[..., 1], self.dtype),
+                    kv_token_dequantize(vc, vp[..., 0], vp[..., 1], self.dtype))
         k, v = self.stored(layer, batch, length)
         if self.qparams is None:
             return k, v
         ks, kz, vs, vz = self.qparams[layer]
         return kv_dequantize(k, ks, kz, self.dtype), kv_dequantize(v, vs, vz, self.dtype)
+
+    def attention(self, layer: int, q: torch.Tensor, length: int, mask: torch.Tensor | None,
+                  causal: bool) -> torch.Tensor:
+        """q [B, Hq, S, D] attends over this layer's first ``length`` positions (see cache_attention)."""
+        B = q.shape[0]
+        if not self.online:
+            k, v = self.stored(layer, B, length)
+            return cache_attention(q, k, v, mask, causal, self.qparams[layer] if self.quantized else None)
+        if q.shape[2] <= ALGEBRA_ROWS:
+            return token_cache_attention(q, *self.codes(layer, B, length), mask, causal)
+        k, v = self.read(layer, B, length)  # a long prefill: dequantized once for SDPA's fused kernel
+        return cache_attention(q, k, v, mask, causal)
+
+
+def _put(buf: torch.Tensor, pos: torch.Tensor, x: torch.Tensor, start: int | None) -> None:
+    """buf [B_max, H, S_max, X] at positions pos [B, S] <- x [B, H, S, X]."""
+    B, S = pos.shape
+    if start is not None:
+        buf[:B, :, start:start + S] = x
+    else:
+        rows = torch.arange(B, device=pos.device)[:, None]  # [B, 1] with pos [B, S] -> [B, S, H, X]
+        buf[rows, :, pos] = x.transpose(1, 2)
 
 
 def shared_start(pos: torch.Tensor) -> int | None:
@@ -106,3 +177,27 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     if qparams is not None:
         o = (o.unflatten(1, (k.shape[1], -1)).float() * vs + vz).flatten(1, 2)
     return o.to(dt)
+
+
+def token_cache_attention(q: torch.Tensor, kc: torch.Tensor, kp: torch.Tensor, vc: torch.Tensor, vp: torch.Tensor,
+                          mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
+    """cache_attention over online codes: q [B, Hq, S, D]; kc, vc [B, Hkv, L, D] codes; kp, vp [B, Hkv, L, 2]
+    (scale, zp) per key. The same algebra as the static path, with the params per key instead of per head:
+    q . x_t = s_t (q . c_t) + z_t sum(q) (z_t now differs between keys, so it stays), and
+    sum_t p_t x_t = (p s) . c + p . z. The codes only change dtype; nothing [L, D] is dequantized."""
+    dt = q.dtype
+    B, Hq, S, D = q.shape
+    Hkv = kc.shape[1]
+    qg = q.float().unflatten(1, (Hkv, -1)).flatten(2, 3)  # [B, Hq, S, D] -> [B, Hkv, rep * S, D]
+    ks, kz = kp.float().unbind(-1)  # [B, Hkv, L] each
+    vs, vz = vp.float().unbind(-1)
+    scores = (qg @ kc.float().transpose(-1, -2)) * ks[:, :, None] + qg.sum(-1, keepdim=True) * kz[:, :, None]
+    scores = (scores / math.sqrt(D)).unflatten(2, (-1, S))  # [B, Hkv, rep, S, L]
+    L = kc.shape[2]
+    if causal:  # as SDPA's is_causal: query s sees keys 0..s
+        mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril()[None, None]
+    if mask is not None:  # [B, 1, S, L] -> [B, 1, 1, S, L]
+        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    p = scores.softmax(-1).flatten(2, 3)  # [B, Hkv, rep * S, L]
+    o = (p * vs[:, :, None]) @ vc.float() + (p * vz[:, :, None]).sum(-1, keepdim=True)  # [B, Hkv, rep * S, D]
+    return o.unflatten(2, (-1, S)).flatten(1, 2).to(dt)  # [B, Hq, S, D]

@@ -164,6 +164,8 @@ def test_health_and_models_need_no_key_and_a_key(server):
     with urllib.request.urlopen(server[0].url + "/health") as r:
         health = json.load(r)
     assert health["status"] == "ok" and health["slots"] == 8 and health["session_len"] == 1024
+    cache = server[1].engine.cache  # bytes per token of the cache the server holds, params included
+    assert health["kv_mode"] == "fp16" and health["kv_bytes_per_token"] == cache.nbytes() // (8 * 1024) > 0
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(server[0].url + "/v1/models")
     assert e.value.code == 401 and json.load(e.value)["error"]["code"] == "invalid_api_key"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...convert.workspace_config import WorkspaceConfig
-from ..kv_cache import KVCache, cache_attention, shared_start
+from ..kv_cache import KVCache, shared_start
 from ..rope import apply_rotary, rotary_tables
 
 
@@ -71,8 +71,7 @@ class Block(LayerWeights):
         v = v.view(B, S, self.hkv, self.d).transpose(1, 2)
         cache.write(self.layer, pos, k, v, start)
         length, mask, causal = keys
-        k, v = cache.stored(self.layer, B, length)  # [B, Hkv, L, D]
-        o = cache_attention(q, k, v, mask, causal, cache.qparams[self.layer] if cache.quantized else None)
+        o = cache.attention(self.layer, q, length, mask, causal)  # [B, Hq, S, D]
         x = x + self.wo(o.transpose(1, 2).reshape(B, S, self.hq * self.d))
         h = rms_norm(x, self.ffn_norm, self.eps)
         gate, up = self.w13(h).chunk(2, dim=-1)  # [B, S, 2 * inter] -> 2 x [B, S, inter]

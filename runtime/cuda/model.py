@@ -32,6 +32,7 @@ from torch import nn
 
 from ...convert.workspace_config import WorkspaceConfig
 from .kernels import HAVE_TRITON
+from ... import QconvError
 from ..kv_cache import KVCache, shared_start
 from ..cpu.model import LayerWeights, attention_mask
 from ..options import RuntimeOptions
@@ -75,6 +76,9 @@ class GpuTransformer(nn.Module):
 
     def kv_params(self, cache: KVCache) -> list[torch.Tensor | None]:
         """Per layer [4, Hkv] float32 (k_scale, k_zp, v_scale, v_zp) for an int8 cache, else Nones."""
+        if cache.online:  # the kernels read fp16 or static int8 caches only; codes would be read as values
+            raise QconvError(f"the GPU path does not read an online {cache.mode} KV cache; run on the CPU path "
+                             f"(--device cpu) or use kv_mode int8-static or fp16")
         if cache.qparams is None:
             return [None] * len(self.layers)
         if self._kvp_src is not cache.qparams:

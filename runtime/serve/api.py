@@ -90,7 +90,8 @@ def create_app(scheduler: Scheduler, model_id: str, api_key: str | None = None) 
         s = scheduler.stats()
         return {"status": "ok", "model": model_id, "slots": s.slots, "active": s.active, "waiting": s.waiting,
                 "max_queue": s.max_queue, "steps": s.steps, "finished": s.finished,
-                "session_len": engine.cfg.session_len}
+                "session_len": engine.cfg.session_len, "kv_mode": engine.cfg.kv_mode,
+                "kv_bytes_per_token": engine.kv_bytes_per_token}
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -92,7 +92,7 @@ def serve(workspace, cfg: ServeConfig, device: str = "auto", dtype: str = "auto"
     e = scheduler.engine
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     log(f"qconv: {e.cfg.model_name} on {e.device} ({e.cfg.weight_type} weights, "
-        f"{'int8' if e.cfg.quant_policy == 4 else 'fp'} KV), {scheduler.max_batch} slots x session_len "
+        f"{e.cfg.kv_mode} KV, {e.kv_bytes_per_token} B/token), {scheduler.max_batch} slots x session_len "
         f"{e.cfg.session_len}, queue {scheduler.max_queue}, loaded in {time.perf_counter() - t0:.1f}s")
     log(f"qconv: chat page http://{host}:{sock.getsockname()[1]}/ , OpenAI API http://{host}:"
         f"{sock.getsockname()[1]}/v1" + (" (Authorization: Bearer KEY)" if cfg.api_key else ""))
