@@ -1,6 +1,7 @@
 """The `qconv` command line: one subcommand per stage, each a thin call into pipelines/ or runtime/."""
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -9,9 +10,54 @@ import click
 
 from . import QconvError, __version__
 from .runtime.cpu.threads import pick_cpu_threads  # before torch loads
-from .cli_options import (DTYPES, batch_option, calib_options, device_option, dtype_option, force_option,
-                          kv_option, lm_head_option, model_option, runtime_dtype_option, stats_dir_option,
-                          trust_option, work_dir_option)
+from .convert.kv_mode import KV_MODES
+
+DEVICES = click.Choice(["auto", "cpu", "cuda"])
+DTYPES = click.Choice(["auto", "float16", "bfloat16", "float32"])
+
+
+def model_option(required=True):
+    return click.option("--model", "model", required=required, metavar="PATH",
+                        help="HF model folder (config.json + safetensors) or a .gguf file.")
+
+
+work_dir_option = click.option("--work-dir", required=True, metavar="DIR",
+                               help="Folder for statistics and intermediate results (created if missing).")
+stats_dir_option = click.option("--work-dir", required=True, metavar="DIR",
+                                help="The folder qconv calibrate wrote its statistics into.")
+device_option = click.option("--device", type=DEVICES, default="auto", show_default=True,
+                             help="auto picks CUDA when present.")
+dtype_option = click.option("--dtype", type=DTYPES, default="auto", show_default=True,
+                            help="Compute dtype. auto: float32 on CPU; on GPU the checkpoint's bf16, else float16.")
+runtime_dtype_option = click.option("--dtype", type=DTYPES, default="auto", show_default=True, help="Compute dtype. "
+                                    "auto: on CPU bfloat16 for int4 workspaces (torch's CPU int4 kernel), else "
+                                    "float32; on GPU the checkpoint's bf16, else float16.")
+force_option = click.option("--force", is_flag=True, help="Recompute and overwrite existing outputs.")
+lm_head_option = click.option("--lm-head", type=click.Choice(["auto", "fp", "int8", "int4"]), default="auto",
+                              show_default=True, help="Output projection of a workspace: as stored (fp), or "
+                              "quantized at load to int8 (one scale per row) or int4 (g128, GPU only). auto: int8 on "
+                              "the GPU for int4 workspaces (half the head's bytes per token), else fp.")
+trust_option = click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder.")
+batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                            help="Windows per forward pass [default: ~16k tokens on GPU, 1 on CPU].")
+
+
+def calib_options(seqlen_default: int):
+    opts = [click.option("--calib-dataset", default="c4", show_default=True, metavar="SPEC",
+                         help="'c4' (bundled, offline), a .txt/.jsonl/.json/.parquet file, or hf:NAME[:CONFIG]:SPLIT."),
+            click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
+                         help="Number of calibration windows."),
+            click.option("--calib-seqlen", type=click.IntRange(min=1), default=seqlen_default, show_default=True,
+                         help="Tokens per calibration window."),
+            click.option("--seed", type=int, default=0, show_default=True, help="Seed for the document order.")]
+    return lambda f: functools.reduce(lambda g, opt: opt(g), reversed(opts), f)
+
+
+def kv_option(default=None, help_default="fp16, or int8-static with --kv-params"):
+    return click.option("--kv", "kv_mode", type=click.Choice(KV_MODES), default=default,
+                        help="KV cache: fp16 (unquantized), int8-static (calibrated per-head int8, quant_policy 4), "
+                             "int8 / int4 (online: one scale and zero point per token and head, no calibration) "
+                             f"[default: {help_default}].")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,10 +95,9 @@ def calibrate(model, work_dir, calib_dataset, calib_samples, calib_seqlen, seed,
               force, trust_remote_code):
     """Record per-channel statistics of every linear input and per-head K/V ranges.
 
-    The model runs one decoder layer at a time: only that layer sits on the accelerator, so
-    models larger than the GPU can be calibrated. K is recorded after rotary embedding, as the
-    KV cache holds it. Writes inputs_stats / key_stats / value_stats .safetensors and
-    calibrate.json into --work-dir; a rerun with the same inputs is skipped unless --force.
+    One decoder layer at a time is read from disk and sits on the accelerator, so models larger than the GPU
+    or host memory can be calibrated. K is recorded after rotary, as the KV cache holds it. Writes inputs_stats /
+    key_stats / value_stats .safetensors and calibrate.json into --work-dir (a rerun is skipped unless --force).
     """
     from .pipelines.calibrate import CalibRequest, calibrate as run
 
@@ -106,11 +151,10 @@ def awq(model, work_dir, w_bits, w_group_size, w_sym, calib_dataset, calib_sampl
         search_scale, clip, method, backend, out, batch_size, device, dtype, force, trust_remote_code):
     """Activation-aware weight quantization into an HF AWQ (GEMM) checkpoint.
 
-    Block by block (only one decoder block on the accelerator): grid-search per-channel scales
-    s = mean|x|^a / mean|w|^(1-a) for each group of linears sharing an input, fold them into the
-    previous op, search per-group clipping, then quantize q = clamp(round(w/s) + z, 0, 15).
-    Finished blocks are cached in WORK_DIR/awq_state, so a killed run resumes on rerun.
-    transformers and vLLM load the 4-bit checkpoint; `qconv eval --model OUT` measures it.
+    Block by block (one decoder block on the accelerator): grid-search per-channel scales s = mean|x|^a /
+    mean|w|^(1-a) for each group of linears sharing an input, fold them into the previous op, search per-group
+    clipping, quantize q = clamp(round(w/s) + z, 0, 15). Finished blocks are cached in WORK_DIR/awq_state (a
+    killed run resumes). transformers and vLLM load the 4-bit checkpoint; `qconv eval --model OUT` measures it.
     """
     from .pipelines.awq import AwqRequest, awq as run
     from .pipelines.calibrate import CalibRequest
@@ -145,15 +189,14 @@ def eval_cmd(workspace, model, dataset, seqlen, windows, kv_params, kv_sym, kv_g
              lm_head, trust_remote_code, as_json):
     """Perplexity: the text is tokenized once and cut into consecutive windows from token 0.
 
-    ppl = exp(mean NLL over every predicted token). Give exactly one of WORKSPACE or --model:
+    ppl = exp(mean NLL over every predicted token); the last line printed is `ppl X`. Give exactly one of
+    WORKSPACE or --model:
 
     \b
     WORKSPACE  a folder from qconv convert/quantize: measured through the bundled runtime, with
                the weights and KV cache its config.ini says (what qconv chat computes)
     --model M  an HF folder, a .gguf, or an AWQ/int8 checkpoint (dequantized), run by transformers;
                with --kv-params or --kv, K and V are quantized and back as they enter the cache
-
-    The last line printed is `ppl X`.
     """
     from .runtime.evaluate import evaluate
 
@@ -184,9 +227,7 @@ def fetch(name):
     click.echo(run(name))
 
 
-# ---------------------------------------------------------------------------------------------
-# Deployment: a workspace for the bundled runtime, and chatting with it
-# ---------------------------------------------------------------------------------------------
+# -- Deployment: a workspace for the bundled runtime, and chatting with it ----------------------
 from .runtime.generation import GENERATION_DEFAULTS  # noqa: E402  (torch-free; chat's defaults)
 from .runtime.serve.server import SERVE_DEFAULTS  # noqa: E402  (torch-free; serve's defaults)
 
@@ -256,10 +297,9 @@ def chat(workspace, prompt, system, max_new_tokens, temperature, top_p, top_k, r
     """Chat with a workspace through the bundled runtime (streamed, with history).
 
     \b
-    Commands: exit (or Ctrl+D), clear (forget the history), stream (toggle streaming).
-    Several lines: end a line with a backslash, or wrap them in lines of three double quotes.
-    Ctrl+C stops the current answer, not the session. Without a terminal on stdin each line is
-    one message; --prompt answers one message and exits.
+    Commands: exit (or Ctrl+D), clear (forget the history), stream (toggle streaming). Several lines: paste
+    them, end a line with a backslash, or wrap them in lines of three double quotes. Ctrl+C stops the current
+    answer, not the session. Without a terminal each line is one message; --prompt answers one and exits.
     """
     from .runtime.chat import run_chat
     from .runtime.engine import Engine
@@ -346,10 +386,7 @@ def main(argv=None) -> int:
         hint = f" (see: {e.ctx.command_path} --help)" if e.ctx else ""
         click.echo(f"qconv: error: {e.format_message()}{hint}", err=True)
         return 2
-    except click.exceptions.Abort:
-        click.echo("qconv: interrupted", err=True)
-        return 130
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("qconv: interrupted; outputs written so far are complete, nothing is half-written", err=True)
         return 130
     except click.ClickException as e:
