@@ -93,7 +93,7 @@ def test_gpu_model_matches_cpu_runtime(w4kv):
         got = bufs.logits[:2].flip(0).cpu()
         assert rel(got, want) < 5e-3 and torch.equal(got.argmax(-1), want.argmax(-1))
     # a one-row step (rotary, cache write and attention in one kernel) on cache row 1
-    want = cpu.model(torch.tensor([[5]]), torch.tensor([[25]]), rows_view(cc, 1, 2), last_only=True)[:, -1]
+    want = cpu.model(torch.tensor([[5]]), torch.tensor([[25]]), cc.rows(1, 2), last_only=True)[:, -1]
     bufs.idx[:, :1] = torch.tensor([[5], [25], [1]], device=DEV)
     gpu.model.decode_step(bufs, 1, gc, RuntimeOptions())
     assert rel(bufs.logits[:1].cpu(), want) < 5e-3 and (bufs.count == 0).all()
@@ -119,7 +119,7 @@ def test_split_w13_hands_its_sums_to_w2(w4kv, monkeypatch):
     nxt = torch.full((4,), 12)  # each row's next position
     for step, rows in enumerate((1, 4, 1)):
         tok, p = ids((rows,), 41 + step), nxt[:rows].clone()
-        want = cpu.model(tok[:, None], p[:, None], rows_view(cc, 0, rows), last_only=True)[:, -1]
+        want = cpu.model(tok[:, None], p[:, None], cc.rows(0, rows), last_only=True)[:, -1]
         bufs.idx[:, :rows] = torch.stack([tok, p, torch.arange(rows)]).to(DEV)
         nxt[:rows] += 1
         gpu.model.decode_step(bufs, rows, gc, RuntimeOptions(), distinct=True)
@@ -148,14 +148,6 @@ def stepwise_batch(engine: Engine, prompts: list[list[int]], n: int) -> list[lis
         for o, t in zip(out, toks):
             o.append(t)
     return out
-
-
-def rows_view(cache: KVCache, first: int, stop: int) -> KVCache:
-    """Rows first..stop-1 sharing the cache's storage, as a server hands one run of rows to the model."""
-    view = KVCache.__new__(KVCache)
-    view.dtype, view.max_len, view.batch, view.qparams = cache.dtype, cache.max_len, stop - first, cache.qparams
-    view.k, view.v = [t[first:stop] for t in cache.k], [t[first:stop] for t in cache.v]
-    return view
 
 
 def test_engine_decode_paths(w4kv, monkeypatch):
@@ -233,7 +225,7 @@ def test_engine_decode_paths(w4kv, monkeypatch):
     got = gpu.decode_batch([8, 9, 7], [5, 3, 8], rows=[1, 2, 0]).cpu()
     assert rel(got[[2, 0, 1]], want) < 5e-3
     # a server's step on rows 1..2, against the CPU model on those rows
-    want = cpu.model(torch.tensor([[3], [4]]), torch.tensor([[6], [4]]), rows_view(cpu.cache, 1, 3), True)[:, -1]
+    want = cpu.model(torch.tensor([[3], [4]]), torch.tensor([[6], [4]]), cpu.cache.rows(1, 3), True)[:, -1]
     got = gpu.runner.decode([3, 4], [6, 4], [1, 2]).float()
     assert rel(got.cpu(), want) < 5e-3
     assert (gpu.runner.graphs.bufs.qkv_acc == 0).all()
