@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import QconvError
+from ..convert.memory import available_host_bytes
 from .batch import Batch, Seq
 from .detokenize import TextStream
 from .generation import GenerationConfig
@@ -258,13 +259,9 @@ class Engine:
 def _free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:  # MemAvailable counts reclaimable page cache, unlike the free pages of sysconf
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    avail = available_host_bytes()  # MemAvailable counts reclaimable page cache, unlike sysconf's free pages
+    if avail is not None:
+        return avail
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
