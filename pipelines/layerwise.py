@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import QconvError
 from ..convert.arch import get_module
 from ..convert.memory import available_host_bytes
 from ..convert.model_io import LoadedModel
@@ -130,8 +131,12 @@ class Spill:
         at = self.where.get(key, (None,))[0]
         if at is None or raw.nbytes != self.where[key][1].numel() * self.where[key][2].itemsize:
             at, self.end = self.end, self.end + raw.nbytes
-        if os.pwrite(self.fd, raw.data, at) != raw.nbytes:
-            raise OSError(f"short write to {self.path} (disk full?)")
+        try:
+            if os.pwrite(self.fd, raw.data, at) != raw.nbytes:
+                raise OSError("short write")
+        except OSError as e:  # disk full: one line, and the run's outputs are not written
+            raise QconvError(f"cannot write hidden states to {self.path} ({e}); free disk space there, or "
+                             f"calibrate on fewer or shorter windows") from None
         self.where[key] = (at, t.shape, t.dtype)
 
     def get(self, key: int) -> torch.Tensor:

@@ -150,3 +150,20 @@ def test_hidden_states_spill_to_disk_when_host_memory_is_short(tiny_llama, tmp_p
         assert json.loads((tmp_path / n / "calibrate.json").read_text())["hidden_states"] == where
         assert json.loads((tmp_path / n / "awq" / "awq.json").read_text())["hidden_states"] == where
     assert not list(tmp_path.rglob(".qconv-hidden-*"))
+
+
+def test_hidden_states_spill_on_a_full_disk_is_one_line(tiny_llama, tmp_path, run_cli, monkeypatch):
+    """No room left where the hidden states spill: one line naming the file, exit 2, no statistics written."""
+    import errno
+    import os
+
+    from qconv.pipelines import layerwise
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(layerwise, "available_host_bytes", lambda: 0)
+    monkeypatch.setattr(layerwise.os, "pwrite", full)
+    code, _, err = run_cli("calibrate", "--model", tiny_llama, "--calib-samples", 2, "--calib-seqlen", 16,
+                           "--device", "cpu", "--work-dir", tmp_path / "w")
+    assert code == 2 and "cannot write hidden states" in err and len(err.strip().splitlines()) == 1
+    assert not list((tmp_path / "w").glob("*.safetensors"))
