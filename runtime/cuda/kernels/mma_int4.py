@@ -311,5 +311,6 @@ def launch(x, words, scales, zeros, group: int, out, bias, epi: int, split_k: in
                          M, N, K, split_k, acc, acc.stride(0), cnt, G=group,
                          PRO=2 if silu_x else int(norm_weight is not None), EPI=epi, ATOMIC=split_k > 1,
                          HAS_BIAS=bias is not None, ACT_BF16=act_bf16, W=warps, R=R, BM=bm, PF=pf,
-                         K_POW2=1 << (K - 1).bit_length(), SPLIT_SILU=epi == 2 and split_k > 1, ONE_ROW=M == 1,
+                         K_POW2=1 << (K - 1).bit_length() if norm_weight is not None else 1,  # (read by the norm only)
+                         SPLIT_SILU=epi == 2 and split_k > 1, ONE_ROW=M == 1,
                          PDL=on, num_warps=warps, launch_pdl=on)
