@@ -80,16 +80,17 @@ def run_size(size: str, rows: list[str], args, bw: float) -> dict:
 
 def table(results: list[dict]) -> str:
     B = [f"decode_bs{b}_tok_s" for b in PLAN.batches]
-    lines = ["| size | row | weights GiB | KV@4096 MiB | peak GiB | bs1 tok/s | " + " | ".join(
-        f"bs{b} tok/s" for b in PLAN.batches) + " | TTFT 2048 ms | % roofline |", "|---" * (8 + len(B)) + "|"]
+    lines = ["| size | row | weights GiB | KV cache GiB | buffers GiB | peak GiB (× loaded) | bs1 tok/s | "
+             + " | ".join(f"bs{b} tok/s" for b in PLAN.batches) + " | TTFT 2048 ms | % roofline |", "|---" * (9 + len(B)) + "|"]
     for res in sorted(results, key=lambda r: SIZES.index(r["size"]) if r["size"] in SIZES else 99):
         for row, r in res["rows"].items():
             cells = [res["size"], NAMES[row]]
             if "skipped" in r or "error" in r:
-                lines.append("| " + " | ".join(cells + [r.get("skipped") or r["error"]] + [""] * (5 + len(B))) + " |")
+                lines.append("| " + " | ".join(cells + [r.get("skipped") or r["error"]] + [""] * (6 + len(B))) + " |")
                 continue
             f = lambda k, d=1, s=1.0: f"{r[k] / s:.{d}f}" if k in r else "–"  # noqa: E731
-            cells += [f("weight_bytes", 2, 2**30), f("kv_bytes_4096", 0, 2**20), f("peak_bytes", 2, 2**30),
+            peak = f("peak_bytes", 2, 2**30) + (f" ({r['peak_over_loaded']:.2f}×)" if "peak_over_loaded" in r else "")
+            cells += [f("weight_bytes", 2, 2**30), f("kv_cache_bytes", 2, 2**30), f("buffer_bytes", 2, 2**30), peak,
                       f("decode_tok_s")] + [f(k) for k in B] + [f("ttft_ms"), f("pct_roofline")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

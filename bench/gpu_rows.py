@@ -201,7 +201,10 @@ def measure_row(ws: Path, plan, device: str, bw: float | None, head: str = "auto
     q = cfg.quant_policy == 4
     total, per_step = model_bytes(eng.model)
     r = {"weight_bytes": total, "step_weight_bytes": per_step, "kv_bytes_512": kv_bytes(cfg, 512, q),
-         "kv_bytes_4096": kv_bytes(cfg, 4096, q)}
+         "kv_bytes_4096": kv_bytes(cfg, 4096, q), "kv_cache_bytes": eng.cache.nbytes()}
+    if device == "cuda":  # after load: weights + KV cache + the runtime's buffers (CUDA graphs' static buffers, ...)
+        r["loaded_bytes"] = torch.cuda.memory_allocated()
+        r["buffer_bytes"] = r["loaded_bytes"] - total - r["kv_cache_bytes"]
     gen = GenerationConfig(max_new_tokens=plan.new_tokens, temperature=0.0, stop_ids=())
     prompt = rand_ids(plan.prompt_len, V, 1)
 
@@ -260,6 +263,7 @@ def measure_row(ws: Path, plan, device: str, bw: float | None, head: str = "auto
     log(f"    ctx {plan.ctx_len}: {r[f'decode_tok_s_ctx{plan.ctx_len}']:.1f} tok/s")
     if device == "cuda":
         r["peak_bytes"] = torch.cuda.max_memory_allocated()
+        r["peak_over_loaded"] = r["peak_bytes"] / r["loaded_bytes"]
     r["_engine"] = eng  # the caller measures variants on it, then drops it
     return r
 
@@ -318,6 +322,7 @@ def measure_hf(folder: Path, plan, device: str) -> dict:
     r["prefill_tok_s"] = plan.prefill_len / (r["ttft_ms"] / 1000)
     if device == "cuda":
         r["peak_bytes"] = torch.cuda.max_memory_allocated()
+        r["peak_over_loaded"] = r["peak_bytes"] / r["loaded_bytes"]
     log(f"    HF: bs1 {r['decode_tok_s']:.1f} tok/s, bs{B} {r[f'decode_bs{B}_tok_s']:.1f}, TTFT {r['ttft_ms']:.0f} ms")
     del model
     return r
