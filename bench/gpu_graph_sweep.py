@@ -143,15 +143,16 @@ def main():
         write_table(args.write_table, won)
 
 
-def write_table(dest: str, won: dict) -> None:
-    """Merge the winners {(rows bucket, N, K, group): (role, config)} into this GPU's table file."""
+def write_table(dest: str, won: dict, script: str = "bench.gpu_graph_sweep") -> None:
+    """Merge the winners {(rows bucket, N, K, group): (role, config)} into this GPU's table file (``dest``; "": the
+    package's), its written_by the command line of ``script``."""
     gpu = torch.cuda.get_device_name()
     path = Path(dest) if dest else tuning.file_for(gpu)
     roles = {}
     table = tuning.read_table(path, roles) if path.is_file() else {}
     for key, (role, cfg) in won.items():
         table[key], roles[key] = cfg, role
-    tuning.write_table(path, gpu, table, "python -m bench.gpu_graph_sweep " + shlex.join(sys.argv[1:]), roles)
+    tuning.write_table(path, gpu, table, f"python -m {script} " + shlex.join(sys.argv[1:]), roles)
     log(f"{path}: {len(won)} of {len(table)} entries from this sweep")
     if os.environ.get("OUT"):
         shutil.copy(path, os.environ["OUT"])
