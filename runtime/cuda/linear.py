@@ -26,7 +26,7 @@ from ...convert.layout import QuantLinear, group_major, pack_int4, pack_words, r
 from .kernels.gemm_int8 import w8_matmul
 from .kernels.w4_matmul import w4_dequantize, w4_matmul
 from .kernels.norm import rms_norm, silu_mul
-from .kernels.tuning import GemvConfig, config_for, lookup
+from .kernels.tuning import GemvConfig, config_for
 
 DECODE_BACKEND = {"int4": "triton", "dense": "cublas"}
 TRITON_MAX_ROWS = 64  # prefill rows up to this go through the int4 kernel (it reads the int4 weights once)
@@ -115,11 +115,11 @@ class GpuLinear(nn.Module):
 
     def accumulates(self, rows: int) -> bool:
         """Whether a decode step of ``rows`` should add split-K partial sums into an fp32 buffer (``run`` with
-        epilogue="residual") rather than store: when the table's config for the shape on this GPU splits K."""
+        epilogue="residual") rather than store: when the config for the shape with that epilogue (this GPU's table
+        entry, or the rule) splits K."""
         if not (self.int4 and self.backend == "triton"):
             return False
-        cfg = self.config or lookup(self.gpu, rows, self.out_features, self.in_features, self.group)
-        return cfg is not None and cfg.split_k > 1
+        return self.kernel_config(rows, "residual").split_k > 1
 
     def run(self, x: torch.Tensor, out: torch.Tensor, prologue: str = "none", norm_weight: torch.Tensor | None = None,
             eps: float = 0.0, epilogue: str = "store", sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:

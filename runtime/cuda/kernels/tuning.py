@@ -116,17 +116,24 @@ def rule(m: int, n: int, k: int, group: int, epilogue: str = "store", prologue: 
          sms: int = 132) -> GemvConfig:
     """A config for a shape without a table entry, from the shape and the SM count alone.
 
-    One row: _gemv, 8 outputs per program, 2 words per thread-column, one warp (more when a group is wider than
-    one warp's thread-columns). Several rows: _gemm (tl.dot), 32 outputs per program, 64 when that still gives
-    four programs per SM. Split-K only with the residual epilogue (its atomic adds) and, for one row, without the
-    RMSNorm prologue (_gemv applies the norm after its last group): the split doubles while the programs stay
-    within about four (one row) / two (several rows) per SM and each slice keeps two groups or more.
-    It never picks what lost in every sweep that tried it: several rows in one _gemv program, the tensor-core
-    or mma kernels for one row without a split measured for the shape, or an RMSNorm fused into a tl.dot kernel.
-    Several rows keep _gemm, whose numerics every untabled model has run with; the tensor-core and mma kernels
-    beat it on the tabled shapes, and a new shape gets them through a table entry.
+    Group 128 (the mma kernel's), where K may be split (the residual epilogue's atomic adds, or SiLU-mul's sums) or
+    the outputs alone make a program per SM: the mma kernel, 128 outputs and 4 warps a program, K split so that
+    about four programs run per SM (a slice keeps one group or more). Several rows whose outputs already make two
+    programs per SM keep K whole and load the weights three groups ahead. The one-row sweep of the 7B-8B roles
+    found this within 4% of the best config of each shape, and several rows within 8%.
+    Other groups, and outputs too few to fill the SMs unsplit: one row takes _gemv (8 outputs per program, 2 words
+    per thread-column, one warp; split-K with the residual epilogue and no RMSNorm, doubling while the programs stay
+    within about four per SM and each slice keeps two groups), several rows _gemm (tl.dot, 32 outputs per program,
+    64 when that still gives four programs per SM; the same split-K rule at two programs per SM).
     """
     groups = k // group
+    splittable = epilogue in ("residual", "silu")
+    n_blocks = -(-n // 128)
+    if group == 128 and (splittable or n_blocks >= sms):
+        split = 1
+        if splittable and (m == 1 or n_blocks < 2 * sms):
+            split = max(1, min(groups, round(4 * sms / n_blocks)))
+        return GemvConfig(128, split, 4, dot=True, mma=True, pf=1 if split > 1 or m == 1 else 3)
     if m == 1:
         split = 1
         if epilogue == "residual" and prologue != "rmsnorm":
