@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -41,6 +42,20 @@ def import_other(tree: Path):
     sys.path.insert(0, str(link))
     engine = importlib.import_module("qconv_other.runtime.engine")
     return engine.Engine, importlib.import_module("qconv_other.runtime.generation").GenerationConfig
+
+
+def older_copy(ws: Path) -> Path:
+    """The workspace as a tree from before config.ini's kv_mode key reads it: a sibling folder whose entries link to
+    ws's, with config.ini less that line (quant_policy alone says int8-static there, as it did)."""
+    old = ws.with_name(ws.name + "-older")
+    shutil.rmtree(old, ignore_errors=True)
+    old.mkdir()
+    for entry in ws.iterdir():
+        if entry.name != "config.ini":
+            (old / entry.name).symlink_to(entry.resolve())
+    lines = (ws / "config.ini").read_text().splitlines(keepends=True)
+    (old / "config.ini").write_text("".join(x for x in lines if not x.startswith("kv_mode")))
+    return old
 
 
 def timed(fn) -> float:
@@ -94,7 +109,8 @@ def main() -> None:
     OtherEngine, OtherGen = import_other(Path(args.other))
     trees = {"this": workloads(Engine.from_workspace(ws, device="cuda", verify=False, batch_size=plan.batch),
                                GenerationConfig, plan),
-             "other": workloads(OtherEngine.from_workspace(ws, device="cuda", verify=False, batch_size=plan.batch),
+             "other": workloads(OtherEngine.from_workspace(older_copy(ws), device="cuda", verify=False,
+                                                           batch_size=plan.batch),
                                 OtherGen, plan)}
     for tag, w in trees.items():  # compile, capture every graph
         for fn, _ in w.values():
