@@ -261,6 +261,7 @@ def convert(model, dst_path, model_format, weight_type, group_size, kv_params, q
     DIR/weights/                safetensors in the runtime layout (q/k/v and gate/up fused)
     DIR/tokenizer/              tokenizer, chat template, generation config
     DIR/kv_qparams.safetensors  int8 KV params (with --kv-params)
+    DIR/convert.json            the stage record: settings, wall time, peak host RSS
     DIR/manifest.json           size and sha256 of every file, checked at load
     """
     from .convert.fileio import check_new_path
