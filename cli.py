@@ -11,6 +11,7 @@ import click
 from . import QconvError, __version__
 from .runtime.cpu.threads import pick_cpu_threads  # before torch loads
 from .convert.kv_mode import KV_MODES
+from .convert.sizes import DEFAULT_SHARD_BYTES, format_size, parse_size
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 DTYPES = click.Choice(["auto", "float16", "bfloat16", "float32"])
@@ -19,6 +20,14 @@ DTYPES = click.Choice(["auto", "float16", "bfloat16", "float32"])
 def model_option(required=True):
     return click.option("--model", "model", required=required, metavar="PATH",
                         help="HF model folder (config.json + safetensors) or a .gguf file.")
+
+
+def size(value) -> int:
+    """A SIZE option's bytes: 8GiB, 500MB, 123456 (convert/sizes.py)."""
+    try:
+        return value if isinstance(value, int) else parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 work_dir_option = click.option("--work-dir", required=True, metavar="DIR",
@@ -38,12 +47,17 @@ lm_head_option = click.option("--lm-head", type=click.Choice(["auto", "fp", "int
 trust_option = click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder.")
 batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=None,
                             help="Windows per forward pass [default: ~16k tokens on GPU, 1 on CPU].")
+host_memory_option = click.option("--max-host-memory", "max_host_bytes", type=size, default=None,
+                                  help="Cap on the host memory to plan for, e.g. 8GiB; hidden states past half of "
+                                       "it spill to disk [default: what is available].")
+shard_size_option = click.option("--shard-size", "shard_bytes", type=size, default=DEFAULT_SHARD_BYTES,
+                                 help=f"Most bytes per checkpoint shard [default: {format_size(DEFAULT_SHARD_BYTES)}].")
 
 
 def stage_options(seqlen_default: int, *extra):
     """Options of calibrate, awq and quantize (``extra`` go after --seed). All but the calibration data bear the
-    pipeline function's keyword names (batch_size, device, dtype, force, trust_remote_code): pass them on as
-    **stage."""
+    pipeline function's keyword names (batch_size, device, dtype, max_host_bytes, shard_bytes, force,
+    trust_remote_code): pass them on as **stage."""
     opts = [click.option("--calib-dataset", default="c4", show_default=True, metavar="SPEC",
                          help="'c4' (bundled, offline), a .txt/.jsonl/.json/.parquet file, or hf:NAME[:CONFIG]:SPLIT."),
             click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
@@ -51,7 +65,7 @@ def stage_options(seqlen_default: int, *extra):
             click.option("--calib-seqlen", type=click.IntRange(min=1), default=seqlen_default, show_default=True,
                          help="Tokens per calibration window."),
             click.option("--seed", type=int, default=0, show_default=True, help="Seed for the document order."),
-            *extra, device_option, dtype_option, force_option, trust_option]
+            *extra, host_memory_option, device_option, dtype_option, force_option, trust_option]
     return lambda f: functools.reduce(lambda g, opt: opt(g), reversed(opts), f)
 
 
@@ -136,7 +150,7 @@ def kv_params(work_dir, kv_sym, granularity, num_tp, workspace):
 @click.option("--backend", type=click.Choice(["native", "autoawq"]), default="native", show_default=True,
               help="autoawq runs AutoAWQ 0.2.9's quantizer instead (pip install --no-deps autoawq==0.2.9).")
 @click.option("--out", default=None, metavar="DIR", help="Checkpoint folder [default: WORK_DIR/awq_checkpoint].")
-@stage_options(512, batch_option)
+@stage_options(512, batch_option, shard_size_option)
 def awq(model, work_dir, w_bits, w_group_size, w_sym, search_scale, clip, method, backend, out, calib_dataset,
         calib_samples, calib_seqlen, seed, **stage):
     """Activation-aware weight quantization into an HF AWQ (GEMM) checkpoint.
@@ -343,7 +357,7 @@ def serve(workspace, host, port, max_batch_size, max_queue, api_key, device, dty
 @kv_option(help_default="int8-static; fp16 with --no-kv-int8")
 @click.option("--kv-sym", is_flag=True, help="Symmetric KV params [default: asymmetric].")
 @click.option("--session-len", type=click.IntRange(min=2), default=None, help="Tokens per conversation.")
-@stage_options(512)
+@stage_options(512, shard_size_option)
 def quantize(model, dst_path, work_dir, w_bits, w_group_size, kv_int8, kv_mode, kv_sym, session_len,
              calib_dataset, calib_samples, calib_seqlen, seed, **stage):
     """One shot: calibrate -> kv-params -> awq -> convert (W4 g128 + int8 KV by default).
