@@ -11,6 +11,7 @@ import click
 from . import QconvError, __version__
 from .runtime.cpu.threads import pick_cpu_threads  # before torch loads
 from .convert.kv_mode import KV_MODES
+from .convert.sizes import DEFAULT_SHARD_BYTES, format_size, parse_size
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 DTYPES = click.Choice(["auto", "float16", "bfloat16", "float32"])
@@ -21,10 +22,16 @@ def model_option(required=True):
                         help="HF model folder (config.json + safetensors) or a .gguf file.")
 
 
+def size(value) -> int:
+    """A SIZE option's bytes: 8GiB, 500MB, 123456 (convert/sizes.py)."""
+    try:
+        return value if isinstance(value, int) else parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 work_dir_option = click.option("--work-dir", required=True, metavar="DIR",
                                help="Folder for statistics and intermediate results (created if missing).")
-stats_dir_option = click.option("--work-dir", required=True, metavar="DIR",
-                                help="The folder qconv calibrate wrote its statistics into.")
 device_option = click.option("--device", type=DEVICES, default="auto", show_default=True,
                              help="auto picks CUDA when present.")
 dtype_option = click.option("--dtype", type=DTYPES, default="auto", show_default=True,
@@ -40,16 +47,25 @@ lm_head_option = click.option("--lm-head", type=click.Choice(["auto", "fp", "int
 trust_option = click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder.")
 batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=None,
                             help="Windows per forward pass [default: ~16k tokens on GPU, 1 on CPU].")
+host_memory_option = click.option("--max-host-memory", "max_host_bytes", type=size, default=None,
+                                  help="Cap on the host memory to plan for, e.g. 8GiB; hidden states past half of "
+                                       "it spill to disk [default: what is available].")
+shard_size_option = click.option("--shard-size", "shard_bytes", type=size, default=DEFAULT_SHARD_BYTES,
+                                 help=f"Most bytes per checkpoint shard [default: {format_size(DEFAULT_SHARD_BYTES)}].")
 
 
-def calib_options(seqlen_default: int):
+def stage_options(seqlen_default: int, *extra):
+    """Options of calibrate, awq and quantize (``extra`` go after --seed). All but the calibration data bear the
+    pipeline function's keyword names (batch_size, device, dtype, max_host_bytes, shard_bytes, force,
+    trust_remote_code): pass them on as **stage."""
     opts = [click.option("--calib-dataset", default="c4", show_default=True, metavar="SPEC",
                          help="'c4' (bundled, offline), a .txt/.jsonl/.json/.parquet file, or hf:NAME[:CONFIG]:SPLIT."),
             click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
                          help="Number of calibration windows."),
             click.option("--calib-seqlen", type=click.IntRange(min=1), default=seqlen_default, show_default=True,
                          help="Tokens per calibration window."),
-            click.option("--seed", type=int, default=0, show_default=True, help="Seed for the document order.")]
+            click.option("--seed", type=int, default=0, show_default=True, help="Seed for the document order."),
+            *extra, host_memory_option, device_option, dtype_option, force_option, trust_option]
     return lambda f: functools.reduce(lambda g, opt: opt(g), reversed(opts), f)
 
 
@@ -85,14 +101,8 @@ def cli():
 @cli.command()
 @model_option()
 @work_dir_option
-@calib_options(seqlen_default=2048)
-@batch_option
-@device_option
-@dtype_option
-@force_option
-@trust_option
-def calibrate(model, work_dir, calib_dataset, calib_samples, calib_seqlen, seed, batch_size, device, dtype,
-              force, trust_remote_code):
+@stage_options(2048, batch_option)
+def calibrate(model, work_dir, calib_dataset, calib_samples, calib_seqlen, seed, **stage):
     """Record per-channel statistics of every linear input and per-head K/V ranges.
 
     One decoder layer at a time is read from disk and sits on the accelerator, so models larger than the GPU
@@ -101,12 +111,11 @@ def calibrate(model, work_dir, calib_dataset, calib_samples, calib_seqlen, seed,
     """
     from .pipelines.calibrate import CalibRequest, calibrate as run
 
-    run(model, work_dir, CalibRequest(calib_dataset, calib_samples, calib_seqlen, seed), batch_size=batch_size,
-        device=device, dtype=dtype, force=force, trust_remote_code=trust_remote_code)
+    run(model, work_dir, CalibRequest(calib_dataset, calib_samples, calib_seqlen, seed), **stage)
 
 
 @cli.command("kv-params")
-@stats_dir_option
+@click.option("--work-dir", required=True, metavar="DIR", help="The folder qconv calibrate wrote its statistics into.")
 @click.option("--kv-sym", is_flag=True, help="Symmetric: scale = absmax/127, zp = 0 [default: asymmetric].")
 @click.option("--granularity", type=click.Choice(["head", "layer"]), default="head", show_default=True,
               help="One (scale, zp) per KV head, or per layer (per tensor-parallel shard).")
@@ -134,7 +143,6 @@ def kv_params(work_dir, kv_sym, granularity, num_tp, workspace):
 @click.option("--w-group-size", type=int, default=128, show_default=True,
               help="Input channels per quantization group; -1 = per output channel (8-bit only).")
 @click.option("--w-sym", is_flag=True, help="Symmetric weights (zero point 8 in the 4-bit format) [default: asymmetric].")
-@calib_options(seqlen_default=512)
 @click.option("--search-scale/--no-search-scale", default=True, show_default=True, help="AWQ per-channel scale search.")
 @click.option("--clip/--no-clip", default=True, show_default=True, help="Per-group clipping search (not q/k).")
 @click.option("--method", type=click.Choice(["awq", "rtn"]), default="awq", show_default=True,
@@ -142,13 +150,9 @@ def kv_params(work_dir, kv_sym, granularity, num_tp, workspace):
 @click.option("--backend", type=click.Choice(["native", "autoawq"]), default="native", show_default=True,
               help="autoawq runs AutoAWQ 0.2.9's quantizer instead (pip install --no-deps autoawq==0.2.9).")
 @click.option("--out", default=None, metavar="DIR", help="Checkpoint folder [default: WORK_DIR/awq_checkpoint].")
-@batch_option
-@device_option
-@dtype_option
-@force_option
-@trust_option
-def awq(model, work_dir, w_bits, w_group_size, w_sym, calib_dataset, calib_samples, calib_seqlen, seed,
-        search_scale, clip, method, backend, out, batch_size, device, dtype, force, trust_remote_code):
+@stage_options(512, batch_option, shard_size_option)
+def awq(model, work_dir, w_bits, w_group_size, w_sym, search_scale, clip, method, backend, out, calib_dataset,
+        calib_samples, calib_seqlen, seed, **stage):
     """Activation-aware weight quantization into an HF AWQ (GEMM) checkpoint.
 
     Block by block (one decoder block on the accelerator): grid-search per-channel scales s = mean|x|^a /
@@ -161,9 +165,8 @@ def awq(model, work_dir, w_bits, w_group_size, w_sym, calib_dataset, calib_sampl
 
     req = AwqRequest(bits=w_bits, group_size=w_group_size, sym=w_sym, method=method, search_scale=search_scale,
                      clip=clip)
-    run(model, work_dir, req, CalibRequest(calib_dataset, calib_samples, calib_seqlen, seed), out=out,
-        batch_size=batch_size, device=device, dtype=dtype, force=force, trust_remote_code=trust_remote_code,
-        backend=backend)
+    run(model, work_dir, req, CalibRequest(calib_dataset, calib_samples, calib_seqlen, seed), out=out, backend=backend,
+        **stage)
 
 
 @cli.command("eval")
@@ -261,6 +264,7 @@ def convert(model, dst_path, model_format, weight_type, group_size, kv_params, q
     DIR/weights/                safetensors in the runtime layout (q/k/v and gate/up fused)
     DIR/tokenizer/              tokenizer, chat template, generation config
     DIR/kv_qparams.safetensors  int8 KV params (with --kv-params)
+    DIR/convert.json            the stage record: settings, wall time, peak host RSS
     DIR/manifest.json           size and sha256 of every file, checked at load
     """
     from .convert.fileio import check_new_path
@@ -349,17 +353,13 @@ def serve(workspace, host, port, max_batch_size, max_queue, api_key, device, dty
 @click.option("--work-dir", default=None, metavar="DIR", help="Intermediate files [default: DST_PATH.work].")
 @click.option("--w-bits", type=int, default=4, show_default=True, help="4 (AWQ) or 8 (int8 weight-only).")
 @click.option("--w-group-size", type=int, default=128, show_default=True, help="Input channels per group.")
-@calib_options(seqlen_default=512)
 @click.option("--kv-int8/--no-kv-int8", default=True, show_default=True, help="Calibrate K/V and use an int8 KV cache.")
 @kv_option(help_default="int8-static; fp16 with --no-kv-int8")
 @click.option("--kv-sym", is_flag=True, help="Symmetric KV params [default: asymmetric].")
 @click.option("--session-len", type=click.IntRange(min=2), default=None, help="Tokens per conversation.")
-@device_option
-@dtype_option
-@force_option
-@trust_option
-def quantize(model, dst_path, work_dir, w_bits, w_group_size, calib_dataset, calib_samples, calib_seqlen, seed,
-             kv_int8, kv_mode, kv_sym, session_len, device, dtype, force, trust_remote_code):
+@stage_options(512, shard_size_option)
+def quantize(model, dst_path, work_dir, w_bits, w_group_size, kv_int8, kv_mode, kv_sym, session_len,
+             calib_dataset, calib_samples, calib_seqlen, seed, **stage):
     """One shot: calibrate -> kv-params -> awq -> convert (W4 g128 + int8 KV by default).
 
     Stages whose valid outputs already exist in --work-dir are skipped, so a rerun after an
@@ -371,7 +371,7 @@ def quantize(model, dst_path, work_dir, w_bits, w_group_size, calib_dataset, cal
 
     run(model, dst_path, work_dir, AwqRequest(bits=w_bits, group_size=w_group_size),
         CalibRequest(calib_dataset, calib_samples, calib_seqlen, seed), kv=kv_int8, kv_sym=kv_sym, kv_mode=kv_mode,
-        session_len=session_len, device=device, dtype=dtype, force=force, trust_remote_code=trust_remote_code)
+        session_len=session_len, **stage)
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,11 @@
-"""Peak memory of the running process, for each stage's JSON record.
+"""Peak memory of the running process, for each stage's JSON record, and the host memory a stage may plan on.
 
 Host: VmHWM from /proc/self/status (the peak resident set), reset at a stage's start by writing 5 to
 /proc/self/clear_refs, so a stage run after another in one process reports its own peak. Elsewhere the
 process-lifetime ru_maxrss. GPU: torch's peak allocated bytes since the stage's reset.
+
+Plans (two streamed blocks, where the calibration hidden states go) use ``host_limit``: MemAvailable, capped by
+--max-host-memory.
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import resource
 import sys
 
 import torch
+
+from .sizes import format_size
 
 
 def reset_peaks(device: torch.device) -> None:
@@ -52,12 +57,22 @@ def available_host_bytes() -> int | None:
     return None
 
 
-def check_two_blocks_fit(block_bytes: int, dtype: torch.dtype) -> None:
-    """Streaming holds a block being computed and the next being read: refuse a machine without room for two."""
+def host_limit(max_host_bytes: int | None = None) -> int | None:
+    """Host memory a stage may plan to hold: what is available, capped by ``max_host_bytes``
+    (--max-host-memory); None when neither is known."""
+    known = [b for b in (available_host_bytes(), max_host_bytes) if b is not None]
+    return min(known) if known else None
+
+
+def check_two_blocks_fit(block_bytes: int, dtype: torch.dtype, max_host_bytes: int | None = None) -> None:
+    """Streaming holds a block being computed and the next being read: refuse a machine (or a --max-host-memory)
+    without room for two."""
     from .. import QconvError
 
-    avail = available_host_bytes()
-    if avail is not None and 2 * block_bytes > avail:
-        raise QconvError(f"one decoder block takes {block_bytes / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} "
-                         f"and two must fit in host memory, but {avail / 2**30:.1f} GiB is available; free memory, "
-                         f"or pass a smaller --dtype")
+    limit = host_limit(max_host_bytes)
+    if limit is not None and 2 * block_bytes > limit:
+        capped = max_host_bytes is not None and limit == max_host_bytes
+        room, fix = (f"--max-host-memory allows {format_size(limit)}", "raise --max-host-memory") if capped else \
+            (f"{format_size(limit)} is available", "free memory")
+        raise QconvError(f"one decoder block takes {format_size(block_bytes)} in {str(dtype).removeprefix('torch.')} "
+                         f"and two must fit in host memory, but {room}; {fix}, or pass a smaller --dtype")

@@ -187,16 +187,19 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
 
 
 def load_model(path, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
-               attn_implementation: str = "sdpa", stream: bool = True) -> LoadedModel:
+               attn_implementation: str = "sdpa", stream: bool = True,
+               max_host_bytes: int | None = None) -> LoadedModel:
     """The model in the resolved dtype. ``stream``: a skeleton whose tensors stay on disk until a block's
     turn (the default); else every tensor in host memory through from_pretrained. Callers move what they
-    need to the device, block by block."""
+    need to the device, block by block. ``max_host_bytes`` (--max-host-memory) caps the host memory that
+    streaming plans on: two blocks must fit it."""
     folder, config, spec = read_config(path, trust_remote_code)
     torch_dtype = resolve_dtype(dtype, resolve_device(device), getattr(config, "dtype", None))
     quiet_transformers()
     qcfg = is_quantized_checkpoint(folder)  # AWQ / int8: linears dequantized as they are read
     if stream or qcfg:
-        lm = _streamed(folder, config, spec, torch_dtype, qcfg, trust_remote_code, attn_implementation, str(path))
+        lm = _streamed(folder, config, spec, torch_dtype, qcfg, trust_remote_code, attn_implementation, str(path),
+                       max_host_bytes)
         if not stream:
             lm.materialize()
         return lm
@@ -223,12 +226,12 @@ def skeleton(config, dtype: torch.dtype = torch.float32, trust_remote_code: bool
 
 
 def _streamed(folder: Path, config, spec: ArchSpec, dtype: torch.dtype, qcfg, trust_remote_code: bool,
-              attn_implementation: str, source: str) -> LoadedModel:
+              attn_implementation: str, source: str, max_host_bytes: int | None = None) -> LoadedModel:
     if qcfg:  # the skeleton is a plain float model
         config = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
     model = skeleton(config, dtype, trust_remote_code, attn_implementation)
     block = get_module(model, spec.layers)[0]
-    check_two_blocks_fit(sum(p.numel() * p.element_size() for p in block.parameters()), dtype)
+    check_two_blocks_fit(sum(p.numel() * p.element_size() for p in block.parameters()), dtype, max_host_bytes)
     weights = StreamedWeights(folder, dtype, qcfg)
     weights.check(expected_shapes(model), optional={f"{spec.lm_head}.weight"}
                   if getattr(config, "tie_word_embeddings", False) else set())

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from .. import QconvError
+from .sizes import DEFAULT_SHARD_BYTES
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-DEFAULT_SHARD_BYTES = 4 << 30
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}

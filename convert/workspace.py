@@ -4,25 +4,28 @@
   DST/weights/*.safetensors    the runtime layout of convert/layout.py (q/k/v and gate/up fused)
   DST/tokenizer/               tokenizer, chat template, generation_config.json
   DST/kv_qparams.safetensors   int8 KV params (only with --kv-params / qconv kv-params --workspace)
+  DST/convert.json             what was converted, wall time, peak host RSS (convert/memory.py)
   DST/manifest.json            size and sha256 of every file
 """
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .. import QconvError
+from .. import QconvError, __version__
 from .checkpoint import FORMATS, Checkpoint, detect_format, quant_group_size
-from .fileio import atomic_dir, atomic_path, check_new_path, load_json, save_tensors
+from .fileio import atomic_dir, atomic_path, check_new_path, load_json, save_json, save_tensors
 from .kv_file import KV_FILE, load_kv_params
 from .kv_mode import KV_MODES, policy_of_mode
 from .layout import (ATTN_NORM, EMBED, FFN_NORM, FINAL_NORM, FLOAT_DTYPES, FUSED_LINEARS, GLOBAL_FILE, K_NORM,
                      OUTPUT, Q_NORM, WEIGHT_TYPES, QuantLinear, fuse, layer_file, linear_tensors)
 from .manifest import update_manifest, write_manifest
+from .memory import peaks, reset_peaks
 from .model_io import load_tokenizer, model_shape, read_config, skeleton
 from .weights import expected_shapes
 from .quant import group_qparams, quantize
@@ -97,6 +100,8 @@ def source_name(model) -> str:
 def convert_workspace(req: ConvertRequest, log=print, checkpoint=None) -> Path:
     """``checkpoint``: what reads the source's tensors (convert/checkpoint.Checkpoint's get, linear and bias);
     default the safetensors files of req.model."""
+    reset_peaks(torch.device("cpu"))  # convert.json's peak covers this stage only
+    t0 = time.perf_counter()
     # [STEP 1]: the source checkpoint and its format
     folder, config, spec = read_config(req.model, req.trust_remote_code)
     raw = json.loads((folder / "config.json").read_text())
@@ -168,10 +173,13 @@ def convert_workspace(req: ConvertRequest, log=print, checkpoint=None) -> Path:
         if (folder / "generation_config.json").is_file():
             shutil.copyfile(folder / "generation_config.json", tmp / "tokenizer" / "generation_config.json")
 
-        # [STEP 5]: KV params, config.ini, manifest
+        # [STEP 5]: KV params, config.ini, the stage record, manifest
         if kv is not None:
             shutil.copyfile(req.kv_params, tmp / KV_FILE)
         cfg.write(tmp / CONFIG_FILE)
+        save_json({"qconv_version": __version__, "model": req.model, "weight_type": weight_type, "group_size": group,
+                   "kv_mode": cfg.kv_mode, "wall_s": round(time.perf_counter() - t0, 3),
+                   **peaks(torch.device("cpu"))}, tmp / "convert.json")
         write_manifest(tmp)
     log(f"qconv: wrote workspace {req.dst} (kv_mode={cfg.kv_mode}, quant_policy={cfg.quant_policy}, "
         f"session_len={cfg.session_len})")

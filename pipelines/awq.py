@@ -25,7 +25,8 @@ from ..convert.awq_export import quantization_config, write_checkpoint_files
 from ..convert.fileio import atomic_dir, load_json, load_tensors, save_json, save_tensors
 from ..convert.memory import peaks, reset_peaks
 from ..convert.model_io import LoadedModel, fingerprint, load_model, resolve_device
-from ..convert.shards import DEFAULT_SHARD_BYTES, ShardWriter
+from ..convert.shards import ShardWriter
+from ..convert.sizes import DEFAULT_SHARD_BYTES
 from .awq_block import capture_inputs, pack_block, replay_block, search_block
 from .awq_request import AwqRequest
 from .calibrate import CalibRequest, default_batch_size
@@ -62,12 +63,17 @@ def _state_dir(work: Path, lm: LoadedModel, req: AwqRequest, calib: CalibRequest
 def awq(model: str, work_dir: str, req: AwqRequest = AwqRequest(), calib: CalibRequest = CalibRequest(seqlen=512),
         out: str | None = None, batch_size: int | None = None, device: str = "auto", dtype: str = "auto",
         force: bool = False, trust_remote_code: bool = False, backend: str = "native",
-        shard_bytes: int = DEFAULT_SHARD_BYTES, log=print) -> Path:
+        shard_bytes: int = DEFAULT_SHARD_BYTES, max_host_bytes: int | None = None, log=print) -> Path:
+    """``shard_bytes`` (--shard-size): most bytes per checkpoint shard. ``max_host_bytes`` (--max-host-memory):
+    the host memory the stage plans on, as in calibrate."""
     work = Path(work_dir)
     dst = Path(out) if out else work / "awq_checkpoint"
     if dst.exists() and not force:
         raise QconvError(f"{dst} already exists; pass --force to overwrite it or choose another --out")
     if backend == "autoawq":
+        if max_host_bytes is not None:
+            raise QconvError("--max-host-memory applies to --backend native; AutoAWQ holds the whole model in "
+                             "host memory")
         from ..convert.model_io import load_tokenizer, read_config
         from .awq_autoawq import run_autoawq
 
@@ -77,7 +83,8 @@ def awq(model: str, work_dir: str, req: AwqRequest = AwqRequest(), calib: CalibR
         return run_autoawq(model, dst, req.bits, req.group_size, req.sym, ids, force, log=log)["checkpoint"]
     dev = resolve_device(device)
     reset_peaks(dev)
-    lm = load_model(model, dtype=dtype, device=str(dev), trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=dtype, device=str(dev), trust_remote_code=trust_remote_code,
+                    max_host_bytes=max_host_bytes)
     check_group_size(lm, req.group_size)
     state = _state_dir(work, lm, req, calib, force)
     t0 = time.perf_counter()
@@ -86,7 +93,7 @@ def awq(model: str, work_dir: str, req: AwqRequest = AwqRequest(), calib: CalibR
         ids = calib_windows(load_texts(calib.dataset), lm.tokenizer, calib.samples, calib.seqlen, calib.seed, log=log)
         # 8k-token batches: AWQ keeps whole block inputs on the device, so transients stay small
         run = Layerwise(lm, ids, dev, batch_size or default_batch_size(dev, calib.seqlen, gpu_tokens=8192),
-                        spill_dir=state)
+                        spill_dir=state, max_host_bytes=max_host_bytes)
     for stale in dst.parent.glob(f".{dst.name}.*.tmp"):  # shards of a killed run; this run writes them again
         shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(dst, force=force) as tmp:
@@ -109,7 +116,8 @@ def awq(model: str, work_dir: str, req: AwqRequest = AwqRequest(), calib: CalibR
         report = {
             "qconv_version": __version__, "model": lm.source, "request": asdict(req), "calib": asdict(calib),
             "device": str(dev), "wall_s": round(wall, 3), **peaks(dev),
-            "hidden_states": run.placement if run is not None else None, "layers": reports,
+            "hidden_states": run.placement if run is not None else None, "max_host_bytes": max_host_bytes,
+            "shard_bytes": shard_bytes, "layers": reports,
         }
         write_checkpoint_files(tmp, lm.config, quantization_config(req.bits, req.group_size, req.sym),
                                lm.tokenizer, report)

@@ -65,11 +65,14 @@ def existing_run(work_dir: Path, fp: str, req: CalibRequest, force: bool) -> dic
 
 def calibrate(model: str, work_dir: str, req: CalibRequest = CalibRequest(), batch_size: int | None = None,
               device: str = "auto", dtype: str = "auto", force: bool = False, trust_remote_code: bool = False,
-              log=print) -> dict:
+              max_host_bytes: int | None = None, log=print) -> dict:
+    """``max_host_bytes`` (--max-host-memory) caps the host memory the stage plans on (convert/memory.host_limit):
+    two streamed blocks must fit it, and hidden states that do not fit half of it spill to disk."""
     work = Path(work_dir)
     dev = resolve_device(device)
     reset_peaks(dev)  # the record's peaks cover this stage only, loading included
-    lm = load_model(model, dtype=dtype, device=str(dev), trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=dtype, device=str(dev), trust_remote_code=trust_remote_code,
+                    max_host_bytes=max_host_bytes)
     fp = fingerprint(lm)
     done = existing_run(work, fp, req, force)
     if done is not None:
@@ -79,7 +82,7 @@ def calibrate(model: str, work_dir: str, req: CalibRequest = CalibRequest(), bat
     ids = calib_windows(load_texts(req.dataset), lm.tokenizer, req.samples, req.seqlen, req.seed, log=log)
     bs = batch_size or default_batch_size(dev, req.seqlen)
     t0 = time.perf_counter()
-    run = Layerwise(lm, ids, dev, bs, spill_dir=work)
+    run = Layerwise(lm, ids, dev, bs, spill_dir=work, max_host_bytes=max_host_bytes)
     inputs, kv = {}, KVObserver()
     layers = lm.layers
     # The bar counts tokens through the whole model (a layer's batch is 1/L of its tokens' work), so its rate
@@ -121,6 +124,7 @@ def calibrate(model: str, work_dir: str, req: CalibRequest = CalibRequest(), bat
         "device": str(dev),
         "batch_size": bs,
         "hidden_states": run.placement,
+        "max_host_bytes": max_host_bytes,
         "wall_s": round(wall, 3),
         "tokens_per_s": round(run.tokens / wall, 1),
         **peaks(dev),

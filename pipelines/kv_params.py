@@ -2,7 +2,7 @@
 
   kv_qparams.safetensors  "layers.{i}.{k_scale|k_zp|v_scale|v_zp}"  each [kv_heads] float32
                           (per-layer granularity stores the shard's value repeated for its heads)
-  kv_qparams.json         settings and per-layer ranges, for people
+  kv_qparams.json         settings, per-layer ranges and the stage's peak host RSS, for people
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from .. import QconvError
 from ..convert.fileio import load_json, load_tensors, save_json, save_tensors
+from ..convert.memory import peaks, reset_peaks
 from ..convert.quant import kv_qparams, kv_reduce
 from ..convert.workspace import install_kv_params
 
@@ -63,6 +64,7 @@ def kv_params(work_dir: str, sym: bool = False, granularity: str = "head", num_t
     work = Path(work_dir)
     if not work.is_dir():
         raise QconvError(f"work dir {work} not found; run qconv calibrate --model M --work-dir {work} first")
+    reset_peaks(torch.device("cpu"))  # the record's peak covers this stage only
     meta, key, value = load_kv_stats(work)
     L = meta["shape"]["num_layers"]
     params = compute_kv_params(key, value, L, sym, granularity, num_tp)
@@ -76,7 +78,8 @@ def kv_params(work_dir: str, sym: bool = False, granularity: str = "head", num_t
             "k_min": float(key[f"layers.{i}.min"].min()), "k_max": float(key[f"layers.{i}.max"].max()),
             "v_min": float(value[f"layers.{i}.min"].min()), "v_max": float(value[f"layers.{i}.max"].max()),
         })
-    save_json({**settings, "model": meta["model"], "layers": rows}, work / "kv_qparams.json")
+    save_json({**settings, "model": meta["model"], **peaks(torch.device("cpu")), "layers": rows},
+              work / "kv_qparams.json")
     log(f"{'layer':>5} {'K min':>9} {'K max':>9} {'V min':>9} {'V max':>9}")
     for r in rows:
         log(f"{r['layer']:>5} {r['k_min']:>9.3f} {r['k_max']:>9.3f} {r['v_min']:>9.3f} {r['v_max']:>9.3f}")

@@ -7,8 +7,9 @@ host memory holds one block on the CPU, and on CUDA the pinned copies of at most
 computing, the next, and the one after while it is read); a resident model stays on the CPU whole.
 The hidden states of all windows (windows x seqlen x hidden in the model dtype: 128 x 2048 x 8192 in fp16 is
 4 GiB) stay on the accelerator when they fit in a quarter of its free memory, else in (pinned) host memory when
-they fit in half of the available host memory, else in a file beside the stage's output, written and read
-back one batch at a time (``Layerwise.placement`` says which).
+they fit in half of the host limit (available memory, capped by --max-host-memory; the other half is for the
+blocks), else in a file beside the stage's output, written and read back one batch at a time
+(``Layerwise.placement`` says which).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from .. import QconvError
 from ..convert.arch import get_module
-from ..convert.memory import available_host_bytes
+from ..convert.memory import host_limit
 from ..convert.model_io import LoadedModel
 
 
@@ -157,9 +158,9 @@ class Spill:
 
 class Layerwise:
     def __init__(self, lm: LoadedModel, ids: torch.Tensor, device: torch.device, batch_size: int,
-                 spill_dir: Path | None = None, host_budget: int | None = None):
+                 spill_dir: Path | None = None, max_host_bytes: int | None = None):
         """ids [N, S]. ``spill_dir``: where hidden states go when host memory is short (None: the temp dir);
-        ``host_budget``: bytes of host memory they may take (None: half of what is available)."""
+        ``max_host_bytes``: the stage's cap on host memory (--max-host-memory; None: what is available)."""
         self.lm, self.device, self.batch_size = lm, device, batch_size
         self.n, self.seqlen = ids.shape
         model = lm.model
@@ -168,10 +169,8 @@ class Layerwise:
         self.placement, self.spill = ("device" if device.type == "cuda" else "host"), None
         if device.type == "cuda" and total > torch.cuda.mem_get_info(device)[0] // 4:
             self.placement = "host"
-        if host_budget is None:
-            avail = available_host_bytes()
-            host_budget = avail // 2 if avail is not None else total
-        if self.placement == "host" and total > host_budget:
+        limit = host_limit(max_host_bytes)
+        if self.placement == "host" and limit is not None and total > limit // 2:
             self.placement, self.spill = "disk", Spill(spill_dir)
         with torch.inference_mode():
             # Only the rows of tokens that occur are read and travel: table [U, H] for the U distinct ids.

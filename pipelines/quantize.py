@@ -8,7 +8,8 @@ from .. import QconvError
 from ..convert.fileio import load_json
 from ..convert.kv_mode import mode_problem
 from ..convert.model_io import model_shape, read_config
-from ..convert.shards import DEFAULT_SHARD_BYTES, INDEX, SINGLE
+from ..convert.shards import INDEX, SINGLE
+from ..convert.sizes import DEFAULT_SHARD_BYTES
 from .awq import AwqRequest, awq
 from .calibrate import CalibRequest, calibrate
 from .kv_params import kv_params
@@ -25,8 +26,9 @@ def _awq_done(ckpt: Path, req: AwqRequest, calib: CalibRequest) -> bool:
 def quantize(model: str, dst: str, work_dir: str | None, req: AwqRequest, calib: CalibRequest, kv: bool = True,
              kv_sym: bool = False, session_len: int | None = None, device: str = "auto", dtype: str = "auto",
              force: bool = False, trust_remote_code: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
-             log=print, kv_mode: str | None = None) -> Path:
-    """``kv_mode`` (convert/kv_mode.py) None: int8-static with ``kv``, else fp16. Only int8-static calibrates K/V."""
+             log=print, kv_mode: str | None = None, max_host_bytes: int | None = None) -> Path:
+    """``kv_mode`` (convert/kv_mode.py) None: int8-static with ``kv``, else fp16. Only int8-static calibrates K/V.
+    ``max_host_bytes`` (--max-host-memory) caps calibrate's and awq's host memory."""
     from ..convert.workspace import ConvertRequest, convert_workspace
 
     dst_path = Path(dst)
@@ -36,7 +38,7 @@ def quantize(model: str, dst: str, work_dir: str | None, req: AwqRequest, calib:
         return dst_path
     if dst_path.exists() and not force:
         raise QconvError(f"{dst_path} exists and is not a workspace; pass --force or choose another --dst-path")
-    common = dict(device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    common = dict(device=device, dtype=dtype, trust_remote_code=trust_remote_code, max_host_bytes=max_host_bytes)
     params, kv_mode = None, kv_mode or ("int8-static" if kv else "fp16")
     problem = mode_problem(kv_mode, model_shape(read_config(model, trust_remote_code)[1])["head_dim"])
     if problem:  # before hours of calibration and AWQ, not at convert

@@ -98,6 +98,14 @@ def tiny_llama(tmp_path_factory, smollm2_hf):
     return build_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), smollm2_hf)
 
 
+@pytest.fixture(scope="session")
+def tiny_block_bytes(tiny_llama):
+    """Bytes of one of tiny_llama's decoder blocks in float32 (the CPU's compute dtype), as read from its file."""
+    from safetensors.torch import load_file
+
+    return sum(t.numel() for n, t in load_file(tiny_llama / "model.safetensors").items() if ".layers.0." in n) * 4
+
+
 def _wait_for(cond, timeout: float = 10.0) -> bool:
     """Poll ``cond`` until it holds or ``timeout`` seconds pass: state another thread sets (a server slot freed
     after its response was sent) is awaited, with a bound, not assumed."""

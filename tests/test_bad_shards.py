@@ -75,10 +75,10 @@ def test_sharded_checkpoint_reads_like_the_single_file(sharded, tiny_llama):
     assert set(a.keys()) == set(b) and all(torch.equal(a.read(k), b[k]) for k in b)
 
 
-def test_no_room_for_two_blocks(tiny_llama, tmp_path, run_cli, monkeypatch):
+def test_no_room_for_two_blocks(tiny_llama, tiny_block_bytes, tmp_path, run_cli, monkeypatch):
     from qconv.convert import memory
 
-    block = sum(p.numel() for n, p in load_file(tiny_llama / "model.safetensors").items() if ".layers.0." in n) * 4
+    block = tiny_block_bytes
     monkeypatch.setattr(memory, "available_host_bytes", lambda: 2 * block - 1)
     code, _, err = run_cli("calibrate", "--model", tiny_llama, "--work-dir", tmp_path / "w", "--calib-samples", 1,
                            "--calib-seqlen", 16, "--device", "cpu")

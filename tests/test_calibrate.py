@@ -127,32 +127,36 @@ def test_smollm2_calibrate_and_kv_params(smollm2_gguf, tmp_path, run_cli):
     assert torch.all(p["layers.0.k_scale"] > 0)
 
 
-def test_hidden_states_spill_to_disk_when_host_memory_is_short(tiny_llama, tmp_path, run_cli, monkeypatch):
-    """With no host memory to spare, calibrate and awq keep the windows' hidden states in a file beside their
-    output, one batch at a time: the same statistics and checkpoint as in memory, the record says where they
-    were, and the file is gone afterwards."""
-    from qconv.pipelines import layerwise
-    common = ["--model", tiny_llama, "--calib-samples", 3, "--calib-seqlen", 32, "--device", "cpu",
-              "--batch-size", 2]
-    for name, avail in (("mem", None), ("disk", 0)):
-        if avail is not None:
-            monkeypatch.setattr(layerwise, "available_host_bytes", lambda: avail)
-        assert run_cli("calibrate", *common, "--work-dir", tmp_path / name)[0] == 0
-        code, _, err = run_cli("awq", *common, "--w-bits", 4, "--w-group-size", 32, "--work-dir", tmp_path / name,
-                               "--out", tmp_path / name / "awq")
+# 4 windows of 192 tokens at hidden size 64 in float32: 196,608 bytes of hidden states, more than half of a
+# --max-host-memory that holds just two of tiny_llama's blocks (2 x 147,968 bytes).
+SPILL_WINDOWS = ["--calib-samples", 4, "--calib-seqlen", 192]
+
+
+def test_hidden_states_spill_to_disk_when_host_memory_is_short(tiny_llama, tiny_block_bytes, tmp_path, run_cli):
+    """With --max-host-memory too low for them, calibrate and awq keep the windows' hidden states in a file beside
+    their output, one batch at a time: the same statistics and checkpoint as in memory, the record says where they
+    were and what the cap was, and the file is gone afterwards."""
+    cap = 2 * tiny_block_bytes  # the least that streaming accepts
+    common = ["--model", tiny_llama, *SPILL_WINDOWS, "--device", "cpu", "--batch-size", 2]
+    for name, limit in (("mem", []), ("disk", ["--max-host-memory", cap])):
+        assert run_cli("calibrate", *common, *limit, "--work-dir", tmp_path / name)[0] == 0
+        code, _, err = run_cli("awq", *common, *limit, "--w-bits", 4, "--w-group-size", 32,
+                               "--work-dir", tmp_path / name, "--out", tmp_path / name / "awq")
         assert code == 0, err
     for f in ("inputs_stats", "key_stats", "value_stats"):
         a, b = (load_file(tmp_path / n / f"{f}.safetensors") for n in ("mem", "disk"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
     ckpt = {n: load_file(next((tmp_path / n / "awq").glob("*.safetensors"))) for n in ("mem", "disk")}
     assert all(torch.equal(ckpt["mem"][k], ckpt["disk"][k]) for k in ckpt["mem"])
-    for n, where in (("mem", "host"), ("disk", "disk")):
-        assert json.loads((tmp_path / n / "calibrate.json").read_text())["hidden_states"] == where
-        assert json.loads((tmp_path / n / "awq" / "awq.json").read_text())["hidden_states"] == where
+    for n, where, limit in (("mem", "host", None), ("disk", "disk", cap)):
+        for record in (tmp_path / n / "calibrate.json", tmp_path / n / "awq" / "awq.json"):
+            meta = json.loads(record.read_text())
+            assert (meta["hidden_states"], meta["max_host_bytes"]) == (where, limit), record
     assert not list(tmp_path.rglob(".qconv-hidden-*"))
 
 
-def test_hidden_states_spill_on_a_full_disk_is_one_line(tiny_llama, tmp_path, run_cli, monkeypatch):
+def test_hidden_states_spill_on_a_full_disk_is_one_line(tiny_llama, tiny_block_bytes, tmp_path, run_cli,
+                                                        monkeypatch):
     """No room left where the hidden states spill: one line naming the file, exit 2, no statistics written."""
     import errno
     import os
@@ -161,9 +165,8 @@ def test_hidden_states_spill_on_a_full_disk_is_one_line(tiny_llama, tmp_path, ru
 
     def full(*a):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(layerwise, "available_host_bytes", lambda: 0)
     monkeypatch.setattr(layerwise.os, "pwrite", full)
-    code, _, err = run_cli("calibrate", "--model", tiny_llama, "--calib-samples", 2, "--calib-seqlen", 16,
-                           "--device", "cpu", "--work-dir", tmp_path / "w")
+    code, _, err = run_cli("calibrate", "--model", tiny_llama, *SPILL_WINDOWS, "--max-host-memory",
+                           2 * tiny_block_bytes, "--device", "cpu", "--work-dir", tmp_path / "w")
     assert code == 2 and "cannot write hidden states" in err and len(err.strip().splitlines()) == 1
     assert not list((tmp_path / "w").glob("*.safetensors"))

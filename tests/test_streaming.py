@@ -18,7 +18,7 @@ WIDE = dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_
 LAYER_BYTES = (4 * 512 * 512 + 3 * 512 * 2048) * 4
 
 # The whole pipeline (calibrate, kv-params, awq, convert) in a fresh interpreter. Each stage's record holds the
-# peak RSS since that stage began (calibrate's and awq's reset it); the final VmHWM covers awq and convert.
+# peak RSS since that stage began (each resets it); the final VmHWM covers convert and what follows its record.
 PIPELINE = """
 import functools, json, sys
 from pathlib import Path
@@ -34,8 +34,8 @@ if mode == "resident":
 quantize(model, str(dst), None, AwqRequest(group_size=128, n_grid=4, clip_samples=256),
          CalibRequest(samples=2, seqlen=64), device="cpu", shard_bytes=shard, log=lambda *a: None)
 work = dst.with_name(dst.name + ".work")
-peaks = [json.loads((work / f).read_text())["peak_host_rss_bytes"]
-         for f in ("calibrate.json", "awq_checkpoint/awq.json")]
+records = [work / "calibrate.json", work / "kv_qparams.json", work / "awq_checkpoint/awq.json", dst / "convert.json"]
+peaks = [json.loads(f.read_text())["peak_host_rss_bytes"] for f in records]
 print(json.dumps({"peak": max(peaks + [peak_host_rss()])}))
 """
 
