@@ -84,7 +84,11 @@ def test_the_rule_on_the_swept_7b_shapes():
     for (m, n, k, epi), split in want.items():
         cfg = rule(m, n, k, 128, epi, "rmsnorm", 132)
         assert (cfg.mma, cfg.block_n, cfg.num_warps, cfg.split_k) == (True, 128, 4, split), (m, n, k, cfg)
-    assert rule(16, 37888, 3584, 128, "silu").pf == 3  # several rows, K whole: the weights three groups ahead
+    # qwen2.5-32b's w13 at 16 rows: 432 blocks of outputs fill the SMs, K stays whole
+    assert rule(16, 55296, 5120, 128, "silu") == GemvConfig(128, 1, 4, dot=True, mma=True, pf=1)
+    # qwen2.5-0.5b's o at one row: 7 blocks x 7 groups; 32 outputs a program, one group a slice
+    assert rule(1, 896, 896, 128, "residual") == GemvConfig(32, 7, 2, dot=True, mma=True, pf=3)
+    assert not rule(1, 1152, 896, 128, "residual", "rmsnorm").mma  # its qkv: the GEMV with the norm fused
     assert not rule(1, 4608, 3584, 64, "residual").mma  # another group: the GEMV
 
 

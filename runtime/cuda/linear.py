@@ -115,11 +115,11 @@ class GpuLinear(nn.Module):
 
     def accumulates(self, rows: int) -> bool:
         """Whether a decode step of ``rows`` should add split-K partial sums into an fp32 buffer (``run`` with
-        epilogue="residual") rather than store: when the config for the shape with that epilogue (this GPU's table
-        entry, or the rule) splits K."""
+        epilogue="residual") rather than store: when the config for the shape with that epilogue behind its RMSNorm
+        (qkv's and w13's; this GPU's table entry, or the rule) splits K."""
         if not (self.int4 and self.backend == "triton"):
             return False
-        return self.kernel_config(rows, "residual").split_k > 1
+        return self.kernel_config(rows, "residual", "rmsnorm").split_k > 1
 
     def run(self, x: torch.Tensor, out: torch.Tensor, prologue: str = "none", norm_weight: torch.Tensor | None = None,
             eps: float = 0.0, epilogue: str = "store", sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:

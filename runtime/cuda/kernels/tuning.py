@@ -118,28 +118,33 @@ def rule(m: int, n: int, k: int, group: int, epilogue: str = "store", prologue: 
 
     Group 128 (the mma kernel's), where K may be split (the residual epilogue's atomic adds, or SiLU-mul's sums) or
     the outputs alone make a program per SM: the mma kernel, 128 outputs and 4 warps a program, K split so that
-    about four programs run per SM (a slice keeps one group or more). Several rows whose outputs already make two
-    programs per SM keep K whole and load the weights three groups ahead. The one-row sweep of the 7B-8B roles
-    found this within 4% of the best config of each shape, and several rows within 8%.
-    Other groups, and outputs too few to fill the SMs unsplit: one row takes _gemv (8 outputs per program, 2 words
-    per thread-column, one warp; split-K with the residual epilogue and no RMSNorm, doubling while the programs stay
+    about four programs run per SM (a slice keeps one group or more); several rows whose outputs already make two
+    programs per SM keep K whole. A one-row matrix too small for two programs per SM even at one group a slice
+    takes 32 outputs and 2 warps a program, the weights three groups ahead; one of at most 2^21 weights behind an
+    RMSNorm takes _gemv, which applies the norm itself (the mma kernel needs a norm kernel before it).
+    Other groups, and outputs too few to fill the SMs unsplit: one row takes _gemv (8 outputs per program, 4 words
+    per thread-column where a group holds a multiple of 4, one warp; split-K with the residual epilogue and no RMSNorm, doubling while the programs stay
     within about four per SM and each slice keeps two groups), several rows _gemm (tl.dot, 32 outputs per program,
     64 when that still gives four programs per SM; the same split-K rule at two programs per SM).
+    bench/RESULTS.md ("int4 kernels across shapes") has how close this comes to each swept shape's best.
     """
     groups = k // group
     splittable = epilogue in ("residual", "silu")
     n_blocks = -(-n // 128)
-    if group == 128 and (splittable or n_blocks >= sms):
+    fused_norm = m == 1 and prologue == "rmsnorm" and n * k <= 1 << 21
+    if group == 128 and (splittable or n_blocks >= sms) and not fused_norm:
+        if splittable and m == 1 and n_blocks * groups < 2 * sms:
+            return GemvConfig(32, groups, 2, dot=True, mma=True, pf=3)
         split = 1
         if splittable and (m == 1 or n_blocks < 2 * sms):
             split = max(1, min(groups, round(4 * sms / n_blocks)))
-        return GemvConfig(128, split, 4, dot=True, mma=True, pf=1 if split > 1 or m == 1 else 3)
+        return GemvConfig(128, split, 4, dot=True, mma=True, pf=1)
     if m == 1:
         split = 1
         if epilogue == "residual" and prologue != "rmsnorm":
             while -(-n // 8) * split * 2 <= 4 * sms and groups // (split * 2) >= 2:
                 split *= 2
-        return GemvConfig(8, split, max(1, group // 512), 1, False, 2)
+        return GemvConfig(8, split, max(1, group // 512), 1, False, 4 if group // 8 % 4 == 0 else 2)
     block_n = 64 if n >= 4 * sms * 64 else 32
     split = 1
     if epilogue == "residual":
