@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from qconv.convert.arch import get_arch
 from qconv.convert.layout import QuantLinear
 from qconv.convert.workspace import ConvertRequest, convert_workspace
 
@@ -115,7 +116,7 @@ class RandomCheckpoint:
         return torch.Generator().manual_seed(self.seed + sum(map(ord, name)) * 7919 + len(name))
 
     def __contains__(self, name: str) -> bool:
-        return not name.endswith(".bias")
+        return not name.endswith(".bias") or self.bias(name[:-len(".bias")]) is not None
 
     def get(self, name: str) -> torch.Tensor:
         c = self.config
@@ -125,8 +126,17 @@ class RandomCheckpoint:
             return torch.ones(c.get("head_dim") or H // c["num_attention_heads"] if qk else H, dtype=torch.float16)
         return (torch.randn(c["vocab_size"], H, generator=self._gen(name)) * 0.02).to(torch.float16)  # embed, head
 
-    def bias(self, prefix: str) -> None:
-        return None
+    def bias(self, prefix: str) -> torch.Tensor | None:
+        """q/k/v biases, normal(0, 0.02), where the config has them (attention_bias, else the architecture's
+        default: qwen2's); no other linear has one."""
+        c = self.config
+        if not prefix.endswith(("q_proj", "k_proj", "v_proj")):
+            return None
+        if not c.get("attention_bias", get_arch(c["model_type"]).qkv_bias):
+            return None
+        D = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        heads = c["num_attention_heads"] if prefix.endswith("q_proj") else c["num_key_value_heads"]
+        return (torch.randn(heads * D, generator=self._gen(prefix + ".bias")) * 0.02).to(torch.float16)
 
     def linear(self, prefix: str, out_f: int, in_f: int):
         g = self._gen(prefix)
