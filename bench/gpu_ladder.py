@@ -24,11 +24,12 @@ import torch
 from bench.common import RESULTS, log, provenance, random_workspace
 from bench.gpu_rows import kv_params_from_run, measure_row, with_kv_params
 from bench.gpu_runtime import Plan, copy_bandwidth, save
+from bench.peers import torchao_decode
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "llama-3-8b", "qwen3-8b", "qwen2.5-14b", "qwen2.5-32b")
 ROWS = {"fp16": ("fp16", False), "w4": ("int4", False), "w4kv8": ("int4", True)}
-NAMES = {"fp16": "fp16", "w4": "W4A16", "w4kv8": "W4A16 + KV int8"}
+NAMES = {"fp16": "fp16", "w4": "W4A16", "w4kv8": "W4A16 + KV int8", "torchao": "torchao int4 + torch.compile (peer)"}
 PLAN = Plan(batch=32, batches=(8, 32))
 
 
@@ -75,13 +76,18 @@ def run_size(size: str, rows: list[str], args, bw: float) -> dict:
         res["rows"][row] = r
         save(res, f"gpu_ladder_{size}")
     shutil.rmtree(work, ignore_errors=True)
+    if args.torchao:  # the peer end to end: same config, its own random weights (bench.peers.torchao_decode)
+        res["rows"]["torchao"] = torchao_decode(config, PLAN.new_tokens, PLAN.prompt_len)
+        log(f"  {size} torchao: {res['rows']['torchao']}")
+        save(res, f"gpu_ladder_{size}")
     return res
 
 
 def table(results: list[dict]) -> str:
     B = [f"decode_bs{b}_tok_s" for b in PLAN.batches]
     lines = ["| size | row | weights GiB | KV cache GiB | buffers GiB | peak GiB (× loaded) | bs1 tok/s | "
-             + " | ".join(f"bs{b} tok/s" for b in PLAN.batches) + " | TTFT 2048 ms | % roofline |", "|---" * (9 + len(B)) + "|"]
+             + " | ".join(f"bs{b} tok/s" for b in PLAN.batches) + " | TTFT 2048 ms | % roofline |",
+             "|---" * (9 + len(B)) + "|"]
     for res in sorted(results, key=lambda r: SIZES.index(r["size"]) if r["size"] in SIZES else 99):
         for row, r in res["rows"].items():
             cells = [res["size"], NAMES[row]]
@@ -103,6 +109,7 @@ def main() -> None:
     ap.add_argument("--configs", default=".carry/configs", help="a folder of HF config.json files named SIZE.json")
     ap.add_argument("--tokenizer", default=".carry/smol-tokenizer", help="any tokenizer: prompts are random ids")
     ap.add_argument("--work", default="/tmp/qconv-ladder")
+    ap.add_argument("--torchao", action="store_true", help="add torchao int4 + torch.compile bs1 decode per size")
     ap.add_argument("--table", action="store_true", help="print the table of every saved size and exit")
     args = ap.parse_args()
     if args.table:

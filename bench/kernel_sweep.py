@@ -1,10 +1,11 @@
 """int4 kernel configs across model shapes (issue 28): for every decode role of the given configs and rows M, each
 candidate config timed alone, fused as a decode step runs it (GpuLinear.run: its RMSNorm, split-K sums, SiLU-mul),
-beside the config the rule picks, the one the GPU's table picks, torch's tinygemm and cuBLAS fp16.
+beside the config the rule picks, the one the GPU's table picks, torch's tinygemm and cuBLAS fp16 (``--peers``: also
+gemlite and torchao, bench.peers).
 
     python3 -m bench.kernel_sweep --configs .carry/configs --sizes qwen2.5-7b,llama-3-8b [--rows 1,8,16]
     python3 -m bench.kernel_sweep ... --write-table      # the winners into this GPU's table (package data)
-    python3 -m bench.kernel_sweep --report               # the RESULTS table from bench/results/kernel_sweep.json
+    python3 -m bench.kernel_sweep --report [JSON]        # the table of a sweep's JSON (default: the last run's)
 
 Every timing is a CUDA graph of one call per weight copy, with enough copies to overflow L2 twice (bench.gpu_micro):
 µs per call = replay time / copies. Effective TB/s = int4 codes + scales + zeros (or fp16 weights) / time; the
@@ -29,6 +30,7 @@ from bench.common import RESULTS, log, provenance, write_result
 from bench.gpu_graph_sweep import write_table
 from bench.gpu_micro import _tinygemm, _try, copies_for, graph_us, shapes_of
 from bench.gpu_runtime import copy_bandwidth
+from bench.peers import kernel_rows
 from qconv.convert.layout import QuantLinear, rows_major
 from qconv.runtime.cuda.kernels import tuning
 from qconv.runtime.cuda.kernels.tuning import GemvConfig
@@ -240,11 +242,18 @@ def winners(shapes: list[dict], group: int) -> dict[tuning.Key, tuple[str, GemvC
     return won
 
 
+def peer_cell(times: dict, m) -> str:
+    """A peer's µs at m rows, or why it did not run."""
+    v = times.get(str(m), times.get(int(m), times.get("error", "–")))
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
 def report(res: dict) -> str:
     bw = res["copy_bandwidth"]
     lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s; µs per call (TB/s, % of copy)",
-             "| shape (role [N×K]) | M | rule | table | best of sweep | tinygemm | cuBLAS fp16 | rule / best |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| shape (role [N×K]) | M | rule | table | best of sweep | tinygemm | cuBLAS fp16 | rule / best "
+             "| peers µs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     seen = set()
     for s in res["shapes"]:
         if (s["N"], s["K"]) in seen:
@@ -256,9 +265,10 @@ def report(res: dict) -> str:
                 return f"{v:.1f} ({nbytes / v / 1e6:.2f}, {100 * nbytes / v / 1e6 / (bw / 1e12):.0f}%)" \
                     if isinstance(v, float) else "–"
             ratio = f"{r['rule_us'] / r['best_us']:.2f}" if "best_us" in r else "–"
+            peers = "; ".join(f"{p} {peer_cell(v, m)}" for p, v in s.get("peers", {}).items())
             lines.append(f"| {s['size']} {s['role']} [{s['N']}×{s['K']}] | {m} | {cell('rule_us')} | "
                          f"{cell('table_us')} | {cell('best_us')} | {cell('tinygemm_us')} | "
-                         f"{cell('cublas_us', r['fp16_bytes'])} | {ratio} |")
+                         f"{cell('cublas_us', r['fp16_bytes'])} | {ratio} | {peers} |")
     return "\n".join(lines)
 
 
@@ -267,15 +277,17 @@ def main() -> None:
     ap.add_argument("--configs", default=".carry/configs", help="a folder of HF config.json files named SIZE.json")
     ap.add_argument("--sizes", default=",".join(SIZES[:4]), help="comma-separated config names; shapes seen once")
     ap.add_argument("--roles", default="qkv,o,w13,w2")
-    ap.add_argument("--rows", default="1,16", help="rows M per call, comma-separated")
+    ap.add_argument("--rows", default="1,8,16", help="rows M per call, comma-separated")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--budget-s", type=float, default=480, help="stop trying candidates after this many seconds")
     ap.add_argument("--write-table", nargs="?", const="", default=None, metavar="JSON",
                     help="merge the winners into this GPU's kernel config table (default: the package's)")
-    ap.add_argument("--report", action="store_true", help="print the table of bench/results/kernel_sweep.json")
+    ap.add_argument("--peers", action="store_true", help="also time gemlite and torchao per shape (bench.peers)")
+    ap.add_argument("--report", nargs="?", const=str(RESULTS / "kernel_sweep.json"), metavar="JSON",
+                    help="print the table of a sweep's JSON (default bench/results/kernel_sweep.json) and exit")
     args = ap.parse_args()
     if args.report:
-        print(report(json.loads((RESULTS / "kernel_sweep.json").read_text())))
+        print(report(json.loads(Path(args.report).read_text())))
         return
     rows = [int(m) for m in args.rows.split(",")]
     t0 = time.perf_counter()
@@ -292,8 +304,12 @@ def main() -> None:
             if role not in args.roles.split(",") or (role, N, K) in seen or time.perf_counter() > deadline:
                 continue
             seen.add((role, N, K))
-            res["shapes"].append({"size": size, "role": role, "N": N, "K": K,
-                                  "rows": sweep_shape(role, N, K, rows, args.group, sms, gpu, deadline)})
+            shape = {"size": size, "role": role, "N": N, "K": K,
+                     "rows": sweep_shape(role, N, K, rows, args.group, sms, gpu, deadline)}
+            if args.peers:
+                shape["peers"] = kernel_rows(N, K, rows, args.group)
+                log(f"    peers: {shape['peers']}")
+            res["shapes"].append(shape)
             out = write_result("kernel_sweep", res)
     if os.environ.get("OUT") and out is not None:
         shutil.copy(out, os.environ["OUT"])
