@@ -7,7 +7,7 @@ Per size the workspaces are written straight from random codes (bench.common.ran
 memory, never an fp16 checkpoint), then each row is measured by bench.gpu_rows.measure_row: weight, KV and peak
 memory; bs1, bs8 and bs32 decode; TTFT of a 2048-token prompt; decode at 4096 tokens; % of the roofline of the
 bytes a step reads. Each engine is closed before the next row; a size's workspaces are deleted after it. A row
-whose weights would not fit the GPU is skipped, saying so. One JSON per size, gpu_ladder_<size>.json (and $OUT).
+whose weights would not fit the GPU (or its workspace the disk) is skipped, saying so. One JSON per size, gpu_ladder_<size>.json (and $OUT).
 """
 from __future__ import annotations
 
@@ -54,8 +54,12 @@ def run_size(size: str, rows: list[str], args, bw: float) -> dict:
         wt, kv = ROWS[row]
         need = weight_bytes(config, wt, PLAN.group)
         free = torch.cuda.mem_get_info()[0]
-        if need > 0.9 * free:
-            res["rows"][row] = {"skipped": f"{wt} weights {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"}
+        work.mkdir(parents=True, exist_ok=True)
+        disk = shutil.disk_usage(work).free
+        if need > 0.9 * free or (wt not in spaces and need > 0.9 * disk):
+            where = "GPU" if need > 0.9 * free else "disk"
+            res["rows"][row] = {"skipped": f"{wt} weights {need / 2**30:.1f} GiB, "
+                                           f"{(free if where == 'GPU' else disk) / 2**30:.1f} GiB free on the {where}"}
             log(f"  {size} {NAMES[row]}: skipped ({res['rows'][row]['skipped']})")
             continue
         t0 = time.perf_counter()
