@@ -7,7 +7,8 @@ Per size the workspaces are written straight from random codes (bench.common.ran
 memory, never an fp16 checkpoint), then each row is measured by bench.gpu_rows.measure_row: weight, KV and peak
 memory; bs1, bs8 and bs32 decode; TTFT of a 2048-token prompt; decode at 4096 tokens; % of the roofline of the
 bytes a step reads. Each engine is closed before the next row; a size's workspaces are deleted after it. A row
-whose weights would not fit the GPU (or its workspace the disk) is skipped, saying so. One JSON per size, gpu_ladder_<size>.json (and $OUT).
+whose weights would not fit the GPU (or its workspace the disk) is skipped, saying so. One JSON per size,
+gpu_ladder_<size>.json (and $OUT).
 """
 from __future__ import annotations
 
