@@ -5,7 +5,7 @@
 Four chat prompts x 48 tokens (one at a time), a follow-up that reuses the cached conversation, and (CUDA) the four
 as one batch. Each run is a fresh process with ``import qconv`` pointing at its tree, so both trees read the same
 workspace. Prints, for each pair of runs, the first token where each answer differs (None: equal throughout);
-writes bench/results/greedy_ab.json.
+writes bench/results/greedy_ab.json (--name: another name).
 """
 from __future__ import annotations
 
@@ -68,11 +68,12 @@ def main() -> None:
     ap.add_argument("--other", required=True, help="a checkout of another qconv commit (its repository root)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--name", default="greedy_ab", help="the result file's name (bench/results/NAME.json)")
     args = ap.parse_args()
     runs = {f"{tag}{i + 1}": answers(tree, args.workspace, args.device)
             for tag, tree in (("this", ROOT), ("other", Path(args.other))) for i in range(args.runs)}
     pairs = {f"{a} vs {b}": first_differences(runs[a], runs[b]) for a, b in combinations(runs, 2)}
-    write_result("greedy_ab", {**provenance(), "workspace": args.workspace, "device": args.device,
+    write_result(args.name, {**provenance(), "workspace": args.workspace, "device": args.device,
                                "other": args.other, "first_difference": pairs, "runs": runs})
     for pair, diff in pairs.items():
         print(f"{pair}: " + ", ".join(f"{k} {v}" for k, v in diff.items()))
