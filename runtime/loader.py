@@ -15,7 +15,6 @@ from .. import QconvError
 from ..convert.arch import get_arch
 from ..convert.fileio import load_tensors
 from ..convert.kv_file import KV_FILE, load_kv_params
-from ..convert.kv_mode import ONLINE_BITS
 from ..convert.layout import (ATTN_NORM, EMBED, FFN_NORM, FINAL_NORM, FUSED_LINEARS, GLOBAL_FILE, K_NORM, OUTPUT,
                               Q_NORM, QuantLinear, interleave_pairs, layer_file, read_linear)
 from ..convert.manifest import verify_manifest
@@ -100,9 +99,6 @@ def load_workspace(path, opts: RuntimeOptions = RuntimeOptions(), max_len: int |
 
     # [STEP 2]: decoder layers, one file each, and the model for the device
     gpu = use_gpu_path(dev, dt, cfg) if opts.gpu_path is None else opts.gpu_path
-    if gpu and cfg.kv_mode in ONLINE_BITS:
-        raise QconvError(f"the GPU path does not read an online {cfg.kv_mode} KV cache (kv_mode {cfg.kv_mode} in "
-                         f"{ws / CONFIG_FILE}); run it with --device cpu, or convert with --kv int8-static or fp16")
     if head == "auto":
         head = "int8" if gpu and cfg.weight_type == "int4" else "fp"
     if head == "int4" and not gpu:

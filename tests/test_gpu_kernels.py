@@ -14,7 +14,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton", reason="triton is not installed: the GPU path's kernels are not tested")
 
 from qconv.convert.layout import interleave_pairs, pack_words  # noqa: E402
-from qconv.convert.quant import dequantize, kv_dequantize, kv_quantize  # noqa: E402
+from qconv.convert.quant import (dequantize, kv_dequantize, kv_quantize, kv_token_dequantize,  # noqa: E402
+                                 kv_token_quantize, pack_int4_pairs, unpack_int4_pairs)
 from qconv.runtime.cuda.kernels.attention import decode_attention  # noqa: E402
 from qconv.runtime.cuda.kernels.attention_fused import counters, decode_attention_fused  # noqa: E402
 from qconv.runtime.cuda.kernels.gemm_int8 import Int8Config, w8_matmul  # noqa: E402
@@ -340,10 +341,45 @@ def kv_params(hkv, seed):
                         torch.rand(hkv, generator=g) * 0.02 + 0.01, torch.randn(hkv, generator=g) * 0.1]).float()
 
 
+def kv_cache(mode, rows, hkv, S, d, g, dt=torch.float16, seed=20):
+    """A random cache of ``mode`` -> (k, v, kv_params or None, token_params or None, k and v as float32 values).
+    False: fp16 values; True: static int8 codes with per-head params; 8, 4: online codes (runtime/kv_cache.py's
+    layout, int4 two per byte) with their (scale, zp) per (token, head) [rows, Hkv, S, 2] float16."""
+    shape = (rows, hkv, S, d)
+    if mode is False:
+        kc, vc = torch.randn(shape, generator=g).to(dt), torch.randn(shape, generator=g).to(dt)
+        return kc, vc, None, None, kc.float(), vc.float()
+    if mode is True:
+        kvp = kv_params(hkv, seed)
+        kc = torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
+        vc = torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
+        return (kc, vc, kvp, None, kv_dequantize(kc, kvp[0][None, :, None, None], kvp[1][None, :, None, None],
+                                                 torch.float32),
+                kv_dequantize(vc, kvp[2][None, :, None, None], kvp[3][None, :, None, None], torch.float32))
+    codes = [torch.randint(0, 256, (*shape[:3], d * mode // 8), generator=g, dtype=torch.uint8) for _ in range(2)]
+    params = [torch.stack([torch.rand(shape[:3], generator=g) * 0.02 + 0.005,
+                           torch.randn(shape[:3], generator=g) * 0.3], -1).half() for _ in range(2)]
+    ref = [kv_token_dequantize(unpack_int4_pairs(c) if mode == 4 else c, p[..., 0].float(), p[..., 1].float(),
+                               torch.float32) for c, p in zip(codes, params)]
+    return codes[0], codes[1], None, tuple(params), ref[0], ref[1]
+
+
 def rotary(S, D):
     ang = torch.arange(S)[:, None].float() / (10000 ** (torch.arange(0, D, 2).float() / D))[None]
     emb = torch.cat([ang, ang], dim=-1)
     return emb.cos(), emb.sin()
+
+
+def written_tokens(out, qkv, pos, slot, written):
+    """(token, position, cache row) of each token that wrote the cache, marked in ``written`` [rows, S]; a padding
+    token's row of qkv is left as it was."""
+    for t in range(len(pos)):
+        p, r = int(pos[t]), int(slot[t])
+        if p < 0:
+            assert torch.equal(out[t], qkv[t])
+            continue
+        written[r, p] = True
+        yield t, p, r
 
 
 @pytest.mark.parametrize("quant,qk_norm", [(False, False), (True, False), (True, True)])
@@ -366,12 +402,7 @@ def test_rope_and_cache_write(quant, qk_norm):
                      None if kn is None else kn.to(DEV), 1e-6, write_back=True)
     out, kc_d, vc_d = out.cpu(), kc_d.cpu(), vc_d.cpu()
     written = torch.zeros(rows, S, dtype=torch.bool)
-    for t in range(T):
-        p, r = int(pos[t]), int(slot[t])
-        if p < 0:
-            assert torch.equal(out[t], qkv[t])
-            continue
-        written[r, p] = True
+    for t, p, r in written_tokens(out, qkv, pos, slot, written):
         x = qkv[t].view(HQ + 2 * HKV, D)
         q, k, v = x[:HQ], x[HQ:HQ + HKV], x[HQ + HKV:]
         if qk_norm:
@@ -413,32 +444,66 @@ def test_rope_reads_and_zeroes_split_k_sums():
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_online_cache_write_stores_kv_token_quantize_codes_and_params(bits, qk_norm):
+    """rope_cache_write into an online cache: each written (token, kv head) holds exactly kv_token_quantize's codes
+    (int4 packed as pack_int4_pairs) and fp16 (scale, zp) of the head vector after rotary, the rotary the kernel
+    writes into an fp16 cache; write_back leaves x' = c * scale + zp in qkv; nothing else changes."""
+    T, HQ, HKV, D, rows, S, dt = 5, 4, 2, 32, 3, 24, torch.float16
+    qkv = (torch.randn(T, (HQ + 2 * HKV) * D, generator=gen(61)) * 2 + 0.5).to(dt)
+    pos = torch.randperm(S, generator=gen(62))[:T]
+    pos[1] = -1  # padding: writes nothing
+    slot = torch.tensor([0, 1, 2, 2, 0])
+    cos, sin = rotary(S, D)
+    qn, kn = ((torch.rand(D, generator=gen(63 + i)) + 0.5).to(dt) for i in range(2)) if qk_norm else (None, None)
+    to = (lambda *ts: [None if t is None else t.to(DEV) for t in ts])
+    args = to(pos, slot, cos, sin)
+    ref = qkv.clone().to(DEV)  # the rotated K and V as the kernel writes them into an fp16 cache
+    kf, vf = (torch.zeros(rows, HKV, S, D, dtype=dt, device=DEV) for _ in range(2))
+    rope_cache_write(ref, *args, kf, vf, HQ, HKV, None, *to(qn, kn), 1e-6)
+    width = D * bits // 8
+    kc, vc = (torch.full((rows, HKV, S, width), 3, dtype=torch.uint8, device=DEV) for _ in range(2))
+    kp, vp = (torch.full((rows, HKV, S, 2), 3, dtype=torch.float16, device=DEV) for _ in range(2))
+    out = qkv.clone().to(DEV)
+    rope_cache_write(out, *args, kc, vc, HQ, HKV, None, *to(qn, kn), 1e-6, write_back=True, token_params=(kp, vp))
+    out, ref, kf, vf, kc, vc, kp, vp = (t.cpu() for t in (out, ref, kf, vf, kc, vc, kp, vp))
+    written = torch.zeros(rows, S, dtype=torch.bool)
+    for t, p, r in written_tokens(out, qkv, pos, slot, written):
+        back = out[t].view(HQ + 2 * HKV, D)
+        assert torch.equal(back[:HQ], ref[t].view(HQ + 2 * HKV, D)[:HQ])  # q: rotary only
+        for j, (codes, params, x) in enumerate(((kc, kp, kf), (vc, vp, vf))):
+            want, scale, zp = kv_token_quantize(x[r, :, p], bits)  # [Hkv, D] codes, [Hkv] params
+            assert torch.equal(codes[r, :, p], pack_int4_pairs(want) if bits == 4 else want)
+            assert torch.equal(params[r, :, p].float(), torch.stack([scale, zp], -1))
+            head = back[HQ + j * HKV:HQ + (j + 1) * HKV]  # within an FMA's rounding of the dequantized value
+            assert torch.allclose(head, kv_token_dequantize(want, scale, zp, dt), rtol=1e-3, atol=1e-5)
+    untouched = ~written[:, None, :, None]  # [rows, 1, S, 1]
+    for buf in (kc, vc, kp, vp):
+        assert (buf.float()[untouched.expand_as(buf)] == 3).all()
+
+
 @pytest.mark.parametrize("quant,hq,hkv,d,lengths,splits", [
     (False, 6, 2, 32, [40], 4),
     (True, 4, 2, 16, [1, 96, 0], 8),  # one row of one key, one full row, one padding row
     (True, 8, 1, 64, [17, 80], 1),
     (True, 6, 2, 32, [40, 20], 2),  # splits of 32 keys: one wide tile (wide=True) or two
     (False, 6, 2, 32, [40, 20], 2),
+    (8, 4, 2, 16, [1, 40, 0], 4),  # online int8 and int4: codes dequantized as the tiles are loaded
+    (4, 6, 2, 32, [33, 20], 2),
+    (4, 8, 1, 64, [17], 1),
 ])
 def test_decode_attention_matches_sdpa(quant, hq, hkv, d, lengths, splits):
     B, S, dt = len(lengths), 96, torch.float16
     g = gen(19)
-    if quant:
-        kvp = kv_params(hkv, 20)
-        kc = torch.randint(-128, 128, (B + 1, hkv, S, d), generator=g, dtype=torch.int8)
-        vc = torch.randint(-128, 128, (B + 1, hkv, S, d), generator=g, dtype=torch.int8)
-        kref = kv_dequantize(kc, kvp[0][None, :, None, None], kvp[1][None, :, None, None], torch.float32)
-        vref = kv_dequantize(vc, kvp[2][None, :, None, None], kvp[3][None, :, None, None], torch.float32)
-    else:
-        kvp = None
-        kc, vc = torch.randn(B + 1, hkv, S, d, generator=g).to(dt), torch.randn(B + 1, hkv, S, d, generator=g).to(dt)
-        kref, vref = kc.float(), vc.float()
+    kc, vc, kvp, tp, kref, vref = kv_cache(quant, B + 1, hkv, S, d, g)
     q = torch.randn(B, hq * d, generator=g).to(dt)
     pos = torch.tensor(lengths) - 1
     slot = torch.arange(B, 0, -1)  # rows B..1 of the cache
     out = torch.full((B, hq * d), float("nan"), dtype=dt, device=DEV)
     decode_attention(q.to(DEV), pos.to(DEV), slot.to(DEV), kc.to(DEV), vc.to(DEV), hq, out,
-                     None if kvp is None else kvp.to(DEV), splits=splits, block_n=16, wide=splits == 2)
+                     None if kvp is None else kvp.to(DEV), splits=splits, block_n=16, wide=splits == 2,
+                     token_params=None if tp is None else tuple(t.to(DEV) for t in tp))
     out = out.cpu()
     for b, L in enumerate(lengths):
         if L == 0:
@@ -459,21 +524,17 @@ def test_decode_attention_matches_sdpa(quant, hq, hkv, d, lengths, splits):
     (True, False, 2, 1, 16, [150], 16),          # 10 splits hold keys: the merge reads two chunks of 8
     (True, False, 6, 2, 32, [39, 20], 2),        # splits of 32 keys: one wide tile (wide=True) or two
     (False, False, 4, 2, 32, [39], 2),
+    (8, True, 4, 2, 16, [0, 37, -1], 4),         # online int8 and int4: each new head's codes and (scale, zp)
+    (4, False, 6, 2, 32, [20, 5], 2),
 ])
 def test_fused_decode_attention_equals_rope_then_attention(quant, qk_norm, hq, hkv, d, positions, splits):
     """decode_attention_fused = rope_cache_write then decode_attention, on the same cache: the same codes
-    written, the same output (up to the order of fp32 sums)."""
+    (and online params) written, the same output (up to the order of fp32 sums)."""
     B, S, dt = len(positions), max(96, max(positions) + 1), torch.float16
     g = gen(31)
     qkv = torch.randn(B, (hq + 2 * hkv) * d, generator=g).to(dt)
-    store = torch.int8 if quant else dt
-    if quant:
-        kvp = kv_params(hkv, 32)
-        kc = torch.randint(-128, 128, (B + 1, hkv, S, d), generator=g, dtype=torch.int8)
-        vc = torch.randint(-128, 128, (B + 1, hkv, S, d), generator=g, dtype=torch.int8)
-    else:
-        kvp = None
-        kc, vc = torch.randn(B + 1, hkv, S, d, generator=g).to(store), torch.randn(B + 1, hkv, S, d, generator=g).to(store)
+    kc, vc, kvp, tp, _, _ = kv_cache(quant, B + 1, hkv, S, d, g, seed=32)
+    tp = tp or ()
     qn = (torch.rand(d, generator=g) + 0.5).to(dt) if qk_norm else None
     kn = (torch.rand(d, generator=g) + 0.5).to(dt) if qk_norm else None
     pos, slot = torch.tensor(positions), torch.arange(B, 0, -1)
@@ -482,9 +543,12 @@ def test_fused_decode_attention_equals_rope_then_attention(quant, qk_norm, hq, h
     args = [to(t) for t in (pos, slot, cos, sin)]
     # reference: the two-kernel path
     q_ref, kc_ref, vc_ref = qkv.clone().to(DEV), kc.clone().to(DEV), vc.clone().to(DEV)
-    rope_cache_write(q_ref, args[0], args[1], args[2], args[3], kc_ref, vc_ref, hq, hkv, to(kvp), to(qn), to(kn), 1e-6)
+    tp_ref = tuple(t.clone().to(DEV) for t in tp) or None
+    rope_cache_write(q_ref, args[0], args[1], args[2], args[3], kc_ref, vc_ref, hq, hkv, to(kvp), to(qn), to(kn), 1e-6,
+                     token_params=tp_ref)
     want = torch.full((B, hq * d), float("nan"), dtype=dt, device=DEV)
-    decode_attention(q_ref, args[0], args[1], kc_ref, vc_ref, hq, want, to(kvp), splits=splits, block_n=16)
+    decode_attention(q_ref, args[0], args[1], kc_ref, vc_ref, hq, want, to(kvp), splits=splits, block_n=16,
+                     token_params=tp_ref)
     # fused, twice (the split counters must be back at zero after a launch)
     want = want.cpu()
     # the splits merged in the same kernel, or by the combine kernel; or q|k|v read from a split-K GEMM's fp32
@@ -497,15 +561,18 @@ def test_fused_decode_attention_equals_rope_then_attention(quant, qk_norm, hq, h
                                              (True, False, 16, None, True, True), (False, True, 16, None, True, False),
                                              (True, True, 16, None, False, False)):
         kc_f, vc_f = kc.clone().to(DEV), vc.clone().to(DEV)
+        tp_f = tuple(t.clone().to(DEV) for t in tp) or None
         count = counters(B, hkv, DEV)
         for _ in range(2):
             got = torch.full((B, hq * d), float("nan"), dtype=dt, device=DEV)
             src = qkv.float().to(DEV) if sums else qkv.to(DEV)
             decode_attention_fused(src, *args, kc_f, vc_f, hq, got, to(kvp), to(qn), to(kn), 1e-6, splits=splits,
                                    count=count, block_n=bn, merge=merge, sums=sums, split_round=rnd, wide=wide,
-                                   int8_in_registers=regs)
+                                   int8_in_registers=regs, token_params=tp_f)
             assert (count == 0).all() and (not sums or (src == 0).all())
         assert torch.equal(kc_f.cpu(), kc_ref.cpu()) and torch.equal(vc_f.cpu(), vc_ref.cpu())
+        for a, b in zip(tp_f or (), tp_ref or ()):
+            assert torch.equal(a.cpu(), b.cpu())
         got = got.cpu()
         for b, p in enumerate(positions):
             if p < 0:

@@ -253,6 +253,79 @@ def test_engine_on_cuda_uses_graphs_and_generates_like_cpu(w4kv):
         assert rel(batch[i], single[0]) < 1e-2
 
 
+@pytest.fixture(scope="module")
+def online_ws(tmp_path_factory, make_tiny):
+    """{bits: workspace}: a tiny llama with int4 g32 weights and an online int8 or int4 KV cache (kv_mode); weights
+    drawn 5x wider than transformers' default, so that greedy choices are not near ties."""
+    src = make_tiny("llama", seed=5, initializer_range=0.1)
+    root = tmp_path_factory.mktemp("gpu-online")
+    return {bits: convert(src, root / f"kv{bits}", "--kv", f"int{bits}") for bits in (8, 4)}
+
+
+def gpu_greedy(model, cache, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after ``prompt`` in cache row 0: the prefill path, then one-row decode steps (the fused
+    attention kernel)."""
+    logits = model(torch.tensor([prompt], device=DEV), torch.arange(len(prompt), device=DEV)[None], cache, True)
+    toks = [int(logits[0, -1].argmax())]
+    bufs = DecodeBuffers.allocate(model.cfg, model.dtype, DEV, [1], cache.max_len, burst=2)
+    for p in range(len(prompt), len(prompt) + n - 1):
+        bufs.idx[:, :1] = torch.tensor([[toks[-1]], [p], [0]], device=DEV)
+        model.decode_step(bufs, 1, cache, RuntimeOptions())
+        toks.append(int(bufs.logits[0].argmax()))
+    return toks
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gpu_model_matches_cpu_runtime_with_an_online_cache(online_ws, bits):
+    """kv_mode int8 / int4: the kernels write each token's codes and (scale, zp) as the CPU cache does and attend
+    over them; prefill, a cached prefix, decode steps of the three-kernel path (rows swapped, padding rows) and of
+    the fused one (one row, distinct rows) match the CPU runtime; greedy tokens equal the CPU's. The CPU computes in
+    float16 too: the cache quantizes K and V as rounded to the compute dtype, and int4's steps (a fifteenth of a
+    head's range) turn fp16-vs-fp32 rounding into logits 3% apart."""
+    cpu = load_workspace(online_ws[bits], RuntimeOptions(device="cpu", dtype="float16", head="int8"))
+    gpu = load_workspace(online_ws[bits], RuntimeOptions(device=str(DEV), dtype="float16", gpu_path=True))
+    assert isinstance(gpu.model, GpuTransformer) and cpu.cfg.kv_mode == f"int{bits}"
+    c = cpu.cfg
+
+    def cache(ws, dt, rows=4):
+        return KVCache(c.num_layer, rows, c.kv_head_num, 64, c.size_per_head, dt, ws.device, online_bits=bits)
+    cc, gc = cache(cpu, torch.float16), cache(gpu, torch.float16)
+    tol = 5e-3 if bits == 8 else 2e-2  # rotary rounds apart now and then, and an int4 code then moves a step
+    x, pos = ids((2, 20), 2), torch.arange(20).expand(2, 20)  # two fresh rows
+    assert rel(gpu.model(x.to(DEV), pos.to(DEV), gc).cpu(), cpu.model(x, pos, cc)) < tol
+    assert gc.k[0].dtype == torch.uint8 and gc.k[0].shape[-1] == c.size_per_head * bits // 8
+    x, pos = ids((2, 3), 3), torch.arange(20, 23).expand(2, 3)  # after the cached prefix
+    got = gpu.model(x.to(DEV), pos.to(DEV), gc, last_only=True)
+    assert rel(got.cpu(), cpu.model(x, pos, cc, last_only=True)) < tol
+    bufs = DecodeBuffers.allocate(gpu.cfg, torch.float16, DEV, [1, 2, 4], 64, burst=8)
+    for step, distinct in enumerate((False, True)):  # rope kernel + attention kernels, then the fused kernel
+        tok, p = ids((2,), 10 + step), 23 + step
+        want = cpu.model(tok[:, None], torch.tensor([[p], [p]]), cc, last_only=True)[:, -1]
+        bufs.idx[:, :4] = torch.tensor([[tok[1], tok[0], 7, 0], [p, p, -1, -1], [1, 0, 3, 2]], device=DEV)
+        gpu.model.decode_step(bufs, 4, gc, RuntimeOptions(), distinct=distinct)
+        got = bufs.logits[:2].flip(0).cpu()
+        assert rel(got, want) < tol and torch.equal(got.argmax(-1), want.argmax(-1))
+    assert (gc.k[0][2:].cpu() == 0).all() and (gc.kp[0][2:].cpu() == 0).all()  # padding rows wrote nothing
+    assert (gc.kp[0][:2, :, :25].cpu() != 0).all() and (gc.vp[0][:2, :, 25:].cpu() == 0).all()
+    prompt = ids((9,), 4).tolist()
+    want = [int(cpu.model(torch.tensor([prompt]), torch.arange(9)[None], cc.rows(0, 1), True)[0, -1].argmax())]
+    for p in range(9, 14):
+        want.append(int(cpu.model(torch.tensor([[want[-1]]]), torch.tensor([[p]]), cc.rows(0, 1), True)[0, -1].argmax()))
+    assert gpu_greedy(gpu.model, gc, prompt, 6) == want
+
+
+@cuda
+@pytest.mark.parametrize("bits", [8, 4])
+def test_engine_on_cuda_with_an_online_cache_generates_like_cpu(online_ws, bits):
+    """The CUDA engine (graphs, greedy bursts) over an online cache: the CPU engine's greedy tokens."""
+    gen = GenerationConfig(max_new_tokens=32, temperature=0.0, stop_ids=())
+    prompt = ids((12,), 4).tolist()
+    want = list(Engine.from_workspace(online_ws[bits], device="cpu", dtype="float32", head="int8").generate(prompt, gen))
+    eng = Engine.from_workspace(online_ws[bits], device="cuda", batch_size=4)
+    assert eng.runner.graphs is not None and eng.cache.online
+    assert list(eng.generate(prompt, gen)) == want
+
+
 def test_head_formats_on_the_cpu_path(w4kv):
     """head="auto" keeps the workspace's head on the CPU path; "int8" computes with the int8 head's values
     (one scale per vocabulary row, within half a step of the weights); int4 and unknown names are refused."""

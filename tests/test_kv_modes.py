@@ -155,14 +155,6 @@ def test_chat_verbose_prints_the_cache_bytes_per_token(tiny_mode_ws, run_cli):
     assert "KV cache int8: 160 bytes per token (params included)" in err
 
 
-def test_gpu_path_refuses_an_online_cache(tiny_mode_ws):
-    from qconv.runtime.loader import load_workspace
-    from qconv.runtime.options import RuntimeOptions
-
-    with pytest.raises(QconvError, match="GPU path does not read an online int4 KV cache"):
-        load_workspace(tiny_mode_ws[0]["int4"], RuntimeOptions(device="cpu", gpu_path=True))
-
-
 def test_unknown_kv_mode_in_config_ini_is_one_line(tiny_mode_ws, tmp_path, run_cli, wiki_path):
     import shutil
 

@@ -6,7 +6,7 @@ and the same maths; the residual stream is float32.
 Prefill (any S): per layer RMSNorm, qkv, rope + cache write, SDPA, o, RMSNorm, w13, SiLU-mul, w2 (w13's
 rows are gate/up pairs, convert/layout.interleave_pairs, so its output is too). When
 every row writes positions 0..S-1, attention is SDPA with is_causal over the new K/V exactly as cached
-(int8 round-tripped: x' = q * scale + zp); otherwise the cache is read back and masked (key position <=
+(int8 round-tripped: x' = q * scale + zp, with per-head params or, online int8 / int4, per-token ones); otherwise the cache is read back and masked (key position <=
 query position), as runtime/cpu/model.py does.
 
 Decode (``decode_step``): one token per row on static buffers, no host work, so that runtime/cuda/graphs.py
@@ -32,7 +32,6 @@ from torch import nn
 
 from ...convert.workspace_config import WorkspaceConfig
 from .kernels import HAVE_TRITON
-from ... import QconvError
 from ..kv_cache import KVCache, shared_start
 from ..cpu.model import LayerWeights, attention_mask
 from ..options import RuntimeOptions
@@ -74,15 +73,16 @@ class GpuTransformer(nn.Module):
         self.dtype = self.tok_embeddings.dtype
         self._kvp_src, self._kvp = None, None
 
-    def kv_params(self, cache: KVCache) -> list[torch.Tensor | None]:
-        """Per layer [4, Hkv] float32 (k_scale, k_zp, v_scale, v_zp) for an int8 cache, else Nones."""
-        if cache.online:  # the kernels read fp16 or static int8 caches only; codes would be read as values
-            raise QconvError(f"the GPU path does not read an online {cache.mode} KV cache; run on the CPU path "
-                             f"(--device cpu) or use kv_mode int8-static or fp16")
+    def kv_args(self, cache: KVCache) -> list[dict]:
+        """Per layer, the kernels' cache arguments beside the K/V buffers: ``kv_params`` [4, Hkv] float32 (k_scale,
+        k_zp, v_scale, v_zp) for a static int8 cache; ``token_params`` (k, v) [B, Hkv, S, 2] float16 for an
+        online one (its per-token (scale, zp)); neither for fp16."""
+        if cache.online:
+            return [{"token_params": (cache.kp[i], cache.vp[i])} for i in range(len(self.layers))]
         if cache.qparams is None:
-            return [None] * len(self.layers)
+            return [{}] * len(self.layers)
         if self._kvp_src is not cache.qparams:
-            self._kvp = [torch.stack([p.reshape(-1) for p in cache.qparams[i]]).contiguous()
+            self._kvp = [{"kv_params": torch.stack([p.reshape(-1) for p in cache.qparams[i]]).contiguous()}
                          for i in range(len(self.layers))]
             self._kvp_src = cache.qparams
         return self._kvp
@@ -96,7 +96,7 @@ class GpuTransformer(nn.Module):
         T, H, I = B * S, self.cfg.hidden_units, self.cfg.inter_size
         assert int(pos.max()) < cache.max_len, f"position {int(pos.max())} is past the cache ({cache.max_len})"
         start = shared_start(pos)
-        kvp = self.kv_params(cache)
+        kv = self.kv_args(cache)
         dev = ids.device
         pos_t = pos.reshape(T).contiguous()
         slot = torch.arange(B, device=dev).repeat_interleave(S)  # cache row of each token
@@ -105,8 +105,8 @@ class GpuTransformer(nn.Module):
         a = torch.empty(T, I, device=dev, dtype=self.dtype)
         for i, blk in enumerate(self.layers):
             qkv = blk.wqkv(rms_norm(x, blk.attention_norm, self.eps, h))  # [T, (Hq + 2 Hkv) * D]
-            rope_cache_write(qkv, pos_t, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, self.hkv, kvp[i],
-                             blk.q_norm, blk.k_norm, self.eps, write_back=True)
+            rope_cache_write(qkv, pos_t, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, self.hkv,
+                             q_norm=blk.q_norm, k_norm=blk.k_norm, eps=self.eps, write_back=True, **kv[i])
             x.add_(blk.wo(self._attend(qkv, pos, start, cache, i)))
             gu = blk.w13(rms_norm(x, blk.ffn_norm, self.eps, h))  # [T, 2 * inter]
             x.add_(blk.w2(silu_mul(gu, a, pairs=True)))
@@ -152,7 +152,7 @@ class GpuTransformer(nn.Module):
         torch.index_select(self.tok_embeddings, 0, ids, out=bufs.emb[:b])
         x.copy_(bufs.emb[:b])
         qkv, attn, ffn = bufs.qkv[:b], bufs.attn[:b], bufs.ffn[:b]
-        kvp = self.kv_params(cache)
+        kv = self.kv_args(cache)
         for i, blk in enumerate(self.layers):
             acc = bufs.qkv_acc[:b] if blk.wqkv.accumulates(b) else None  # split-K sums (zeroed after reading)
             blk.wqkv.run(x, qkv if acc is None else acc, prologue="rmsnorm", norm_weight=blk.attention_norm,
@@ -160,15 +160,15 @@ class GpuTransformer(nn.Module):
             if (b == 1 or distinct) and opts.attention != "three":
                 # rotary, cache write, attention; split-K qkv sums are read here and zeroed by whoever merges
                 decode_attention_fused(qkv if acc is None else acc, pos, slot, self.cos, self.sin, cache.k[i],
-                                       cache.v[i], self.hq, attn, kvp[i], blk.q_norm, blk.k_norm, self.eps,
+                                       cache.v[i], self.hq, attn, q_norm=blk.q_norm, k_norm=blk.k_norm, eps=self.eps,
                                        scratch=bufs.parts[b], splits=bufs.splits[b], count=bufs.count,
                                        merge=short or opts.attention == "one",
-                                       sums=acc is not None, **opts.attention_kw)
+                                       sums=acc is not None, **opts.attention_kw, **kv[i])
             else:  # rows may share a cache row (a prompt's tokens): every K/V is written before any row attends
                 rope_cache_write(qkv, pos, slot, self.cos, self.sin, cache.k[i], cache.v[i], self.hq, self.hkv,
-                                 kvp[i], blk.q_norm, blk.k_norm, self.eps, acc=acc)
-                decode_attention(qkv, pos, slot, cache.k[i], cache.v[i], self.hq, attn, kvp[i], scratch=bufs.parts[b],
-                                 splits=bufs.splits[b])
+                                 q_norm=blk.q_norm, k_norm=blk.k_norm, eps=self.eps, acc=acc, **kv[i])
+                decode_attention(qkv, pos, slot, cache.k[i], cache.v[i], self.hq, attn, scratch=bufs.parts[b],
+                                 splits=bufs.splits[b], **kv[i])
             blk.wo.run(attn, x, epilogue="residual")
             if opts.silu_in_w2 and blk.w13.accumulates(b):  # w13's K-slices add into fp32 sums (zeroed by its norm
                 # kernel) and w2's kernel takes the SiLU-mul of them: no slice waits for the others

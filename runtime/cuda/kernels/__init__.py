@@ -9,9 +9,12 @@
     w4_matmul.py   the int4 host side: w4_matmul checks shapes and dispatches a config to one of the
                    three; w4_dequantize
     norm.py        RMSNorm of the fp32 residual, SiLU(gate) * up
-    rope_cache.py  rotary (+ q/k norm) and the KV-cache write, int8-quantized with quant_policy 4
+    rope_cache.py  rotary (+ q/k norm) and the KV-cache write, int8-quantized with quant_policy 4 or per token
+                   (kv_mode int8, int4)
     attention.py   decode attention over the static cache, split along the keys, lengths read on the device,
                    and the merge of the splits
+    kv_codes.py    the online KV modes' per-token quantization of a head as it is written, and the
+                   dequantization of a tile of codes (int4 two per byte) as it is read
     attention_fused.py  the same for one-row steps, fused with rotary, the cache write and the merge
     arrive.py      last_to_arrive: the counter by which the last program of a launch finds the others' stores
     gemm_int8.py   int8 weights with one scale per row (the LM head) times a few rows

@@ -11,6 +11,8 @@ and int8 -> fp16 is exact, so the dots run on the tensor cores in the activation
 codes become 1152 + kq by one OR (no int-to-float conversion), which moves the zero points by -1152 scale.
 The dots see codes only: scale and zero point of K fold into each score's one FMA, and V's are applied once
 after the last tile (sum(p) is l, summed over p as rounded for the dot).
+Online caches (kv_mode int8, int4: uint8 codes, int4 two per byte, with (scale, zp) per token) are dequantized
+in registers as each tile is loaded, x = c * scale + zp (kv_codes.py), and the dots run as over an fp16 cache.
 Each split leaves (m, l, acc) in log2 units: m = max score, l = sum 2^(score - m), acc = sum 2^(score - m) v;
 the combine kernel merges the NS splits: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
 attention_fused.py runs the same splits fused with rotary, the cache write and the merge.
@@ -24,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, pdl
+from .kv_codes import _dequant_tile, online_bits, param_args
 
 LOG2E = 1.4426950408889634
 
@@ -62,17 +65,21 @@ def _kv_params(kvp_ptr, kvh, HKV: tl.constexpr):
 
 
 @triton.jit
-def _tile(q, kc_ptr, vc_ptr, base, stride_cs, n0, end, d, qk_k, bias, m_i, l_i, acc, BN: tl.constexpr,
-          QUANT: tl.constexpr, I8_REGS: tl.constexpr):
+def _tile(q, kc_ptr, vc_ptr, base, stride_cs, kp_ptr, vp_ptr, pbase, n0, end, d, qk_k, bias, m_i, l_i, acc,
+          BN: tl.constexpr, QUANT: tl.constexpr, I8_REGS: tl.constexpr, BITS: tl.constexpr):
     """One tile of BN keys from n0 (those < end) into the running (m, l, acc). Scores in log2 units: the dot
     times qk_k, plus ``bias`` per row for an int8 cache (its zero point and the fp16 codes' 1152, folded).
     l sums the probabilities as rounded for the p.v dot, so that an int8 cache's V zero point can be applied
-    once after the last tile (v_zp * l) and the dots see codes only."""
+    once after the last tile (v_zp * l) and the dots see codes only. BITS: an online cache, its codes at
+    base + n * stride_cs and their (scale, zp) at pbase + 2 n, dequantized here."""
     dt = q.dtype
     n = n0 + tl.arange(0, BN)
     n_ok = n < end
     offs = base + n[:, None] * stride_cs + d[None, :]  # [BN, D]
-    k = tl.load(kc_ptr + offs, mask=n_ok[:, None], other=0)
+    if BITS:
+        k = _dequant_tile(kc_ptr, kp_ptr, base + n * stride_cs, pbase + 2 * n, d, n_ok, dt, BITS)
+    else:
+        k = tl.load(kc_ptr + offs, mask=n_ok[:, None], other=0)
     if QUANT:
         sc = tl.dot(q, tl.trans(_int8_as(k, dt, I8_REGS))) * qk_k + bias[:, None]  # [REP_PAD, BN] fp32
     else:
@@ -82,7 +89,10 @@ def _tile(q, kc_ptr, vc_ptr, base, stride_cs, n0, end, d, qk_k, bias, m_i, l_i, 
     alpha = tl.exp2(m_i - m_new)
     p16 = tl.exp2(sc - m_new[:, None]).to(dt)
     l_i = l_i * alpha + tl.sum(p16.to(tl.float32), axis=1)
-    v = tl.load(vc_ptr + offs, mask=n_ok[:, None], other=0)
+    if BITS:
+        v = _dequant_tile(vc_ptr, vp_ptr, base + n * stride_cs, pbase + 2 * n, d, n_ok, dt, BITS)
+    else:
+        v = tl.load(vc_ptr + offs, mask=n_ok[:, None], other=0)
     if QUANT:
         pv = tl.dot(p16, _int8_as(v, dt, I8_REGS))  # [REP_PAD, D]
     else:
@@ -91,14 +101,15 @@ def _tile(q, kc_ptr, vc_ptr, base, stride_cs, n0, end, d, qk_k, bias, m_i, l_i, 
 
 
 @triton.jit
-def _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, HKV: tl.constexpr,
-            REP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
-            WIDE: tl.constexpr = False, I8_REGS: tl.constexpr = False):
+def _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, kp_ptr, vp_ptr, pbase,
+            HKV: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
+            WIDE: tl.constexpr, I8_REGS: tl.constexpr, BITS: tl.constexpr):
     """Rows q [REP_PAD, D] (activation dtype) over the keys start..end-1 of one cache row and kv head (base) ->
     (m, l, acc) in log2 units: m = max score, l = sum 2^(score - m), acc = sum 2^(score - m) v.
     int8 cache (x = scale * c + zp; as fp16 the codes read 1152 + c): q.k = k_scale * (q.c) + k_zp * sum(q),
     sum p v = v_scale * (p.c) + v_zp * sum(p), sum(p) being l. WIDE: a range of BLOCK_N < keys <= 2 BLOCK_N (one
-    row at a long context) is read as one tile of 2 BLOCK_N keys, one dependent step instead of two."""
+    row at a long context) is read as one tile of 2 BLOCK_N keys, one dependent step instead of two. BITS: an online
+    cache, its (scale, zp) per key at pbase + 2 n of kp_ptr / vp_ptr."""
     dt = q.dtype
     m_i = tl.full([REP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([REP_PAD], tl.float32)
@@ -113,12 +124,12 @@ def _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_sca
         qk_k = k_scale * qk_scale
         bias = tl.sum(q.to(tl.float32), axis=1) * (k_zp * qk_scale)  # [REP_PAD]
     if WIDE and (end - start > BLOCK_N) and (end - start <= 2 * BLOCK_N):
-        m_i, l_i, acc = _tile(q, kc_ptr, vc_ptr, base, stride_cs, start, end, d, qk_k, bias, m_i, l_i, acc,
-                              2 * BLOCK_N, QUANT, I8_REGS)
+        m_i, l_i, acc = _tile(q, kc_ptr, vc_ptr, base, stride_cs, kp_ptr, vp_ptr, pbase, start, end, d, qk_k, bias,
+                              m_i, l_i, acc, 2 * BLOCK_N, QUANT, I8_REGS, BITS)
     else:
         for n0 in range(start, end, BLOCK_N):
-            m_i, l_i, acc = _tile(q, kc_ptr, vc_ptr, base, stride_cs, n0, end, d, qk_k, bias, m_i, l_i, acc,
-                                  BLOCK_N, QUANT, I8_REGS)
+            m_i, l_i, acc = _tile(q, kc_ptr, vc_ptr, base, stride_cs, kp_ptr, vp_ptr, pbase, n0, end, d, qk_k, bias,
+                                  m_i, l_i, acc, BLOCK_N, QUANT, I8_REGS, BITS)
     if QUANT:
         acc = acc * v_scale + v_zp * l_i[:, None]
     return m_i, l_i, acc
@@ -134,9 +145,10 @@ def _split_size(length, NS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr,
-                       m_ptr, l_ptr, o_ptr, qk_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                       REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
-                       QUANT: tl.constexpr, WIDE: tl.constexpr, I8_REGS: tl.constexpr, PDL: tl.constexpr):
+                       kp_ptr, vp_ptr, stride_pb, stride_ph, m_ptr, l_ptr, o_ptr, qk_scale, HQ: tl.constexpr,
+                       HKV: tl.constexpr, D: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr,
+                       BLOCK_N: tl.constexpr, NS: tl.constexpr, QUANT: tl.constexpr, WIDE: tl.constexpr,
+                       I8_REGS: tl.constexpr, BITS: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -149,9 +161,10 @@ def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stri
     r_ok = r < REP
     d = tl.arange(0, D)
     q = tl.load(q_ptr + b * stride_qt + (kvh * REP + r)[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
-    base = tl.load(slot_ptr + b).to(tl.int64) * stride_cb + kvh * stride_ch
-    m_i, l_i, acc = _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, HKV, REP_PAD, D,
-                            BLOCK_N, QUANT, WIDE, I8_REGS)
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    base = slot * stride_cb + kvh * stride_ch
+    m_i, l_i, acc = _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, kp_ptr, vp_ptr,
+                            slot * stride_pb + kvh * stride_ph, HKV, REP_PAD, D, BLOCK_N, QUANT, WIDE, I8_REGS, BITS)
     idx = (b * HQ + kvh * REP + r) * NS + s  # [REP_PAD] into [B, HQ, NS]
     tl.store(m_ptr + idx, m_i, mask=r_ok)
     tl.store(l_ptr + idx, l_i, mask=r_ok)
@@ -219,32 +232,38 @@ def decode_attention(q: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, k_c
                      v_cache: torch.Tensor, num_heads: int, out: torch.Tensor, kv_params: torch.Tensor | None = None,
                      scratch: tuple[torch.Tensor, ...] | None = None, splits: int | None = None,
                      block_n: int = 64, num_warps: int = 4, num_stages: int = 2, wide: bool = False,
-                     int8_in_registers: bool = False) -> torch.Tensor:
+                     int8_in_registers: bool = False,
+                     token_params: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q: [B, >= Hq * D] rows (heads side by side, e.g. the q part of qkv); pos, slot: [B] (the row's new
     position, whose K/V is already in the cache, and its cache row); caches [rows, Hkv, S, D] (int8 with
-    kv_params [4, Hkv]); out: [B, Hq * D] = softmax(q k^T / sqrt(D)) v over positions 0..pos. ``wide``: a split of
+    kv_params [4, Hkv]; or online: uint8 codes [rows, Hkv, S, D * bits / 8] with token_params, (k, v) params
+    [rows, Hkv, S, 2] float16); out: [B, Hq * D] = softmax(q k^T / sqrt(D)) v over positions 0..pos. ``wide``: a split of
     block_n < keys <= 2 block_n is read as one tile of 2 block_n keys. ``int8_in_registers``: int8 tiles become fp16
     where they were loaded (see _int8_as)."""
     B = q.shape[0]
-    assert q.stride(-1) == 1 and q.shape[1] >= num_heads * k_cache.shape[-1]
-    hkv, D, rep, quant, ns, (m, l, acc) = _checked(B, pos, slot, k_cache, v_cache, num_heads, out, kv_params, scratch,
-                                                   splits, block_n)
+    hkv, D, rep, quant, bits, ns, (m, l, acc) = _checked(B, pos, slot, k_cache, v_cache, num_heads, out, kv_params,
+                                                         scratch, splits, block_n, token_params)
+    assert q.stride(-1) == 1 and q.shape[1] >= num_heads * D
     if B == 0:
         return out
     on = pdl(q)
     _attn_split_kernel[(B, hkv, ns)](
         q, q.stride(0), pos, slot, k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        kv_params if quant else m, m, l, acc, LOG2E / math.sqrt(D), HQ=num_heads, HKV=hkv, D=D, REP=rep,
-        REP_PAD=max(16, triton.next_power_of_2(rep)), BLOCK_N=block_n, NS=ns, QUANT=quant, WIDE=wide,
-        I8_REGS=int8_in_registers, PDL=on, num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
+        kv_params if quant else m, *param_args(token_params, m), m, l, acc, LOG2E / math.sqrt(D), HQ=num_heads,
+        HKV=hkv, D=D, REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), BLOCK_N=block_n, NS=ns, QUANT=quant,
+        WIDE=wide, I8_REGS=int8_in_registers, BITS=bits, PDL=on, num_warps=num_warps, num_stages=num_stages,
+        launch_pdl=on)
     _combine(m, l, acc, out, pos, num_heads, ns, block_n, on)
     return out
 
 
-def _checked(B: int, pos, slot, k_cache, v_cache, num_heads: int, out, kv_params, scratch, splits, block_n: int):
-    """The checks both decode-attention entry points make -> (Hkv, D, rep, quantized, splits, (m, l, acc))."""
-    hkv, D = k_cache.shape[1], k_cache.shape[-1]
+def _checked(B: int, pos, slot, k_cache, v_cache, num_heads: int, out, kv_params, scratch, splits, block_n: int,
+             token_params=None):
+    """The checks both decode-attention entry points make -> (Hkv, D, rep, quantized, online bits (0: none),
+    splits, (m, l, acc))."""
+    hkv, D = k_cache.shape[1], out.shape[-1] // num_heads
     assert num_heads % hkv == 0
+    bits = online_bits(k_cache, D, token_params)
     assert pos.shape == slot.shape == (B,) and pos.is_contiguous() and slot.is_contiguous()
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     assert D >= 16 and D & (D - 1) == 0, f"head_dim {D}: a power of two >= 16"
@@ -255,7 +274,7 @@ def _checked(B: int, pos, slot, k_cache, v_cache, num_heads: int, out, kv_params
     assert ns & (ns - 1) == 0, f"splits {ns}: a power of two"
     m, l, acc = scratch if scratch is not None else partials(B, num_heads, ns, D, out.device)
     assert m.shape[0] >= B and m.shape[1:] == (num_heads, ns) and acc.shape[1:] == (num_heads, ns, D)
-    return hkv, D, num_heads // hkv, quant, ns, (m, l, acc)
+    return hkv, D, num_heads // hkv, quant, bits, ns, (m, l, acc)
 
 
 def _combine(m, l, acc, out, pos, num_heads: int, ns: int, block_n: int, on: bool, sums: torch.Tensor | None = None,

@@ -1,6 +1,7 @@
 """Decode attention fused with rotary (+ q/k norm), the KV-cache write and the merge of the splits, for one-row
 steps whose rows are distinct sequences: one launch reads qkv as the qkv GEMV left it (or its fp32 split-K sums)
-and writes the attention output. The split, the int8 cache's arithmetic and the partials are attention.py's.
+and writes the attention output. The split, the int8 cache's arithmetic and the partials are attention.py's; an
+online cache's write (the new token's codes and (scale, zp)) and read are kv_codes.py's.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import triton.language as tl
 from . import INTERPRET, pdl
 from .arrive import _last_to_arrive
 from .attention import LOG2E, _attend, _checked, _combine, _kv_params, _split_size
-from .rope_cache import _rint
+from .kv_codes import _rint, _store_head, param_args
 
 
 @triton.jit
@@ -41,12 +42,13 @@ def _zero_sums(row, qh, d, r_ok, kvh, HQ: tl.constexpr, HKV: tl.constexpr, REP_P
 
 @triton.jit
 def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps,
-                       kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr, m_ptr, l_ptr, o_ptr, cnt_ptr,
-                       out_ptr, stride_ot, qk_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                       kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr, kp_ptr, vp_ptr, stride_pb, stride_ph,
+                       m_ptr, l_ptr, o_ptr, cnt_ptr, out_ptr, stride_ot, qk_scale, HQ: tl.constexpr, HKV: tl.constexpr,
+                       D: tl.constexpr,
                        REP: tl.constexpr, REP_PAD: tl.constexpr, RC: tl.constexpr, SC: tl.constexpr,
                        BLOCK_N: tl.constexpr, NS: tl.constexpr, QUANT: tl.constexpr, QK_NORM: tl.constexpr,
                        MERGE: tl.constexpr, FENCE: tl.constexpr, PDL: tl.constexpr, ROUND: tl.constexpr,
-                       WIDE: tl.constexpr, I8_REGS: tl.constexpr, SUMS: tl.constexpr):
+                       WIDE: tl.constexpr, I8_REGS: tl.constexpr, SUMS: tl.constexpr, BITS: tl.constexpr):
     """Rotary + cache write + attention splits + merge of one decode step, for rows that are distinct
     sequences (each row's new K/V is written by the one split that holds its position, which then reads it
     back; no other row reads it). Only the splits that hold keys run; one alone writes the output, several
@@ -63,19 +65,21 @@ def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
     chunk, active = _split_size(length, NS, ROUND)  # whole ROUND-key pieces per split, read BLOCK_N at a time
     if s < tl.maximum(active, 1):  # the others do nothing; split 0 writes a padding row's zeros
         _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps, kc_ptr, vc_ptr,
-                          stride_cb, stride_ch, stride_cs, kvp_ptr, m_ptr, l_ptr, o_ptr, cnt_ptr, out_ptr, stride_ot,
-                          qk_scale, b, kvh, s, p, length, chunk, active, HQ, HKV, D, REP, REP_PAD, RC, SC, BLOCK_N,
-                          NS, QUANT, QK_NORM, MERGE, FENCE, WIDE, I8_REGS, SUMS)
+                          stride_cb, stride_ch, stride_cs, kvp_ptr, kp_ptr, vp_ptr, stride_pb, stride_ph, m_ptr, l_ptr,
+                          o_ptr, cnt_ptr, out_ptr, stride_ot, qk_scale, b, kvh, s, p, length, chunk, active, HQ, HKV,
+                          D, REP, REP_PAD, RC, SC, BLOCK_N, NS, QUANT, QK_NORM, MERGE, FENCE, WIDE, I8_REGS, SUMS,
+                          BITS)
 
 
 @triton.jit
 def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps, kc_ptr, vc_ptr, stride_cb,
-                      stride_ch, stride_cs, kvp_ptr, m_ptr, l_ptr, o_ptr, cnt_ptr, out_ptr, stride_ot, qk_scale, b, kvh,
-                      s, p, length, chunk, active, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                      stride_ch, stride_cs, kvp_ptr, kp_ptr, vp_ptr, stride_pb, stride_ph, m_ptr, l_ptr, o_ptr, cnt_ptr,
+                      out_ptr, stride_ot, qk_scale, b, kvh, s, p, length, chunk, active, HQ: tl.constexpr,
+                      HKV: tl.constexpr, D: tl.constexpr,
                       REP: tl.constexpr, REP_PAD: tl.constexpr, RC: tl.constexpr, SC: tl.constexpr,
                       BLOCK_N: tl.constexpr, NS: tl.constexpr, QUANT: tl.constexpr, QK_NORM: tl.constexpr,
                       MERGE: tl.constexpr, FENCE: tl.constexpr, WIDE: tl.constexpr, I8_REGS: tl.constexpr,
-                      SUMS: tl.constexpr):
+                      SUMS: tl.constexpr, BITS: tl.constexpr):
     """Split s of (row b, kv head kvh) of _attn_fused_kernel, one of the ``active`` splits."""
     HALF: tl.constexpr = D // 2
     dt = out_ptr.dtype.element_ty
@@ -90,7 +94,9 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
     q1 = tl.load(row + qh + d[None, :], mask=r_ok[:, None], other=0.0).to(dt).to(tl.float32)
     q2 = tl.load(row + qh + ((d + HALF) % D)[None, :], mask=r_ok[:, None], other=0.0).to(dt).to(tl.float32)
     q = _rope_rows(q1, q2, d, cos_ptr + pc * D, sin_ptr + pc * D, qn_ptr, eps, dt, D, HALF, QK_NORM).to(dt)
-    base = tl.load(slot_ptr + b).to(tl.int64) * stride_cb + kvh * stride_ch
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    base = slot * stride_cb + kvh * stride_ch
+    pbase = slot * stride_pb + kvh * stride_ph  # online: the (scale, zp) of key n at pbase + 2 n
     if (p >= start) & (p < end):  # this split holds the new token: rotary on k, both into the cache
         one = tl.arange(0, 1)
         kh = (HQ + kvh + one)[:, None] * D
@@ -99,7 +105,10 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
         k = _rope_rows(k1, k2, d, cos_ptr + pc * D, sin_ptr + pc * D, kn_ptr, eps, dt, D, HALF, QK_NORM)
         v = tl.load(row + (HQ + HKV + kvh + one)[:, None] * D + d[None, :]).to(dt).to(tl.float32)
         dst = base + p * stride_cs + one[:, None] * 0 + d[None, :]
-        if QUANT:
+        if BITS:  # online: each head vector's own (scale, zp)
+            _store_head(tl.reshape(k, [D]), kc_ptr + base + p * stride_cs, kp_ptr + pbase + 2 * p, D, BITS)
+            _store_head(tl.reshape(v, [D]), vc_ptr + base + p * stride_cs, vp_ptr + pbase + 2 * p, D, BITS)
+        elif QUANT:
             k_scale, k_zp, v_scale, v_zp = _kv_params(kvp_ptr, kvh, HKV)
             tl.store(kc_ptr + dst, tl.minimum(tl.maximum(_rint((k - k_zp) / k_scale), -128.0), 127.0).to(tl.int8))
             tl.store(vc_ptr + dst, tl.minimum(tl.maximum(_rint((v - v_zp) / v_scale), -128.0), 127.0).to(tl.int8))
@@ -107,8 +116,8 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
             tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty))
             tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty))
     tl.debug_barrier()  # the block's own cache stores are visible to its loads below
-    m_i, l_i, acc = _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, HKV, REP_PAD, D,
-                            BLOCK_N, QUANT, WIDE, I8_REGS)
+    m_i, l_i, acc = _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, kp_ptr, vp_ptr,
+                            pbase, HKV, REP_PAD, D, BLOCK_N, QUANT, WIDE, I8_REGS, BITS)
     alone = (MERGE or NS == 1) and active <= 1  # the only split, and no merge kernel follows
     if SUMS and alone:  # this program read the split-K sums last: zero them for the next layer
         _zero_sums(row, qh, d, r_ok, kvh, HQ, HKV, REP_PAD, D)
@@ -164,7 +173,8 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
                            count: torch.Tensor | None = None, block_n: int = 64, num_warps: int = 4,
                            num_stages: int = 2, merge: bool = True, sums: bool = False,
                            split_round: int | None = None, wide: bool = False,
-                           int8_in_registers: bool = False) -> torch.Tensor:
+                           int8_in_registers: bool = False,
+                           token_params: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """rope_cache_write + decode_attention for a decode step whose rows are distinct sequences (cache rows):
     qkv [B, (Hq + 2 Hkv) * D] as the qkv GEMV stored it (not rotated); the new K/V go into the cache at pos,
     and out [B, Hq * D] gets the attention over positions 0..pos. ``merge``: the splits merge in the same
@@ -173,12 +183,12 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
     (merge, or one split) by the split that writes the output. ``split_round``: each
     split holds a multiple of this many keys (default block_n), read block_n at a time, e.g. 64-key splits read
     as one 128-key tile (the last half masked where a split holds an odd number of 64-key pieces). ``wide``,
-    ``int8_in_registers``: as decode_attention's."""
+    ``int8_in_registers``, ``token_params`` (an online cache): as decode_attention's."""
     B = qkv.shape[0]
     rnd = split_round or block_n
     assert block_n % rnd == 0, f"split_round {rnd} must divide block_n {block_n}"
-    hkv, D, rep, quant, ns, (m, l, acc) = _checked(B, pos, slot, k_cache, v_cache, num_heads, out, kv_params, scratch,
-                                                   splits, rnd)
+    hkv, D, rep, quant, bits, ns, (m, l, acc) = _checked(B, pos, slot, k_cache, v_cache, num_heads, out, kv_params,
+                                                         scratch, splits, rnd, token_params)
     assert qkv.stride(-1) == 1 and qkv.shape[1] == (num_heads + 2 * hkv) * D
     assert not sums or qkv.dtype == torch.float32, "split-K sums: fp32"
     assert cos.dtype == sin.dtype == torch.float32 and cos.shape[1] == D and cos.is_contiguous() and sin.is_contiguous()
@@ -191,10 +201,10 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
     _attn_fused_kernel[(B, hkv, ns)](
         qkv, qkv.stride(0), pos, slot, cos, sin, q_norm if qk_norm else cos, k_norm if qk_norm else cos, eps,
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), kv_params if quant else m,
-        m, l, acc, count, out, out.stride(0), LOG2E / math.sqrt(D), HQ=num_heads, HKV=hkv, D=D, REP=rep,
+        *param_args(token_params, m), m, l, acc, count, out, out.stride(0), LOG2E / math.sqrt(D), HQ=num_heads, HKV=hkv, D=D, REP=rep,
         REP_PAD=max(16, triton.next_power_of_2(rep)), RC=triton.next_power_of_2(rep), SC=min(ns, 8), BLOCK_N=block_n,
         NS=ns, QUANT=quant, QK_NORM=qk_norm, MERGE=merge, FENCE=not INTERPRET, PDL=on, ROUND=rnd, WIDE=wide,
-        I8_REGS=int8_in_registers, SUMS=sums, num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
+        I8_REGS=int8_in_registers, SUMS=sums, BITS=bits, num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
     if not merge and ns > 1:  # with one split per (row, kv head), it writes the output (and zeroes the sums)
         _combine(m, l, acc, out, pos, num_heads, ns, rnd, on, qkv if sums else None, hkv)
     return out

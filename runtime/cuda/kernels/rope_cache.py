@@ -7,8 +7,9 @@ One program per (token, head) of qkv [T, (Hq + 2 Hkv) * D]:
 Rotary is neox style over the halves [a, b] of D:  [a, b] -> [a cos - b sin, b cos + a sin].
 With int8 params (quant_policy 4) the cache holds q = clamp(round((x - zp) / scale), -128, 127) (round half
 to even, as torch.round); ``write_back`` also stores the value the cache now means, x' = q * scale + zp,
-into qkv, so that prefill attention sees exactly what later decode steps read. A token with pos < 0 is
-padding: nothing is written.
+into qkv, so that prefill attention sees exactly what later decode steps read. The online modes (kv_mode int8,
+int4) quantize each k / v head vector after rotary with its own (scale, zp), stored beside its codes
+(kv_codes.py); write_back stores x' likewise. A token with pos < 0 is padding: nothing is written.
 With ``acc`` (decode), q|k|v come from an fp32 buffer [T, ...] that a split-K GEMV accumulated (bias
 included); the kernel, its only reader, zeroes it for the next layer (padding rows too) and writes q
 into qkv.
@@ -20,21 +21,14 @@ import triton
 import triton.language as tl
 
 from . import pdl
-
-
-@triton.jit
-def _rint(x):
-    """Round half to even (torch.round)."""
-    f = tl.floor(x)
-    d = x - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+from .kv_codes import _rint, _store_head, online_bits, param_args
 
 
 @triton.jit
 def _rope_cache_kernel(qkv_ptr, stride_t, acc_ptr, stride_at, pos_ptr, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr,
-                       eps, kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr,
-                       HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr,
+                       eps, kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr, kp_ptr, vp_ptr, stride_pb,
+                       stride_ph, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr,
+                       BITS: tl.constexpr,
                        QK_NORM: tl.constexpr, WRITE_BACK: tl.constexpr, FROM_ACC: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -73,8 +67,18 @@ def _rope_cache_kernel(qkv_ptr, stride_t, acc_ptr, stride_at, pos_ptr, slot_ptr,
         if h >= HQ:  # k or v: into the cache
             is_v = h >= HQ + HKV
             kvh = h - HQ - HKV * is_v.to(tl.int32)
-            off = tl.load(slot_ptr + t) * stride_cb + kvh * stride_ch + p * stride_cs
-            if QUANT:  # kvp: [4, HKV] = k_scale, k_zp, v_scale, v_zp
+            slot = tl.load(slot_ptr + t)
+            off = slot * stride_cb + kvh * stride_ch + p * stride_cs
+            if BITS:  # online: the head vector [D] = [a, b] with its own (scale, zp)
+                x = tl.reshape(tl.permute(tl.join(a, b), [1, 0]), [D])
+                poff = slot * stride_pb + kvh * stride_ph + p * 2
+                if is_v:
+                    x = _store_head(x, vc_ptr + off, vp_ptr + poff, D, BITS)
+                else:
+                    x = _store_head(x, kc_ptr + off, kp_ptr + poff, D, BITS)
+                if WRITE_BACK:  # x' = c * scale + zp
+                    tl.store(row + tl.arange(0, D), x.to(dt))
+            elif QUANT:  # kvp: [4, HKV] = k_scale, k_zp, v_scale, v_zp
                 sel = 2 * is_v.to(tl.int32)
                 scale = tl.load(kvp_ptr + sel * HKV + kvh)
                 zp = tl.load(kvp_ptr + (sel + 1) * HKV + kvh)
@@ -94,7 +98,7 @@ def _rope_cache_kernel(qkv_ptr, stride_t, acc_ptr, stride_at, pos_ptr, slot_ptr,
                 else:
                     tl.store(kc_ptr + off + i, a.to(kc_ptr.dtype.element_ty))
                     tl.store(kc_ptr + off + HALF + i, b.to(kc_ptr.dtype.element_ty))
-            if WRITE_BACK:
+            if WRITE_BACK and not BITS:
                 tl.store(row + i, a.to(dt))
                 tl.store(row + HALF + i, b.to(dt))
 
@@ -103,12 +107,14 @@ def rope_cache_write(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, c
                      k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, num_kv_heads: int,
                      kv_params: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
                      k_norm: torch.Tensor | None = None, eps: float = 0.0, write_back: bool = False,
-                     acc: torch.Tensor | None = None) -> None:
+                     acc: torch.Tensor | None = None, token_params: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> None:
     """qkv: [T, (Hq + 2 Hkv) * D]; pos, slot: [T] (cache row of each token); cos, sin: [L, D] float32;
     caches: [rows, Hkv, S, D]; kv_params: [4, Hkv] float32 (k_scale, k_zp, v_scale, v_zp) for an int8 cache;
+    an online cache: uint8 codes [rows, Hkv, S, D * bits / 8] and token_params, (k, v) [rows, Hkv, S, 2] float16;
     acc: the fp32 [T, (Hq + 2 Hkv) * D] sums to read (and zero) instead of qkv."""
     T = qkv.shape[0]
-    D = k_cache.shape[-1]
+    D = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
     assert qkv.dim() == 2 and qkv.stride(-1) == 1 and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * D
     assert acc is None or (acc.shape == qkv.shape and acc.stride(-1) == 1 and acc.dtype == torch.float32)
     assert pos.shape == slot.shape == (T,) and pos.is_contiguous() and slot.is_contiguous()
@@ -118,6 +124,7 @@ def rope_cache_write(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, c
     quant = k_cache.dtype == torch.int8
     assert not quant or (kv_params is not None and kv_params.shape == (4, num_kv_heads) and kv_params.is_contiguous()
                          and kv_params.dtype == torch.float32), "an int8 cache needs kv_params [4, Hkv] float32"
+    bits = online_bits(k_cache, D, token_params)
     qk_norm = q_norm is not None
     dummy = cos
     if T:
@@ -126,5 +133,6 @@ def rope_cache_write(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, c
             qkv, qkv.stride(0), acc if acc is not None else dummy, acc.stride(0) if acc is not None else 0, pos, slot,
             cos, sin, q_norm if qk_norm else dummy, k_norm if qk_norm else dummy, eps,
             k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            kv_params if quant else dummy, HQ=num_heads, HKV=num_kv_heads, D=D, QUANT=quant, QK_NORM=qk_norm,
+            kv_params if quant else dummy, *param_args(token_params, dummy), HQ=num_heads, HKV=num_kv_heads, D=D,
+            QUANT=quant, BITS=bits, QK_NORM=qk_norm,
             WRITE_BACK=write_back, FROM_ACC=acc is not None, PDL=on, num_warps=1, launch_pdl=on)

@@ -1,0 +1,97 @@
+"""The online KV modes (convert/kv_mode.py int8, int4) inside the kernels: a head vector quantized as it is
+written (rope_cache.py, attention_fused.py) and a tile of codes dequantized as it is read (attention.py).
+
+Write, per (token, kv head), with convert/quant.py kv_token_quantize's algebra and rounding:
+    scale = fp16(max((max - min) / (2^bits - 1), KV_SCALE_FLOOR)),  zp = fp16(min),  over the head's D values
+    c     = clamp(rint((x - zp) / scale), 0, 2^bits - 1)             (IEEE division, round half to even)
+Layout, as runtime/kv_cache.py's (convert/quant.py pack_int4_pairs defines the int4 one):
+    codes  [rows, Hkv, S, D * bits / 8] uint8; int4 two per byte, byte j = c[2j] | c[2j + 1] << 4
+    params [rows, Hkv, S, 2] float16, (scale, zp) of each token's K (and, a second tensor, V)
+Read: x = c * scale + zp in fp32, rounded to the activation dtype for the tl.dot.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ....convert.quant import KV_SCALE_FLOOR
+
+_FLOOR = tl.constexpr(KV_SCALE_FLOOR)
+
+
+@triton.jit
+def _rint(x):
+    """Round half to even (torch.round)."""
+    f = tl.floor(x)
+    d = x - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _quantize_head(x, BITS: tl.constexpr):
+    """One head vector x [D] fp32 -> (codes [D] fp32 in 0 .. 2^bits - 1, scale, zp), each param as fp16 holds it."""
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    lo = tl.min(x, axis=0)
+    hi = tl.max(x, axis=0)
+    scale = tl.maximum(tl.math.div_rn(hi - lo, QMAX * 1.0), _FLOOR).to(tl.float16).to(tl.float32)
+    zp = lo.to(tl.float16).to(tl.float32)
+    c = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x - zp, scale)), 0.0), QMAX * 1.0)
+    return c, scale, zp
+
+
+@triton.jit
+def _store_head(x, codes_ptr, params_ptr, D: tl.constexpr, BITS: tl.constexpr):
+    """Quantizes the head vector x [D] fp32 (after rotary) into its codes at codes_ptr (D * bits / 8 bytes) and its
+    (scale, zp) at params_ptr; returns x' = c * scale + zp, what the cache now holds, in fp32.
+    A per-head orthogonal transform of the head (e.g. a Hadamard rotation before int4) belongs in the caller,
+    applied to x before this call, with its inverse on the read side."""
+    c, scale, zp = _quantize_head(x, BITS)
+    if BITS == 4:
+        even, odd = tl.split(tl.reshape(c, [D // 2, 2]))  # c[2j], c[2j + 1]
+        tl.store(codes_ptr + tl.arange(0, D // 2), (even + odd * 16.0).to(tl.uint8))
+    else:
+        tl.store(codes_ptr + tl.arange(0, D), c.to(tl.uint8))
+    tl.store(params_ptr, scale.to(tl.float16))
+    tl.store(params_ptr + 1, zp.to(tl.float16))
+    return c * scale + zp
+
+
+@triton.jit
+def _dequant_tile(c_ptr, p_ptr, rows, prows, d, ok, dt, BITS: tl.constexpr):
+    """Keys whose codes start at c_ptr + rows [BN] and whose (scale, zp) are at p_ptr + prows [BN] (those with ok)
+    -> x [BN, D] = c * scale + zp in dt (0 where not ok). int4: column d is byte d // 2's low nibble for even d,
+    high for odd."""
+    if BITS == 4:
+        byte = tl.load(c_ptr + rows[:, None] + (d // 2)[None, :], mask=ok[:, None], other=0).to(tl.int32)
+        c = (byte >> ((d % 2) * 4)[None, :]) & 0xF
+    else:
+        c = tl.load(c_ptr + rows[:, None] + d[None, :], mask=ok[:, None], other=0)
+    s = tl.load(p_ptr + prows, mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(p_ptr + prows + 1, mask=ok, other=0.0).to(tl.float32)
+    return (c.to(tl.float32) * s[:, None] + z[:, None]).to(dt)
+
+
+def online_bits(k_cache: torch.Tensor, head_dim: int, token_params) -> int:
+    """0 for an fp16 or static int8 cache; 8 or 4 for an online one (uint8 codes, ``token_params`` (k, v) params
+    [rows, Hkv, S, 2] float16), checked against the layout above."""
+    if k_cache.dtype != torch.uint8:
+        assert token_params is None, "token params go with an online (uint8) cache"
+        assert k_cache.shape[-1] == head_dim, f"cache width {k_cache.shape[-1]}, head_dim {head_dim}"
+        return 0
+    bits = 8 * k_cache.shape[-1] // head_dim
+    assert bits in (8, 4) and k_cache.shape[-1] * 8 == head_dim * bits, f"codes of {k_cache.shape[-1]} bytes, D {head_dim}"
+    assert token_params is not None, "an online cache needs token_params (k params, v params)"
+    kp, vp = token_params
+    assert kp.shape == vp.shape == (*k_cache.shape[:3], 2) and kp.stride() == vp.stride()
+    assert kp.dtype == vp.dtype == torch.float16 and kp.stride(-1) == 1 and kp.stride(2) == 2
+    return bits
+
+
+def param_args(token_params, dummy: torch.Tensor) -> tuple:
+    """The kernels' (k params, v params, stride over rows, stride over heads); dummies when there are none."""
+    if token_params is None:
+        return dummy, dummy, 0, 0
+    kp, vp = token_params
+    return kp, vp, kp.stride(0), kp.stride(1)
