@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from qconv import QconvError
 from qconv.cli import main
-from qconv.convert.kv_mode import bytes_per_token
+from qconv.convert.kv_file import load_k_centers
+from qconv.convert.kv_mode import KVTransform, bytes_per_token
 from qconv.convert.quant import kv_token_dequantize, kv_token_quantize, pack_int4_pairs, unpack_int4_pairs
 from qconv.convert.workspace_config import WorkspaceConfig
 from qconv.runtime.kv_cache import KVCache, cache_attention
@@ -92,6 +94,9 @@ def tiny_mode_ws(tiny_llama, tmp_path_factory):
         assert main(["convert", "--model", str(tiny_llama), "--dst-path", str(root / mode), "--weight-type", "fp32",
                      "--session-len", "256", "--kv", mode, *extra]) == 0
         out[mode] = root / mode
+    assert main(["convert", "--model", str(tiny_llama), "--dst-path", str(root / "int4-c"), "--weight-type", "fp32",
+                 "--session-len", "256", "--kv", "int4", "--kv-params", str(root / "w")]) == 0
+    out["int4-c"] = root / "int4-c"  # int4 with K centers from the calibrate work dir, and a sink
     return out, root / "w" / "kv_qparams.safetensors"
 
 
@@ -100,6 +105,14 @@ def test_convert_names_the_mode_in_config_ini(tiny_mode_ws):
     for mode, policy in zip(MODES, (0, 4, 0, 0)):
         cfg = WorkspaceConfig.read(ws[mode] / "config.ini")
         assert (cfg.kv_mode, cfg.quant_policy) == (mode, policy)
+        # only int4 transforms (int8 stays as it was); without calibration it rotates, no center, no sink
+        assert cfg.kv_transform == (KVTransform("hadamard") if mode == "int4" else KVTransform())
+    cfg = WorkspaceConfig.read(ws["int4-c"] / "config.ini")
+    assert (cfg.kv_mode, cfg.kv_rotation, cfg.kv_sink, cfg.kv_k_center) == ("int4", "hadamard", 1, True)
+    centers = load_k_centers(ws["int4-c"] / "kv_center.safetensors", 2, 2, 16)
+    stats = load_file(ws["int4-c"].parent / "w" / "key_stats.safetensors")  # c = (min + max) / 2 of K
+    assert torch.equal(centers[1], (stats["layers.1.min"] + stats["layers.1.max"]) / 2)
+    assert not (ws["int4"] / "kv_center.safetensors").exists()
 
 
 @pytest.mark.parametrize("seqlen", [64, 12])  # 64: a prefill through SDPA; 12: attention over the codes
@@ -119,6 +132,22 @@ def test_runtime_ppl_equals_eval_fake_quant_for_every_mode(tiny_llama, tiny_mode
         assert abs(runtime / fake - 1) < 1e-3, (mode, runtime, fake)
         ppl[mode] = runtime
     assert len(set(ppl.values())) == 4, ppl  # every mode really quantizes differently
+
+
+@pytest.mark.parametrize("seqlen", [64, 12])
+def test_runtime_ppl_equals_eval_for_int4_with_k_centers_and_sink(tiny_llama, tiny_mode_ws, wiki_path, run_cli,
+                                                                  seqlen):
+    """eval --kv int4 --kv-params W (the calibrate work dir) fake-quantizes as the workspace converted with them
+    stores: K minus the centers, Hadamard, the first position kept."""
+    ws, params = tiny_mode_ws
+    code, out, err = run_cli("eval", "--model", tiny_llama, "--dataset", wiki_path, "--windows", 2, "--seqlen", seqlen,
+                             "--kv", "int4", "--kv-params", params.parent, "--json")
+    assert code == 0, err
+    fake = json.loads(out.splitlines()[0])["ppl"]
+    code, out, err = run_cli("eval", ws["int4-c"], "--dataset", wiki_path, "--windows", 2, "--seqlen", seqlen,
+                             "--dtype", "float32", "--json")
+    assert code == 0, err
+    assert abs(json.loads(out.splitlines()[0])["ppl"] / fake - 1) < 1e-3
 
 
 def test_old_workspace_without_kv_mode_reads_as_quant_policy_says(tiny_mode_ws, tmp_path):
