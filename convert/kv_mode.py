@@ -4,7 +4,7 @@
   fp16         K, V in the compute dtype                none                           0             0
   int8-static  int8 codes                               calibrated, per (layer, head)  4             (dropped)
   int8         uint8 codes, x = c * scale + zp          per (token, head), fp16        0             8
-  int4         4-bit codes, two per byte                per (token, head), fp16        0             4
+  int4         4-bit codes, two per byte (transformed)  per (token, head), fp16        0             4
 
 ``quant_policy`` keeps the meaning it always had here: 4 = calibrated static int8 params are installed, 0 = none.
 That differs from LMDeploy, whose quant_policy 4 and 8 are online per-token int4 and int8 (our kv_mode int4 and
@@ -83,7 +83,8 @@ def transform_problem(kv_mode: str, t: KVTransform) -> str | None:
 def bytes_per_token(kv_mode: str, num_layers: int, kv_heads: int, head_dim: int, float_bytes: int = 2) -> int:
     """Bytes the cache spends on one token (K and V, every layer and KV head), per-token params included.
     ``float_bytes``: the element size of the compute dtype, which an fp16-mode cache stores. Static int8 params are
-    per (layer, head), not per token, so they cost nothing here."""
+    per (layer, head), not per token, so they cost nothing here; nor do an int4 cache's sink positions (kv_sink per
+    sequence, held in the compute dtype), a fixed cost of each sequence."""
     if kv_mode == "fp16":
         per_head = head_dim * float_bytes
     elif kv_mode == "int8-static":
