@@ -72,7 +72,7 @@ def stage_options(seqlen_default: int, *extra):
 def kv_option(default=None, help_default="fp16, or int8-static with --kv-params"):
     return click.option("--kv", "kv_mode", type=click.Choice(KV_MODES), default=default,
                         help="KV cache: fp16 (unquantized), int8-static (calibrated per-head int8, quant_policy 4), "
-                             "int8 / int4 (online: one scale and zero point per token and head, no calibration) "
+                             "int8 / int4 (online: scale and zero point per token and head; int4: see --kv-params) "
                              f"[default: {help_default}].")
 
 
@@ -177,7 +177,7 @@ def awq(model, work_dir, w_bits, w_group_size, w_sym, search_scale, clip, method
 @click.option("--seqlen", type=click.IntRange(min=2), default=2048, show_default=True, help="Tokens per window.")
 @click.option("--windows", type=click.IntRange(min=1), default=None, help="Evaluate the first N windows [default: all].")
 @click.option("--kv-params", default=None, metavar="PATH",
-              help="kv_qparams.safetensors, or a calibrate work dir (params derived with --kv-sym/--kv-granularity).")
+              help="kv_qparams.safetensors, or a calibrate work dir (--kv-sym/--kv-granularity; --kv int4: K centers).")
 @click.option("--kv-sym", is_flag=True, help="With a work dir for --kv-params: symmetric params.")
 @click.option("--kv-granularity", type=click.Choice(["head", "layer"]), default="head", show_default=True)
 @kv_option(help_default="int8-static with --kv-params, else fp16; a WORKSPACE: its config.ini")
@@ -246,7 +246,7 @@ from .runtime.serve.server import SERVE_DEFAULTS  # noqa: E402  (torch-free; ser
 @click.option("--group-size", type=int, default=None,
               help="int4/int8 from float weights: input channels per scale [default: 128 for int4, per output "
                    "channel for int8]. A quantized checkpoint keeps its own.")
-@click.option("--kv-params", default=None, metavar="FILE", help="kv_qparams.safetensors from qconv kv-params.")
+@click.option("--kv-params", default=None, metavar="PATH", help="kv_qparams.safetensors; --kv int4: a calibrate work dir.")
 @click.option("--quant-policy", type=click.Choice(["0", "4"]), default=None,
               help="0: fp KV cache, 4: int8 KV cache (needs --kv-params) [default: 4 with --kv-params, else 0].")
 @kv_option()

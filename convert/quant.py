@@ -187,9 +187,50 @@ def kv_token_dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, 
     return (q.float() * scale[..., None].float() + zp[..., None].float()).to(dtype)
 
 
-def kv_token_fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """x quantized per token as the cache write does it and read back, in x's dtype."""
-    return kv_token_dequantize(*kv_token_quantize(x, bits), x.dtype)
+def kv_token_fake_quantize(x: torch.Tensor, bits: int, rot: torch.Tensor | None = None,
+                           center: torch.Tensor | None = None, sink: int = 0) -> torch.Tensor:
+    """x [..., S, D] quantized per token as the cache write does it and read back, in x's dtype.
+
+    With the int4 cache's transform (kv_rotate): x = unrotate(Q(rotate(x))), and the first ``sink`` positions of S
+    are kept as they are (the cache holds them in the compute dtype)."""
+    y = kv_rotate(x, rot, center)
+    y = kv_unrotate(kv_token_dequantize(*kv_token_quantize(y, bits), torch.float32), rot, center).to(x.dtype)
+    if sink:
+        y = torch.cat((x[..., :sink, :], y[..., sink:, :]), dim=-2)
+    return y
+
+
+# The int4 cache's transform, before each token is quantized (convert/kv_mode.py):
+#   x' = (x - c) R      R [D, D]: block-diagonal normalized Hadamard, symmetric and orthonormal (R R = I)
+# Per token, R spreads an outlier channel over all D, so the token's range (its int4 step) shrinks; c, a
+# calibrated per-channel K center, takes out what every key shares. Neither changes attention:
+#   q . k = (q R) . (k R), and q . (k - c) differs from q . k by q . c, the same for every key of a query, which
+#   the softmax drops; V has no center and sum_t p_t v_t = (sum_t p_t v'_t) R.
+def hadamard(n: int) -> torch.Tensor:
+    """[n, n] Sylvester Hadamard matrix / sqrt(n), n a power of two: H_2n = [[H_n, H_n], [H_n, -H_n]]."""
+    assert n > 0 and n & (n - 1) == 0, f"hadamard needs a power of two, got {n}"
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / n ** 0.5
+
+
+def kv_rotation(head_dim: int) -> torch.Tensor:
+    """R [D, D]: Hadamard blocks of the largest power of two that divides D (all of D at 64, 128) on the diagonal."""
+    block = head_dim & -head_dim
+    return torch.block_diag(*[hadamard(block)] * (head_dim // block))
+
+
+def kv_rotate(x: torch.Tensor, rot: torch.Tensor | None, center: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., D] -> (x - center) R in float32; ``center`` broadcasts against x, None: 0; ``rot`` None: R = I."""
+    x = x.float() if center is None else x.float() - center
+    return x if rot is None else x @ rot
+
+
+def kv_unrotate(y: torch.Tensor, rot: torch.Tensor | None, center: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of kv_rotate: y R + center (R R = I), float32."""
+    y = y.float() if rot is None else y.float() @ rot
+    return y if center is None else y + center
 
 
 def pack_int4_pairs(codes: torch.Tensor) -> torch.Tensor:

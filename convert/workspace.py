@@ -5,6 +5,7 @@
   DST/tokenizer/               tokenizer, chat template, generation_config.json
   DST/kv_qparams.safetensors   int8 KV params (only with --kv-params / qconv kv-params --workspace)
   DST/convert.json             what was converted, wall time, peak host RSS (convert/memory.py)
+  DST/kv_center.safetensors    int4 KV: K centers (only with --kv int4 --kv-params, a calibrate work dir)
   DST/manifest.json            size and sha256 of every file
 """
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 from .. import QconvError, __version__
 from .checkpoint import FORMATS, Checkpoint, detect_format, quant_group_size
 from .fileio import atomic_dir, atomic_path, check_new_path, load_json, save_json, save_tensors
-from .kv_file import KV_FILE, load_kv_params
-from .kv_mode import KV_MODES, policy_of_mode
+from .kv_file import CENTER_FILE, KV_FILE, k_center_tensors, load_k_centers, load_kv_params
+from .kv_mode import KV_MODES, new_transform, policy_of_mode
 from .layout import (ATTN_NORM, EMBED, FFN_NORM, FINAL_NORM, FLOAT_DTYPES, FUSED_LINEARS, GLOBAL_FILE, K_NORM,
                      OUTPUT, Q_NORM, WEIGHT_TYPES, QuantLinear, fuse, layer_file, linear_tensors)
 from .manifest import update_manifest, write_manifest
@@ -43,7 +44,7 @@ class ConvertRequest:
     model_format: str | None = None  # None: from config.json's quantization_config
     weight_type: str = "auto"        # auto: the source's float dtype (hf), int4 (awq, gptq), int8 (w8)
     group_size: int | None = None    # int4/int8 from float weights (round-to-nearest); None: 128 / per channel
-    kv_params: str | None = None     # a kv_qparams.safetensors to install
+    kv_params: str | None = None     # int8-static: a kv_qparams.safetensors; int4: a calibrate work dir (K centers)
     quant_policy: int | None = None  # None: 4 with kv_params, else 0
     session_len: int | None = None   # None: max_position_embeddings
     max_batch_size: int = 1
@@ -71,9 +72,10 @@ class ConvertRequest:
             raise QconvError("--quant-policy 4 / --kv int8-static (calibrated int8 KV cache) needs --kv-params "
                              "W/kv_qparams.safetensors; compute them with qconv calibrate and qconv kv-params, or "
                              "use --kv int8 (online, no calibration)")
-        if self.kv_mode != "int8-static" and self.kv_params is not None:
-            raise QconvError(f"--kv-params applies to --kv int8-static, not --kv {self.kv_mode} (online modes take "
-                             f"their params as tokens are written); drop one of them")
+        if self.kv_mode not in ("int8-static", "int4") and self.kv_params is not None:
+            raise QconvError(f"--kv-params applies to --kv int8-static (its params) and --kv int4 (a calibrate work "
+                             f"dir, for K centers), not --kv {self.kv_mode} (its params are taken as tokens are "
+                             f"written); drop one of them")
         if self.group_size is not None and self.group_size <= 0:
             raise QconvError(f"--group-size must be positive, got {self.group_size}")
         if self.session_len is not None and self.session_len < 2:
@@ -115,7 +117,11 @@ def convert_workspace(req: ConvertRequest, log=print, checkpoint=None) -> Path:
     # [STEP 2]: the config.ini schema
     shape = model_shape(config)
     tok = load_tokenizer(folder, req.trust_remote_code)
-    kv = load_kv_params(req.kv_params, shape["num_layers"], shape["num_kv_heads"]) if req.kv_params else None
+    kv = load_kv_params(req.kv_params, shape["num_layers"], shape["num_kv_heads"]) \
+        if req.kv_params and req.kv_mode == "int8-static" else None
+    centers = load_k_centers(req.kv_params, shape["num_layers"], shape["num_kv_heads"], shape["head_dim"]) \
+        if req.kv_params and req.kv_mode == "int4" else None
+    transform = new_transform(req.kv_mode, centers is not None)
     cfg = WorkspaceConfig(
         model_name=source_name(req.model),
         model_arch=spec.model_type, head_num=shape["num_heads"], kv_head_num=shape["num_kv_heads"],
@@ -125,7 +131,8 @@ def convert_workspace(req: ConvertRequest, log=print, checkpoint=None) -> Path:
         attn_bias=bool(getattr(config, "attention_bias", spec.qkv_bias)),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         weight_type=weight_type, group_size=group,
-        quant_policy=policy_of_mode(req.kv_mode), kv_mode=req.kv_mode,
+        quant_policy=policy_of_mode(req.kv_mode), kv_mode=req.kv_mode, kv_rotation=transform.rotation,
+        kv_sink=transform.sink, kv_k_center=transform.k_center,
         kv_sym=bool(kv) and all(not p[1].any() and not p[3].any() for p in kv.values()),
         session_len=req.session_len or int(config.max_position_embeddings), max_batch_size=req.max_batch_size,
         start_id=_first_id(raw.get("bos_token_id"), tok.bos_token_id), end_id=_stop_ids(raw, folder, tok),
@@ -176,6 +183,8 @@ def convert_workspace(req: ConvertRequest, log=print, checkpoint=None) -> Path:
         # [STEP 5]: KV params, config.ini, the stage record, manifest
         if kv is not None:
             shutil.copyfile(req.kv_params, tmp / KV_FILE)
+        if centers is not None:
+            save_tensors(k_center_tensors(centers), tmp / CENTER_FILE)
         cfg.write(tmp / CONFIG_FILE)
         save_json({"qconv_version": __version__, "model": req.model, "weight_type": weight_type, "group_size": group,
                    "kv_mode": cfg.kv_mode, "wall_s": round(time.perf_counter() - t0, 3),

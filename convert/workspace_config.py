@@ -3,8 +3,10 @@
 It is the only source of truth about a workspace (in the spirit of TurboMind's ``[llama]`` section):
 every value is a real bool / int / float / str, and a missing or unknown key is a one-line error, except the keys
 of OPTIONAL_KEYS, added later, whose defaults derive from the others: ``kv_mode`` (fp16 | int8-static | int8 | int4)
-defaults from ``quant_policy`` (4 -> int8-static, else fp16). Our quant_policy 4 is calibrated static int8, not
-LMDeploy's online int4 (LMDeploy: 4 = int4, 8 = int8, both online per token); convert/kv_mode.py has the table.
+defaults from ``quant_policy`` (4 -> int8-static, else fp16); ``kv_rotation`` (none), ``kv_sink`` (0) and
+``kv_k_center`` (false), the online cache's transform, default to none. Our quant_policy 4 is calibrated static
+int8, not LMDeploy's online int4 (LMDeploy: 4 = int4, 8 = int8, both online per token); convert/kv_mode.py has the
+table.
 """
 from __future__ import annotations
 
@@ -17,14 +19,15 @@ from pathlib import Path
 from .. import QconvError
 from .arch import ARCHS
 from .fileio import atomic_path
-from .kv_mode import STATIC_POLICY, mode_of_policy, mode_problem, policy_of_mode
+from .kv_mode import STATIC_POLICY, KVTransform, mode_of_policy, mode_problem, policy_of_mode, transform_problem
 from .layout import WEIGHT_TYPES
 
 CONFIG_FILE = "config.ini"  # in the workspace folder
 SECTION = "llama"
 ROPE_SCALINGS = ("none", "linear", "llama3")
 QUANT_POLICIES = (0, STATIC_POLICY)  # 0: no calibrated KV params, 4: static per-head int8 (convert/kv_mode.py)
-OPTIONAL_KEYS = ("kv_mode",)  # keys added after workspaces existed: absent, their default derives from the others
+# keys added after workspaces existed: absent, their default derives from the others (or is the field's own)
+OPTIONAL_KEYS = ("kv_mode", "kv_rotation", "kv_sink", "kv_k_center")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -60,6 +63,9 @@ class WorkspaceConfig:
     cache_max_entry_count: float    # most of the free memory the KV cache may take (0, 1]
     tensor_para_size: int           # 1: the bundled runtime does not shard
     kv_mode: str = ""               # fp16 | int8-static | int8 | int4; "" (or no key): from quant_policy
+    kv_rotation: str = "none"       # online modes: none | hadamard (convert/kv_mode.py KVTransform)
+    kv_sink: int = 0                # online modes: first positions held in the compute dtype
+    kv_k_center: bool = False       # online modes: K minus the centers in kv_center.safetensors
 
     def __post_init__(self):
         if not self.kv_mode:  # a config.ini written before kv_mode existed reads as its quant_policy says
@@ -91,6 +97,9 @@ class WorkspaceConfig:
                                                    f"got {self.quant_policy}")
         problem = mode_problem(self.kv_mode, self.size_per_head)
         check(problem is None, problem)
+        problem = transform_problem(self.kv_mode, self.kv_transform)
+        check(problem is None, problem)
+        check(self.kv_sink < self.session_len, f"kv_sink {self.kv_sink} must be below session_len {self.session_len}")
         check(self.quant_policy == policy_of_mode(self.kv_mode),
               f"kv_mode {self.kv_mode} goes with quant_policy {policy_of_mode(self.kv_mode)}, got {self.quant_policy} "
               f"(quant_policy 4 means calibrated static int8 here)")
@@ -103,6 +112,10 @@ class WorkspaceConfig:
               f"cache_max_entry_count must lie in (0, 1], got {self.cache_max_entry_count}")
         check(self.tensor_para_size == 1, f"tensor_para_size {self.tensor_para_size}: the bundled runtime runs "
                                           f"on one device; use 1")
+
+    @property
+    def kv_transform(self) -> KVTransform:
+        return KVTransform(self.kv_rotation, self.kv_sink, self.kv_k_center)
 
     # ------------------------------------------------------------------------------------------
     def replace(self, **changes) -> WorkspaceConfig:

@@ -2,7 +2,8 @@
 convert/perplexity.py) of a model that transformers runs.
 
 With KV params (kv_mode int8-static), K (post-rotary) and V are quantized to int8 and back as they would enter the
-cache; with kv_mode int8 / int4, per (token, head) as the online cache write does (convert/kv_mode.py).
+cache; with kv_mode int8 / int4, per (token, head) as the online cache write does, int4 with the transform a new
+workspace gets (convert/kv_mode.py new_transform; K centers with --kv-params, a calibrate work dir).
 
 The windows go through the model a group at a time and block by block (convert/model_io streams each
 block from disk), so host memory holds one block and one group's hidden states, not the model.
@@ -16,8 +17,9 @@ import torch.nn.functional as F
 
 from .. import QconvError
 from ..convert.arch import get_module
-from ..convert.kv_file import load_kv_params, params_by_layer
-from ..convert.kv_mode import KV_MODES, ONLINE_BITS
+from ..convert.kv_file import load_k_centers, load_kv_params, params_by_layer
+from ..convert.kv_mode import KV_MODES, ONLINE_BITS, new_transform
+from ..convert.quant import kv_rotation
 from ..convert.model_io import LoadedModel, load_model, model_shape, resolve_device
 from ..convert.perplexity import PplResult, eval_windows, perplexity
 from .data import eval_text
@@ -50,13 +52,14 @@ def eval_model(model: str, dataset: str, seqlen: int = 2048, windows: int | None
                device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                kv_mode: str | None = None) -> PplResult:
     """An HF folder, a .gguf or an AWQ/int8 checkpoint, run by transformers (a workspace goes through the
-    bundled runtime: runtime/evaluate.py). ``kv_mode`` None: int8-static with ``kv_params``, else fp16."""
+    bundled runtime: runtime/evaluate.py). ``kv_mode`` None: int8-static with ``kv_params``, else fp16.
+    ``kv_params`` with int4: a calibrate work dir, whose K statistics give the K centers."""
     kv_mode = kv_mode or ("int8-static" if kv_params is not None else "fp16")
     if kv_mode not in KV_MODES:
         raise QconvError(f"--kv must be one of {', '.join(KV_MODES)}, got {kv_mode!r}")
-    if (kv_mode == "int8-static") != (kv_params is not None):
-        raise QconvError(f"--kv-params goes with --kv int8-static and only with it (got --kv {kv_mode} "
-                         f"{'with' if kv_params else 'without'} --kv-params)")
+    if (kv_mode == "int8-static" and kv_params is None) or (kv_mode not in ("int8-static", "int4") and kv_params):
+        raise QconvError(f"--kv-params goes with --kv int8-static (needed) and --kv int4 (K centers), and only with "
+                         f"them (got --kv {kv_mode} {'with' if kv_params else 'without'} --kv-params)")
     text = eval_text(dataset)
     dev = resolve_device(device)
     lm = load_model(model, dtype=dtype, device=str(dev), trust_remote_code=trust_remote_code)
@@ -64,7 +67,12 @@ def eval_model(model: str, dataset: str, seqlen: int = 2048, windows: int | None
     logits_fn = block_by_block(lm, ids, dev)
 
     if kv_mode in ONLINE_BITS:
-        with attention_function(lm.model, KVTokenFakeQuant(ONLINE_BITS[kv_mode])):
+        shape = model_shape(lm.config)
+        centers = load_k_centers(kv_params, shape["num_layers"], shape["num_kv_heads"], shape["head_dim"]) \
+            if kv_params else None
+        t = new_transform(kv_mode, centers is not None)
+        rot = kv_rotation(shape["head_dim"]) if t.rotation == "hadamard" else None
+        with attention_function(lm.model, KVTokenFakeQuant(ONLINE_BITS[kv_mode], rot, centers, t.sink)):
             return perplexity(logits_fn, ids, dev, desc=f"eval kv-{kv_mode}")
     if kv_params is None:
         return perplexity(logits_fn, ids, dev)

@@ -69,14 +69,21 @@ class KVFakeQuant:
 
 class KVTokenFakeQuant:
     """Quantize K and V per (token, head) to ``bits`` and back as the online cache write does (kv_mode int8 / int4:
-    one asymmetric fp16 (scale, zp) per token and head, convert/quant.py kv_token_quantize)."""
+    one asymmetric fp16 (scale, zp) per token and head, convert/quant.py kv_token_quantize), with the cache's
+    transform: ``rot`` [D, D] or None, ``k_centers`` {layer: [H_kv, D]} or None, the first ``sink`` positions kept
+    (convert/kv_mode.py KVTransform). Each call holds a whole sequence from position 0, as eval's windows do."""
 
-    def __init__(self, bits: int):
-        self.bits = bits
+    def __init__(self, bits: int, rot: torch.Tensor | None = None,
+                 k_centers: dict[int, torch.Tensor] | None = None, sink: int = 0):
+        self.bits, self.rot, self.k_centers, self.sink = bits, rot, k_centers, sink
 
     def __call__(self, base, module, q, k, v, mask, **kw):
         # k, v: [B, H_kv, S, D], quantized over D
-        return base(module, q, kv_token_fake_quantize(k, self.bits), kv_token_fake_quantize(v, self.bits), mask, **kw)
+        rot = None if self.rot is None else self.rot.to(k.device)
+        c = None if self.k_centers is None else self.k_centers[module.layer_idx].to(k.device)[:, None, :]  # [H, 1, D]
+        k = kv_token_fake_quantize(k, self.bits, rot, c, self.sink)
+        v = kv_token_fake_quantize(v, self.bits, rot, None, self.sink)
+        return base(module, q, k, v, mask, **kw)
 
 
 @contextlib.contextmanager

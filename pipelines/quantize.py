@@ -27,7 +27,8 @@ def quantize(model: str, dst: str, work_dir: str | None, req: AwqRequest, calib:
              kv_sym: bool = False, session_len: int | None = None, device: str = "auto", dtype: str = "auto",
              force: bool = False, trust_remote_code: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
              log=print, kv_mode: str | None = None, max_host_bytes: int | None = None) -> Path:
-    """``kv_mode`` (convert/kv_mode.py) None: int8-static with ``kv``, else fp16. Only int8-static calibrates K/V.
+    """``kv_mode`` (convert/kv_mode.py) None: int8-static with ``kv``, else fp16. int8-static calibrates K/V for its
+    params, int4 for its K centers (the calibrate work dir goes to convert); the others take no statistics.
     ``max_host_bytes`` (--max-host-memory) caps calibrate's and awq's host memory."""
     from ..convert.workspace import ConvertRequest, convert_workspace
 
@@ -43,9 +44,11 @@ def quantize(model: str, dst: str, work_dir: str | None, req: AwqRequest, calib:
     problem = mode_problem(kv_mode, model_shape(read_config(model, trust_remote_code)[1])["head_dim"])
     if problem:  # before hours of calibration and AWQ, not at convert
         raise QconvError(problem)
-    if kv_mode == "int8-static":
+    if kv_mode in ("int8-static", "int4"):
         log("qconv: [1/4] calibrate")
         calibrate(model, str(work), calib, force=force, log=log, **common)
+        params = str(work)
+    if kv_mode == "int8-static":
         log("qconv: [2/4] kv-params")
         params = str(kv_params(str(work), sym=kv_sym, log=lambda *_: None))
     ckpt = work / "awq_checkpoint"

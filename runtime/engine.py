@@ -66,7 +66,7 @@ class Engine:
                              f"of the {free / 2**30:.2f} GiB free (room for {fit} tokens); {fewer}convert with a "
                              f"smaller --session-len, or raise cache_max_entry_count in {ws.path / 'config.ini'}")
         self.cache = KVCache(cfg.num_layer, batch_size, cfg.kv_head_num, cfg.session_len, cfg.size_per_head,
-                             ws.dtype, self.device, ws.kv_qparams, ONLINE_BITS.get(cfg.kv_mode))
+                             ws.dtype, self.device, ws.kv_qparams, ONLINE_BITS.get(cfg.kv_mode), **ws.kv_transform)
         self.runner = make_runner(self.model, self.cache, opts)
         self._cached: list[int] = []  # the tokens whose K/V cache row 0 holds, in order
         self.last_stats: GenerationStats | None = None

@@ -6,7 +6,7 @@ or dequantized once, int8 dequantized once).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,12 +14,12 @@ import torch
 from .. import QconvError
 from ..convert.arch import get_arch
 from ..convert.fileio import load_tensors
-from ..convert.kv_file import KV_FILE, load_kv_params
+from ..convert.kv_file import CENTER_FILE, KV_FILE, load_k_centers, load_kv_params
 from ..convert.layout import (ATTN_NORM, EMBED, FFN_NORM, FINAL_NORM, FUSED_LINEARS, GLOBAL_FILE, K_NORM, OUTPUT,
                               Q_NORM, QuantLinear, interleave_pairs, layer_file, read_linear)
 from ..convert.manifest import verify_manifest
 from ..convert.model_io import load_tokenizer, quiet_transformers, resolve_device, resolve_dtype
-from ..convert.quant import group_qparams, quantize
+from ..convert.quant import group_qparams, kv_rotation, quantize
 from ..convert.workspace_config import CONFIG_FILE, WorkspaceConfig
 from .cpu.runner import CpuRunner
 from .cuda.model import GpuTransformer, use_gpu_path
@@ -40,6 +40,7 @@ class LoadedWorkspace:
     kv_qparams: dict[int, tuple[torch.Tensor, ...]] | None  # {layer: (k_scale, k_zp, v_scale, v_zp)}, int8-static
     device: torch.device
     dtype: torch.dtype
+    kv_transform: dict = field(default_factory=dict)  # KVCache's rot, k_centers, sink (online modes)
 
 
 def is_workspace(path) -> bool:
@@ -87,6 +88,7 @@ def load_workspace(path, opts: RuntimeOptions = RuntimeOptions(), max_len: int |
             raise QconvError(f"{ws / CONFIG_FILE} has quant_policy=4 but there is no {KV_FILE}; install params "
                              f"with qconv kv-params --work-dir W --workspace {ws}")
         kv = load_kv_params(ws / KV_FILE, cfg.num_layer, cfg.kv_head_num)
+    transform = _kv_transform(ws, cfg)
 
     # [STEP 1]: embeddings, final norm, output head
     name = f"weights/{GLOBAL_FILE}"
@@ -99,6 +101,10 @@ def load_workspace(path, opts: RuntimeOptions = RuntimeOptions(), max_len: int |
 
     # [STEP 2]: decoder layers, one file each, and the model for the device
     gpu = use_gpu_path(dev, dt, cfg) if opts.gpu_path is None else opts.gpu_path
+    if gpu and not cfg.kv_transform.identity:  # (use_gpu_path leaves such a workspace to the torch model)
+        raise QconvError(f"the GPU path does not yet apply this workspace's KV transform (kv_rotation "
+                         f"{cfg.kv_rotation}, kv_sink {cfg.kv_sink}, kv_k_center {cfg.kv_k_center} in "
+                         f"{ws / CONFIG_FILE}); run without forcing the GPU path, or convert with --kv int8")
     if head == "auto":
         head = "int8" if gpu and cfg.weight_type == "int4" else "fp"
     if head == "int4" and not gpu:
@@ -138,7 +144,22 @@ def load_workspace(path, opts: RuntimeOptions = RuntimeOptions(), max_len: int |
         tok = load_tokenizer(ws / "tokenizer")
     except (OSError, ValueError) as e:
         raise QconvError(f"the tokenizer in {ws / 'tokenizer'} cannot be loaded ({str(e).splitlines()[0]})") from None
-    return LoadedWorkspace(ws, cfg, model, tok, kv, dev, dt)
+    return LoadedWorkspace(ws, cfg, model, tok, kv, dev, dt, transform)
+
+
+def _kv_transform(ws: Path, cfg: WorkspaceConfig) -> dict:
+    """The online cache's transform (config.ini's kv_rotation, kv_sink, kv_k_center) as KVCache's arguments."""
+    t = cfg.kv_transform
+    if t.identity:
+        return {}
+    centers = None
+    if t.k_center:
+        if not (ws / CENTER_FILE).is_file():
+            raise QconvError(f"{ws / CONFIG_FILE} has kv_k_center = true but there is no {CENTER_FILE}; convert the "
+                             f"workspace again with --kv int4 --kv-params W (a calibrate work dir)")
+        centers = load_k_centers(ws / CENTER_FILE, cfg.num_layer, cfg.kv_head_num, cfg.size_per_head)
+    rot = kv_rotation(cfg.size_per_head) if t.rotation == "hadamard" else None
+    return {"rot": rot, "k_centers": centers, "sink": t.sink}
 
 
 def _head_weight(glob: dict) -> torch.Tensor:

@@ -6,11 +6,14 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from qconv import QconvError
 from qconv.cli import main
-from qconv.convert.kv_mode import bytes_per_token
-from qconv.convert.quant import kv_token_dequantize, kv_token_quantize, pack_int4_pairs, unpack_int4_pairs
+from qconv.convert.kv_file import load_k_centers
+from qconv.convert.kv_mode import KVTransform, bytes_per_token
+from qconv.convert.quant import (hadamard, kv_rotate, kv_rotation, kv_token_dequantize, kv_token_fake_quantize,
+                                 kv_token_quantize, kv_unrotate, pack_int4_pairs, unpack_int4_pairs)
 from qconv.convert.workspace_config import WorkspaceConfig
 from qconv.runtime.kv_cache import KVCache, cache_attention
 MODES = ("fp16", "int8-static", "int8", "int4")
@@ -79,6 +82,88 @@ def test_online_cache_attention_equals_float64_attention_over_the_dequantized_ca
     assert (kd - k.double()).abs().max() > 0  # the cache really holds codes
 
 
+def test_hadamard_rotation_is_orthonormal_and_symmetric():
+    assert torch.allclose(hadamard(2), torch.tensor([[1.0, 1.0], [1.0, -1.0]]) / 2 ** 0.5)
+    assert torch.allclose(hadamard(4)[1], torch.tensor([1.0, -1.0, 1.0, -1.0]) / 2)
+    for D in (64, 128, 96):  # 96: three Hadamard blocks of 32
+        R = kv_rotation(D)
+        assert torch.equal(R, R.T) and torch.allclose(R @ R, torch.eye(D), atol=1e-6)
+    R = kv_rotation(96)
+    assert torch.equal(R[:32, :32], hadamard(32)) and not R[:32, 32:].any()
+    x, c = torch.randn(5, 64), torch.randn(64)
+    assert torch.allclose(kv_unrotate(kv_rotate(x, kv_rotation(64), c), kv_rotation(64), c), x, atol=1e-5)
+
+
+def test_rotation_spreads_an_outlier_channel_and_the_sink_stays_exact():
+    """One channel 20x the others: per token, int4's step follows that channel; after R it is spread over D."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 50, 64, generator=g)  # [B, H, S, D]
+    x[..., 5] *= 20
+    R = kv_rotation(64)
+    plain = (kv_token_fake_quantize(x, 4) - x).pow(2).mean()
+    rotated = (kv_token_fake_quantize(x, 4, R) - x).pow(2).mean()
+    assert rotated < plain / 4
+    y = kv_token_fake_quantize(x, 4, R, x.mean(dim=(0, 2))[:, None], sink=2)
+    assert torch.equal(y[:, :, :2], x[:, :, :2]) and not torch.equal(y[:, :, 2:], x[:, :, 2:])
+
+
+def test_on_smollm2_the_transform_cuts_the_int4_attention_error(smollm2_hf, wiki_path):
+    """Real K, V and q (SmolLM2, one 512-token wiki window, every layer): the attention output's error under plain
+    per-token int4 > with Hadamard > with Hadamard, K centers ((min + max) / 2 of this window's K) and a sink."""
+    import torch.nn.functional as F
+
+    from qconv.convert.model_io import load_model
+    from qconv.convert.perplexity import eval_windows
+    from qconv.pipelines.data import eval_text
+    from qconv.pipelines.eval import block_by_block
+    from qconv.pipelines.hooks import attention_function
+
+    lm = load_model(str(smollm2_hf), dtype="float32", device="cpu")
+    ids = eval_windows(eval_text(wiki_path), lm.tokenizer, 512, 1)
+    err = {"plain": 0.0, "hadamard": 0.0, "centered": 0.0}
+
+    def measure(base, module, q, k, v, mask, **kw):  # q [1, 9, S, 64]; k, v [1, 3, S, 64]
+        R, c = kv_rotation(64), (k.amin(dim=(0, 2)) + k.amax(dim=(0, 2)))[:, None] / 2  # c [3, 1, 64]
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        for name, (kq, vq) in {
+                "plain": (kv_token_fake_quantize(k, 4), kv_token_fake_quantize(v, 4)),
+                "hadamard": (kv_token_fake_quantize(k, 4, R), kv_token_fake_quantize(v, 4, R)),
+                "centered": (kv_token_fake_quantize(k, 4, R, c, 1), kv_token_fake_quantize(v, 4, R, None, 1))}.items():
+            o = F.scaled_dot_product_attention(q, kq, vq, is_causal=True, enable_gqa=True)
+            err[name] += float((o - ref).pow(2).sum() / ref.pow(2).sum())
+        return base(module, q, k, v, mask, **kw)
+
+    with attention_function(lm.model, measure):
+        block_by_block(lm, ids, torch.device("cpu"))(ids)
+    assert err["plain"] > 1.5 * err["hadamard"] > 1.5 * err["centered"], err
+
+
+@pytest.mark.parametrize("S", [1, 3, 40])  # 1, 3: attention over the codes; 40: dequantized for SDPA
+def test_transformed_cache_attention_equals_float64_attention_over_what_it_reads_back(S):
+    """Hadamard, K centers and a 2-position sink: attention runs in the rotated space and turns back; it equals
+    attention over read() (x = x' R + c, the sink's positions as written), and scattered writes store the same."""
+    g = torch.Generator().manual_seed(S)
+    B, Hq, Hkv, L, D = 2, 6, 3, 45, 16
+    kw = dict(online_bits=4, rot=kv_rotation(D), k_centers={0: torch.randn(Hkv, D, generator=g)}, sink=2)
+    cache = KVCache(1, B, Hkv, 64, D, torch.float32, torch.device("cpu"), **kw)
+    k, v = torch.randn(B, Hkv, L, D, generator=g) * 3 + 1, torch.randn(B, Hkv, L, D, generator=g)
+    cache.write(0, torch.arange(L).expand(B, L), k, v, 0)
+    kd, vd = cache.read(0, B, L)
+    assert torch.allclose(kd[:, :, :2], k[:, :, :2], atol=1e-5) and torch.allclose(vd[:, :, :2], v[:, :, :2], atol=1e-5)
+    assert (kd[:, :, 2:] - k[:, :, 2:]).abs().max() > 1e-2  # the rest are int4
+    q = torch.randn(B, Hq, S, D, generator=g)
+    pos = torch.stack([torch.arange(L - S - 5, L - 5), torch.arange(L - S, L)])
+    mask = torch.arange(L)[None, None, None, :] <= pos[:, None, :, None]
+    ref = cache_attention(q.double(), kd.double(), vd.double(), mask)
+    assert (cache.attention(0, q, L, mask, False).double() - ref).abs().max() < 1e-5
+    scattered = KVCache(1, B, Hkv, 64, D, torch.float32, torch.device("cpu"), **kw)
+    for t in range(0, L, 7):  # row 1 a step behind row 0: positions differ between rows, no shared start
+        p = torch.stack([torch.arange(t, min(t + 7, L)), torch.arange(t, min(t + 7, L))])
+        scattered.write(0, p, k[:, :, t:t + 7], v[:, :, t:t + 7], None)
+    for a, b in zip((cache.k, cache.kp, cache.sk, cache.sv), (scattered.k, scattered.kp, scattered.sk, scattered.sv)):
+        assert torch.equal(a[0], b[0])
+
+
 @pytest.fixture(scope="module")
 def tiny_mode_ws(tiny_llama, tmp_path_factory):
     """{mode: workspace} of the tiny llama (int8-static with params from a short calibration)."""
@@ -92,6 +177,9 @@ def tiny_mode_ws(tiny_llama, tmp_path_factory):
         assert main(["convert", "--model", str(tiny_llama), "--dst-path", str(root / mode), "--weight-type", "fp32",
                      "--session-len", "256", "--kv", mode, *extra]) == 0
         out[mode] = root / mode
+    assert main(["convert", "--model", str(tiny_llama), "--dst-path", str(root / "int4-c"), "--weight-type", "fp32",
+                 "--session-len", "256", "--kv", "int4", "--kv-params", str(root / "w")]) == 0
+    out["int4-c"] = root / "int4-c"  # int4 with K centers from the calibrate work dir, and a sink
     return out, root / "w" / "kv_qparams.safetensors"
 
 
@@ -100,6 +188,14 @@ def test_convert_names_the_mode_in_config_ini(tiny_mode_ws):
     for mode, policy in zip(MODES, (0, 4, 0, 0)):
         cfg = WorkspaceConfig.read(ws[mode] / "config.ini")
         assert (cfg.kv_mode, cfg.quant_policy) == (mode, policy)
+        # only int4 transforms (int8 stays as it was); without calibration it rotates, no center, no sink
+        assert cfg.kv_transform == (KVTransform("hadamard") if mode == "int4" else KVTransform())
+    cfg = WorkspaceConfig.read(ws["int4-c"] / "config.ini")
+    assert (cfg.kv_mode, cfg.kv_rotation, cfg.kv_sink, cfg.kv_k_center) == ("int4", "hadamard", 1, True)
+    centers = load_k_centers(ws["int4-c"] / "kv_center.safetensors", 2, 2, 16)
+    stats = load_file(ws["int4-c"].parent / "w" / "key_stats.safetensors")  # c = (min + max) / 2 of K
+    assert torch.equal(centers[1], (stats["layers.1.min"] + stats["layers.1.max"]) / 2)
+    assert not (ws["int4"] / "kv_center.safetensors").exists()
 
 
 @pytest.mark.parametrize("seqlen", [64, 12])  # 64: a prefill through SDPA; 12: attention over the codes
@@ -121,8 +217,28 @@ def test_runtime_ppl_equals_eval_fake_quant_for_every_mode(tiny_llama, tiny_mode
     assert len(set(ppl.values())) == 4, ppl  # every mode really quantizes differently
 
 
+@pytest.mark.parametrize("seqlen", [64, 12])
+def test_runtime_ppl_equals_eval_for_int4_with_k_centers_and_sink(tiny_llama, tiny_mode_ws, wiki_path, run_cli,
+                                                                  seqlen):
+    """eval --kv int4 --kv-params W (the calibrate work dir) fake-quantizes as the workspace converted with them
+    stores: K minus the centers, Hadamard, the first position kept."""
+    ws, params = tiny_mode_ws
+    code, out, err = run_cli("eval", "--model", tiny_llama, "--dataset", wiki_path, "--windows", 2, "--seqlen", seqlen,
+                             "--kv", "int4", "--kv-params", params.parent, "--json")
+    assert code == 0, err
+    fake = json.loads(out.splitlines()[0])["ppl"]
+    code, out, err = run_cli("eval", ws["int4-c"], "--dataset", wiki_path, "--windows", 2, "--seqlen", seqlen,
+                             "--dtype", "float32", "--json")
+    assert code == 0, err
+    assert abs(json.loads(out.splitlines()[0])["ppl"] / fake - 1) < 1e-3
+
+
 def test_old_workspace_without_kv_mode_reads_as_quant_policy_says(tiny_mode_ws, tmp_path):
     ws, _ = tiny_mode_ws
+    text = (ws["int4-c"] / "config.ini").read_text()  # an int4 workspace from before the transform: plain int4
+    (tmp_path / "config.ini").write_text("".join(l for l in text.splitlines(True)
+                                                 if not l.startswith(("kv_rotation", "kv_sink", "kv_k_center"))))
+    assert WorkspaceConfig.read(tmp_path / "config.ini").kv_transform == KVTransform()
     for mode, old in (("int8-static", "int8-static"), ("fp16", "fp16")):
         text = (ws[mode] / "config.ini").read_text()
         assert "kv_mode = " in text
@@ -183,3 +299,23 @@ def test_kv_params_with_an_online_mode_is_one_line(tiny_llama, tiny_mode_ws, tmp
     code, _, err = run_cli("convert", "--model", tiny_llama, "--dst-path", tmp_path / "ws", "--kv", "int8",
                            "--kv-params", tiny_mode_ws[1])
     assert_one_line_error(code, err, "--kv-params applies to --kv int8-static")
+
+
+def test_bad_kv_transform_in_config_ini_is_one_line(tiny_mode_ws, tmp_path, run_cli, wiki_path):
+    import shutil
+
+    for old, new, needle in (("kv_rotation = hadamard", "kv_rotation = random", "kv_rotation must be one of none"),
+                             ("kv_k_center = true", "kv_k_center = maybe", "kv_k_center = 'maybe' is not a valid")):
+        ws = shutil.copytree(tiny_mode_ws[0]["int4-c"], tmp_path / new.split()[0])
+        (ws / "config.ini").write_text((ws / "config.ini").read_text().replace(old, new))
+        code, _, err = run_cli("eval", ws, "--dataset", wiki_path, "--windows", 1, "--seqlen", 16)
+        assert_one_line_error(code, err, needle)
+    (ws / "config.ini").write_text((tiny_mode_ws[0]["int4-c"] / "config.ini").read_text())
+    (ws / "kv_center.safetensors").unlink()  # the manifest check names it; without that check, the loader does
+    from qconv.runtime.loader import load_workspace
+    from qconv.runtime.options import RuntimeOptions
+
+    with pytest.raises(QconvError, match="kv_k_center = true but there is no kv_center.safetensors"):
+        load_workspace(ws, RuntimeOptions(device="cpu", verify=False))
+    with pytest.raises(QconvError, match="apply to the online modes"):
+        WorkspaceConfig.read(tiny_mode_ws[0]["int8-static"] / "config.ini").replace(kv_sink=1)
