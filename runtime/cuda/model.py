@@ -46,10 +46,11 @@ if HAVE_TRITON:
 
 def use_gpu_path(device: torch.device, dtype: torch.dtype, cfg: WorkspaceConfig) -> bool:
     """The Triton path runs on CUDA with fp16 / bf16 activations and a power-of-two head size >= 16 (the
-    attention and rope kernels' tiles); elsewhere runtime/cpu/model.py runs."""
+    attention and rope kernels' tiles), over a KV cache without a transform (int4's Hadamard rotation, K centers
+    and sink are applied by the torch model only); elsewhere runtime/cpu/model.py runs."""
     D = cfg.size_per_head
     return (device.type == "cuda" and HAVE_TRITON and dtype in (torch.float16, torch.bfloat16) and D >= 16
-            and D & (D - 1) == 0)
+            and D & (D - 1) == 0 and cfg.kv_transform.identity)
 
 
 class GpuTransformer(nn.Module):
