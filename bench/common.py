@@ -148,10 +148,10 @@ class RandomCheckpoint:
 
 
 def random_workspace(config: dict, tokenizer_dir: str, dst: Path, weight_type: str, group: int, session_len: int,
-                     batch: int) -> Path:
+                     batch: int, kv_mode: str | None = None) -> Path:
     """A workspace of random weights for ``config`` (an HF config.json as a dict), written straight from
     RandomCheckpoint: fp16 weights, or (``weight_type`` int4) int4 codes, group ``group``. Holds one layer at a
-    time: any model size whose int4 workspace the disk holds."""
+    time: any model size whose int4 workspace the disk holds. ``kv_mode``: convert's --kv (None: fp16)."""
     from transformers import AutoTokenizer
     src = dst.parent / f"{dst.name}.src"
     src.mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,7 @@ def random_workspace(config: dict, tokenizer_dir: str, dst: Path, weight_type: s
     (src / "config.json").write_text(json.dumps(raw))
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(src)
     req = ConvertRequest(str(src), str(dst), weight_type=weight_type, session_len=session_len, max_batch_size=batch,
-                         force=True)
+                         force=True, kv_mode=kv_mode)
     convert_workspace(req, log=lambda *_: None, checkpoint=RandomCheckpoint(raw, weight_type == "int4", group))
     shutil.rmtree(src)
     return dst
