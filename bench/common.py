@@ -67,6 +67,11 @@ def _git_commit(root: Path) -> str:
     return commit
 
 
+def saved(prefix: str) -> list[dict]:
+    """Every bench/results/<prefix>_*.json, in name order (a script's per-size records, for its --table)."""
+    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{prefix}_*.json"))]
+
+
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, log, provenance, random_workspace
+from bench.common import log, provenance, random_workspace, saved
 from bench.gpu_rows import kv_params_from_run, measure_row, with_kv_params
 from bench.gpu_runtime import Plan, copy_bandwidth, save
 from bench.peers import torchao_decode
@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the table of every saved size and exit")
     args = ap.parse_args()
     if args.table:
-        print(table([json.loads(p.read_text()) for p in sorted(RESULTS.glob("gpu_ladder_*.json"))]))
+        print(table(saved("gpu_ladder")))
         return
     rows = args.rows.split(",")
     for r in rows:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, log, provenance, random_model_folder, write_result
+from bench.common import log, provenance, random_model_folder, saved, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = {"calibrate": "work/calibrate.json", "kv-params": "work/kv_qparams.json",
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the table of every saved size and exit")
     args = ap.parse_args()
     if args.table:
-        print(table([json.loads(p.read_text()) for p in sorted(RESULTS.glob("gpu_quantize_*.json"))]))
+        print(table(saved("gpu_quantize")))
         return
     done = []
     for size in args.sizes.split(","):
