@@ -246,7 +246,8 @@ from .runtime.serve.server import SERVE_DEFAULTS  # noqa: E402  (torch-free; ser
 @click.option("--group-size", type=int, default=None,
               help="int4/int8 from float weights: input channels per scale [default: 128 for int4, per output "
                    "channel for int8]. A quantized checkpoint keeps its own.")
-@click.option("--kv-params", default=None, metavar="PATH", help="kv_qparams.safetensors; --kv int4: a calibrate work dir.")
+@click.option("--kv-params", default=None, metavar="PATH",
+              help="kv_qparams.safetensors; --kv int4: a calibrate work dir.")
 @click.option("--quant-policy", type=click.Choice(["0", "4"]), default=None,
               help="0: fp KV cache, 4: int8 KV cache (needs --kv-params) [default: 4 with --kv-params, else 0].")
 @kv_option()

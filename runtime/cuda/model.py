@@ -6,8 +6,8 @@ and the same maths; the residual stream is float32.
 Prefill (any S): per layer RMSNorm, qkv, rope + cache write, SDPA, o, RMSNorm, w13, SiLU-mul, w2 (w13's
 rows are gate/up pairs, convert/layout.interleave_pairs, so its output is too). When
 every row writes positions 0..S-1, attention is SDPA with is_causal over the new K/V exactly as cached
-(int8 round-tripped: x' = q * scale + zp, with per-head params or, online int8 / int4, per-token ones); otherwise the cache is read back and masked (key position <=
-query position), as runtime/cpu/model.py does.
+(int8 round-tripped: x' = q * scale + zp, with per-head params or, online int8 / int4, per-token ones); otherwise
+the cache is read back and masked (key position <= query position), as runtime/cpu/model.py does.
 
 Decode (``decode_step``): one token per row on static buffers, no host work, so that runtime/cuda/graphs.py
 captures it once per batch bucket. One row, or rows that are distinct sequences (six kernels per layer;

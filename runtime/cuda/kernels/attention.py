@@ -237,9 +237,9 @@ def decode_attention(q: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, k_c
     """q: [B, >= Hq * D] rows (heads side by side, e.g. the q part of qkv); pos, slot: [B] (the row's new
     position, whose K/V is already in the cache, and its cache row); caches [rows, Hkv, S, D] (int8 with
     kv_params [4, Hkv]; or online: uint8 codes [rows, Hkv, S, D * bits / 8] with token_params, (k, v) params
-    [rows, Hkv, S, 2] float16); out: [B, Hq * D] = softmax(q k^T / sqrt(D)) v over positions 0..pos. ``wide``: a split of
-    block_n < keys <= 2 block_n is read as one tile of 2 block_n keys. ``int8_in_registers``: int8 tiles become fp16
-    where they were loaded (see _int8_as)."""
+    [rows, Hkv, S, 2] float16); out: [B, Hq * D] = softmax(q k^T / sqrt(D)) v over positions 0..pos. ``wide``: a
+    split of block_n < keys <= 2 block_n is read as one tile of 2 block_n keys. ``int8_in_registers``: int8 tiles
+    become fp16 where they were loaded (see _int8_as)."""
     B = q.shape[0]
     hkv, D, rep, quant, bits, ns, (m, l, acc) = _checked(B, pos, slot, k_cache, v_cache, num_heads, out, kv_params,
                                                          scratch, splits, block_n, token_params)

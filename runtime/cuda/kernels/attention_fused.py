@@ -201,7 +201,8 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
     _attn_fused_kernel[(B, hkv, ns)](
         qkv, qkv.stride(0), pos, slot, cos, sin, q_norm if qk_norm else cos, k_norm if qk_norm else cos, eps,
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), kv_params if quant else m,
-        *param_args(token_params, m), m, l, acc, count, out, out.stride(0), LOG2E / math.sqrt(D), HQ=num_heads, HKV=hkv, D=D, REP=rep,
+        *param_args(token_params, m), m, l, acc, count, out, out.stride(0), LOG2E / math.sqrt(D), HQ=num_heads,
+        HKV=hkv, D=D, REP=rep,
         REP_PAD=max(16, triton.next_power_of_2(rep)), RC=triton.next_power_of_2(rep), SC=min(ns, 8), BLOCK_N=block_n,
         NS=ns, QUANT=quant, QK_NORM=qk_norm, MERGE=merge, FENCE=not INTERPRET, PDL=on, ROUND=rnd, WIDE=wide,
         I8_REGS=int8_in_registers, SUMS=sums, BITS=bits, num_warps=num_warps, num_stages=num_stages, launch_pdl=on)

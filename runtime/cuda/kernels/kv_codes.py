@@ -81,7 +81,8 @@ def online_bits(k_cache: torch.Tensor, head_dim: int, token_params) -> int:
         assert k_cache.shape[-1] == head_dim, f"cache width {k_cache.shape[-1]}, head_dim {head_dim}"
         return 0
     bits = 8 * k_cache.shape[-1] // head_dim
-    assert bits in (8, 4) and k_cache.shape[-1] * 8 == head_dim * bits, f"codes of {k_cache.shape[-1]} bytes, D {head_dim}"
+    assert bits in (8, 4) and k_cache.shape[-1] * 8 == head_dim * bits, \
+        f"codes of {k_cache.shape[-1]} bytes, D {head_dim}"
     assert token_params is not None, "an online cache needs token_params (k params, v params)"
     kp, vp = token_params
     assert kp.shape == vp.shape == (*k_cache.shape[:3], 2) and kp.stride() == vp.stride()

@@ -123,9 +123,10 @@ def rule(m: int, n: int, k: int, group: int, epilogue: str = "store", prologue: 
     takes 32 outputs and 2 warps a program, the weights three groups ahead; one of at most 2^21 weights behind an
     RMSNorm takes _gemv, which applies the norm itself (the mma kernel needs a norm kernel before it).
     Other groups, and outputs too few to fill the SMs unsplit: one row takes _gemv (8 outputs per program, 4 words
-    per thread-column where a group holds a multiple of 4, one warp; split-K with the residual epilogue and no RMSNorm, doubling while the programs stay
-    within about four per SM and each slice keeps two groups), several rows _gemm (tl.dot, 32 outputs per program,
-    64 when that still gives four programs per SM; the same split-K rule at two programs per SM).
+    per thread-column where a group holds a multiple of 4, one warp; split-K with the residual epilogue and no
+    RMSNorm, doubling while the programs stay within about four per SM and each slice keeps two groups), several
+    rows _gemm (tl.dot, 32 outputs per program, 64 when that still gives four programs per SM; the same split-K
+    rule at two programs per SM).
     bench/RESULTS.md ("int4 kernels across shapes") has how close this comes to each swept shape's best.
     """
     groups = k // group
