@@ -116,7 +116,8 @@ def main():
     ap.add_argument("--position", type=int, default=160, help="the step's position (the protocol run's mean)")
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--rows", default=[1], type=row_counts,
-                    help="the step's rows (1, or several: tl.dot configs, bucket 16); a comma list sweeps each in turn")
+                    help="the step's rows (1, or several: tl.dot configs, rows bucket 8 or 16); a comma list sweeps "
+                         "each in turn")
     ap.add_argument("--mma", action="store_true", help="sweep the mma.sync kernel's configs (kernels/mma_int4.py)")
     ap.add_argument("--pf", default="1", help="--mma: prefetch depths to try (groups ahead, 1-3; comma list)")
     ap.add_argument("--quick", action="store_true", help="--mma: the first four tiles only")

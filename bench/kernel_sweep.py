@@ -9,8 +9,9 @@ gemlite and torchao, bench.peers).
 
 Every timing is a CUDA graph of one call per weight copy, with enough copies to overflow L2 twice (bench.gpu_micro):
 µs per call = replay time / copies. Effective TB/s = int4 codes + scales + zeros (or fp16 weights) / time; the
-limit is the run's D2D copy bandwidth. The table's rows bucket 16 takes the config with the least summed time
-over the rows counts above one. A candidate whose output differs from the dequantized reference is refused.
+limit is the run's D2D copy bandwidth. Each rows bucket of the table (1; 2-8; more) takes the config with the
+least summed time over the swept rows counts in it. A candidate whose output differs from the dequantized
+reference is refused.
 """
 from __future__ import annotations
 
@@ -223,22 +224,21 @@ def sweep_shape(role: str, N: int, K: int, rows: list[int], group: int, sms: int
 
 
 def winners(shapes: list[dict], group: int) -> dict[tuning.Key, tuple[str, GemvConfig]]:
-    """{(rows bucket, N, K, group): (role, config)}: bucket 1 the one-row best; bucket 16 the config with the least
-    summed time over the rows counts above one that timed it at each of them."""
+    """{(rows bucket, N, K, group): (role, config)}: for each rows bucket (tuning.rows_bucket) that the sweep
+    timed, the config with the least summed time over its rows counts, among those timed at each of them."""
     won = {}
     for s in shapes:
-        by_m = {int(m): r for m, r in s["rows"].items()}
-        if 1 in by_m and "best" in by_m[1]:
-            won[(1, s["N"], s["K"], group)] = (s["role"], GemvConfig(**by_m[1]["best"]))
-        many = [r for m, r in by_m.items() if m > 1]
-        if many:
+        buckets: dict[int, list[dict]] = {}
+        for m, r in s["rows"].items():
+            buckets.setdefault(tuning.rows_bucket(int(m)), []).append(r)
+        for bucket, rs in buckets.items():
             totals: dict[str, list[float]] = {}
-            for r in many:
-                for us, c in r["timed"]:
+            for r in rs:
+                for us, c in r.get("timed", []):
                     totals.setdefault(json.dumps(c, sort_keys=True), []).append(us)
-            full = {c: sum(t) for c, t in totals.items() if len(t) == len(many)}
+            full = {c: sum(t) for c, t in totals.items() if len(t) == len(rs)}
             if full:
-                won[(16, s["N"], s["K"], group)] = (s["role"], GemvConfig(**json.loads(min(full, key=full.get))))
+                won[(bucket, s["N"], s["K"], group)] = (s["role"], GemvConfig(**json.loads(min(full, key=full.get))))
     return won
 
 

@@ -36,7 +36,7 @@ def test_every_table_reads_and_each_entry_is_a_config_the_kernel_runs(path):
     assert len(table) == len(data["entries"])
     for e in data["entries"]:
         cfg = GemvConfig(**e["config"])
-        assert e["m"] in (1, 16) and e["k"] % e["group"] == 0
+        assert e["m"] in (1, 8, 16) and e["k"] % e["group"] == 0
         assert misfit(cfg, e["group"], "residual") is None, e  # the epilogue every split config may take
 
 
@@ -45,7 +45,7 @@ def test_a_shape_in_the_table_gets_its_entry(path):
     gpu = json.loads(path.read_text())["gpu"]
     for e in entries(path):
         want = GemvConfig(**e["config"])
-        for m in ((1,) if e["m"] == 1 else (2, 8, 16, 64)):  # the bucket of 16 serves every count above one
+        for m in {1: (1,), 8: (2, 5, 8), 16: (9, 16, 64)}[e["m"]]:  # the buckets: one row, 2-8 rows, more
             assert lookup(gpu, m, e["n"], e["k"], e["group"]) == want
             # the decode step's fusions: residual (o, w2, and a split qkv / w13 accumulating into fp32 sums)
             assert config_for(gpu, m, e["n"], e["k"], e["group"], "residual") == want
@@ -71,21 +71,26 @@ def test_unseen_shapes_get_a_config_the_kernel_runs(gpu):
         assert cfg.rows == 1 and not cfg.fuse_norm and not cfg.tc  # never what lost in every sweep
         assert not cfg.mma or group == 128  # the mma kernel's group
         assert cfg.split_k == 1 or (epi in ("residual", "silu") and k // group >= cfg.split_k)
-        if cfg.mma and cfg.split_k > 1:  # K split into about four programs per SM, unless the groups run out
-            programs = -(-n // cfg.block_n) * cfg.split_k
-            assert 2 * sms <= programs <= 8 * sms or cfg.split_k == k // group, (n, k, m, cfg)
+        if cfg.mma and cfg.split_k > 1:  # K split into about four programs per SM (one at 2-8 rows), unless the
+            programs = -(-n // cfg.block_n) * cfg.split_k  # groups run out
+            per_sm = (0.5, 2) if 1 < m <= 8 else (2, 8)
+            assert per_sm[0] * sms <= programs <= per_sm[1] * sms or cfg.split_k == k // group, (n, k, m, cfg)
 
 
 def test_the_rule_on_the_swept_7b_shapes():
     """The configs the rule gives the 7B-8B roles that the kernel sweep timed (bench/RESULTS.md, "int4 kernels across
-    shapes"): the mma kernel, 128 outputs, K split for about four programs per SM at one row."""
+    shapes"): the mma kernel, 128 outputs, K split for about four programs per SM at one row; at 2-8 rows, 256
+    outputs and 8 warps, K split for about one program per SM, the weights three groups ahead."""
     want = {(1, 4608, 3584, "residual"): 15, (1, 3584, 18944, "residual"): 19, (1, 37888, 3584, "silu"): 2,
             (1, 6144, 4096, "residual"): 11, (16, 37888, 3584, "silu"): 1, (16, 3584, 3584, "residual"): 19}
     for (m, n, k, epi), split in want.items():
         cfg = rule(m, n, k, 128, epi, "rmsnorm", 132)
         assert (cfg.mma, cfg.block_n, cfg.num_warps, cfg.split_k) == (True, 128, 4, split), (m, n, k, cfg)
-    # qwen2.5-32b's w13 at 16 rows: 432 blocks of outputs fill the SMs, K stays whole
-    assert rule(16, 55296, 5120, 128, "silu") == GemvConfig(128, 1, 4, dot=True, mma=True, pf=1)
+    for (m, n, k), split in {(8, 4608, 3584): 7, (8, 3584, 3584): 9, (8, 28672, 4096): 1, (2, 4096, 14336): 8}.items():
+        assert rule(m, n, k, 128, "residual") == GemvConfig(256, split, 8, dot=True, mma=True, pf=3)
+    # qwen2.5-7b's w13 at 8 rows, qwen2.5-32b's at 16: 296 / 432 blocks of outputs fill the SMs, K stays whole
+    assert rule(8, 37888, 3584, 128, "silu") == GemvConfig(128, 1, 4, dot=True, mma=True, pf=3)
+    assert rule(16, 55296, 5120, 128, "silu") == GemvConfig(128, 1, 4, dot=True, mma=True, pf=3)
     # qwen2.5-0.5b's o at one row: 7 blocks x 7 groups; 32 outputs a program, one group a slice
     assert rule(1, 896, 896, 128, "residual") == GemvConfig(32, 7, 2, dot=True, mma=True, pf=3)
     assert not rule(1, 1152, 896, 128, "residual", "rmsnorm").mma  # its qkv: the GEMV with the norm fused
@@ -127,7 +132,7 @@ def test_written_tables_read_back(tmp_path):
 def test_bad_tables_are_refused(tmp_path):
     path = tmp_path / "bad.json"
     good = {"m": 1, "n": 8, "k": 128, "group": 128, "config": {"block_n": 8}}
-    for bad, match in (([good, good], "twice"), ([{**good, "m": 8}], "bucket"),
+    for bad, match in (([good, good], "twice"), ([{**good, "m": 4}], "bucket"),
                        ([{**good, "config": {"block_n": 48, "num_warps": 2, "mma": True}}], "block_n")):
         path.write_text(json.dumps({"gpu": "x", "written_by": "y", "entries": bad}))
         with pytest.raises(AssertionError, match=match):

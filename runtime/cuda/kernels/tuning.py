@@ -4,7 +4,7 @@ config sweep that measured it (each file's written_by holds its command), plus a
     {"gpu": <torch.cuda.get_device_name()>, "written_by": <the sweep's command line>,
      "entries": [{"m": 1, "n": 2048, "k": 1536, "group": 128, "role": "qkv", "config": {GemvConfig's fields}}, ...]}
 
-An entry is keyed by (m, n, k, group): m is the rows bucket (1 for one row, 16 for two or more), n and k the
+An entry is keyed by (m, n, k, group): m is the rows bucket (1 for one row, 8 for 2-8, 16 for more), n and k the
 weight's [N, K], group its quantization group; ``role`` is a note for readers. Pure Python: importable without
 Triton or CUDA (the caller gives the GPU name, torch.cuda.get_device_name()).
 """
@@ -62,8 +62,8 @@ def misfit(cfg: GemvConfig, group: int, epilogue: str = "store", prologue: str =
 
 
 def rows_bucket(m: int) -> int:
-    """The table's m for a call with m rows: 1, or 16 for any number of rows above one."""
-    return 1 if m <= 1 else 16
+    """The table's m for a call with m rows: 1; 8 for 2 to 8 rows; 16 for more."""
+    return 1 if m <= 1 else 8 if m <= 8 else 16
 
 
 def file_for(gpu: str) -> Path:
@@ -77,7 +77,7 @@ def read_table(path: Path, roles: dict[Key, str] | None = None) -> dict[Key, Gem
     table = {}
     for e in data["entries"]:
         key = (int(e["m"]), int(e["n"]), int(e["k"]), int(e["group"]))
-        assert key[0] in (1, 16), f"{path}: m={key[0]}, the rows bucket is 1 or 16"
+        assert key[0] in (1, 8, 16), f"{path}: m={key[0]}, the rows bucket is 1, 8 or 16"
         assert key not in table, f"{path}: {key} twice"
         table[key] = GemvConfig(**e["config"])
         if roles is not None and "role" in e:
@@ -119,9 +119,11 @@ def rule(m: int, n: int, k: int, group: int, epilogue: str = "store", prologue: 
     Group 128 (the mma kernel's), where K may be split (the residual epilogue's atomic adds, or SiLU-mul's sums) or
     the outputs alone make a program per SM: the mma kernel, 128 outputs and 4 warps a program, K split so that
     about four programs run per SM (a slice keeps one group or more); several rows whose outputs already make two
-    programs per SM keep K whole. A one-row matrix too small for two programs per SM even at one group a slice
-    takes 32 outputs and 2 warps a program, the weights three groups ahead; one of at most 2^21 weights behind an
-    RMSNorm takes _gemv, which applies the norm itself (the mma kernel needs a norm kernel before it).
+    programs per SM keep K whole and load the weights three groups ahead. Two to eight rows of a matrix with fewer
+    outputs take 256 outputs and 8 warps a program, K split for about one program per SM, three groups ahead. A
+    one-row matrix too small for two programs per SM even at one group a slice takes 32 outputs and 2 warps a
+    program, the weights three groups ahead; one of at most 2^21 weights behind an RMSNorm takes _gemv, which
+    applies the norm itself (the mma kernel needs a norm kernel before it).
     Other groups, and outputs too few to fill the SMs unsplit: one row takes _gemv (8 outputs per program, 4 words
     per thread-column where a group holds a multiple of 4, one warp; split-K with the residual epilogue and no
     RMSNorm, doubling while the programs stay within about four per SM and each slice keeps two groups), several
@@ -136,10 +138,12 @@ def rule(m: int, n: int, k: int, group: int, epilogue: str = "store", prologue: 
     if group == 128 and (splittable or n_blocks >= sms) and not fused_norm:
         if splittable and m == 1 and n_blocks * groups < 2 * sms:
             return GemvConfig(32, groups, 2, dot=True, mma=True, pf=3)
+        if splittable and 1 < m <= 8 and n_blocks < 2 * sms:
+            return GemvConfig(256, max(1, min(groups, round(sms / -(-n // 256)))), 8, dot=True, mma=True, pf=3)
         split = 1
         if splittable and (m == 1 or n_blocks < 2 * sms):
             split = max(1, min(groups, round(4 * sms / n_blocks)))
-        return GemvConfig(128, split, 4, dot=True, mma=True, pf=1)
+        return GemvConfig(128, split, 4, dot=True, mma=True, pf=1 if m == 1 or split > 1 else 3)
     if m == 1:
         split = 1
         if epilogue == "residual" and prologue != "rmsnorm":
