@@ -5,9 +5,9 @@ fp16, an online int8 and an online int4 cache, in one run.
 
 Per mode: batch-1 decode steps per second after a ``--long``-token prompt (the prefill excluded), and ``--rows``
 distinct sequences of ``--context`` tokens each decoding together (tokens per second of the decode steps alone: the
-difference between answers of 1 and 1 + ``--steps`` tokens). The int4 workspace holds plain per-token codes
-(kv_rotation none): the GPU kernels do not apply int4's Hadamard transform yet, and a transformed workspace runs on
-the torch model. Writes bench/results/gpu_kv.json and prints a table last.
+difference between answers of 1 and 1 + ``--steps`` tokens). One workspace, its config.ini's kv_mode set per mode.
+int4 is plain per-token codes (kv_rotation none): the GPU kernels do not apply int4's Hadamard transform yet, and a
+transformed workspace runs on the torch model. Writes bench/results/gpu_kv.json and prints a table last.
 """
 from __future__ import annotations
 
@@ -30,10 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 MODES = ("fp16", "int8", "int4")
 
 
-def plain(ws: Path) -> Path:
-    """The workspace's int4 cache as plain per-token codes (a config.ini from before kv_rotation)."""
+def set_mode(ws: Path, mode: str) -> Path:
+    """The workspace with its config.ini's cache set to ``mode`` (the weights are the same for every mode); int4 as
+    plain per-token codes (kv_rotation none, as a config.ini from before the transform)."""
     ini = ws / "config.ini"
-    ini.write_text(re.sub(r"(?m)^(kv_rotation = ).*$", r"\1none", ini.read_text()))
+    text = re.sub(r"(?m)^kv_mode = .*$", f"kv_mode = {mode}", ini.read_text())
+    ini.write_text(re.sub(r"(?m)^kv_rotation = .*$", "kv_rotation = none", text))
     update_manifest(ws, "config.ini")
     return ws
 
@@ -96,16 +98,13 @@ def main() -> None:
     res = {**provenance(), "config": args.config, "args": vars(args),
            "device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device,
            "modes": {}}
+    t0 = time.perf_counter()
+    ws = random_workspace(config, str(ROOT / args.tokenizer), Path(args.work) / "w4", "int4", 128, session, args.rows)
+    log(f"  workspace in {time.perf_counter() - t0:.0f}s")
     for mode in MODES:
-        t0 = time.perf_counter()
-        ws = random_workspace(config, str(ROOT / args.tokenizer), Path(args.work) / mode, "int4", 128, session,
-                              args.rows, kv_mode=mode)
-        if mode == "int4":
-            plain(ws)
-        log(f"  {mode}: workspace in {time.perf_counter() - t0:.0f}s")
-        res["modes"][mode] = measure(ws, args)
-        shutil.rmtree(ws, ignore_errors=True)
+        res["modes"][mode] = measure(set_mode(ws, mode), args)
         write_result("gpu_kv", res)
+    shutil.rmtree(ws, ignore_errors=True)
     keys = [f"bs1_ctx{args.long}_tok_s", f"bs{args.rows}_ctx{args.context}_tok_s"]
     print(f"\n{args.config}, W4A16, {res['device']}\n| KV | bytes/token | " + " | ".join(keys) + " |\n"
           + "|---" * (2 + len(keys)) + "|")
