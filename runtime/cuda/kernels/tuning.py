@@ -119,10 +119,10 @@ def rule(m: int, n: int, k: int, group: int, epilogue: str = "store", prologue: 
     Group 128 (the mma kernel's), where K may be split (the residual epilogue's atomic adds, or SiLU-mul's sums) or
     the outputs alone make a program per SM: the mma kernel, 128 outputs and 4 warps a program, K split so that
     about four programs run per SM (a slice keeps one group or more); several rows whose outputs already make two
-    programs per SM keep K whole and load the weights three groups ahead. Two to eight rows of a matrix with fewer
-    outputs take 256 outputs and 8 warps a program, K split for about one program per SM, three groups ahead. A
-    one-row matrix too small for two programs per SM even at one group a slice takes 32 outputs and 2 warps a
-    program, the weights three groups ahead; one of at most 2^21 weights behind an RMSNorm takes _gemv, which
+    programs per SM keep K whole (2-8 rows load the weights three groups ahead). Two to eight rows of a matrix
+    with fewer outputs take 256 outputs and 8 warps a program, K split for about one program per SM, three groups
+    ahead. A one-row matrix too small for two programs per SM even at one group a slice takes 32 outputs and 2 warps
+    a program, the weights three groups ahead; one of at most 2^21 weights behind an RMSNorm takes _gemv, which
     applies the norm itself (the mma kernel needs a norm kernel before it).
     Other groups, and outputs too few to fill the SMs unsplit: one row takes _gemv (8 outputs per program, 4 words
     per thread-column where a group holds a multiple of 4, one warp; split-K with the residual epilogue and no
@@ -143,7 +143,7 @@ def rule(m: int, n: int, k: int, group: int, epilogue: str = "store", prologue: 
         split = 1
         if splittable and (m == 1 or n_blocks < 2 * sms):
             split = max(1, min(groups, round(4 * sms / n_blocks)))
-        return GemvConfig(128, split, 4, dot=True, mma=True, pf=1 if m == 1 or split > 1 else 3)
+        return GemvConfig(128, split, 4, dot=True, mma=True, pf=3 if 1 < m <= 8 else 1)
     if m == 1:
         split = 1
         if epilogue == "residual" and prologue != "rmsnorm":
