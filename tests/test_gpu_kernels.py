@@ -489,7 +489,7 @@ def test_online_cache_write_stores_kv_token_quantize_codes_and_params(bits, qk_n
     (True, 8, 1, 64, [17, 80], 1),
     (True, 6, 2, 32, [40, 20], 2),  # splits of 32 keys: one wide tile (wide=True) or two
     (False, 6, 2, 32, [40, 20], 2),
-    (8, 4, 2, 16, [1, 40, 0], 4),  # online int8 and int4: codes dequantized as the tiles are loaded
+    (8, 4, 2, 16, [1, 40, 0], 4),  # online int8 and int4: dots over the codes, per-key params folded
     (4, 6, 2, 32, [33, 20], 2),
     (4, 8, 1, 64, [17], 1),
 ])

@@ -11,8 +11,9 @@ and int8 -> fp16 is exact, so the dots run on the tensor cores in the activation
 codes become 1152 + kq by one OR (no int-to-float conversion), which moves the zero points by -1152 scale.
 The dots see codes only: scale and zero point of K fold into each score's one FMA, and V's are applied once
 after the last tile (sum(p) is l, summed over p as rounded for the dot).
-Online caches (kv_mode int8, int4: uint8 codes, int4 two per byte, with (scale, zp) per token) are dequantized
-in registers as each tile is loaded, x = c * scale + zp (kv_codes.py), and the dots run as over an fp16 cache.
+Online caches (kv_mode int8, int4: uint8 codes, int4 two per byte, with (scale, zp) per token) take the same
+algebra per key (kv_codes.py): the dots run over the codes, and each key's scale and zero point fold into its
+score, or into its probability for the p.v dot.
 Each split leaves (m, l, acc) in log2 units: m = max score, l = sum 2^(score - m), acc = sum 2^(score - m) v;
 the combine kernel merges the NS splits: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
 attention_fused.py runs the same splits fused with rotary, the cache write and the merge.
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, pdl
-from .kv_codes import _dequant_tile, online_bits, param_args
+from .kv_codes import _code_operands, _code_scores, _code_values, online_bits, param_args
 
 LOG2E = 1.4426950408889634
 
@@ -65,24 +66,25 @@ def _kv_params(kvp_ptr, kvh, HKV: tl.constexpr):
 
 
 @triton.jit
-def _tile(q, kc_ptr, vc_ptr, base, stride_cs, kp_ptr, vp_ptr, pbase, n0, end, d, qk_k, bias, m_i, l_i, acc,
-          BN: tl.constexpr, QUANT: tl.constexpr, I8_REGS: tl.constexpr, BITS: tl.constexpr):
+def _tile(q, qa, qb, q_sum, kc_ptr, vc_ptr, base, stride_cs, kp_ptr, vp_ptr, pbase, n0, end, d, qk_k, bias, m_i, l_i,
+          acc, BN: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr, I8_REGS: tl.constexpr, BITS: tl.constexpr):
     """One tile of BN keys from n0 (those < end) into the running (m, l, acc). Scores in log2 units: the dot
     times qk_k, plus ``bias`` per row for an int8 cache (its zero point and the fp16 codes' 1152, folded).
     l sums the probabilities as rounded for the p.v dot, so that an int8 cache's V zero point can be applied
     once after the last tile (v_zp * l) and the dots see codes only. BITS: an online cache, its codes at
-    base + n * stride_cs and their (scale, zp) at pbase + 2 n, dequantized here."""
+    base + n * stride_cs and their (scale, zp) at pbase + 2 n; the dots see codes too (kv_codes._code_scores,
+    _code_values), with qa, qb (int4: q's even and odd columns) and q_sum (q's row sums)."""
     dt = q.dtype
     n = n0 + tl.arange(0, BN)
     n_ok = n < end
     offs = base + n[:, None] * stride_cs + d[None, :]  # [BN, D]
     if BITS:
-        k = _dequant_tile(kc_ptr, kp_ptr, base + n * stride_cs, pbase + 2 * n, d, n_ok, dt, BITS)
-    else:
+        sc = _code_scores(q, qa, qb, q_sum, kc_ptr, kp_ptr, base + n * stride_cs, pbase + 2 * n, n_ok, D, BITS) * qk_k
+    elif QUANT:
         k = tl.load(kc_ptr + offs, mask=n_ok[:, None], other=0)
-    if QUANT:
         sc = tl.dot(q, tl.trans(_int8_as(k, dt, I8_REGS))) * qk_k + bias[:, None]  # [REP_PAD, BN] fp32
     else:
+        k = tl.load(kc_ptr + offs, mask=n_ok[:, None], other=0)
         sc = tl.dot(q, tl.trans(k.to(dt))) * qk_k
     sc = tl.where(n_ok[None, :], sc, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(sc, axis=1))
@@ -90,12 +92,12 @@ def _tile(q, kc_ptr, vc_ptr, base, stride_cs, kp_ptr, vp_ptr, pbase, n0, end, d,
     p16 = tl.exp2(sc - m_new[:, None]).to(dt)
     l_i = l_i * alpha + tl.sum(p16.to(tl.float32), axis=1)
     if BITS:
-        v = _dequant_tile(vc_ptr, vp_ptr, base + n * stride_cs, pbase + 2 * n, d, n_ok, dt, BITS)
-    else:
+        pv = _code_values(p16, vc_ptr, vp_ptr, base + n * stride_cs, pbase + 2 * n, n_ok, D, BITS)
+    elif QUANT:
         v = tl.load(vc_ptr + offs, mask=n_ok[:, None], other=0)
-    if QUANT:
         pv = tl.dot(p16, _int8_as(v, dt, I8_REGS))  # [REP_PAD, D]
     else:
+        v = tl.load(vc_ptr + offs, mask=n_ok[:, None], other=0)
         pv = tl.dot(p16, v.to(dt))
     return m_new, l_i, acc * alpha[:, None] + pv
 
@@ -123,13 +125,14 @@ def _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_sca
             v_zp -= 1152.0 * v_scale
         qk_k = k_scale * qk_scale
         bias = tl.sum(q.to(tl.float32), axis=1) * (k_zp * qk_scale)  # [REP_PAD]
+    qa, qb, q_sum = _code_operands(q, REP_PAD, D, BITS)
     if WIDE and (end - start > BLOCK_N) and (end - start <= 2 * BLOCK_N):
-        m_i, l_i, acc = _tile(q, kc_ptr, vc_ptr, base, stride_cs, kp_ptr, vp_ptr, pbase, start, end, d, qk_k, bias,
-                              m_i, l_i, acc, 2 * BLOCK_N, QUANT, I8_REGS, BITS)
+        m_i, l_i, acc = _tile(q, qa, qb, q_sum, kc_ptr, vc_ptr, base, stride_cs, kp_ptr, vp_ptr, pbase, start, end, d,
+                              qk_k, bias, m_i, l_i, acc, 2 * BLOCK_N, D, QUANT, I8_REGS, BITS)
     else:
         for n0 in range(start, end, BLOCK_N):
-            m_i, l_i, acc = _tile(q, kc_ptr, vc_ptr, base, stride_cs, kp_ptr, vp_ptr, pbase, n0, end, d, qk_k, bias,
-                                  m_i, l_i, acc, BLOCK_N, QUANT, I8_REGS, BITS)
+            m_i, l_i, acc = _tile(q, qa, qb, q_sum, kc_ptr, vc_ptr, base, stride_cs, kp_ptr, vp_ptr, pbase, n0, end,
+                                  d, qk_k, bias, m_i, l_i, acc, BLOCK_N, D, QUANT, I8_REGS, BITS)
     if QUANT:
         acc = acc * v_scale + v_zp * l_i[:, None]
     return m_i, l_i, acc

@@ -7,7 +7,9 @@ Write, per (token, kv head), with convert/quant.py kv_token_quantize's algebra a
 Layout, as runtime/kv_cache.py's (convert/quant.py pack_int4_pairs defines the int4 one):
     codes  [rows, Hkv, S, D * bits / 8] uint8; int4 two per byte, byte j = c[2j] | c[2j + 1] << 4
     params [rows, Hkv, S, 2] float16, (scale, zp) of each token's K (and, a second tensor, V)
-Read: x = c * scale + zp in fp32, rounded to the activation dtype for the tl.dot.
+Read (attention.py): the dots run over the codes, as the static int8 cache's do; a key's scale and zp fold
+into its score (scale * (q . c) + zp * sum(q)), a value's into its probability (p * scale against the codes,
+plus p * zp).
 """
 from __future__ import annotations
 
@@ -59,18 +61,70 @@ def _store_head(x, codes_ptr, params_ptr, D: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _dequant_tile(c_ptr, p_ptr, rows, prows, d, ok, dt, BITS: tl.constexpr):
-    """Keys whose codes start at c_ptr + rows [BN] and whose (scale, zp) are at p_ptr + prows [BN] (those with ok)
-    -> x [BN, D] = c * scale + zp in dt (0 where not ok). int4: column d is byte d // 2's low nibble for even d,
-    high for odd."""
+def _as_dt(c, dt):
+    """Codes 0..255 (uint8, or int32 nibbles) -> the activation dtype. fp16: 1024 + c, the code under fp16 1024's
+    exponent (one OR, no conversion; the callers subtract 1024 through the zero points); bf16: c, exact."""
+    if dt == tl.float16:
+        return (c.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+    return c.to(dt)
+
+
+@triton.jit
+def _code_operands(q, REP_PAD: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """(qa, qb, q_sum) for _code_scores: int4 q's even and odd columns [REP_PAD, D/2] (a byte's low and high
+    nibble), else q twice; the row sums of q as the dots see it, fp32 [REP_PAD]."""
     if BITS == 4:
-        byte = tl.load(c_ptr + rows[:, None] + (d // 2)[None, :], mask=ok[:, None], other=0).to(tl.int32)
-        c = (byte >> ((d % 2) * 4)[None, :]) & 0xF
+        qa, qb = tl.split(tl.reshape(q, [REP_PAD, D // 2, 2]))
     else:
-        c = tl.load(c_ptr + rows[:, None] + d[None, :], mask=ok[:, None], other=0)
-    s = tl.load(p_ptr + prows, mask=ok, other=0.0).to(tl.float32)
-    z = tl.load(p_ptr + prows + 1, mask=ok, other=0.0).to(tl.float32)
-    return (c.to(tl.float32) * s[:, None] + z[:, None]).to(dt)
+        qa, qb = q, q
+    return qa, qb, tl.sum(q.to(tl.float32), axis=1)
+
+
+@triton.jit
+def _params(p_ptr, prows, ok):
+    """(scale, zp) fp32 [BN] of the keys whose params are at p_ptr + prows (0 where not ok)."""
+    return (tl.load(p_ptr + prows, mask=ok, other=0.0).to(tl.float32),
+            tl.load(p_ptr + prows + 1, mask=ok, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _code_scores(q, qa, qb, q_sum, c_ptr, p_ptr, rows, prows, ok, D: tl.constexpr, BITS: tl.constexpr):
+    """q . k [REP_PAD, BN] fp32 for the keys whose codes start at c_ptr + rows [BN], k = c * scale + zp:
+    scale * (q . c) + zp * sum(q), the dot over the codes (as _as_dt gives them: 1024 + c in fp16, folded into zp).
+    int4: the low nibbles against q's even columns plus the high ones against its odd columns."""
+    dt = q.dtype
+    off = 1024.0 if dt == tl.float16 else 0.0
+    s, z = _params(p_ptr, prows, ok)
+    if BITS == 4:
+        byte = tl.load(c_ptr + rows[:, None] + tl.arange(0, D // 2)[None, :], mask=ok[:, None], other=0)
+        qc = tl.dot(qa, tl.trans(_as_dt(byte & 0xF, dt))) + tl.dot(qb, tl.trans(_as_dt(byte >> 4, dt)))
+    else:
+        c = tl.load(c_ptr + rows[:, None] + tl.arange(0, D)[None, :], mask=ok[:, None], other=0)
+        qc = tl.dot(q, tl.trans(_as_dt(c, dt)))
+    return qc * s[None, :] + q_sum[:, None] * (z - off * s)[None, :]
+
+
+@triton.jit
+def _code_values(p, c_ptr, p_ptr, rows, prows, ok, D: tl.constexpr, BITS: tl.constexpr):
+    """sum_n p_n v_n [REP_PAD, D] fp32 for p [REP_PAD, BN] (activation dtype) over the values whose codes start at
+    c_ptr + rows [BN], v = c * scale + zp: the dot of w = p * scale * 2^10 (rounded to the activation dtype; the
+    2^10 keeps small products off fp16's subnormals) with the codes, plus sum_n w_n (zp_n / scale_n - 1024 for
+    fp16's codes), over 2^10. int4: the low and high nibbles' dots give the even and odd columns."""
+    dt = p.dtype
+    off = 1024.0 if dt == tl.float16 else 0.0
+    s, z = _params(p_ptr, prows, ok)
+    w = (p.to(tl.float32) * (s * 1024.0)[None, :]).to(dt)
+    zs = tl.where(ok, z / tl.where(ok, s, 1.0), 0.0) - off  # [BN]
+    bias = tl.sum(w.to(tl.float32) * zs[None, :], axis=1)  # [REP_PAD]
+    if BITS == 4:
+        byte = tl.load(c_ptr + rows[:, None] + tl.arange(0, D // 2)[None, :], mask=ok[:, None], other=0)
+        even = tl.dot(w, _as_dt(byte & 0xF, dt))
+        odd = tl.dot(w, _as_dt(byte >> 4, dt))
+        pv = tl.reshape(tl.join(even, odd), [p.shape[0], D])
+    else:
+        c = tl.load(c_ptr + rows[:, None] + tl.arange(0, D)[None, :], mask=ok[:, None], other=0)
+        pv = tl.dot(w, _as_dt(c, dt))
+    return (pv + bias[:, None]) * (1.0 / 1024.0)
 
 
 def online_bits(k_cache: torch.Tensor, head_dim: int, token_params) -> int:
