@@ -1,13 +1,14 @@
 """Decode speed by KV cache mode on the GPU path (issue 30): one W4A16 model (random weights, a real config) with an
-fp16, an online int8 and an online int4 cache, in one run.
+fp16, an online int8 and an online int4 cache (plain, and with the Hadamard rotation and a sink), in one run.
 
     python3 -m bench.gpu_kv [--config .carry/configs/llama-3-8b.json] [--long 8192] [--rows 32 --context 2048]
 
 Per mode: batch-1 decode steps per second after a ``--long``-token prompt (the prefill excluded), and ``--rows``
 distinct sequences of ``--context`` tokens each decoding together (tokens per second of the decode steps alone: the
 difference between answers of 1 and 1 + ``--steps`` tokens). One workspace, its config.ini's kv_mode set per mode.
-int4 is plain per-token codes (kv_rotation none): the GPU kernels do not apply int4's Hadamard transform yet, and a
-transformed workspace runs on the torch model. Writes bench/results/gpu_kv.json and prints a table last.
+"int4" is plain per-token codes (kv_rotation none); "int4-t" takes the transform convert writes for int4 (Hadamard,
+one sink position; no K centers: a random model has no calibration, and centers cost the kernels nothing per key).
+Writes bench/results/gpu_kv.json and prints a table last.
 """
 from __future__ import annotations
 
@@ -27,15 +28,18 @@ from qconv.runtime.engine import Engine
 from qconv.runtime.generation import GenerationConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("fp16", "int8", "int4")
+MODES = ("fp16", "int8", "int4", "int4-t")
 
 
 def set_mode(ws: Path, mode: str) -> Path:
-    """The workspace with its config.ini's cache set to ``mode`` (the weights are the same for every mode); int4 as
-    plain per-token codes (kv_rotation none, as a config.ini from before the transform)."""
+    """The workspace with its config.ini's cache set to ``mode`` (the weights are the same for every mode): int4 as
+    plain per-token codes (kv_rotation none, as a config.ini from before the transform), int4-t with the Hadamard
+    rotation and one sink position."""
+    t = mode == "int4-t"
     ini = ws / "config.ini"
-    text = re.sub(r"(?m)^kv_mode = .*$", f"kv_mode = {mode}", ini.read_text())
-    ini.write_text(re.sub(r"(?m)^kv_rotation = .*$", "kv_rotation = none", text))
+    text = re.sub(r"(?m)^kv_mode = .*$", f"kv_mode = {mode.removesuffix('-t')}", ini.read_text())
+    text = re.sub(r"(?m)^kv_rotation = .*$", f"kv_rotation = {'hadamard' if t else 'none'}", text)
+    ini.write_text(re.sub(r"(?m)^kv_sink = .*$", f"kv_sink = {int(t)}", text))
     update_manifest(ws, "config.ini")
     return ws
 

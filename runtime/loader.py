@@ -101,10 +101,9 @@ def load_workspace(path, opts: RuntimeOptions = RuntimeOptions(), max_len: int |
 
     # [STEP 2]: decoder layers, one file each, and the model for the device
     gpu = use_gpu_path(dev, dt, cfg) if opts.gpu_path is None else opts.gpu_path
-    if gpu and not cfg.kv_transform.identity:  # (use_gpu_path leaves such a workspace to the torch model)
-        raise QconvError(f"the GPU path does not yet apply this workspace's KV transform (kv_rotation "
-                         f"{cfg.kv_rotation}, kv_sink {cfg.kv_sink}, kv_k_center {cfg.kv_k_center} in "
-                         f"{ws / CONFIG_FILE}); run without forcing the GPU path, or convert with --kv int8")
+    if gpu and cfg.kv_transform.sink > 16:  # (use_gpu_path leaves such a workspace to the torch model)
+        raise QconvError(f"the GPU path keeps at most 16 KV sink positions, {ws / CONFIG_FILE} has kv_sink "
+                         f"{cfg.kv_sink}; run without forcing the GPU path, or convert again")
     if head == "auto":
         head = "int8" if gpu and cfg.weight_type == "int4" else "fp"
     if head == "int4" and not gpu:

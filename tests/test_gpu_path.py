@@ -258,27 +258,30 @@ def test_engine_on_cuda_uses_graphs_and_generates_like_cpu(w4kv):
 
 @pytest.fixture(scope="module")
 def online_ws(tmp_path_factory, make_tiny):
-    """{bits: workspace}: a tiny llama with int4 g32 weights and an online int8 or int4 KV cache (kv_mode); weights
-    drawn 5x wider than transformers' default, so that greedy choices are not near ties."""
+    """{mode: workspace}: a tiny llama with int4 g32 weights and an online int8 ("8") or int4 KV cache (kv_mode):
+    "4" plain per-token codes (as a workspace from before the transform), "4t" int4 as convert writes it with
+    K centers from a calibration (Hadamard rotation, centers, a sink position); weights drawn 5x wider than
+    transformers' default, so that greedy choices are not near ties."""
     src = make_tiny("llama", seed=5, initializer_range=0.1)
     root = tmp_path_factory.mktemp("gpu-online")
-    spaces = {bits: convert(src, root / f"kv{bits}", "--kv", f"int{bits}") for bits in (8, 4)}
-    # int4 as a workspace written before the KV transform (plain per-token codes: what these kernels implement)
-    ini = spaces[4] / "config.ini"
+    spaces = {str(bits): convert(src, root / f"kv{bits}", "--kv", f"int{bits}") for bits in (8, 4)}
+    ini = spaces["4"] / "config.ini"
     ini.write_text(re.sub(r"(?m)^kv_rotation = hadamard$", "kv_rotation = none", ini.read_text()))
-    update_manifest(spaces[4], "config.ini")
+    update_manifest(spaces["4"], "config.ini")
+    assert main(["calibrate", "--model", str(src), "--work-dir", str(root / "w"), "--calib-samples", "2",
+                 "--calib-seqlen", "64"]) == 0
+    spaces["4t"] = convert(src, root / "kv4t", "--kv", "int4", "--kv-params", root / "w")
     return spaces
 
 
-def test_the_gpu_path_leaves_a_transformed_int4_cache_to_the_torch_model(make_tiny, tmp_path):
-    """int4's Hadamard rotation is not in the kernels yet: the GPU path is not chosen for such a workspace on CUDA,
-    and forcing it is one line naming the config keys."""
-    ws = convert(make_tiny("llama", seed=5), tmp_path / "kv4", "--kv", "int4")
-    cfg = read_workspace_config(ws)
-    assert cfg.kv_rotation == "hadamard"
-    assert not use_gpu_path(torch.device("cuda"), torch.float16, cfg)
-    with pytest.raises(QconvError, match="KV transform.*kv_rotation hadamard"):
-        load_workspace(ws, RuntimeOptions(device=str(DEV), dtype="float16", gpu_path=True))
+def test_a_transformed_int4_cache_takes_the_gpu_path(online_ws):
+    """int4's transform (Hadamard rotation, K centers, sink) is in the kernels: such a workspace takes the GPU path
+    on CUDA like any other."""
+    cfg = read_workspace_config(online_ws["4t"])
+    assert (cfg.kv_rotation, cfg.kv_k_center, cfg.kv_sink) == ("hadamard", True, 1)
+    assert use_gpu_path(torch.device("cuda"), torch.float16, cfg)
+    assert isinstance(load_workspace(online_ws["4t"], RuntimeOptions(device=str(DEV), dtype="float16",
+                                                                     gpu_path=True)).model, GpuTransformer)
 
 
 def gpu_greedy(model, cache, prompt: list[int], n: int) -> list[int]:
@@ -294,20 +297,23 @@ def gpu_greedy(model, cache, prompt: list[int], n: int) -> list[int]:
     return toks
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_gpu_model_matches_cpu_runtime_with_an_online_cache(online_ws, bits):
+@pytest.mark.parametrize("mode", ["8", "4", "4t"])
+def test_gpu_model_matches_cpu_runtime_with_an_online_cache(online_ws, mode):
     """kv_mode int8 / int4: the kernels write each token's codes and (scale, zp) as the CPU cache does and attend
     over them; prefill, a cached prefix, decode steps of the three-kernel path (rows swapped, padding rows) and of
     the fused one (one row, distinct rows) match the CPU runtime; greedy tokens equal the CPU's. The CPU computes in
     float16 too: the cache quantizes K and V as rounded to the compute dtype, and int4's steps (a fifteenth of a
-    head's range) turn fp16-vs-fp32 rounding into logits 3% apart."""
-    cpu = load_workspace(online_ws[bits], RuntimeOptions(device="cpu", dtype="float16", head="int8"))
-    gpu = load_workspace(online_ws[bits], RuntimeOptions(device=str(DEV), dtype="float16", gpu_path=True))
+    head's range) turn fp16-vs-fp32 rounding into logits 3% apart. "4t": with int4's transform, whose sink
+    position the kernels keep in fp16 beside its codes."""
+    bits = int(mode[0])
+    cpu = load_workspace(online_ws[mode], RuntimeOptions(device="cpu", dtype="float16", head="int8"))
+    gpu = load_workspace(online_ws[mode], RuntimeOptions(device=str(DEV), dtype="float16", gpu_path=True))
     assert isinstance(gpu.model, GpuTransformer) and cpu.cfg.kv_mode == f"int{bits}"
     c = cpu.cfg
 
     def cache(ws, dt, rows=4):
-        return KVCache(c.num_layer, rows, c.kv_head_num, 64, c.size_per_head, dt, ws.device, online_bits=bits)
+        return KVCache(c.num_layer, rows, c.kv_head_num, 64, c.size_per_head, dt, ws.device, online_bits=bits,
+                       **ws.kv_transform)
     cc, gc = cache(cpu, torch.float16), cache(gpu, torch.float16)
     tol = 5e-3 if bits == 8 else 2e-2  # rotary rounds apart now and then, and an int4 code then moves a step
     x, pos = ids((2, 20), 2), torch.arange(20).expand(2, 20)  # two fresh rows
@@ -326,6 +332,9 @@ def test_gpu_model_matches_cpu_runtime_with_an_online_cache(online_ws, bits):
         assert rel(got, want) < tol and torch.equal(got.argmax(-1), want.argmax(-1))
     assert (gc.k[0][2:].cpu() == 0).all() and (gc.kp[0][2:].cpu() == 0).all()  # padding rows wrote nothing
     assert (gc.kp[0][:2, :, :25].cpu() != 0).all() and (gc.vp[0][:2, :, 25:].cpu() == 0).all()
+    if mode == "4t":  # the sink: position 0's transformed K / V in fp16, as the CPU cache holds them
+        assert gc.sink == 1
+        assert rel(gc.sk[0][:2].cpu(), cc.sk[0][:2]) < 1e-3 and rel(gc.sv[0][:2].cpu(), cc.sv[0][:2]) < 1e-3
     prompt = ids((9,), 4).tolist()
     want = [int(cpu.model(torch.tensor([prompt]), torch.arange(9)[None], cc.rows(0, 1), True)[0, -1].argmax())]
     for p in range(9, 14):
@@ -334,15 +343,16 @@ def test_gpu_model_matches_cpu_runtime_with_an_online_cache(online_ws, bits):
 
 
 @cuda
-@pytest.mark.parametrize("bits", [8, 4])
-def test_engine_on_cuda_with_an_online_cache_generates_like_cpu(online_ws, bits):
+@pytest.mark.parametrize("mode", ["8", "4", "4t"])
+def test_engine_on_cuda_with_an_online_cache_generates_like_cpu(online_ws, mode):
     """The CUDA engine (graphs, greedy bursts) over an online cache: the CPU engine's 32 greedy tokens, the CPU
     computing in float16 too (K and V are quantized as rounded to the compute dtype: against float32, a code that
     moves a step turns a near tie at token 8 here)."""
     gen = GenerationConfig(max_new_tokens=32, temperature=0.0, stop_ids=())
     prompt = ids((12,), 4).tolist()
-    want = list(Engine.from_workspace(online_ws[bits], device="cpu", dtype="float16", head="int8").generate(prompt, gen))
-    eng = Engine.from_workspace(online_ws[bits], device="cuda", batch_size=4)
+    cpu = Engine.from_workspace(online_ws[mode], device="cpu", dtype="float16", head="int8")
+    want = list(cpu.generate(prompt, gen))
+    eng = Engine.from_workspace(online_ws[mode], device="cuda", batch_size=4)
     assert eng.runner.graphs is not None and eng.cache.online
     assert list(eng.generate(prompt, gen)) == want
 

@@ -78,7 +78,7 @@ def test_mma_main_loop_takes_no_shared_memory(M, N, K, epilogue, cfg, per_weight
 _BUILD_ATTN = """
 import json, sys, torch
 from qconv.runtime.cuda.kernels import attention, attention_fused, offline
-quant, bits = sys.argv[1] == "int8", {"online8": 8, "online4": 4}.get(sys.argv[1], 0)
+quant, bits = sys.argv[1] == "int8", {"online8": 8, "online4": 4, "online4t": 4}.get(sys.argv[1], 0)
 HQ, HKV, D, S = 12, 2, 128, 4608  # qwen2.5-1.5b
 qkv = torch.zeros(1, (HQ + 2 * HKV) * D)
 pos, slot, cos = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), torch.zeros(S, D)
@@ -87,26 +87,38 @@ params = None
 if bits:  # online codes: uint8 [.., D * bits / 8] and (scale, zp) per token
     cache = torch.zeros(1, HKV, S, D * bits // 8, dtype=torch.uint8)
     params = (torch.zeros(1, HKV, S, 2, dtype=torch.float16), torch.zeros(1, HKV, S, 2, dtype=torch.float16))
+transform = None
+if sys.argv[1] == "online4t":  # int4's transform: the rotation, K centers, one sink position
+    from qconv.convert.quant import kv_rotation
+    from qconv.runtime.cuda.kernels.kv_codes import hadamard_pm
+    sink = torch.zeros(1, HKV, 1, D, dtype=torch.float16)
+    transform = (hadamard_pm(kv_rotation(D)), torch.zeros(HKV, D), (sink, sink.clone()))
 out = torch.zeros(1, HQ * D, dtype=torch.float16)
 fn, _, args, kw = offline.record(attention_fused, "_attn_fused_kernel", lambda: attention_fused.decode_attention_fused(
     qkv, pos, slot, cos, cos, cache, cache, HQ, out, kv_params=torch.ones(4, HKV) if quant else None, merge=False,
-    sums=True, int8_in_registers=quant, token_params=params), others=((attention, "_attn_combine_kernel"),))
+    sums=True, int8_in_registers=quant, token_params=params, kv_transform=transform),
+    others=((attention, "_attn_combine_kernel"),))
 try:
     cubin = offline.compile_sm90(fn, args, kw).asm["cubin"]
 except (FileNotFoundError, RuntimeError) as e:
     print(json.dumps({"skip": str(e)[:300]})); sys.exit(0)
-print(json.dumps({"loop": [offline.opcode(t) for t in offline.hot_loop(offline.instructions(cubin))]}))
+print(json.dumps({"loop": [offline.opcode(t) for t in offline.hot_loop(offline.instructions(cubin))],
+                  "resources": offline.resources(cubin)}))
 """
 
 
-def attention_loop(cache: str) -> list[str]:
+def attention_build(cache: str) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     r = subprocess.run([sys.executable, "-c", _BUILD_ATTN, cache], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     if "skip" in res:
         pytest.skip(f"cannot build for sm_90a here: {res['skip']}")
-    return res["loop"]
+    return res
+
+
+def attention_loop(cache: str) -> list[str]:
+    return attention_build(cache)["loop"]
 
 
 def test_int8_cache_tiles_reach_the_dots_as_fp16_does():
@@ -129,3 +141,11 @@ def test_online_cache_tiles_reach_the_dots_as_codes():
         assert not {"I2F", "I2FP"} & set(ops), sorted(set(ops))
         assert ops.count("HMMA") == fp16.count("HMMA") and ops.count("FFMA") <= 48
     assert len(online4) <= 1.05 * len(online8), (len(online4), len(online8))
+
+
+def test_the_int4_transform_compiles_without_spilling():
+    """int4's rotation (q R before the dots, the output times R after: _rotate_rows, fp16 dots with the +-1
+    Hadamard) and sink tile add no local memory to the fused kernel, and its hot loop stays the plain int4 one's."""
+    t, plain = attention_build("online4t"), attention_build("online4")
+    assert t["resources"]["STACK"] == 0 and t["resources"]["LOCAL"] == 0, t["resources"]
+    assert len(t["loop"]) <= 1.05 * len(plain["loop"]), (len(t["loop"]), len(plain["loop"]))

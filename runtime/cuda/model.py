@@ -42,15 +42,16 @@ if HAVE_TRITON:
     from .kernels.attention_fused import decode_attention_fused
     from .kernels.norm import rms_norm, silu_mul
     from .kernels.rope_cache import rope_cache_write
+    from .kernels.kv_codes import hadamard_pm
 
 
 def use_gpu_path(device: torch.device, dtype: torch.dtype, cfg: WorkspaceConfig) -> bool:
     """The Triton path runs on CUDA with fp16 / bf16 activations and a power-of-two head size >= 16 (the
-    attention and rope kernels' tiles), over a KV cache without a transform (int4's Hadamard rotation, K centers
-    and sink are applied by the torch model only); elsewhere runtime/cpu/model.py runs."""
+    attention and rope kernels' tiles), and a KV sink of at most 16 positions; elsewhere runtime/cpu/model.py
+    runs."""
     D = cfg.size_per_head
     return (device.type == "cuda" and HAVE_TRITON and dtype in (torch.float16, torch.bfloat16) and D >= 16
-            and D & (D - 1) == 0 and cfg.kv_transform.identity)
+            and D & (D - 1) == 0 and cfg.kv_transform.sink <= 16)
 
 
 class GpuTransformer(nn.Module):
@@ -74,12 +75,23 @@ class GpuTransformer(nn.Module):
         self.dtype = self.tok_embeddings.dtype
         self._kvp_src, self._kvp = None, None
 
+    def _transform(self, cache: KVCache, i: int) -> tuple | None:
+        """Layer i's online-cache transform for the kernels (kv_codes.transform_args), or None."""
+        if not cache.transformed:
+            return None
+        center = None if cache.k_centers is None else cache.k_centers[i].reshape(self.hkv, self.d)
+        if cache.rot is not None and getattr(self, "_rot_src", None) is not cache.rot:
+            self._rot_src, self._rot_pm = cache.rot, hadamard_pm(cache.rot)
+        return None if cache.rot is None else self._rot_pm, center, (cache.sk[i], cache.sv[i]) if cache.sink else None
+
     def kv_args(self, cache: KVCache) -> list[dict]:
         """Per layer, the kernels' cache arguments beside the K/V buffers: ``kv_params`` [4, Hkv] float32 (k_scale,
         k_zp, v_scale, v_zp) for a static int8 cache; ``token_params`` (k, v) [B, Hkv, S, 2] float16 for an
-        online one (its per-token (scale, zp)); neither for fp16."""
+        online one (its per-token (scale, zp)) and its ``kv_transform`` (rotation, K centers, sink; or None);
+        neither for fp16."""
         if cache.online:
-            return [{"token_params": (cache.kp[i], cache.vp[i])} for i in range(len(self.layers))]
+            return [{"token_params": (cache.kp[i], cache.vp[i]), "kv_transform": self._transform(cache, i)}
+                    for i in range(len(self.layers))]
         if cache.qparams is None:
             return [{}] * len(self.layers)
         if self._kvp_src is not cache.qparams:

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, pdl
-from .kv_codes import _code_operands, _code_scores, _code_values, online_bits, param_args
+from .kv_codes import (_code_operands, _code_scores, _code_values, _rotate_rows, online_bits, param_args,
+                       transform_args)
 
 LOG2E = 1.4426950408889634
 
@@ -104,15 +105,21 @@ def _tile(q, qa, qb, q_sum, kc_ptr, vc_ptr, base, stride_cs, kp_ptr, vp_ptr, pba
 
 @triton.jit
 def _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, kp_ptr, vp_ptr, pbase,
-            HKV: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
-            WIDE: tl.constexpr, I8_REGS: tl.constexpr, BITS: tl.constexpr):
+            r_ptr, sk_ptr, sv_ptr, sbase, HKV: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr,
+            BLOCK_N: tl.constexpr, QUANT: tl.constexpr, WIDE: tl.constexpr, I8_REGS: tl.constexpr,
+            BITS: tl.constexpr, ROT: tl.constexpr, SINK: tl.constexpr):
     """Rows q [REP_PAD, D] (activation dtype) over the keys start..end-1 of one cache row and kv head (base) ->
     (m, l, acc) in log2 units: m = max score, l = sum 2^(score - m), acc = sum 2^(score - m) v.
     int8 cache (x = scale * c + zp; as fp16 the codes read 1152 + c): q.k = k_scale * (q.c) + k_zp * sum(q),
     sum p v = v_scale * (p.c) + v_zp * sum(p), sum(p) being l. WIDE: a range of BLOCK_N < keys <= 2 BLOCK_N (one
     row at a long context) is read as one tile of 2 BLOCK_N keys, one dependent step instead of two. BITS: an online
-    cache, its (scale, zp) per key at pbase + 2 n of kp_ptr / vp_ptr."""
+    cache, its (scale, zp) per key at pbase + 2 n of kp_ptr / vp_ptr. Its transform (runtime/kv_cache.py): ROT,
+    the keys and values stored as x' = (x - c) R: q R against them (c shifts every score of a row alike) and the
+    output times R; SINK, keys 0..SINK-1 read from sk_ptr / sv_ptr + sbase (x' in the activation dtype, [SINK, D])
+    instead of from their codes."""
     dt = q.dtype
+    if ROT:
+        q = _rotate_rows(q.to(tl.float32), r_ptr, D).to(dt)
     m_i = tl.full([REP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([REP_PAD], tl.float32)
     acc = tl.zeros([REP_PAD, D], tl.float32)
@@ -126,6 +133,11 @@ def _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_sca
         qk_k = k_scale * qk_scale
         bias = tl.sum(q.to(tl.float32), axis=1) * (k_zp * qk_scale)  # [REP_PAD]
     qa, qb, q_sum = _code_operands(q, REP_PAD, D, BITS)
+    if SINK:
+        if start < SINK:  # the sink's keys, as an fp16 cache's
+            m_i, l_i, acc = _tile(q, q, q, q_sum, sk_ptr, sv_ptr, sbase, D, kp_ptr, vp_ptr, pbase, start,
+                                  tl.minimum(end, SINK), d, qk_k, bias, m_i, l_i, acc, 16, D, False, False, 0)
+        start = tl.maximum(start, SINK)
     if WIDE and (end - start > BLOCK_N) and (end - start <= 2 * BLOCK_N):
         m_i, l_i, acc = _tile(q, qa, qb, q_sum, kc_ptr, vc_ptr, base, stride_cs, kp_ptr, vp_ptr, pbase, start, end, d,
                               qk_k, bias, m_i, l_i, acc, 2 * BLOCK_N, D, QUANT, I8_REGS, BITS)
@@ -135,6 +147,9 @@ def _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_sca
                                   d, qk_k, bias, m_i, l_i, acc, BLOCK_N, D, QUANT, I8_REGS, BITS)
     if QUANT:
         acc = acc * v_scale + v_zp * l_i[:, None]
+    if ROT:  # as an average (within the values' range, as fp16 needs), then back to a sum
+        w = tl.maximum(l_i, 1e-30)[:, None]
+        acc = _rotate_rows(acc / w, r_ptr, D) * w
     return m_i, l_i, acc
 
 
@@ -148,10 +163,11 @@ def _split_size(length, NS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr,
-                       kp_ptr, vp_ptr, stride_pb, stride_ph, m_ptr, l_ptr, o_ptr, qk_scale, HQ: tl.constexpr,
-                       HKV: tl.constexpr, D: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr,
-                       BLOCK_N: tl.constexpr, NS: tl.constexpr, QUANT: tl.constexpr, WIDE: tl.constexpr,
-                       I8_REGS: tl.constexpr, BITS: tl.constexpr, PDL: tl.constexpr):
+                       kp_ptr, vp_ptr, stride_pb, stride_ph, r_ptr, c_ptr, sk_ptr, sv_ptr, stride_sb, stride_sh,
+                       m_ptr, l_ptr, o_ptr, qk_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                       REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
+                       QUANT: tl.constexpr, WIDE: tl.constexpr, I8_REGS: tl.constexpr, BITS: tl.constexpr,
+                       ROT: tl.constexpr, CENTER: tl.constexpr, SINK: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -167,7 +183,9 @@ def _attn_split_kernel(q_ptr, stride_qt, pos_ptr, slot_ptr, kc_ptr, vc_ptr, stri
     slot = tl.load(slot_ptr + b).to(tl.int64)
     base = slot * stride_cb + kvh * stride_ch
     m_i, l_i, acc = _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, kp_ptr, vp_ptr,
-                            slot * stride_pb + kvh * stride_ph, HKV, REP_PAD, D, BLOCK_N, QUANT, WIDE, I8_REGS, BITS)
+                            slot * stride_pb + kvh * stride_ph, r_ptr, sk_ptr, sv_ptr,
+                            slot * stride_sb + kvh * stride_sh, HKV, REP_PAD, D, BLOCK_N, QUANT, WIDE, I8_REGS, BITS,
+                            ROT, SINK)
     idx = (b * HQ + kvh * REP + r) * NS + s  # [REP_PAD] into [B, HQ, NS]
     tl.store(m_ptr + idx, m_i, mask=r_ok)
     tl.store(l_ptr + idx, l_i, mask=r_ok)
@@ -236,25 +254,29 @@ def decode_attention(q: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, k_c
                      scratch: tuple[torch.Tensor, ...] | None = None, splits: int | None = None,
                      block_n: int = 64, num_warps: int = 4, num_stages: int = 2, wide: bool = False,
                      int8_in_registers: bool = False,
-                     token_params: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     token_params: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     kv_transform: tuple | None = None) -> torch.Tensor:
     """q: [B, >= Hq * D] rows (heads side by side, e.g. the q part of qkv); pos, slot: [B] (the row's new
     position, whose K/V is already in the cache, and its cache row); caches [rows, Hkv, S, D] (int8 with
     kv_params [4, Hkv]; or online: uint8 codes [rows, Hkv, S, D * bits / 8] with token_params, (k, v) params
     [rows, Hkv, S, 2] float16); out: [B, Hq * D] = softmax(q k^T / sqrt(D)) v over positions 0..pos. ``wide``: a
     split of block_n < keys <= 2 block_n is read as one tile of 2 block_n keys. ``int8_in_registers``: int8 tiles
-    become fp16 where they were loaded (see _int8_as)."""
+    become fp16 where they were loaded (see _int8_as). ``kv_transform``: an online cache's (rot, k centers, sink
+    buffers), kv_codes.transform_args."""
     B = q.shape[0]
     hkv, D, rep, quant, bits, ns, (m, l, acc) = _checked(B, pos, slot, k_cache, v_cache, num_heads, out, kv_params,
                                                          scratch, splits, block_n, token_params)
     assert q.stride(-1) == 1 and q.shape[1] >= num_heads * D
+    targs, tconst = checked_transform(bits, kv_transform, m, hkv, D)
     if B == 0:
         return out
     on = pdl(q)
     _attn_split_kernel[(B, hkv, ns)](
         q, q.stride(0), pos, slot, k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        kv_params if quant else m, *param_args(token_params, m), m, l, acc, LOG2E / math.sqrt(D), HQ=num_heads,
-        HKV=hkv, D=D, REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), BLOCK_N=block_n, NS=ns, QUANT=quant,
-        WIDE=wide, I8_REGS=int8_in_registers, BITS=bits, PDL=on, num_warps=num_warps, num_stages=num_stages,
+        kv_params if quant else m, *param_args(token_params, m), *targs, m, l, acc, LOG2E / math.sqrt(D),
+        HQ=num_heads, HKV=hkv, D=D, REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), BLOCK_N=block_n, NS=ns,
+        QUANT=quant, WIDE=wide, I8_REGS=int8_in_registers, BITS=bits, **tconst, PDL=on, num_warps=num_warps,
+        num_stages=num_stages,
         launch_pdl=on)
     _combine(m, l, acc, out, pos, num_heads, ns, block_n, on)
     return out
@@ -278,6 +300,14 @@ def _checked(B: int, pos, slot, k_cache, v_cache, num_heads: int, out, kv_params
     m, l, acc = scratch if scratch is not None else partials(B, num_heads, ns, D, out.device)
     assert m.shape[0] >= B and m.shape[1:] == (num_heads, ns) and acc.shape[1:] == (num_heads, ns, D)
     return hkv, D, num_heads // hkv, quant, bits, ns, (m, l, acc)
+
+
+def checked_transform(bits: int, kv_transform, dummy: torch.Tensor, hkv: int, D: int) -> tuple[tuple, dict]:
+    """kv_codes.transform_args for an online cache (bits 8 or 4) with at most 16 sink positions."""
+    assert bits or kv_transform is None, "a KV transform needs an online cache"
+    targs, tconst = transform_args(kv_transform, dummy, hkv, D)
+    assert tconst["SINK"] <= 16, f"a sink of {tconst['SINK']} positions: at most 16"
+    return targs, tconst
 
 
 def _combine(m, l, acc, out, pos, num_heads: int, ns: int, block_n: int, on: bool, sums: torch.Tensor | None = None,

@@ -13,8 +13,8 @@ import triton.language as tl
 
 from . import INTERPRET, pdl
 from .arrive import _last_to_arrive
-from .attention import LOG2E, _attend, _checked, _combine, _kv_params, _split_size
-from .kv_codes import _rint, _store_head, param_args
+from .attention import LOG2E, _attend, _checked, _combine, _kv_params, _split_size, checked_transform
+from .kv_codes import _put_transformed, _rint, param_args
 
 
 @triton.jit
@@ -43,12 +43,14 @@ def _zero_sums(row, qh, d, r_ok, kvh, HQ: tl.constexpr, HKV: tl.constexpr, REP_P
 @triton.jit
 def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps,
                        kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr, kp_ptr, vp_ptr, stride_pb, stride_ph,
+                       r_ptr, c_ptr, sk_ptr, sv_ptr, stride_sb, stride_sh,
                        m_ptr, l_ptr, o_ptr, cnt_ptr, out_ptr, stride_ot, qk_scale, HQ: tl.constexpr, HKV: tl.constexpr,
                        D: tl.constexpr,
                        REP: tl.constexpr, REP_PAD: tl.constexpr, RC: tl.constexpr, SC: tl.constexpr,
                        BLOCK_N: tl.constexpr, NS: tl.constexpr, QUANT: tl.constexpr, QK_NORM: tl.constexpr,
                        MERGE: tl.constexpr, FENCE: tl.constexpr, PDL: tl.constexpr, ROUND: tl.constexpr,
-                       WIDE: tl.constexpr, I8_REGS: tl.constexpr, SUMS: tl.constexpr, BITS: tl.constexpr):
+                       WIDE: tl.constexpr, I8_REGS: tl.constexpr, SUMS: tl.constexpr, BITS: tl.constexpr,
+                       ROT: tl.constexpr, CENTER: tl.constexpr, SINK: tl.constexpr):
     """Rotary + cache write + attention splits + merge of one decode step, for rows that are distinct
     sequences (each row's new K/V is written by the one split that holds its position, which then reads it
     back; no other row reads it). Only the splits that hold keys run; one alone writes the output, several
@@ -65,21 +67,24 @@ def _attn_fused_kernel(qkv_ptr, stride_t, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q
     chunk, active = _split_size(length, NS, ROUND)  # whole ROUND-key pieces per split, read BLOCK_N at a time
     if s < tl.maximum(active, 1):  # the others do nothing; split 0 writes a padding row's zeros
         _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps, kc_ptr, vc_ptr,
-                          stride_cb, stride_ch, stride_cs, kvp_ptr, kp_ptr, vp_ptr, stride_pb, stride_ph, m_ptr, l_ptr,
+                          stride_cb, stride_ch, stride_cs, kvp_ptr, kp_ptr, vp_ptr, stride_pb, stride_ph, r_ptr, c_ptr,
+                          sk_ptr, sv_ptr, stride_sb, stride_sh, m_ptr, l_ptr,
                           o_ptr, cnt_ptr, out_ptr, stride_ot, qk_scale, b, kvh, s, p, length, chunk, active, HQ, HKV,
                           D, REP, REP_PAD, RC, SC, BLOCK_N, NS, QUANT, QK_NORM, MERGE, FENCE, WIDE, I8_REGS, SUMS,
-                          BITS)
+                          BITS, ROT, CENTER, SINK)
 
 
 @triton.jit
 def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps, kc_ptr, vc_ptr, stride_cb,
-                      stride_ch, stride_cs, kvp_ptr, kp_ptr, vp_ptr, stride_pb, stride_ph, m_ptr, l_ptr, o_ptr, cnt_ptr,
+                      stride_ch, stride_cs, kvp_ptr, kp_ptr, vp_ptr, stride_pb, stride_ph, r_ptr, c_ptr, sk_ptr, sv_ptr,
+                      stride_sb, stride_sh, m_ptr, l_ptr, o_ptr, cnt_ptr,
                       out_ptr, stride_ot, qk_scale, b, kvh, s, p, length, chunk, active, HQ: tl.constexpr,
                       HKV: tl.constexpr, D: tl.constexpr,
                       REP: tl.constexpr, REP_PAD: tl.constexpr, RC: tl.constexpr, SC: tl.constexpr,
                       BLOCK_N: tl.constexpr, NS: tl.constexpr, QUANT: tl.constexpr, QK_NORM: tl.constexpr,
                       MERGE: tl.constexpr, FENCE: tl.constexpr, WIDE: tl.constexpr, I8_REGS: tl.constexpr,
-                      SUMS: tl.constexpr, BITS: tl.constexpr):
+                      SUMS: tl.constexpr, BITS: tl.constexpr, ROT: tl.constexpr, CENTER: tl.constexpr,
+                      SINK: tl.constexpr):
     """Split s of (row b, kv head kvh) of _attn_fused_kernel, one of the ``active`` splits."""
     HALF: tl.constexpr = D // 2
     dt = out_ptr.dtype.element_ty
@@ -97,6 +102,7 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
     slot = tl.load(slot_ptr + b).to(tl.int64)
     base = slot * stride_cb + kvh * stride_ch
     pbase = slot * stride_pb + kvh * stride_ph  # online: the (scale, zp) of key n at pbase + 2 n
+    sbase = slot * stride_sb + kvh * stride_sh  # online with a sink: key n < SINK at sbase + n * D
     if (p >= start) & (p < end):  # this split holds the new token: rotary on k, both into the cache
         one = tl.arange(0, 1)
         kh = (HQ + kvh + one)[:, None] * D
@@ -105,9 +111,14 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
         k = _rope_rows(k1, k2, d, cos_ptr + pc * D, sin_ptr + pc * D, kn_ptr, eps, dt, D, HALF, QK_NORM)
         v = tl.load(row + (HQ + HKV + kvh + one)[:, None] * D + d[None, :]).to(dt).to(tl.float32)
         dst = base + p * stride_cs + one[:, None] * 0 + d[None, :]
-        if BITS:  # online: each head vector's own (scale, zp)
-            _store_head(tl.reshape(k, [D]), kc_ptr + base + p * stride_cs, kp_ptr + pbase + 2 * p, D, BITS)
-            _store_head(tl.reshape(v, [D]), vc_ptr + base + p * stride_cs, vp_ptr + pbase + 2 * p, D, BITS)
+        if BITS:  # online: each head vector's own (scale, zp), after the cache's transform
+            center = tl.zeros([D], tl.float32)
+            if CENTER:
+                center = tl.load(c_ptr + kvh * D + d)
+            _put_transformed(tl.reshape(k, [D]), center, kc_ptr + base + p * stride_cs, kp_ptr + pbase + 2 * p,
+                             sk_ptr + sbase + p * D, r_ptr, p, dt, D, BITS, ROT, SINK)
+            _put_transformed(tl.reshape(v, [D]), tl.zeros([D], tl.float32), vc_ptr + base + p * stride_cs,
+                             vp_ptr + pbase + 2 * p, sv_ptr + sbase + p * D, r_ptr, p, dt, D, BITS, ROT, SINK)
         elif QUANT:
             k_scale, k_zp, v_scale, v_zp = _kv_params(kvp_ptr, kvh, HKV)
             tl.store(kc_ptr + dst, tl.minimum(tl.maximum(_rint((k - k_zp) / k_scale), -128.0), 127.0).to(tl.int8))
@@ -117,7 +128,8 @@ def _attn_fused_split(qkv_ptr, stride_t, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_
             tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty))
     tl.debug_barrier()  # the block's own cache stores are visible to its loads below
     m_i, l_i, acc = _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_scale, d, kp_ptr, vp_ptr,
-                            pbase, HKV, REP_PAD, D, BLOCK_N, QUANT, WIDE, I8_REGS, BITS)
+                            pbase, r_ptr, sk_ptr, sv_ptr, sbase, HKV, REP_PAD, D, BLOCK_N, QUANT, WIDE, I8_REGS, BITS,
+                            ROT, SINK)
     alone = (MERGE or NS == 1) and active <= 1  # the only split, and no merge kernel follows
     if SUMS and alone:  # this program read the split-K sums last: zero them for the next layer
         _zero_sums(row, qh, d, r_ok, kvh, HQ, HKV, REP_PAD, D)
@@ -174,7 +186,8 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
                            num_stages: int = 2, merge: bool = True, sums: bool = False,
                            split_round: int | None = None, wide: bool = False,
                            int8_in_registers: bool = False,
-                           token_params: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                           token_params: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           kv_transform: tuple | None = None) -> torch.Tensor:
     """rope_cache_write + decode_attention for a decode step whose rows are distinct sequences (cache rows):
     qkv [B, (Hq + 2 Hkv) * D] as the qkv GEMV stored it (not rotated); the new K/V go into the cache at pos,
     and out [B, Hq * D] gets the attention over positions 0..pos. ``merge``: the splits merge in the same
@@ -183,7 +196,7 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
     (merge, or one split) by the split that writes the output. ``split_round``: each
     split holds a multiple of this many keys (default block_n), read block_n at a time, e.g. 64-key splits read
     as one 128-key tile (the last half masked where a split holds an odd number of 64-key pieces). ``wide``,
-    ``int8_in_registers``, ``token_params`` (an online cache): as decode_attention's."""
+    ``int8_in_registers``, ``token_params`` (an online cache), ``kv_transform``: as decode_attention's."""
     B = qkv.shape[0]
     rnd = split_round or block_n
     assert block_n % rnd == 0, f"split_round {rnd} must divide block_n {block_n}"
@@ -194,6 +207,7 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
     assert cos.dtype == sin.dtype == torch.float32 and cos.shape[1] == D and cos.is_contiguous() and sin.is_contiguous()
     count = count if count is not None else counters(B, hkv, qkv.device)
     assert count.dtype == torch.int32 and count.shape[0] >= B and count.shape[1] == hkv and count.is_contiguous()
+    targs, tconst = checked_transform(bits, kv_transform, m, hkv, D)
     if B == 0:
         return out
     qk_norm = q_norm is not None
@@ -201,11 +215,12 @@ def decode_attention_fused(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Ten
     _attn_fused_kernel[(B, hkv, ns)](
         qkv, qkv.stride(0), pos, slot, cos, sin, q_norm if qk_norm else cos, k_norm if qk_norm else cos, eps,
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), kv_params if quant else m,
-        *param_args(token_params, m), m, l, acc, count, out, out.stride(0), LOG2E / math.sqrt(D), HQ=num_heads,
+        *param_args(token_params, m), *targs, m, l, acc, count, out, out.stride(0), LOG2E / math.sqrt(D), HQ=num_heads,
         HKV=hkv, D=D, REP=rep,
         REP_PAD=max(16, triton.next_power_of_2(rep)), RC=triton.next_power_of_2(rep), SC=min(ns, 8), BLOCK_N=block_n,
         NS=ns, QUANT=quant, QK_NORM=qk_norm, MERGE=merge, FENCE=not INTERPRET, PDL=on, ROUND=rnd, WIDE=wide,
-        I8_REGS=int8_in_registers, SUMS=sums, BITS=bits, num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
+        I8_REGS=int8_in_registers, SUMS=sums, BITS=bits, **tconst, num_warps=num_warps, num_stages=num_stages,
+        launch_pdl=on)
     if not merge and ns > 1:  # with one split per (row, kv head), it writes the output (and zeroes the sums)
         _combine(m, l, acc, out, pos, num_heads, ns, rnd, on, qkv if sums else None, hkv)
     return out

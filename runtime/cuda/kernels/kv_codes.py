@@ -10,6 +10,9 @@ Layout, as runtime/kv_cache.py's (convert/quant.py pack_int4_pairs defines the i
 Read (attention.py): the dots run over the codes, as the static int8 cache's do; a key's scale and zp fold
 into its score (scale * (q . c) + zp * sum(q)), a value's into its probability (p * scale against the codes,
 plus p * zp).
+A cache with a transform (runtime/kv_cache.py; int4 as convert writes it) stores x' = (x - c) R: the writers
+rotate (and center K) before quantizing (_put_transformed), keeping positions < sink in the activation dtype too;
+attention takes q R against the codes, reads the sink's keys from their buffer, and rotates its output back.
 """
 from __future__ import annotations
 
@@ -125,6 +128,76 @@ def _code_values(p, c_ptr, p_ptr, rows, prows, ok, D: tl.constexpr, BITS: tl.con
         c = tl.load(c_ptr + rows[:, None] + tl.arange(0, D)[None, :], mask=ok[:, None], other=0)
         pv = tl.dot(w, _as_dt(c, dt))
     return (pv + bias[:, None]) * (1.0 / 1024.0)
+
+
+@triton.jit
+def _rotate_rows(x, r_ptr, D: tl.constexpr):
+    """x [R, D] fp32 (R >= 16) times R = H / sqrt(D) (convert/quant.py kv_rotation, R R = I), H the +-1 Hadamard
+    [D, D] float16 at r_ptr: two fp16 dots on the tensor cores, x's fp16 part and its remainder (exact +-1 products,
+    fp32 sums: as near fp32 as x's 22 leading bits), where a broadcast product would hold D x D fp32 in registers."""
+    d = tl.arange(0, D)
+    h = tl.load(r_ptr + d[:, None] * D + d[None, :])
+    hi = x.to(tl.float16)
+    lo = (x - hi.to(tl.float32)).to(tl.float16)
+    return (tl.dot(hi, h) + tl.dot(lo, h)) * (1.0 / tl.sqrt(D * 1.0))
+
+
+@triton.jit
+def _rotate(x, r_ptr, D: tl.constexpr):
+    """x [D] fp32 times R (_rotate_rows on a tile whose other 15 rows are zero)."""
+    rows = tl.where(tl.arange(0, 16)[:, None] == 0, x[None, :], 0.0)
+    return tl.sum(_rotate_rows(rows, r_ptr, D), axis=0)
+
+
+@triton.jit
+def _put_transformed(x, center, codes_ptr, params_ptr, sink_ptr, r_ptr, p, dt, D: tl.constexpr,
+                     BITS: tl.constexpr, ROT: tl.constexpr, SINK: tl.constexpr):
+    """Writes the head vector x [D] fp32 (after rotary) into an online cache with its transform (runtime/kv_cache.py
+    KVCache.write): x' = (x - center) R (``center`` [D], zeros for V or without centers; R where ROT) is quantized
+    at codes_ptr / params_ptr (_store_head), and at a position p < SINK also kept in the activation dtype dt at
+    sink_ptr. Returns what attention over the cache then sees for x in the original space: the codes' value
+    times R plus the center, or x itself (as dt holds it) at a sink position."""
+    y = x - center
+    if ROT:
+        y = _rotate(y, r_ptr, D)
+    if SINK:
+        if p < SINK:
+            tl.store(sink_ptr + tl.arange(0, D), y.to(dt))
+    back = _store_head(y, codes_ptr, params_ptr, D, BITS)
+    if ROT:
+        back = _rotate(back, r_ptr, D)
+    back = back + center
+    if SINK:
+        back = tl.where(p < SINK, x.to(dt).to(tl.float32), back)
+    return back
+
+
+def transform_args(kv_transform, dummy: torch.Tensor, kv_heads: int, head_dim: int) -> tuple[tuple, dict]:
+    """The kernels' arguments for an online cache's transform (runtime/kv_cache.py): ``kv_transform`` (H, the +-1
+    Hadamard [D, D] float16 (R sqrt(D), hadamard_pm) or None, k centers [Hkv, D] float32 or None, sink (k, v)
+    [rows, Hkv, n, D] or None), or None -> ((h, c, sink k, sink v, sink stride over rows, over heads),
+    {ROT, CENTER, SINK})."""
+    rot, center, sink = kv_transform if kv_transform is not None else (None, None, None)
+    D = head_dim
+    assert rot is None or (rot.shape == (D, D) and rot.dtype == torch.float16 and rot.is_contiguous())
+    assert center is None or (center.shape == (kv_heads, D) and center.dtype == torch.float32
+                              and center.is_contiguous())
+    n = 0
+    if sink is not None:
+        sk, sv = sink
+        n = sk.shape[2]
+        assert sk.shape == sv.shape and sk.shape[1] == kv_heads and sk.shape[3] == D and sk.stride() == sv.stride()
+        assert sk.stride(3) == 1 and sk.stride(2) == D
+    args = (dummy if rot is None else rot, dummy if center is None else center, sink[0] if n else dummy,
+            sink[1] if n else dummy, sink[0].stride(0) if n else 0, sink[0].stride(1) if n else 0)
+    return args, {"ROT": rot is not None, "CENTER": center is not None, "SINK": n}
+
+
+def hadamard_pm(rot: torch.Tensor) -> torch.Tensor:
+    """The kernels' H = R sqrt(D) as float16 (+-1, exact) from the cache's rotation R [D, D]."""
+    h = (rot.float() * rot.shape[0] ** 0.5).round()
+    assert ((h == 1) | (h == -1)).all(), "the kernels rotate by a +-1 Hadamard over sqrt(D)"
+    return h.to(torch.float16).contiguous()
 
 
 def online_bits(k_cache: torch.Tensor, head_dim: int, token_params) -> int:

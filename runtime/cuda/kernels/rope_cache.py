@@ -9,7 +9,9 @@ With int8 params (quant_policy 4) the cache holds q = clamp(round((x - zp) / sca
 to even, as torch.round); ``write_back`` also stores the value the cache now means, x' = q * scale + zp,
 into qkv, so that prefill attention sees exactly what later decode steps read. The online modes (kv_mode int8,
 int4) quantize each k / v head vector after rotary with its own (scale, zp), stored beside its codes
-(kv_codes.py); write_back stores x' likewise. A token with pos < 0 is padding: nothing is written.
+(kv_codes.py), after the cache's transform where it has one (x - c) R, the first positions also kept in the
+activation dtype (the sink); write_back stores x' likewise, back in x's space. A token with pos < 0 is padding:
+nothing is written.
 With ``acc`` (decode), q|k|v come from an fp32 buffer [T, ...] that a split-K GEMV accumulated (bias
 included); the kernel, its only reader, zeroes it for the next layer (padding rows too) and writes q
 into qkv.
@@ -21,14 +23,15 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .kv_codes import _rint, _store_head, online_bits, param_args
+from .kv_codes import _put_transformed, _rint, online_bits, param_args, transform_args
 
 
 @triton.jit
 def _rope_cache_kernel(qkv_ptr, stride_t, acc_ptr, stride_at, pos_ptr, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr,
                        eps, kc_ptr, vc_ptr, stride_cb, stride_ch, stride_cs, kvp_ptr, kp_ptr, vp_ptr, stride_pb,
-                       stride_ph, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr,
-                       BITS: tl.constexpr,
+                       stride_ph, r_ptr, c_ptr, sk_ptr, sv_ptr, stride_sb, stride_sh, HQ: tl.constexpr,
+                       HKV: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr, BITS: tl.constexpr, ROT: tl.constexpr,
+                       CENTER: tl.constexpr, SINK: tl.constexpr,
                        QK_NORM: tl.constexpr, WRITE_BACK: tl.constexpr, FROM_ACC: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -69,14 +72,20 @@ def _rope_cache_kernel(qkv_ptr, stride_t, acc_ptr, stride_at, pos_ptr, slot_ptr,
             kvh = h - HQ - HKV * is_v.to(tl.int32)
             slot = tl.load(slot_ptr + t)
             off = slot * stride_cb + kvh * stride_ch + p * stride_cs
-            if BITS:  # online: the head vector [D] = [a, b] with its own (scale, zp)
+            if BITS:  # online: the head vector [D] = [a, b] (transformed) with its own (scale, zp)
                 x = tl.reshape(tl.permute(tl.join(a, b), [1, 0]), [D])
                 poff = slot * stride_pb + kvh * stride_ph + p * 2
+                soff = slot * stride_sb + kvh * stride_sh + p * D
+                center = tl.zeros([D], tl.float32)
+                if CENTER:  # K's center; V has none
+                    center = tl.load(c_ptr + kvh * D + tl.arange(0, D)) * (1.0 - is_v.to(tl.float32))
                 if is_v:
-                    x = _store_head(x, vc_ptr + off, vp_ptr + poff, D, BITS)
+                    x = _put_transformed(x, center, vc_ptr + off, vp_ptr + poff, sv_ptr + soff, r_ptr, p, dt, D,
+                                         BITS, ROT, SINK)
                 else:
-                    x = _store_head(x, kc_ptr + off, kp_ptr + poff, D, BITS)
-                if WRITE_BACK:  # x' = c * scale + zp
+                    x = _put_transformed(x, center, kc_ptr + off, kp_ptr + poff, sk_ptr + soff, r_ptr, p, dt, D,
+                                         BITS, ROT, SINK)
+                if WRITE_BACK:  # what attention over the cache sees: x' = c * scale + zp, back in x's space
                     tl.store(row + tl.arange(0, D), x.to(dt))
             elif QUANT:  # kvp: [4, HKV] = k_scale, k_zp, v_scale, v_zp
                 sel = 2 * is_v.to(tl.int32)
@@ -107,12 +116,13 @@ def rope_cache_write(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, c
                      k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, num_kv_heads: int,
                      kv_params: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
                      k_norm: torch.Tensor | None = None, eps: float = 0.0, write_back: bool = False,
-                     acc: torch.Tensor | None = None, token_params: tuple[torch.Tensor, torch.Tensor] | None = None
-                     ) -> None:
+                     acc: torch.Tensor | None = None, token_params: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     kv_transform: tuple | None = None) -> None:
     """qkv: [T, (Hq + 2 Hkv) * D]; pos, slot: [T] (cache row of each token); cos, sin: [L, D] float32;
     caches: [rows, Hkv, S, D]; kv_params: [4, Hkv] float32 (k_scale, k_zp, v_scale, v_zp) for an int8 cache;
     an online cache: uint8 codes [rows, Hkv, S, D * bits / 8] and token_params, (k, v) [rows, Hkv, S, 2] float16;
-    acc: the fp32 [T, (Hq + 2 Hkv) * D] sums to read (and zero) instead of qkv."""
+    acc: the fp32 [T, (Hq + 2 Hkv) * D] sums to read (and zero) instead of qkv; kv_transform: an online cache's
+    (rot, k centers, sink buffers), kv_codes.transform_args."""
     T = qkv.shape[0]
     D = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
     assert qkv.dim() == 2 and qkv.stride(-1) == 1 and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * D
@@ -127,12 +137,14 @@ def rope_cache_write(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, c
     bits = online_bits(k_cache, D, token_params)
     qk_norm = q_norm is not None
     dummy = cos
+    assert bits or kv_transform is None, "a KV transform needs an online cache"
+    targs, tconst = transform_args(kv_transform, dummy, num_kv_heads, D)
     if T:
         on = pdl(qkv)
         _rope_cache_kernel[(T, num_heads + 2 * num_kv_heads)](
             qkv, qkv.stride(0), acc if acc is not None else dummy, acc.stride(0) if acc is not None else 0, pos, slot,
             cos, sin, q_norm if qk_norm else dummy, k_norm if qk_norm else dummy, eps,
             k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            kv_params if quant else dummy, *param_args(token_params, dummy), HQ=num_heads, HKV=num_kv_heads, D=D,
-            QUANT=quant, BITS=bits, QK_NORM=qk_norm,
+            kv_params if quant else dummy, *param_args(token_params, dummy), *targs, HQ=num_heads, HKV=num_kv_heads,
+            D=D, QUANT=quant, BITS=bits, **tconst, QK_NORM=qk_norm,
             WRITE_BACK=write_back, FROM_ACC=acc is not None, PDL=on, num_warps=1, launch_pdl=on)
