@@ -134,7 +134,7 @@ def _attend(q, kc_ptr, vc_ptr, base, stride_cs, start, end, kvp_ptr, kvh, qk_sca
         bias = tl.sum(q.to(tl.float32), axis=1) * (k_zp * qk_scale)  # [REP_PAD]
     qa, qb, q_sum = _code_operands(q, REP_PAD, D, BITS)
     if SINK:
-        if start < SINK:  # the sink's keys, as an fp16 cache's
+        if start < tl.minimum(end, SINK):  # the sink's keys, as an fp16 cache's (none for a padding row)
             m_i, l_i, acc = _tile(q, q, q, q_sum, sk_ptr, sv_ptr, sbase, D, kp_ptr, vp_ptr, pbase, start,
                                   tl.minimum(end, SINK), d, qk_k, bias, m_i, l_i, acc, 16, D, False, False, 0)
         start = tl.maximum(start, SINK)
