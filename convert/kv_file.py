@@ -43,19 +43,22 @@ def load_kv_params(path, num_layers: int, num_kv_heads: int) -> dict[int, tuple[
 # int4 K centers (convert/kv_mode.py KVTransform.k_center)
 # ----------------------------------------------------------------------------------------------
 CENTER_FILE = "kv_center.safetensors"   # in a workspace: "layers.{i}.k_center" [kv_heads, head_dim] float32
-KEY_STATS_FILE = "key_stats.safetensors"  # in a calibrate work dir: "layers.{i}.{min|max}" [kv_heads, head_dim]
+KEY_STATS_FILE = "key_stats.safetensors"  # in a calibrate work dir: "layers.{i}.{min|max|mean}" [kv_heads, head_dim]
 
 
 def load_k_centers(source, num_layers: int, kv_heads: int, head_dim: int) -> dict[int, torch.Tensor]:
-    """{layer: c [kv_heads, head_dim]}, K's per-channel center after rotary: from a calibrate work dir,
-    c = (min + max) / 2 of its key statistics, or from a kv_center.safetensors."""
+    """{layer: c [kv_heads, head_dim]}, K's per-channel center after rotary: from a calibrate work dir, the mean
+    of K over the positions after the first (the sink's); from an older work dir without it, (min + max) / 2;
+    or from a kv_center.safetensors (bench/RESULTS.md compares the two centers)."""
     path = Path(source)
     if path.is_dir():
         if not (path / KEY_STATS_FILE).is_file():
             raise QconvError(f"no {KEY_STATS_FILE} in {path}; run qconv calibrate --model M --work-dir {path} first")
         t = load_tensors(path / KEY_STATS_FILE, "key statistics")
-        t = {f"layers.{i}.k_center": (t[f"layers.{i}.min"] + t[f"layers.{i}.max"]).float() / 2
-             for i in range(num_layers) if f"layers.{i}.min" in t and f"layers.{i}.max" in t}
+        t = {f"layers.{i}.k_center": t[f"layers.{i}.mean"].float() if f"layers.{i}.mean" in t
+             else (t[f"layers.{i}.min"] + t[f"layers.{i}.max"]).float() / 2
+             for i in range(num_layers)
+             if f"layers.{i}.mean" in t or (f"layers.{i}.min" in t and f"layers.{i}.max" in t)}
     else:
         t = load_tensors(path, "K centers")
     for i in range(num_layers):

@@ -2,7 +2,8 @@
 
 Outputs in the work dir (all safetensors, all written atomically):
   inputs_stats.safetensors  "{linear}.{max|min|mean|absmax|absmean}"   each [in_features]
-  key_stats.safetensors     "layers.{i}.{min|max|absmax}"               each [kv_heads, head_dim] (K after rotary)
+  key_stats.safetensors     "layers.{i}.{min|max|absmax|mean}"          each [kv_heads, head_dim] (K after rotary;
+                                                                         mean over the positions after the first)
   value_stats.safetensors   likewise for V
   calibrate.json            what was run, on which model, how long it took
 """
@@ -110,7 +111,8 @@ def calibrate(model: str, work_dir: str, req: CalibRequest = CalibRequest(), bat
                     inputs[f"{lm.spec.layers}.{i}.{name}.{stat}"] = t.clone()
     wall = time.perf_counter() - t0
 
-    key = {f"layers.{i}.{k}": v for i, mm in sorted(kv.key.items()) for k, v in kv_stats(mm).items()}
+    key = {f"layers.{i}.{k}": v for i, mm in sorted(kv.key.items())
+           for k, v in {**kv_stats(mm), **kv.key_mean(i)}.items()}
     value = {f"layers.{i}.{k}": v for i, mm in sorted(kv.value.items()) for k, v in kv_stats(mm).items()}
     meta = {
         "qconv_version": __version__,

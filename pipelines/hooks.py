@@ -37,18 +37,32 @@ def attention_function(model, fn):
 
 
 class KVObserver:
-    """Per-layer min/max of K (post-rotary) and V per (kv_head, head_dim). Use with ``attention_function``."""
+    """Per-layer min/max of K (post-rotary) and V per (kv_head, head_dim), and K's mean over the positions after
+    the first (int4's K center; position 0, the attention sink, is kept unquantized). Use with
+    ``attention_function``."""
 
     def __init__(self):
         self.key: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.value: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.key_sum: dict[int, tuple[torch.Tensor, int]] = {}  # layer -> (sum [H_kv, D] float32, count)
 
     def __call__(self, base, module, q, k, v, mask, **kw):
         # k, v: [B, H_kv, S, D]
         i = module.layer_idx
         self.key[i] = merge_minmax(self.key.get(i), head_minmax(k))
         self.value[i] = merge_minmax(self.value.get(i), head_minmax(v))
+        if k.shape[2] > 1:
+            total, n = self.key_sum.get(i, (0.0, 0))
+            self.key_sum[i] = (total + k[:, :, 1:].sum(dim=(0, 2), dtype=torch.float32),
+                               n + k.shape[0] * (k.shape[2] - 1))
         return base(module, q, k, v, mask, **kw)
+
+    def key_mean(self, i: int) -> dict[str, torch.Tensor]:
+        """{"mean": K's mean [H_kv, D] over the positions after the first} of layer i, or {}."""
+        if i not in self.key_sum:
+            return {}
+        total, n = self.key_sum[i]
+        return {"mean": (total / n).cpu()}
 
 
 class KVFakeQuant:

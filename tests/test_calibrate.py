@@ -39,6 +39,9 @@ def test_key_stats_are_post_rotary(tiny_model, tmp_path, run_cli):
     assert torch.allclose(key["layers.0.min"], k_rot.amin(dim=(0, 1)), atol=1e-5)
     assert torch.allclose(key["layers.0.max"], k_rot.amax(dim=(0, 1)), atol=1e-5)
     assert torch.allclose(key["layers.0.absmax"], k_rot.abs().amax(dim=(0, 1)), atol=1e-5)
+    # int4's K center: the mean over the positions after the first (position 0 is the sink, kept unquantized)
+    assert torch.allclose(key["layers.0.mean"], k_rot[:, 1:].mean(dim=(0, 1)), atol=1e-5)
+    assert not torch.allclose(key["layers.0.mean"], k_rot.mean(dim=(0, 1)), atol=1e-4)
     # Pre-rotary K has other extremes: the stats really are taken after rotary.
     assert not torch.allclose(key["layers.0.max"], k.amax(dim=(0, 1)), atol=1e-3)
     assert torch.allclose(value["layers.0.max"], v.amax(dim=(0, 1)), atol=1e-5)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from qconv import QconvError
 from qconv.cli import main
@@ -183,7 +183,7 @@ def tiny_mode_ws(tiny_llama, tmp_path_factory):
     return out, root / "w" / "kv_qparams.safetensors"
 
 
-def test_convert_names_the_mode_in_config_ini(tiny_mode_ws):
+def test_convert_names_the_mode_in_config_ini(tiny_mode_ws, tmp_path):
     ws, _ = tiny_mode_ws
     for mode, policy in zip(MODES, (0, 4, 0, 0)):
         cfg = WorkspaceConfig.read(ws[mode] / "config.ini")
@@ -193,8 +193,15 @@ def test_convert_names_the_mode_in_config_ini(tiny_mode_ws):
     cfg = WorkspaceConfig.read(ws["int4-c"] / "config.ini")
     assert (cfg.kv_mode, cfg.kv_rotation, cfg.kv_sink, cfg.kv_k_center) == ("int4", "hadamard", 1, True)
     centers = load_k_centers(ws["int4-c"] / "kv_center.safetensors", 2, 2, 16)
-    stats = load_file(ws["int4-c"].parent / "w" / "key_stats.safetensors")  # c = (min + max) / 2 of K
-    assert torch.equal(centers[1], (stats["layers.1.min"] + stats["layers.1.max"]) / 2)
+    stats = load_file(ws["int4-c"].parent / "w" / "key_stats.safetensors")  # c = K's mean after position 0
+    assert torch.equal(centers[1], stats["layers.1.mean"])
+    assert ((stats["layers.1.min"] <= centers[1]) & (centers[1] <= stats["layers.1.max"])).all()
+    assert not torch.equal(centers[1], (stats["layers.1.min"] + stats["layers.1.max"]) / 2)
+    # a work dir from before the mean: (min + max) / 2
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({k: v for k, v in stats.items() if not k.endswith(".mean")}, old / "key_stats.safetensors")
+    assert torch.equal(load_k_centers(old, 2, 2, 16)[1], (stats["layers.1.min"] + stats["layers.1.max"]) / 2)
     assert not (ws["int4"] / "kv_center.safetensors").exists()
 
 
