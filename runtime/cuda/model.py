@@ -74,13 +74,14 @@ class GpuTransformer(nn.Module):
         self.register_buffer("sin", sin.to(self.tok_embeddings.device), persistent=False)
         self.dtype = self.tok_embeddings.dtype
         self._kvp_src, self._kvp = None, None
+        self._rot_src, self._rot_pm = None, None  # the cache's rotation, and the kernels' +-1 Hadamard of it
 
     def _transform(self, cache: KVCache, i: int) -> tuple | None:
         """Layer i's online-cache transform for the kernels (kv_codes.transform_args), or None."""
         if not cache.transformed:
             return None
         center = None if cache.k_centers is None else cache.k_centers[i].reshape(self.hkv, self.d)
-        if cache.rot is not None and getattr(self, "_rot_src", None) is not cache.rot:
+        if cache.rot is not None and self._rot_src is not cache.rot:
             self._rot_src, self._rot_pm = cache.rot, hadamard_pm(cache.rot)
         return None if cache.rot is None else self._rot_pm, center, (cache.sk[i], cache.sv[i]) if cache.sink else None
 

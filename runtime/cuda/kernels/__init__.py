@@ -13,8 +13,8 @@
                    (kv_mode int8, int4)
     attention.py   decode attention over the static cache, split along the keys, lengths read on the device,
                    and the merge of the splits
-    kv_codes.py    the online KV modes' per-token quantization of a head as it is written, and the
-                   dequantization of a tile of codes (int4 two per byte) as it is read
+    kv_codes.py    the online KV modes: a head quantized per token as it is written (after int4's transform),
+                   and the dots of attention over a tile of codes (int4 two per byte) as it is read
     attention_fused.py  the same for one-row steps, fused with rotary, the cache write and the merge
     arrive.py      last_to_arrive: the counter by which the last program of a launch finds the others' stores
     gemm_int8.py   int8 weights with one scale per row (the LM head) times a few rows

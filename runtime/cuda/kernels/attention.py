@@ -81,12 +81,12 @@ def _tile(q, qa, qb, q_sum, kc_ptr, vc_ptr, base, stride_cs, kp_ptr, vp_ptr, pba
     offs = base + n[:, None] * stride_cs + d[None, :]  # [BN, D]
     if BITS:
         sc = _code_scores(q, qa, qb, q_sum, kc_ptr, kp_ptr, base + n * stride_cs, pbase + 2 * n, n_ok, D, BITS) * qk_k
-    elif QUANT:
-        k = tl.load(kc_ptr + offs, mask=n_ok[:, None], other=0)
-        sc = tl.dot(q, tl.trans(_int8_as(k, dt, I8_REGS))) * qk_k + bias[:, None]  # [REP_PAD, BN] fp32
     else:
         k = tl.load(kc_ptr + offs, mask=n_ok[:, None], other=0)
-        sc = tl.dot(q, tl.trans(k.to(dt))) * qk_k
+        if QUANT:
+            sc = tl.dot(q, tl.trans(_int8_as(k, dt, I8_REGS))) * qk_k + bias[:, None]  # [REP_PAD, BN] fp32
+        else:
+            sc = tl.dot(q, tl.trans(k.to(dt))) * qk_k
     sc = tl.where(n_ok[None, :], sc, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(sc, axis=1))
     alpha = tl.exp2(m_i - m_new)
@@ -94,12 +94,12 @@ def _tile(q, qa, qb, q_sum, kc_ptr, vc_ptr, base, stride_cs, kp_ptr, vp_ptr, pba
     l_i = l_i * alpha + tl.sum(p16.to(tl.float32), axis=1)
     if BITS:
         pv = _code_values(p16, vc_ptr, vp_ptr, base + n * stride_cs, pbase + 2 * n, n_ok, D, BITS)
-    elif QUANT:
-        v = tl.load(vc_ptr + offs, mask=n_ok[:, None], other=0)
-        pv = tl.dot(p16, _int8_as(v, dt, I8_REGS))  # [REP_PAD, D]
     else:
         v = tl.load(vc_ptr + offs, mask=n_ok[:, None], other=0)
-        pv = tl.dot(p16, v.to(dt))
+        if QUANT:
+            pv = tl.dot(p16, _int8_as(v, dt, I8_REGS))  # [REP_PAD, D]
+        else:
+            pv = tl.dot(p16, v.to(dt))
     return m_new, l_i, acc * alpha[:, None] + pv
 
 
